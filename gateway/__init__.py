@@ -1,0 +1,1 @@
+"""The HTTP face of pointsman: Litestar app factory, thin handlers, CLI, OpenAI protocol types and errors."""

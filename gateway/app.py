@@ -1,0 +1,137 @@
+"""The Litestar app factory: OpenAI-compatible routes, health/readiness, one OpenAI-shaped error handler."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+import msgspec
+from litestar import Litestar, MediaType, Request, Response, Router, get, post
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.response import Stream
+
+from backends.base import Backend
+from config.schema import Config
+from gateway.auth import KeyCheck
+from gateway.errors import GatewayError, error_body
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, decode_request
+from gateway.service import Gateway
+from gateway.sse import sse_events
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("pointsman")
+_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+async def _generate(request: Request, kind: type[ChatCompletionRequest] | type[CompletionRequest]) -> Response:
+    gateway = _gateway(request)
+    parsed = decode_request(await request.body(), kind)
+    if parsed.body.stream:
+        started = await gateway.stream(parsed)
+        return Stream(
+            sse_events(started.first, started.rest),
+            media_type="text/event-stream",
+            headers={**_SSE_HEADERS, **started.headers},
+        )
+    served = await gateway.complete(parsed)
+    return Response(served.body, media_type=MediaType.JSON, headers=served.headers)
+
+
+@post("/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, ChatCompletionRequest)
+
+
+@post("/completions", status_code=200, summary="Create a text completion (OpenAI-compatible, legacy)")
+async def completions(request: Request) -> Response:
+    return await _generate(request, CompletionRequest)
+
+
+@get("/models", summary="List the served models")
+async def list_models(request: Request) -> ModelList:
+    return _gateway(request).model_list
+
+
+@get("/models/{model_id:path}", summary="Retrieve one model (ids may contain '/')")
+async def retrieve_model(request: Request, model_id: str) -> ModelCard:
+    return _gateway(request).model_card(model_id.lstrip("/"))
+
+
+@get("/health", summary="Liveness: the process answers")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/ready", summary="Readiness: every eager model loaded or its upstream reachable")
+async def ready(request: Request) -> Response:
+    states = await _gateway(request).ready()
+    status = 200 if all(states.values()) else 503
+    return Response({"ready": status == 200, "models": states}, status_code=status)
+
+
+def _render_gateway_error(_: Request, exc: GatewayError) -> Response:
+    return Response(exc.body(), status_code=exc.status, media_type=MediaType.JSON)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 401: "invalid_api_key"}
+
+
+def _render_http_error(request: Request, exc: HTTPException) -> Response:
+    status = exc.status_code
+    message = exc.detail if status != 404 else f"Unknown route: {request.method} {request.url.path}"
+    type_ = "invalid_request_error" if status < 500 else "api_error"
+    return Response(
+        error_body(str(message), type_, _HTTP_CODES.get(status)),
+        status_code=status,
+        media_type=MediaType.JSON,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+def _render_unexpected(_: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return Response(
+        error_body("The gateway failed to process the request.", "api_error", "internal_error"),
+        status_code=500,
+        media_type=MediaType.JSON,
+    )
+
+
+def create_app(config: Config, backends: Mapping[str, Backend] | None = None) -> Litestar:
+    gateway = Gateway(config, backends)
+    keys = KeyCheck(config.auth.api_keys)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        gateway.start_loading()
+        try:
+            yield
+        finally:
+            await gateway.aclose()
+
+    v1 = Router(
+        path="/v1",
+        route_handlers=[chat_completions, completions, list_models, retrieve_model],
+        guards=[keys] if keys.enabled else [],
+    )
+    app = Litestar(
+        route_handlers=[v1, health, ready],
+        lifespan=[lifespan],
+        exception_handlers={
+            GatewayError: _render_gateway_error,
+            HTTPException: _render_http_error,
+            Exception: _render_unexpected,
+        },
+        openapi_config=OpenAPIConfig(title="pointsman", version="0.1.0", path="/openapi"),
+        type_encoders={msgspec.Struct: msgspec.to_builtins},
+        logging_config=None,
+    )
+    app.state.gateway = gateway
+    return app

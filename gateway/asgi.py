@@ -1,0 +1,18 @@
+"""The ASGI entry point each server worker imports: builds the app from POINTSMAN_CONFIG (or the default)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from litestar import Litestar
+
+from config.loader import load_config
+from gateway.app import create_app
+
+__all__ = ["make_app"]
+
+
+def make_app() -> Litestar:
+    logging.basicConfig(level=os.environ.get("POINTSMAN_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    return create_app(load_config(os.environ.get("POINTSMAN_CONFIG") or None))

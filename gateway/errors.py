@@ -1,0 +1,121 @@
+"""The one error tree: each class knows its HTTP status and OpenAI `type`/`code`; rendered in OpenAI's shape."""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = [
+    "AuthenticationError",
+    "BadRequest",
+    "GatewayError",
+    "ModelNotFound",
+    "NotFound",
+    "ServiceUnavailable",
+    "UnsupportedParameter",
+    "UpstreamError",
+    "UpstreamStatusError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "error_body",
+]
+
+
+class GatewayError(Exception):
+    status: int = 500
+    type: str = "api_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def payload(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def body(self) -> bytes:
+        return msgspec.json.encode(self.payload())
+
+
+class BadRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class UnsupportedParameter(BadRequest):
+    code = "unsupported_parameter"
+
+
+class AuthenticationError(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    type = "api_error"
+    code = "service_unavailable"
+
+
+class UpstreamError(GatewayError):
+    """Something went wrong talking to an upstream; retryable subclasses may move to another deployment."""
+
+    status = 502
+    type = "api_error"
+    retryable = True
+
+
+class UpstreamUnavailable(UpstreamError):
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamStatusError(UpstreamError):
+    """An upstream answered with an HTTP error: relayed with its own status and, when OpenAI-shaped, its body."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status = status
+        self.retryable = status >= 500 or status == 429
+        try:
+            decoded = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            decoded = None
+        err = decoded.get("error") if isinstance(decoded, dict) else None
+        self._relay = body if isinstance(err, dict) else None
+        if isinstance(err, dict):
+            super().__init__(str(err.get("message", "")), param=err.get("param"), code=err.get("code"))
+            self.type = err.get("type") or "api_error"
+        else:
+            text = body[:500].decode("utf-8", "replace").strip() or f"upstream answered HTTP {status}"
+            super().__init__(f"upstream error: {text}", code="upstream_error")
+            self.type = "invalid_request_error" if status < 500 else "api_error"
+
+    def body(self) -> bytes:
+        return self._relay if self._relay is not None else super().body()
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+    return msgspec.json.encode({"error": {"message": message, "type": type_, "param": param, "code": code}})

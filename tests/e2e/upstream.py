@@ -1,0 +1,156 @@
+"""A real OpenAI-compatible HTTP server for tests and benchmarks, with faults chosen by the prompt.
+
+Run: python tests/e2e/upstream.py --port N [--name NAME]. The last user message steers it:
+`status:429` answers that HTTP error, `sleep:2.5` waits before answering, `break:3` streams 3 chunks and
+drops the connection, `gap:0.2` waits between stream chunks; anything else is echoed back word by word.
+Non-streaming answers carry `x_received` (the body and Authorization header it got) for pass-through checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+FIXED = "Hello from the mock upstream."
+
+
+def _prompt(body: dict) -> str:
+    if "messages" in body:
+        for message in reversed(body["messages"]):
+            if message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, list):
+                    return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                return content or ""
+        return ""
+    prompt = body.get("prompt", "")
+    return prompt if isinstance(prompt, str) else str(prompt)
+
+
+def _directive(prompt: str, name: str) -> str | None:
+    for word in prompt.split():
+        if word.startswith(name + ":"):
+            return word.split(":", 1)[1]
+    return None
+
+
+def _answer(prompt: str) -> str:
+    return FIXED if prompt in ("", "fixed") else f"echo: {prompt}"
+
+
+class Upstream:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.requests = 0
+
+    async def models(self, _: web.Request) -> web.Response:
+        card = {"id": self.name, "object": "model", "created": 0, "owned_by": "mock"}
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def stats(self, _: web.Request) -> web.Response:
+        return web.json_response({"requests": self.requests, "name": self.name})
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return web.json_response({"error": {"message": "bad json", "type": "invalid_request_error",
+                                                "param": None, "code": None}}, status=400)
+        chat = request.path.endswith("/chat/completions")
+        prompt = _prompt(body)
+        if (status := _directive(prompt, "status")) is not None:
+            error = {"message": f"mock error {status}", "type": "mock_error", "param": None, "code": f"mock_{status}"}
+            return web.json_response({"error": error}, status=int(status))
+        if (delay := _directive(prompt, "sleep")) is not None:
+            await asyncio.sleep(float(delay))
+        text = _answer(prompt)
+        model = body.get("model", self.name)
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()),
+                 "total_tokens": len(prompt.split()) + len(text.split())}
+        created = int(time.time())
+        if body.get("stream"):
+            return await self._stream(request, body, chat, text, model, usage, created, prompt)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                      "finish_reason": "stop", "logprobs": None}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
+            obj = "text_completion"
+        answer = {"id": "mock-1", "object": obj, "created": created, "model": model, "choices": [choice],
+                  "usage": usage, "x_received": {"body": body, "authorization": request.headers.get("authorization")}}
+        return web.json_response(answer)
+
+    async def _stream(self, request, body, chat, text, model, usage, created, prompt) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        gap = float(_directive(prompt, "gap") or 0)
+        breaks = _directive(prompt, "break")
+        words = text.split(" ")
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+        def chunk(delta: dict | None, finish: str | None, piece: str = "") -> bytes:
+            if chat:
+                choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+                obj = "chat.completion.chunk"
+            else:
+                choices = [{"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}]
+                obj = "text_completion"
+            data = {"id": "mock-1", "object": obj, "created": created, "model": model, "choices": choices}
+            if include_usage:
+                data["usage"] = None
+            return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+        if chat:
+            await response.write(chunk({"role": "assistant", "content": ""}, None))
+        for i, piece in enumerate(pieces):
+            if breaks is not None and i >= int(breaks):
+                request.transport.close()  # drop the connection mid-stream
+                return response
+            if gap:
+                await asyncio.sleep(gap)
+            await response.write(chunk({"content": piece}, None, piece))
+        await response.write(chunk({}, "stop"))
+        if include_usage:
+            final = {"id": "mock-1", "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": created, "model": model, "choices": [], "usage": usage}
+            await response.write(b"data: " + json.dumps(final, separators=(",", ":")).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def make_app(name: str = "mock-model") -> web.Application:
+    upstream = Upstream(name)
+    app = web.Application()
+    app.router.add_get("/v1/models", upstream.models)
+    app.router.add_get("/stats", upstream.stats)
+    app.router.add_post("/v1/chat/completions", upstream.generate)
+    app.router.add_post("/v1/completions", upstream.generate)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", default="mock-model")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(make_app(args.name), host=args.host, port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
