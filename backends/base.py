@@ -18,6 +18,8 @@ class Backend(Protocol):
 
     `complete` returns the JSON body of a `chat.completion` / `text_completion`; `stream` yields the JSON
     payload of each chunk (without the `data: ` framing, without `[DONE]`). Both raise `GatewayError`s.
+    A backend with several deployments lists them as `deployments: [(key, weight)]`; `deployment` is an
+    index into that list, chosen by the balancer (a local engine is its own single deployment).
     """
 
     model: ModelConfig
@@ -25,9 +27,9 @@ class Backend(Protocol):
     async def start(self) -> None:
         """Load weights or open connection pools; called once at startup (eager) or on first use."""
 
-    async def complete(self, request: ParsedRequest) -> bytes: ...
+    async def complete(self, request: ParsedRequest, deployment: int = 0) -> bytes: ...
 
-    def stream(self, request: ParsedRequest) -> AsyncIterator[bytes]: ...
+    def stream(self, request: ParsedRequest, deployment: int = 0) -> AsyncIterator[bytes]: ...
 
     async def health(self) -> bool:
         """True when the model is loaded, or its upstream answers."""

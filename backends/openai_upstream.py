@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import msgspec
 
+from backends.http1 import ConnectionPool
+from backends.vllm_metrics import VLLMLoad, fetch_vllm_load, metrics_url_for
 from config.schema import Deployment, OpenAIModel
 from gateway.errors import (
     GatewayError,
@@ -16,7 +17,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.protocol import ChatCompletionRequest, ParsedRequest
+from gateway.protocol import GATEWAY_FIELDS, ChatCompletionRequest, ParsedRequest
 
 __all__ = ["OpenAIBackend", "Upstream", "translate_transport_error"]
 
@@ -26,89 +27,82 @@ _decode = msgspec.json.decode
 
 def translate_transport_error(exc: BaseException, url: str) -> GatewayError:
     """Map a transport failure to the gateway's errors: 504 for timeouts, 502 for everything else."""
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+    if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"upstream {url} timed out")
     return UpstreamUnavailable(f"upstream {url} unreachable: {type(exc).__name__}: {exc}")
 
 
 class Upstream:
-    """One deployment: a base URL, its own key, and a pooled keep-alive aiohttp session.
-
-    aiohttp directly, not httpx: on this 2-core machine httpx's API over the aiohttp transport halved the
-    proxy's throughput (1.9k vs 4.1k RPS at c16, see bench/RESULTS.md).
-    """
+    """One deployment: a base URL, its own key, and a pool of keep-alive connections."""
 
     def __init__(self, deployment: Deployment, model: OpenAIModel) -> None:
         self.deployment = deployment
         self.base_url = deployment.base_url.rstrip("/")
-        self.headers = {"content-type": "application/json"}
+        self.headers = {"Content-Type": "application/json"}
         if deployment.api_key:
             # the upstream's own key; the client's Authorization header is never forwarded
-            self.headers["authorization"] = f"Bearer {deployment.api_key}"
-        self._timeout = aiohttp.ClientTimeout(
-            total=model.timeout_s, sock_connect=model.connect_timeout_s, sock_read=model.timeout_s
+            self.headers["Authorization"] = f"Bearer {deployment.api_key}"
+        self.timeout_s = model.timeout_s
+        self.pool = ConnectionPool(
+            self.base_url, max_connections=model.max_connections, connect_timeout=model.connect_timeout_s
         )
-        # a stream may run long; only the gap between bytes is bounded
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=model.connect_timeout_s, sock_read=model.timeout_s
-        )
-        self._max_connections = model.max_connections
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:  # created inside the running loop, on first use
-            connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
-            )
-        return self._session
+        self._metrics: ConnectionPool | None = None
 
     async def post(self, path: str, body: bytes) -> bytes:
-        url = self.base_url + path
         try:
-            async with self.session.post(url, data=body, headers=self.headers) as response:
-                content = await response.read()
-                status = response.status
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise translate_transport_error(exc, url) from exc
-        if status >= 400:
-            raise UpstreamStatusError(status, content)
+            async with asyncio.timeout(self.timeout_s):
+                response = await self.pool.request("POST", path, body, self.headers, self.timeout_s)
+                content = await response.body()
+        except (TimeoutError, OSError) as exc:
+            raise translate_transport_error(exc, self.base_url + path) from exc
+        if response.status >= 400:
+            raise UpstreamStatusError(response.status, content)
         return content
 
     async def post_stream(self, path: str, body: bytes) -> AsyncIterator[bytes]:
-        """Yield each SSE `data:` payload as it arrives; ends at `[DONE]`."""
+        """Yield each SSE `data:` payload as it arrives; ends at `[DONE]`. Only the gap between bytes is bounded."""
         url = self.base_url + path
         try:
-            async with self.session.post(
-                url, data=body, headers=self.headers, timeout=self._stream_timeout
-            ) as response:
-                if response.status >= 400:
-                    raise UpstreamStatusError(response.status, await response.read())
-                async for line in response.content:  # split on \n as bytes arrive
-                    if not line.startswith(b"data:"):
-                        continue  # comments, `event:` and blank separator lines
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        return
-                    yield data
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            response = await self.pool.request("POST", path, body, self.headers, self.timeout_s)
+            if response.status >= 400:
+                raise UpstreamStatusError(response.status, await response.body())
+            buffer = b""
+            chunks = response.chunks()
+            try:
+                async for piece in chunks:
+                    buffer += piece
+                    while (end := buffer.find(b"\n")) >= 0:
+                        line, buffer = buffer[:end], buffer[end + 1 :]
+                        if not line.startswith(b"data:"):
+                            continue  # comments, `event:` and blank separator lines
+                        data = line[5:].strip()
+                        if data == b"[DONE]":
+                            return
+                        yield data
+            finally:
+                await chunks.aclose()
+        except (TimeoutError, OSError) as exc:
             raise translate_transport_error(exc, url) from exc
         raise UpstreamUnavailable(f"upstream {url} closed the stream before [DONE]", code="upstream_stream_broken")
 
     async def reachable(self) -> bool:
         try:
-            async with self.session.get(
-                self.base_url + "/models", headers=self.headers, timeout=aiohttp.ClientTimeout(total=2)
-            ) as response:
-                return response.status < 500
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+            async with asyncio.timeout(2.0):
+                response = await self.pool.request("GET", "/models", b"", self.headers, 2.0)
+                await response.body()
+        except (TimeoutError, OSError):
             return False
+        return response.status < 500
+
+    async def load(self) -> VLLMLoad | None:
+        if self._metrics is None:  # /metrics sits at the server root, beside /v1
+            self._metrics = ConnectionPool(metrics_url_for(self.base_url).removesuffix("/metrics"), max_connections=1)
+        return await fetch_vllm_load(self._metrics, "/metrics", 2.0)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.pool.aclose()
+        if self._metrics is not None:
+            await self._metrics.aclose()
 
 
 class OpenAIBackend:
@@ -118,11 +112,13 @@ class OpenAIBackend:
         self.model = model
         deployments = model.deployments or [Deployment(base_url=model.base_url, api_key=model.api_key)]
         self.upstreams = [Upstream(d, model) for d in deployments]
+        self.deployments = [(u.base_url, d.weight) for u, d in zip(self.upstreams, deployments, strict=True)]
+        self._metrics = model.backend_kind == "vllm"
         sent, ours = model.sent_model, model.id
         self._rename = None if sent == ours else (_encode({"model": sent})[1:-1], _encode({"model": ours})[1:-1])
 
     def _body(self, request: ParsedRequest) -> bytes:
-        raw: dict[str, Any] = dict(request.raw)
+        raw: dict[str, Any] = {k: v for k, v in request.raw.items() if k not in GATEWAY_FIELDS}
         raw["model"] = self.model.sent_model
         return _encode(raw)
 
@@ -145,18 +141,26 @@ class OpenAIBackend:
     async def start(self) -> None:
         return None
 
-    async def complete(self, request: ParsedRequest, upstream: Upstream | None = None) -> bytes:
-        upstream = upstream or self.upstreams[0]
+    async def complete(self, request: ParsedRequest, deployment: int = 0) -> bytes:
+        upstream = self.upstreams[deployment]
         return self._rewrite(await upstream.post(self._path(request), self._body(request)))
 
-    async def stream(self, request: ParsedRequest, upstream: Upstream | None = None) -> AsyncIterator[bytes]:
-        upstream = upstream or self.upstreams[0]
+    async def stream(self, request: ParsedRequest, deployment: int = 0) -> AsyncIterator[bytes]:
+        upstream = self.upstreams[deployment]
         async for payload in upstream.post_stream(self._path(request), self._body(request)):
             yield self._rewrite(payload)
 
     async def health(self) -> bool:
         results = await asyncio.gather(*(u.reachable() for u in self.upstreams))
         return any(results)
+
+    async def probe(self, deployment: int) -> tuple[bool, VLLMLoad | None]:
+        """An active health check of one deployment; for vLLM also its queue and KV-cache load."""
+        upstream = self.upstreams[deployment]
+        healthy = await upstream.reachable()
+        if not (healthy and self._metrics):
+            return healthy, None
+        return healthy, await upstream.load()
 
     async def aclose(self) -> None:
         await asyncio.gather(*(u.aclose() for u in self.upstreams))

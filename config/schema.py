@@ -10,11 +10,15 @@ from msgspec import Meta, Struct
 
 __all__ = [
     "AuthConfig",
+    "BUILTIN_PROFILES",
+    "BreakerConfig",
     "Config",
     "Deployment",
     "ModelConfig",
     "OpenAIModel",
     "Pricing",
+    "Profile",
+    "RoutingConfig",
     "ServerConfig",
     "TransformersModel",
     "VLLMModel",
@@ -66,6 +70,8 @@ class _ModelBase(_Frozen, tag_field="backend", kw_only=True):
     context_window: Annotated[int, Meta(ge=1)] | None = None
     # load (or check) at startup; /ready waits for eager models
     eager: bool = True
+    # overrides routing.load_balancing for this model's deployments
+    load_balancing: str | None = None
 
 
 class TransformersModel(_ModelBase, tag="transformers", kw_only=True):
@@ -91,6 +97,10 @@ class OpenAIModel(_ModelBase, tag="openai", kw_only=True):
     def sent_model(self) -> str:
         return self.upstream_model or self.id
 
+    @property
+    def backend_kind(self) -> str:
+        return type(self).__struct_config__.tag
+
 
 class VLLMModel(OpenAIModel, tag="vllm", kw_only=True):
     """An OpenAI-compatible `vllm serve`; vLLM specifics (metrics, launch) build on this."""
@@ -98,24 +108,72 @@ class VLLMModel(OpenAIModel, tag="vllm", kw_only=True):
 
 ModelConfig = TransformersModel | OpenAIModel | VLLMModel
 
+Weight = Annotated[float, Meta(ge=0)]
+
+
+class Profile(_Frozen, kw_only=True):
+    """Weights of the four score components for automatic selection."""
+
+    quality: Weight = 0.5
+    cost: Weight = 0.2
+    latency: Weight = 0.2
+    load: Weight = 0.1
+
+
+BUILTIN_PROFILES: dict[str, Profile] = {
+    "balanced": Profile(),
+    "fast": Profile(quality=0.2, cost=0.1, latency=0.6, load=0.1),
+    "cheap": Profile(quality=0.2, cost=0.6, latency=0.1, load=0.1),
+    "quality": Profile(quality=0.8, cost=0.05, latency=0.1, load=0.05),
+}
+
+
+class BreakerConfig(_Frozen, kw_only=True):
+    failures: Annotated[int, Meta(ge=1)] = 5
+    cooldown_s: Annotated[float, Meta(gt=0)] = 10.0
+    error_rate: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    window_s: Annotated[float, Meta(gt=0)] = 30.0
+    min_requests: Annotated[int, Meta(ge=1)] = 10
+
+
+class RoutingConfig(_Frozen, kw_only=True):
+    default_profile: str = "balanced"
+    profiles: dict[str, Profile] = {}
+    load_balancing: str = "least_outstanding"
+    # extra attempts per model, each on another deployment, before moving to the next chain element
+    retries: Annotated[int, Meta(ge=0, le=10)] = 2
+    circuit_breaker: BreakerConfig = BreakerConfig()
+    # active health checks (and vLLM /metrics polls) every this many seconds; 0 turns them off
+    health_check_s: Annotated[float, Meta(ge=0)] = 5.0
+    # expected completion length when a request sets no max_tokens (for cost and context checks)
+    expected_output_tokens: Annotated[int, Meta(ge=1)] = 256
+
+    @property
+    def all_profiles(self) -> dict[str, Profile]:
+        return {**BUILTIN_PROFILES, **self.profiles}
+
 
 class Config(_Frozen, kw_only=True):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
     models: Annotated[list[ModelConfig], Meta(min_length=1)]
+    routing: RoutingConfig = RoutingConfig()
 
     def __post_init__(self) -> None:
+        from routing.balancer import STRATEGIES  # routing is pure; imported here to validate names only
+
         seen: dict[str, str] = {}
         for i, model in enumerate(self.models):
             for name in (model.id, *model.aliases):
                 if name in seen:
                     raise ValueError(f"models[{i}]: name {name!r} is already used by model {seen[name]!r}")
                 seen[name] = model.id
-
-
-def model_ids(config: Config) -> list[str]:
-    return [m.id for m in config.models]
-
-
-def _schema_check() -> None:  # pragma: no cover - import-time sanity for the tagged union
-    msgspec.json.schema(Config)
+            if model.load_balancing is not None and model.load_balancing not in STRATEGIES:
+                raise ValueError(f"models[{i}].load_balancing: unknown strategy {model.load_balancing!r}, "
+                                 f"expected one of {', '.join(STRATEGIES)}")
+        if self.routing.load_balancing not in STRATEGIES:
+            raise ValueError(f"routing.load_balancing: unknown strategy {self.routing.load_balancing!r}, "
+                             f"expected one of {', '.join(STRATEGIES)}")
+        if self.routing.default_profile not in self.routing.all_profiles:
+            raise ValueError(f"routing.default_profile: unknown profile {self.routing.default_profile!r}, "
+                             f"expected one of {', '.join(self.routing.all_profiles)}")

@@ -54,6 +54,49 @@ async def completions(request: Request) -> Response:
     return await _generate(request, CompletionRequest)
 
 
+async def _explain(request: Request) -> tuple[dict, Gateway]:
+    gateway = _gateway(request)
+    data = await request.body()
+    raw = msgspec.json.decode(data) if data else {}
+    if isinstance(raw, dict) and "messages" not in raw and isinstance(raw.get("prompt"), str):
+        raw = {**raw, "messages": [{"role": "user", "content": raw["prompt"]}]}
+        raw.pop("prompt")
+    if isinstance(raw, dict) and not any(k in raw for k in ("model", "auto_select", "preferred_model", "models")):
+        raw = {**raw, "model": "auto"}
+    parsed = decode_request(msgspec.json.encode(raw), ChatCompletionRequest)
+    decision = await gateway.decide(parsed, explain=True)
+    return decision.explain(), gateway
+
+
+@post("/route", status_code=200, summary="Explain the routing decision for a chat request, without calling a model")
+async def explain_route(request: Request) -> dict:
+    explanation, _ = await _explain(request)
+    return explanation
+
+
+@post(["/models/recommend"], status_code=200, summary="Recommend a model for a prompt (earlier prototype's shape)")
+async def recommend(request: Request) -> dict:
+    explanation, _ = await _explain(request)
+    eligible = [c for c in explanation["candidates"] if c["eligible"]]
+    chosen = explanation["model"]
+    best = next((c for c in eligible if c["model"] == chosen), None)
+    task = explanation["task"]
+    reasoning = (
+        f"task '{task}' (confidence {explanation['task_confidence']}), complexity {explanation['complexity']}, "
+        f"~{explanation['prompt_tokens']} prompt tokens; "
+        + (f"{chosen} scored {best['score']} ({', '.join(f'{k} {v}' for k, v in best['components'].items())})"
+           if best else f"{chosen} chosen by {explanation['mode']} routing")
+    )
+    return {
+        "recommended_model": chosen,
+        "confidence": best["score"] if best else 1.0,
+        "alternatives": [{"model": c["model"], "score": c["score"]} for c in eligible if c["model"] != chosen],
+        "reasoning": reasoning,
+        "task": task,
+        "mode": explanation["mode"],
+    }
+
+
 @get("/models", summary="List the served models")
 async def list_models(request: Request) -> ModelList:
     return _gateway(request).model_list
@@ -110,7 +153,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None) ->
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        gateway.start_loading()
+        gateway.start()
         try:
             yield
         finally:
@@ -118,11 +161,13 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None) ->
 
     v1 = Router(
         path="/v1",
-        route_handlers=[chat_completions, completions, list_models, retrieve_model],
+        route_handlers=[chat_completions, completions, explain_route, recommend, list_models, retrieve_model],
         guards=[keys] if keys.enabled else [],
     )
+    # the earlier prototype served /models/recommend without the /v1 prefix; keep that path working
+    legacy = Router(path="/", route_handlers=[recommend], guards=v1.guards)
     app = Litestar(
-        route_handlers=[v1, health, ready],
+        route_handlers=[v1, legacy, health, ready],
         lifespan=[lifespan],
         exception_handlers={
             GatewayError: _render_gateway_error,

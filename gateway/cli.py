@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -39,7 +38,7 @@ def _load(path: str | None) -> Config:
 def _announce_when_ready(url: str, config: Config, stop: threading.Event) -> None:
     """Print the URL once the server answers, and the served models once every eager one is ready."""
     listening = False
-    while not stop.wait(0.2):
+    while not stop.wait(0.1):
         try:
             with urllib.request.urlopen(url + "/ready", timeout=2) as response:
                 ready = response.status == 200

@@ -12,12 +12,14 @@ from msgspec import Meta, Struct
 from gateway.errors import BadRequest
 
 __all__ = [
+    "GATEWAY_FIELDS",
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ChatMessage",
     "Choice",
     "ChunkChoice",
+    "ChunkView",
     "Completion",
     "CompletionChoice",
     "CompletionRequest",
@@ -26,12 +28,17 @@ __all__ = [
     "ModelCard",
     "ModelList",
     "ParsedRequest",
+    "RouteRequirements",
     "StreamOptions",
     "Usage",
     "decode_request",
+    "chunk_view",
     "message_text",
     "new_id",
 ]
+
+# the gateway's own request fields (routing); consumed by pointsman, never sent upstream
+GATEWAY_FIELDS = frozenset({"route", "auto_select", "preferred_model", "fallback_mode", "models"})
 
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 Probability = Annotated[float, Meta(ge=0, le=1)]
@@ -55,8 +62,18 @@ class Message(Struct, kw_only=True):
     tool_call_id: str | None = None
 
 
+class RouteRequirements(Struct, kw_only=True, forbid_unknown_fields=True):
+    """The optional `route` object: what this request needs from automatic selection."""
+
+    max_latency_s: Annotated[float, Meta(gt=0)] | None = None
+    min_quality: Probability | None = None
+    prefer: Literal["quality", "cost", "speed"] | None = None
+
+
 class _Sampling(Struct, kw_only=True):
-    model: Annotated[str, Meta(min_length=1)]
+    # optional only because routing fields (`auto_select`, `preferred_model`, `models`) may stand in for it
+    model: str | None = None
+    route: RouteRequirements | None = None
     temperature: Temperature | None = None
     top_p: Probability | None = None
     max_tokens: PositiveInt | None = None
@@ -83,7 +100,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
 
 class CompletionRequest(_Sampling, kw_only=True):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str | int | list[int]]
     echo: bool = False
     suffix: str | None = None
     best_of: PositiveInt | None = None
@@ -98,7 +115,7 @@ class ParsedRequest(Struct):
     @property
     def extra_fields(self) -> list[str]:
         known = self.body.__struct_fields__
-        return [k for k in self.raw if k not in known]
+        return [k for k in self.raw if k not in known and k not in GATEWAY_FIELDS]
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -186,7 +203,6 @@ class ChatCompletion(Struct, kw_only=True):
     choices: list[Choice]
     usage: Usage | None = None
     object: str = "chat.completion"
-    system_fingerprint: str | None = None
 
 
 class Delta(Struct, kw_only=True, omit_defaults=True):
@@ -207,7 +223,6 @@ class ChatCompletionChunk(Struct, kw_only=True):
     model: str
     choices: list[ChunkChoice]
     object: str = "chat.completion.chunk"
-    system_fingerprint: str | None = None
     usage: Usage | None = None
 
 
@@ -225,7 +240,6 @@ class Completion(Struct, kw_only=True):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     object: str = "text_completion"
-    system_fingerprint: str | None = None
 
 
 class ModelCard(Struct, kw_only=True):
@@ -238,3 +252,27 @@ class ModelCard(Struct, kw_only=True):
 class ModelList(Struct, kw_only=True):
     data: list[ModelCard]
     object: str = "list"
+
+
+# ---- a light view of streamed chunks: what the gateway reads as they pass (text so far, finish) ----------
+
+
+class _DeltaView(Struct):
+    content: str | None = None
+
+
+class _ChoiceView(Struct):
+    index: int = 0
+    delta: _DeltaView | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class ChunkView(Struct):
+    """Decodes only the fields the relay needs from a chunk; everything else is skipped unparsed."""
+
+    id: str | None = None
+    choices: list[_ChoiceView] = []
+
+
+chunk_view = msgspec.json.Decoder(ChunkView).decode

@@ -1,47 +1,90 @@
-"""The request pipeline behind the handlers: resolve the model, call its backend, report what was served."""
+"""The request pipeline behind the handlers: decide the route, try deployments and chain elements, report."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
+import msgspec
+
 from backends.base import Backend, build_backend
-from config.schema import Config
-from gateway.protocol import ModelCard, ModelList, ParsedRequest
-from routing.resolve import ModelTable, Route
+from config.schema import Config, ModelConfig
+from gateway.errors import BadRequest, GatewayError, ServiceUnavailable, UpstreamError
+from gateway.protocol import ChatCompletionRequest, ModelCard, ModelList, ParsedRequest, chunk_view
+from routing.balancer import make_strategy
+from routing.breaker import CircuitBreaker
+from routing.classifier import PromptAnalysis, TaskClassifier, prompt_text
+from routing.live import DeploymentState, ModelLive
+from routing.resolve import ModelTable
+from routing.router import Attempt, Decision, Router
 
 __all__ = ["Gateway", "Served", "StreamStart"]
 
 log = logging.getLogger("pointsman")
+# prompts longer than this are classified in a worker thread, so the event loop never waits on it
+_INLINE_CLASSIFY_CHARS = 2_000
 
 
 @dataclass(slots=True)
 class Served:
-    route: Route
+    attempt: Attempt
+    decision: Decision
     body: bytes
 
     @property
     def headers(self) -> dict[str, str]:
-        return route_headers(self.route)
+        return route_headers(self.attempt, self.decision)
 
 
 @dataclass(slots=True)
 class StreamStart:
     """A stream whose first payload already arrived: errors before it were still answerable as HTTP errors."""
 
-    route: Route
+    attempt: Attempt
+    decision: Decision
     first: bytes | None
     rest: AsyncIterator[bytes]
 
     @property
     def headers(self) -> dict[str, str]:
-        return route_headers(self.route)
+        return route_headers(self.attempt, self.decision)
 
 
-def route_headers(route: Route) -> dict[str, str]:
-    return {"x-pointsman-model": route.model.id, "x-pointsman-route": route.mode}
+def route_headers(attempt: Attempt, decision: Decision) -> dict[str, str]:
+    headers = {"x-pointsman-model": attempt.model.id, "x-pointsman-route": attempt.route}
+    if decision.analysis is not None:
+        headers["x-pointsman-task"] = decision.analysis.task
+    return headers
+
+
+class _Pool:
+    """A model's deployments at run time: live figures, one breaker each, the balancing strategy."""
+
+    def __init__(self, model: ModelConfig, backend: Backend, config: Config) -> None:
+        keys = getattr(backend, "deployments", None) or [(model.id, 1.0)]
+        self.states = [DeploymentState(key, weight) for key, weight in keys]
+        self.live = ModelLive(self.states)
+        b = config.routing.circuit_breaker
+        self.breakers = [
+            CircuitBreaker(failures=b.failures, cooldown_s=b.cooldown_s, error_rate=b.error_rate,
+                           window_s=b.window_s, min_requests=b.min_requests)
+            for _ in self.states
+        ]
+        self.healthy = [True] * len(self.states)
+        self.strategy = make_strategy(model.load_balancing or config.routing.load_balancing)
+        self.attempts = config.routing.retries + 1
+
+    def available(self) -> bool:
+        return any(h and b.state != "open" for h, b in zip(self.healthy, self.breakers, strict=True))
+
+    def targets(self, rng: random.Random) -> list[int]:
+        """Deployment indices to try, best first: healthy ones before unhealthy, open breakers skipped."""
+        order = self.strategy.order(self.states, rng)
+        order.sort(key=lambda i: not self.healthy[i])  # stable: keeps the strategy's order within each group
+        return order
 
 
 class Gateway:
@@ -51,14 +94,21 @@ class Gateway:
         self.config = config
         self.table = ModelTable(config)
         self.backends: dict[str, Backend] = dict(backends or {m.id: build_backend(m) for m in config.models})
+        self.pools = {m.id: _Pool(m, self.backends[m.id], config) for m in config.models}
+        self.router = Router(config, self.table, {k: p.live for k, p in self.pools.items()},
+                             lambda model_id: self.pools[model_id].available())
+        self.classifier = TaskClassifier.load()
         self.model_list = ModelList(data=[ModelCard(id=m.id, owned_by="pointsman") for m in config.models])
-        self._loading: asyncio.Task | None = None
+        self.rng = random.Random(0)
+        self._tasks: list[asyncio.Task] = []
 
     # ---- lifecycle
 
-    def start_loading(self) -> None:
-        """Load eager models in the background: /health answers at once, /ready once they are loaded."""
-        self._loading = asyncio.create_task(self._load_eager(), name="pointsman-load")
+    def start(self) -> None:
+        """Load eager models in the background (/health answers at once, /ready once they are loaded)."""
+        self._tasks.append(asyncio.create_task(self._load_eager(), name="pointsman-load"))
+        if self.config.routing.health_check_s > 0:
+            self._tasks.append(asyncio.create_task(self._check_health(), name="pointsman-health"))
 
     async def _load_eager(self) -> None:
         eager = [self.backends[m.id] for m in self.config.models if m.eager]
@@ -67,31 +117,244 @@ class Gateway:
             if isinstance(result, BaseException):
                 log.error("model %s failed to load: %s", backend.model.id, result)
 
+    async def _check_health(self) -> None:
+        """Active health checks: mark deployments healthy or not, and read vLLM load signals."""
+        while True:
+            await asyncio.sleep(self.config.routing.health_check_s)
+            for model_id, pool in self.pools.items():
+                probe = getattr(self.backends[model_id], "probe", None)
+                if probe is None:
+                    continue
+                for index, state in enumerate(pool.states):
+                    try:
+                        healthy, signals = await probe(index)
+                    except Exception:  # a probe must never end the loop
+                        log.exception("health probe failed")
+                        continue
+                    pool.healthy[index] = healthy
+                    if signals is not None:
+                        state.apply_signals(signals.running, signals.waiting, signals.kv_cache_usage,
+                                            asyncio.get_running_loop().time())
+                    elif state.has_signals:
+                        state.clear_signals()  # stale load figures would mislead the balancer
+
     async def ready(self) -> dict[str, bool]:
         eager = [m.id for m in self.config.models if m.eager]
         states = await asyncio.gather(*(self.backends[i].health() for i in eager))
         return dict(zip(eager, states, strict=True))
 
     async def aclose(self) -> None:
-        if self._loading is not None and not self._loading.done():
-            self._loading.cancel()
+        for task in self._tasks:
+            task.cancel()
         await asyncio.gather(*(b.aclose() for b in self.backends.values()), return_exceptions=True)
 
-    # ---- requests
+    # ---- decisions
 
     def model_card(self, name: str) -> ModelCard:
         model = self.table.get(name)
         return next(card for card in self.model_list.data if card.id == model.id)
 
+    async def analyse(self, request: ParsedRequest) -> PromptAnalysis:
+        raw = request.raw
+        if isinstance(request.body, ChatCompletionRequest):
+            text = prompt_text(raw["messages"])
+        else:
+            prompt = raw.get("prompt", "")
+            text = prompt if isinstance(prompt, str) else " ".join(p for p in prompt if isinstance(p, str))
+        if len(text) <= _INLINE_CLASSIFY_CHARS:
+            return self.classifier.classify(text)
+        return await asyncio.to_thread(self.classifier.classify, text)
+
+    async def decide(self, request: ParsedRequest, explain: bool = False) -> Decision:
+        plan = self.table.plan_request(request.raw)
+        analysis = await self.analyse(request) if plan.automatic or explain else None
+        return self.router.decide(plan, request, analysis)
+
+    @staticmethod
+    def _nothing_to_try(decision: Decision) -> GatewayError:
+        if not decision.attempts and decision.skipped:
+            return BadRequest(
+                "The prompt plus max_tokens is longer than the context window of every model that could take it: "
+                + "; ".join(f"{m}: {r}" for m, r in decision.skipped.items()),
+                param="messages", code="context_length_exceeded",
+            )
+        if not decision.attempts:
+            reasons = "; ".join(f"{c.model}: {c.reason}" for c in decision.candidates)
+            return ServiceUnavailable(f"No model can take this request now ({reasons}).")
+        names = ", ".join(a.model.id for a in decision.attempts)
+        return ServiceUnavailable(
+            f"No deployment of {names} can take requests now: their circuit breakers are open after repeated "
+            "failures; retry after the cooldown."
+        )
+
+    def _deployments(self, attempt: Attempt):
+        pool = self.pools[attempt.model.id]
+        tried = 0
+        for index in pool.targets(self.rng):
+            if tried >= pool.attempts:
+                return
+            if pool.breakers[index].allow():
+                tried += 1
+                yield pool, index
+
+    # ---- requests
+
     async def complete(self, request: ParsedRequest) -> Served:
-        route = self.table.resolve(request.body.model)
-        return Served(route, await self.backends[route.model.id].complete(request))
+        decision = await self.decide(request)
+        last: GatewayError | None = None
+        for attempt in decision.attempts:
+            backend = self.backends[attempt.model.id]
+            for pool, index in self._deployments(attempt):
+                state, breaker = pool.states[index], pool.breakers[index]
+                started = state.begin()
+                try:
+                    body = await backend.complete(request, index)
+                except UpstreamError as exc:
+                    state.end(started, ok=False)
+                    if not exc.retryable:
+                        breaker.record_success()  # the upstream answered: the request, not it, was at fault
+                        raise
+                    breaker.record_failure()
+                    last = exc
+                    log.warning("%s deployment %s failed (%s); trying the next", attempt.model.id, index, exc.message)
+                    continue
+                except BaseException:
+                    state.end(started, ok=False)
+                    raise
+                state.end(started, ok=True)
+                breaker.record_success()
+                return Served(attempt, decision, body)
+        raise last or self._nothing_to_try(decision)
 
     async def stream(self, request: ParsedRequest) -> StreamStart:
-        route = self.table.resolve(request.body.model)
-        rest = aiter(self.backends[route.model.id].stream(request))
+        decision = await self.decide(request)
+        last: GatewayError | None = None
+        for attempt in decision.attempts:
+            backend = self.backends[attempt.model.id]
+            for pool, index in self._deployments(attempt):
+                state, breaker = pool.states[index], pool.breakers[index]
+                started = state.begin()
+                rest = aiter(backend.stream(request, index))
+                try:
+                    first = await anext(rest)
+                except StopAsyncIteration:
+                    first = None
+                except UpstreamError as exc:
+                    state.end(started, ok=False)
+                    if not exc.retryable:
+                        breaker.record_success()
+                        raise
+                    breaker.record_failure()
+                    last = exc
+                    continue
+                except BaseException:
+                    state.end(started, ok=False)
+                    raise
+                ttft = asyncio.get_running_loop().time() - started
+                relay = _Relay(self, request, attempt, pool, index, started, ttft)
+                return StreamStart(attempt, decision, first, relay.run(first, rest))
+        raise last or self._nothing_to_try(decision)
+
+
+class _Relay:
+    """Relays the rest of a stream and settles live figures and breakers however it ends.
+
+    When the upstream breaks midway, the stream continues on another deployment of the same model: the text
+    produced so far goes back as an assistant prefix (`continue_final_message`, `add_generation_prompt: false`,
+    as vLLM and the local engine take it) and the continuation's chunks are relayed under the original id, so
+    the client sees one unbroken stream.
+    """
+
+    def __init__(self, gateway: Gateway, request: ParsedRequest, attempt: Attempt, pool: _Pool, index: int,
+                 started: float, ttft: float) -> None:
+        self.gateway, self.request, self.attempt, self.pool = gateway, request, attempt, pool
+        self.index, self.started, self.ttft = index, started, ttft
+        self.text: list[str] = []
+        self.finished = False
+        self.chunk_id: str | None = None
+
+    def _observe(self, payload: bytes) -> None:
         try:
-            first = await anext(rest)
-        except StopAsyncIteration:
-            first = None
-        return StreamStart(route, first, rest)
+            view = chunk_view(payload)
+        except Exception:  # not a chunk (an error event, or a vendor's extra event): nothing to learn
+            return
+        if self.chunk_id is None:
+            self.chunk_id = view.id
+        for choice in view.choices:
+            piece = choice.delta.content if choice.delta is not None else choice.text
+            if piece:
+                self.text.append(piece)
+            if choice.finish_reason is not None:
+                self.finished = True
+
+    def _can_continue(self) -> bool:
+        body = self.request.body
+        return (
+            isinstance(body, ChatCompletionRequest)
+            and body.n == 1
+            and not self.finished
+            and bool(self.text)
+            and len(self.pool.states) > 1
+        )
+
+    def _continuation(self) -> ParsedRequest:
+        raw = dict(self.request.raw)
+        raw["messages"] = [*raw["messages"], {"role": "assistant", "content": "".join(self.text)}]
+        raw["continue_final_message"] = True
+        raw["add_generation_prompt"] = False
+        return ParsedRequest(self.request.body, raw)
+
+    async def run(self, first: bytes | None, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        if first is not None:
+            self._observe(first)
+        pool, index = self.pool, self.index
+        started, ttft = self.started, self.ttft
+        tried = {index}
+        while True:
+            current = rest
+            try:
+                async for payload in current:
+                    self._observe(payload)
+                    yield payload
+            except UpstreamError as exc:
+                pool.breakers[index].record_failure()
+                pool.states[index].end(started, ok=False)
+                nxt = self._next_deployment(tried) if exc.retryable and self._can_continue() else None
+                if nxt is None:
+                    raise
+                log.warning("%s deployment %s broke mid-stream (%s); continuing on %s",
+                            self.attempt.model.id, index, exc.message, nxt)
+                index = nxt
+                tried.add(index)
+                started, ttft = pool.states[index].begin(), None
+                rest = self._continued(self._continuation(), index)
+                continue
+            except BaseException:  # the client left, or the gateway is stopping
+                pool.states[index].end(started, ok=False)
+                raise
+            finally:
+                await current.aclose()  # type: ignore[attr-defined]
+            pool.states[index].end(started, ok=True, ttft_s=ttft)
+            pool.breakers[index].record_success()
+            return
+
+    def _next_deployment(self, tried: set[int]) -> int | None:
+        for candidate in self.pool.targets(self.gateway.rng):
+            if candidate not in tried and self.pool.breakers[candidate].allow():
+                return candidate
+        return None
+
+    async def _continued(self, request: ParsedRequest, index: int) -> AsyncIterator[bytes]:
+        """The continuation's chunks, without its opening role chunk, under the original stream's id."""
+        backend = self.gateway.backends[self.attempt.model.id]
+        old_id = None
+        async for payload in backend.stream(request, index):
+            view = chunk_view(payload)
+            if old_id is None:
+                old_id = view.id
+                choice = view.choices[0] if view.choices else None
+                if choice is not None and choice.delta is not None and not choice.delta.content:
+                    continue  # the role chunk: the client already has one
+            if old_id and self.chunk_id and old_id != self.chunk_id:
+                payload = payload.replace(msgspec.json.encode(old_id), msgspec.json.encode(self.chunk_id), 1)
+            yield payload

@@ -1,57 +1,115 @@
-"""Resolve the `model` field a client sends (an id or an alias) to the configured model it names."""
+"""Resolve the `model` field: an id or alias (manual), a profile (`auto`, `auto-fast`...), or an `a:b:c` chain."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from config.schema import Config, ModelConfig
-from gateway.errors import ModelNotFound
+from config.schema import Config, ModelConfig, Profile
+from gateway.errors import BadRequest, ModelNotFound
 
-__all__ = ["ModelTable", "Route"]
+__all__ = ["Element", "ModelTable", "Plan", "requested_chain"]
 
 
 @dataclass(frozen=True, slots=True)
-class Route:
-    """Where one request goes: the chain of models to try, in order, and how it was chosen."""
+class Element:
+    """One element of a chain: a configured model (manual) or a routing profile (automatic selection)."""
 
-    chain: tuple[ModelConfig, ...]
-    mode: str = "manual"  # manual | auto | fallback
+    name: str  # as the client wrote it
+    model: ModelConfig | None = None
+    profile: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    chain: tuple[Element, ...]
 
     @property
-    def model(self) -> ModelConfig:
-        return self.chain[0]
+    def automatic(self) -> bool:
+        return any(e.profile is not None for e in self.chain)
 
 
 class ModelTable:
-    """Every routable name (ids and aliases), built once from the config."""
+    """Every routable name, built once from the config: ids, aliases, `auto` and `auto-<profile>`."""
 
     def __init__(self, config: Config) -> None:
         self.models: tuple[ModelConfig, ...] = tuple(config.models)
-        self.by_name: dict[str, ModelConfig] = {}
+        self.profiles: dict[str, Profile] = config.routing.all_profiles
+        self.by_name: dict[str, Element] = {}
+        for name in self.profiles:
+            routable = name if name.startswith("auto") else f"auto-{name}"
+            self.by_name[routable] = Element(routable, profile=name)
+        self.by_name["auto"] = Element("auto", profile=config.routing.default_profile)
+        # models last: a configured id or alias always wins over a profile name
         for model in self.models:
-            self.by_name[model.id] = model
-            for alias in model.aliases:
-                self.by_name[alias] = model
-        self._routes = {name: Route((model,)) for name, model in self.by_name.items()}
+            for name in (model.id, *model.aliases):
+                self.by_name[name] = Element(name, model=model)
+        # longest first, so an id that itself contains ':' matches before its prefix does
+        self._names = sorted(self.by_name, key=len, reverse=True)
+        self._plans: dict[str, Plan] = {name: Plan((e,)) for name, e in self.by_name.items()}
 
     @property
     def ids(self) -> list[str]:
         return [m.id for m in self.models]
 
     def get(self, name: str) -> ModelConfig:
-        model = self.by_name.get(name)
-        if model is None:
+        element = self.by_name.get(name)
+        if element is None or element.model is None:
             raise self.not_found(name)
-        return model
+        return element.model
 
-    def resolve(self, name: str) -> Route:
-        route = self._routes.get(name)
-        if route is None:
-            raise self.not_found(name)
-        return route
+    def plan(self, name: str) -> Plan:
+        """Parse `model`: a known name exactly (the hot path), else a ':' chain matched longest-name-first."""
+        plan = self._plans.get(name)
+        if plan is not None:
+            return plan
+        chain, i = [], 0
+        while i <= len(name):
+            match = next(
+                (n for n in self._names if name.startswith(n, i) and (i + len(n) == len(name) or name[i + len(n)] == ":")),
+                None,
+            )
+            if match is None:
+                element_text = name[i:].split(":", 1)[0]
+                raise self.not_found(element_text or name)
+            chain.append(self.by_name[match])
+            i += len(match) + 1
+        return Plan(tuple(chain))
+
+    def plan_request(self, raw: dict[str, Any]) -> Plan:
+        return Plan(tuple(e for name in requested_chain(raw) for e in self.plan(name).chain))
 
     def not_found(self, name: str) -> ModelNotFound:
         return ModelNotFound(
-            f"The model '{name}' does not exist. Available models: {', '.join(self.ids)}.",
+            f"The model '{name}' does not exist. Available models: {', '.join(self.ids)} "
+            f"(or auto, {', '.join(n for n, e in self.by_name.items() if e.profile and n != 'auto')}).",
             param="model",
         )
+
+
+def requested_chain(raw: dict[str, Any]) -> list[str]:
+    """The names the client asked for, in order, from `model` and the fields other clients use:
+    `auto_select: true`, `preferred_model` + `fallback_mode` (auto | none | a model), OpenRouter's `models`."""
+    names: list[str] = []
+    model = raw.get("model")
+    if raw.get("auto_select") is True:
+        names.append("auto")
+    elif (preferred := raw.get("preferred_model")) is not None:
+        if not isinstance(preferred, str) or not preferred:
+            raise BadRequest("'preferred_model' must be a model name.", param="preferred_model")
+        names.append(preferred)
+        mode = raw.get("fallback_mode", "auto")
+        if not isinstance(mode, str) or not mode:
+            raise BadRequest("'fallback_mode' must be 'auto', 'none' or a model name.", param="fallback_mode")
+        if mode != "none":
+            names.append(mode)
+    elif isinstance(model, str) and model:
+        names.append(model)
+    listed = raw.get("models")
+    if listed is not None:
+        if not isinstance(listed, list) or not all(isinstance(n, str) and n for n in listed):
+            raise BadRequest("'models' must be a list of model names.", param="models")
+        names.extend(n for n in listed if n not in names)
+    if not names:
+        raise BadRequest("You must provide a model parameter.", param="model")
+    return names

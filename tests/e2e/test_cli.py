@@ -86,6 +86,10 @@ def test_check_config_accepts_the_default_and_expands_env(tmp_path):
 def test_prints_url_and_models_and_drains_on_sigterm(tmp_path):
     upstream = start_upstream(tmp_path)  # its own, so its request count is this test's alone
     server = start_gateway(tmp_path, _remote(upstream))
+    deadline = time.monotonic() + 10
+    while f"ready at {server.url}/v1 serving remote-a (openai)" not in server.output():
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.05)
     result: dict = {}
 
     def slow_request() -> None:
@@ -102,5 +106,3 @@ def test_prints_url_and_models_and_drains_on_sigterm(tmp_path):
     upstream.stop()
     assert code == 0
     assert result["status"] == 200 and json.loads(result["body"])["choices"][0]["message"]["content"] == "echo: sleep:1.5"
-    output = server.output()
-    assert f"ready at {server.url}/v1 serving remote-a (openai)" in output

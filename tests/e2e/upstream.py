@@ -3,6 +3,8 @@
 Run: python tests/e2e/upstream.py --port N [--name NAME]. The last user message steers it:
 `status:429` answers that HTTP error, `sleep:2.5` waits before answering, `break:3` streams 3 chunks and
 drops the connection, `gap:0.2` waits between stream chunks; anything else is echoed back word by word.
+A directive written `status:503@model-a` applies only on the upstream started with `--name model-a`.
+A request with `continue_final_message` and a final assistant message streams the rest of the echo after it.
 Non-streaming answers carry `x_received` (the body and Authorization header it got) for pass-through checks.
 """
 
@@ -31,10 +33,19 @@ def _prompt(body: dict) -> str:
     return prompt if isinstance(prompt, str) else str(prompt)
 
 
-def _directive(prompt: str, name: str) -> str | None:
+def _directive(prompt: str, name: str, upstream: str = "") -> str | None:
     for word in prompt.split():
         if word.startswith(name + ":"):
-            return word.split(":", 1)[1]
+            value, _, only_on = word.split(":", 1)[1].partition("@")
+            if not only_on or only_on == upstream:
+                return value
+    return None
+
+
+def _continued_prefix(body: dict) -> str | None:
+    messages = body.get("messages") or []
+    if body.get("continue_final_message") and messages and messages[-1].get("role") == "assistant":
+        return messages[-1].get("content") or ""
     return None
 
 
@@ -64,12 +75,15 @@ class Upstream:
                                                 "param": None, "code": None}}, status=400)
         chat = request.path.endswith("/chat/completions")
         prompt = _prompt(body)
-        if (status := _directive(prompt, "status")) is not None:
+        if (status := _directive(prompt, "status", self.name)) is not None:
             error = {"message": f"mock error {status}", "type": "mock_error", "param": None, "code": f"mock_{status}"}
             return web.json_response({"error": error}, status=int(status))
-        if (delay := _directive(prompt, "sleep")) is not None:
+        if (delay := _directive(prompt, "sleep", self.name)) is not None:
             await asyncio.sleep(float(delay))
         text = _answer(prompt)
+        prefix = _continued_prefix(body)
+        if prefix is not None:  # vLLM's continue_final_message: finish the assistant's partial answer
+            text = text[len(prefix):] if text.startswith(prefix) else text
         model = body.get("model", self.name)
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()),
                  "total_tokens": len(prompt.split()) + len(text.split())}
@@ -91,8 +105,8 @@ class Upstream:
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        gap = float(_directive(prompt, "gap") or 0)
-        breaks = _directive(prompt, "break")
+        gap = float(_directive(prompt, "gap", self.name) or 0)
+        breaks = _directive(prompt, "break", self.name)
         words = text.split(" ")
         pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
 
@@ -110,6 +124,8 @@ class Upstream:
 
         if chat:
             await response.write(chunk({"role": "assistant", "content": ""}, None))
+        if _continued_prefix(body) is not None:  # a continuation goes on mid-word: split keeping spaces
+            pieces = [p for p in text.replace(" ", "\0 ").split("\0") if p]
         for i, piece in enumerate(pieces):
             if breaks is not None and i >= int(breaks):
                 request.transport.close()  # drop the connection mid-stream

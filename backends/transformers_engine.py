@@ -1,0 +1,684 @@
+"""The `backend: transformers` engine: a local Hugging Face causal LM decoded token by token off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib.util
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from config.schema import TransformersModel
+from gateway.errors import BadRequest, GatewayError, ServiceUnavailable, UnsupportedParameter
+from gateway.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    Choice,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    Delta,
+    ParsedRequest,
+    Usage,
+    message_text,
+    new_id,
+)
+
+if TYPE_CHECKING:  # torch loads only in the worker thread, so importing this module stays cheap
+    from backends.generation import DecodeResult, SamplingParams
+
+__all__ = ["TransformersBackend", "check_request", "resolve_source"]
+
+_encoder = msgspec.json.Encoder()
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+# non-standard fields this engine honours (vLLM's names); chat-only ones are unknown to /v1/completions
+_ENGINE_EXTRAS = {"top_k", "repetition_penalty", "min_tokens", "ignore_eos"}
+_CHAT_EXTRAS = {"continue_final_message", "add_generation_prompt"}
+# standard OpenAI fields that msgspec's request Structs do not declare but that change nothing here
+_HARMLESS_EXTRAS = {"metadata", "store", "service_tier"}
+_BOOL_EXTRAS = {"ignore_eos", "continue_final_message", "add_generation_prompt"}
+
+
+# ---- source resolution -----------------------------------------------------------------------------------
+
+
+def resolve_source(source: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None) for `from_pretrained`; see TransformersModel.source."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model source {source!r} is a file but not a .gguf file")
+        return str(path.parent), path.name
+    if path.is_dir():
+        return _from_folder(path, gguf_file)
+    if _MODULE_NAME.fullmatch(source):
+        folder = _package_folder(source)
+        if folder is not None:
+            return _from_folder(folder, gguf_file)
+    # otherwise a hub id, which only the local Hugging Face cache can satisfy (we never download)
+    return source, gguf_file
+
+
+def _package_folder(name: str) -> Path | None:
+    # find_spec locates the package without running its __init__ (a weights package may import heavy things)
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.origin and spec.has_location:
+        return Path(spec.origin).parent
+    locations = list(spec.submodule_search_locations or [])
+    return Path(locations[0]) if locations else None
+
+
+def _from_folder(folder: Path, gguf_file: str | None) -> tuple[str, str | None]:
+    if gguf_file:
+        if not (folder / gguf_file).is_file():
+            raise FileNotFoundError(f"gguf_file {gguf_file!r} not found in {folder}")
+        return str(folder), gguf_file
+    if (folder / "config.json").is_file():
+        return str(folder), None
+    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return str(folder), ggufs[0]
+    if ggufs:
+        raise ValueError(f"{folder} holds several .gguf files ({', '.join(ggufs)}); set gguf_file")
+    raise FileNotFoundError(f"{folder} holds neither a Hugging Face model (config.json) nor a .gguf file")
+
+
+# ---- request validation (on the event loop, before any generation) --------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a validated request asks for; the tokenizer-dependent parts are resolved in the worker."""
+
+    chat: bool
+    messages: list[dict[str, str]]  # chat
+    prompts: list[str | list[int]]  # completions: one entry per prompt
+    n: int
+    max_new_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    repetition_penalty: float
+    min_tokens: int
+    ignore_eos: bool
+    stop: tuple[str, ...]
+    seed: int | None
+    echo: bool
+    add_generation_prompt: bool
+    continue_final_message: bool
+    include_usage: bool
+
+
+def _unsupported(param: str, detail: str = "") -> UnsupportedParameter:
+    return UnsupportedParameter(
+        f"Unsupported parameter: '{param}' is not supported by this local model{detail}.", param=param
+    )
+
+
+def _invalid(param: str, expected: str) -> BadRequest:
+    return BadRequest(f"Invalid value for '{param}': expected {expected}.", param=param)
+
+
+def check_request(request: ParsedRequest) -> _Plan:
+    """Reject what this engine cannot honour (400) and gather the rest; runs before anything is generated."""
+    body = request.body
+    chat = isinstance(body, ChatCompletionRequest)
+    _reject_standard(body, chat)
+    extras = _check_extras(request, chat)
+    continue_final = extras.get("continue_final_message") or False
+    add_prompt = extras.get("add_generation_prompt")
+    if continue_final and add_prompt:
+        raise BadRequest(
+            "Cannot set both 'continue_final_message' and 'add_generation_prompt' to true.",
+            param="add_generation_prompt",
+        )
+    messages = _chat_messages(body.messages, continue_final) if chat else []
+    max_new = request.max_new_tokens
+    min_tokens = extras.get("min_tokens") or 0
+    if max_new is not None and min_tokens > max_new:
+        raise BadRequest("'min_tokens' must not exceed 'max_tokens'.", param="min_tokens")
+    return _Plan(
+        chat=chat,
+        messages=messages,
+        prompts=[] if chat else _completion_prompts(body.prompt),
+        n=body.n,
+        max_new_tokens=max_new,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=extras.get("top_k"),
+        repetition_penalty=float(extras.get("repetition_penalty") or 1.0),
+        min_tokens=min_tokens,
+        ignore_eos=bool(extras.get("ignore_eos")),
+        stop=tuple(request.stop_list),
+        seed=body.seed,
+        echo=False if chat else body.echo,
+        add_generation_prompt=not continue_final if add_prompt is None else add_prompt,
+        continue_final_message=continue_final,
+        include_usage=request.include_usage,
+    )
+
+
+def _reject_standard(body: Any, chat: bool) -> None:
+    if body.logprobs:
+        raise _unsupported("logprobs")
+    if body.logit_bias:
+        raise _unsupported("logit_bias")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise _unsupported(name, " (use 'repetition_penalty')")
+    if chat:
+        if body.tools:
+            raise _unsupported("tools", " (no tool calling)")
+        if body.tool_choice not in (None, "none"):
+            raise _unsupported("tool_choice", " (no tool calling)")
+        if body.top_logprobs:
+            raise _unsupported("top_logprobs")
+        if body.response_format is not None and body.response_format != {"type": "text"}:
+            raise _unsupported("response_format", " (only {'type': 'text'})")
+    else:
+        if body.suffix:
+            raise _unsupported("suffix")
+        if body.best_of is not None and body.best_of > 1:
+            raise _unsupported("best_of")
+
+
+def _check_extras(request: ParsedRequest, chat: bool) -> dict[str, Any]:
+    allowed = _ENGINE_EXTRAS | _HARMLESS_EXTRAS | (_CHAT_EXTRAS if chat else set())
+    values: dict[str, Any] = {}
+    for key in request.extra_fields:
+        if key not in allowed:
+            raise _unsupported(key)
+        value = request.raw[key]
+        if value is not None:
+            values[key] = _check_extra(key, value)
+    return values
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_extra(key: str, value: Any) -> Any:
+    if key == "top_k" and not (_is_int(value) and value >= -1):
+        raise _invalid(key, "an integer >= -1 (-1 or 0 turns it off)")
+    if key == "repetition_penalty" and not ((_is_int(value) or isinstance(value, float)) and value > 0):
+        raise _invalid(key, "a number > 0")
+    if key == "min_tokens" and not (_is_int(value) and value >= 0):
+        raise _invalid(key, "an integer >= 0")
+    if key in _BOOL_EXTRAS and not isinstance(value, bool):
+        raise _invalid(key, "a boolean")
+    if key == "store" and value is not False:
+        raise _unsupported("store", " (nothing is stored)")
+    return value
+
+
+def _chat_messages(messages: list[Any], continue_final: bool) -> list[dict[str, str]]:
+    out = []
+    for i, message in enumerate(messages):
+        if message.role in ("tool", "function"):
+            raise _unsupported(f"messages[{i}].role", f" ('{message.role}' messages need tool calling)")
+        if message.tool_calls:
+            raise _unsupported(f"messages[{i}].tool_calls", " (no tool calling)")
+        if isinstance(message.content, list):
+            for part in message.content:
+                if part.get("type") != "text":
+                    raise _unsupported(f"messages[{i}].content", f" (content part {part.get('type')!r})")
+        role = "system" if message.role == "developer" else message.role
+        out.append({"role": role, "content": message_text(message.content)})
+    if continue_final and out[-1]["role"] != "assistant":
+        raise BadRequest("'continue_final_message' needs an assistant message last.", param="messages")
+    return out
+
+
+def _completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """A string, a list of strings, one token-id array or a list of them -> one entry per prompt."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise BadRequest("'prompt' must be a non-empty string or list.", param="prompt")
+    if all(_is_int(t) for t in prompt):
+        return [list(prompt)]
+    for item in prompt:
+        if not (isinstance(item, str) or (isinstance(item, list) and all(_is_int(t) for t in item))):
+            raise BadRequest("'prompt' items must be strings or token-id arrays.", param="prompt")
+    return list(prompt)
+
+
+# ---- the loaded model (used only from the worker thread) ------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Job:
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    echo: str
+
+
+Emit = Callable[[tuple[Any, ...] | None], None]
+
+
+class _Engine:
+    """Tokenizer + model; every method runs in the backend's single worker thread."""
+
+    def __init__(self, cfg: TransformersModel) -> None:
+        # offline before transformers / huggingface_hub read their settings: weights come from disk only
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        import inspect
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        # process-wide: the last engine to load sets it
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+        location, gguf = resolve_source(cfg.source, cfg.gguf_file)
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        if gguf:
+            kwargs["gguf_file"] = gguf
+        dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype, None)
+        if not (dtype == "auto" or isinstance(dtype, torch.dtype)):
+            raise ValueError(f"unknown dtype {cfg.dtype!r}")
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        self.lm = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs).to(self.device).eval()
+        params = inspect.signature(self.lm.forward).parameters
+        # transformers 5 renamed past_key_values -> cache and num_logits_to_keep -> logits_to_keep
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        # prefill projects only the last position onto the vocabulary
+        self._keep = {keep: 1} if keep else {}
+        config = self.lm.config
+        self.window = cfg.context_window or getattr(config, "max_position_embeddings", None) or 2048
+        self.vocab = self.lm.get_input_embeddings().num_embeddings
+        self.eos_ids = self._eos_ids()
+        gen = self.lm.generation_config
+        # temperature absent: sample only if the model's generation_config asks for it, else greedy
+        self.sample_by_default = bool(getattr(gen, "do_sample", False))
+        self.default_temperature = float(getattr(gen, "temperature", None) or 1.0)
+        self.default_top_p = float(getattr(gen, "top_p", None) or 1.0)
+        self.default_top_k = int(getattr(gen, "top_k", None) or 0)
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for value in (self.tokenizer.eos_token_id, self.lm.generation_config.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(v for v in value if isinstance(v, int))
+        return frozenset(ids)
+
+    # ---- prompts
+
+    def prepare(self, plan: _Plan) -> tuple[list[_Job], int]:
+        """Template/tokenize, check the context window, make one job per choice -> (jobs, prompt tokens)."""
+        if plan.chat:
+            prompts: list[list[int]] = [self._chat_ids(plan)]
+            echoes = [""]
+        else:
+            prompts = [self._prompt_ids(p) for p in plan.prompts]
+            pairs = zip(plan.prompts, prompts, strict=True)
+            echoes = [self._echo(p, ids) if plan.echo else "" for p, ids in pairs]
+        jobs = []
+        for p, (ids, echo) in enumerate(zip(prompts, echoes, strict=True)):
+            max_new = self._room(ids, plan, "messages" if plan.chat else "prompt")
+            for j in range(plan.n):
+                index = p * plan.n + j
+                jobs.append(_Job(index, ids, self._sampling(plan, max_new, index), echo))
+        return jobs, sum(len(ids) for ids in prompts)
+
+    def _chat_ids(self, plan: _Plan) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BadRequest("This model has no chat template; use /v1/completions.", param="messages")
+        try:
+            encoded = self.tokenizer.apply_chat_template(
+                plan.messages,
+                add_generation_prompt=plan.add_generation_prompt,
+                continue_final_message=plan.continue_final_message,
+                tokenize=True,
+                return_dict=True,
+            )
+        except Exception as exc:  # jinja's TemplateError (e.g. roles must alternate) or ValueError
+            raise BadRequest(f"The chat template rejected the messages: {exc}", param="messages") from None
+        ids = encoded["input_ids"]
+        return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            if any(not 0 <= t < self.vocab for t in prompt):
+                raise BadRequest(f"Token ids must lie in [0, {self.vocab}).", param="prompt")
+            ids = prompt
+        else:
+            ids = self.tokenizer(prompt)["input_ids"]
+        if not ids and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id]  # an empty prompt: start from bos, as OpenAI does
+        if not ids:
+            raise BadRequest("'prompt' must not be empty.", param="prompt")
+        return list(ids)
+
+    def _echo(self, prompt: str | list[int], ids: list[int]) -> str:
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _room(self, ids: list[int], plan: _Plan, param: str) -> int:
+        room = self.window - len(ids)
+        if room < 1:
+            raise BadRequest(
+                f"This model's maximum context length is {self.window} tokens. However, your {param} "
+                f"resulted in {len(ids)} tokens. Please reduce the length of the {param}.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        # a max_tokens past the context window is capped rather than refused
+        return min(plan.max_new_tokens or self.cfg.max_new_tokens_default, room)
+
+    def _sampling(self, plan: _Plan, max_new: int, index: int) -> SamplingParams:
+        from backends.generation import SamplingParams
+
+        temperature, top_p, top_k = plan.temperature, plan.top_p, plan.top_k
+        if temperature is None:
+            # OpenAI samples at 1.0 by default; a tiny local model answers far better greedily, so absent a
+            # generation_config that asks for sampling, no temperature means greedy (deterministic)
+            if self.sample_by_default:
+                temperature = self.default_temperature
+                top_p = self.default_top_p if top_p is None else top_p
+                top_k = self.default_top_k if top_k is None else top_k
+            else:
+                temperature = 0.0
+        return SamplingParams(
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_p=1.0 if top_p is None else top_p,
+            top_k=top_k or 0,
+            repetition_penalty=plan.repetition_penalty,
+            min_tokens=min(plan.min_tokens, max_new),
+            ignore_eos=plan.ignore_eos,
+            stop=plan.stop,
+            seed=None if plan.seed is None else plan.seed + index,  # n choices: seed, seed+1, ...
+        )
+
+    # ---- generation
+
+    def generate(self, jobs: list[_Job], cancel: threading.Event, emit: Emit | None) -> list[DecodeResult]:
+        """Runs the choices one after another; with `emit`, reports start/text/end events as it goes."""
+        from backends.generation import DecodeResult, IncrementalDetokenizer, decode
+
+        results: list[DecodeResult] = []
+        for job in jobs:
+            if cancel.is_set():  # the client left while this request waited in the queue
+                results.append(DecodeResult("", "cancelled", 0))
+                break
+            if emit:
+                emit(("start", job.index, job.echo))
+            on_text = (lambda text, i=job.index: emit(("text", i, text))) if emit else None
+            result = decode(
+                self._forward,
+                self._new_cache,
+                job.prompt_ids,
+                job.params,
+                self.eos_ids,
+                IncrementalDetokenizer(self.tokenizer),
+                cancel,
+                on_text,
+                self.device,
+            )
+            results.append(result)
+            if result.finish_reason == "cancelled":
+                break
+            if emit:
+                emit(("end", job.index, result.finish_reason))
+        return results
+
+    def _forward(self, input_ids: Any, cache: Any) -> Any:
+        out = self.lm(input_ids=input_ids, use_cache=True, **{self._cache_kw: cache}, **self._keep)
+        return out.logits[0, -1]
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.lm.config)
+        except TypeError:  # older transformers: no config argument
+            return DynamicCache()
+
+
+# ---- the backend (event-loop side) ----------------------------------------------------------------------
+
+
+class _Chunks:
+    """Renders one stream's chunks: one id and `created` for all; `usage: null` only if usage is asked for."""
+
+    def __init__(self, chat: bool, model: str, include_usage: bool) -> None:
+        self.chat, self.model, self.include_usage = chat, model, include_usage
+        self.id = new_id("chatcmpl" if chat else "cmpl")
+        self.created = int(time.time())
+
+    def start(self, index: int, echo: str) -> bytes | None:
+        if self.chat:
+            return self._chat(ChunkChoice(index=index, delta=Delta(role="assistant", content="")))
+        return self.text(index, echo) if echo else None
+
+    def text(self, index: int, text: str) -> bytes:
+        if self.chat:
+            return self._chat(ChunkChoice(index=index, delta=Delta(content=text)))
+        return self._completion(CompletionChoice(index=index, text=text, finish_reason=None))
+
+    def end(self, index: int, finish_reason: str) -> bytes:
+        if self.chat:
+            return self._chat(ChunkChoice(index=index, delta=Delta(), finish_reason=finish_reason))
+        return self._completion(CompletionChoice(index=index, text="", finish_reason=finish_reason))
+
+    def usage(self, usage: Usage) -> bytes:
+        cls = ChatCompletionChunk if self.chat else Completion
+        return _encoder.encode(cls(**self._head(), choices=[], usage=usage))
+
+    def _chat(self, choice: ChunkChoice) -> bytes:
+        return self._encode(ChatCompletionChunk(**self._head(), choices=[choice]))
+
+    def _completion(self, choice: CompletionChoice) -> bytes:
+        return self._encode(Completion(**self._head(), choices=[choice]))
+
+    def _head(self) -> dict[str, Any]:
+        return {"id": self.id, "created": self.created, "model": self.model}
+
+    def _encode(self, chunk: Any) -> bytes:
+        data = _encoder.encode(chunk)
+        # OpenAI sends `usage` in chunks only under stream_options.include_usage; JSON escapes quotes inside
+        # strings, so this byte sequence can only be the field itself
+        return data if self.include_usage else data.replace(b',"usage":null', b"", 1)
+
+
+def _usage(prompt_tokens: int, results: list[DecodeResult]) -> Usage:
+    done = sum(r.completion_tokens for r in results)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done)
+
+
+def _consume(future: asyncio.Future) -> None:
+    # a stream closed early never awaits its generation future; retrieve its outcome so nothing is logged
+    if not future.cancelled():
+        future.exception()
+
+
+class TransformersBackend:
+    """A local model behind one worker thread: requests queue in order, one at a time.
+
+    Batching several requests into one forward pass is a later step; until then the single worker keeps
+    torch's threads busy with one sequence and the event loop free.
+    """
+
+    def __init__(self, model: TransformersModel) -> None:
+        self.model = model
+        self._engine: _Engine | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self._active: set[threading.Event] = set()
+        self._closed = False
+
+    # ---- lifecycle
+
+    async def start(self) -> None:
+        """Load tokenizer and model in the worker thread; idempotent, concurrent callers share one load."""
+        if self._engine is not None:
+            return
+        if self._loading is None:
+            self._closed = False
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.model.id}")
+            self._loading = asyncio.ensure_future(self._load(self._executor))
+            self._loading.add_done_callback(_consume)
+        loading = self._loading
+        try:
+            await asyncio.shield(loading)  # one caller giving up does not cancel the load for the others
+        except Exception:
+            if self._loading is loading:  # a later start() tries again
+                self._loading = None
+            raise
+
+    async def _load(self, executor: ThreadPoolExecutor) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            engine = await loop.run_in_executor(executor, _Engine, self.model)
+        except BaseException:
+            executor.shutdown(wait=False)
+            if self._executor is executor:
+                self._executor = None
+            raise
+        if self._executor is executor:  # not closed meanwhile
+            self._engine = engine
+
+    async def health(self) -> bool:
+        return self._engine is not None
+
+    async def aclose(self) -> None:
+        """Stop in-flight generations (within one token), stop the worker, and drop the weights."""
+        self._closed = True
+        for cancel in list(self._active):
+            cancel.set()
+        executor, self._executor = self._executor, None
+        self._loading, self._engine = None, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the freed weights' memory back to the driver
+
+    async def _ready(self) -> _Engine:
+        if self._closed:
+            raise ServiceUnavailable(f"Model '{self.model.id}' is shut down.")
+        try:
+            await self.start()
+        except Exception as exc:
+            raise ServiceUnavailable(f"Model '{self.model.id}' failed to load: {exc}") from exc
+        if self._engine is None:
+            raise ServiceUnavailable(f"Model '{self.model.id}' is shut down.")
+        return self._engine
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """Queue `fn` on the worker thread (FIFO behind whatever runs now)."""
+        shut = ServiceUnavailable(f"Model '{self.model.id}' is shut down.")
+        if self._executor is None:
+            raise shut
+        try:
+            return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except RuntimeError:  # shut down under us
+            raise shut from None
+
+    async def _outcome(self, future: asyncio.Future) -> Any:
+        # the contract says backends raise GatewayErrors: a torch/tokenizer failure becomes a 500
+        try:
+            return await future
+        except GatewayError:
+            raise
+        except Exception as exc:
+            raise GatewayError(f"Model '{self.model.id}' failed: {exc}") from exc
+
+    async def _prepare(self, request: ParsedRequest) -> tuple[_Plan, _Engine, list[_Job], int]:
+        plan = check_request(request)  # 400s come before waiting for the model
+        engine = await self._ready()
+        jobs, prompt_tokens = await self._outcome(self._submit(engine.prepare, plan))
+        return plan, engine, jobs, prompt_tokens
+
+    def _check_finished(self, results: list[DecodeResult]) -> None:
+        if any(r.finish_reason == "cancelled" for r in results):
+            raise ServiceUnavailable(f"Model '{self.model.id}' shut down during generation.")
+
+    # ---- requests
+
+    async def complete(self, request: ParsedRequest, deployment: int = 0) -> bytes:
+        plan, engine, jobs, prompt_tokens = await self._prepare(request)
+        cancel = threading.Event()
+        future = self._submit(engine.generate, jobs, cancel, None)
+        self._active.add(cancel)
+        try:
+            results = await self._outcome(future)
+        finally:
+            cancel.set()  # the client left (CancelledError): the worker stops within one token
+            self._active.discard(cancel)
+        self._check_finished(results)
+        usage = _usage(prompt_tokens, results)
+        head = {"created": int(time.time()), "model": self.model.id, "usage": usage}
+        if plan.chat:
+            choices = [
+                Choice(index=job.index, message=ChatMessage(content=r.text), finish_reason=r.finish_reason)
+                for job, r in zip(jobs, results, strict=True)
+            ]
+            return _encoder.encode(ChatCompletion(id=new_id("chatcmpl"), choices=choices, **head))
+        text_choices = [
+            CompletionChoice(index=job.index, text=job.echo + r.text, finish_reason=r.finish_reason)
+            for job, r in zip(jobs, results, strict=True)
+        ]
+        return _encoder.encode(Completion(id=new_id("cmpl"), choices=text_choices, **head))
+
+    async def stream(self, request: ParsedRequest, deployment: int = 0) -> AsyncIterator[bytes]:
+        # everything that can fail with a 400 happens before the first chunk
+        plan, engine, jobs, prompt_tokens = await self._prepare(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(event: tuple[Any, ...] | None) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop is gone: nobody is listening
+                cancel.set()
+
+        def work() -> list[DecodeResult]:
+            try:
+                return engine.generate(jobs, cancel, emit)
+            finally:
+                emit(None)
+
+        chunks = _Chunks(plan.chat, self.model.id, plan.include_usage)
+        future = self._submit(work)
+        future.add_done_callback(_consume)
+        self._active.add(cancel)
+        try:
+            while (event := await queue.get()) is not None:
+                kind, index, value = event
+                chunk = getattr(chunks, kind)(index, value)
+                if chunk is not None:
+                    yield chunk
+            results = await self._outcome(future)
+            self._check_finished(results)
+            if plan.include_usage:
+                yield chunks.usage(_usage(prompt_tokens, results))
+        finally:
+            cancel.set()  # the consumer stopped iterating (client gone): the worker stops within one token
+            self._active.discard(cancel)

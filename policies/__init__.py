@@ -1,0 +1,1 @@
+"""Request policies (cache, budgets, rate limits, experiments, templates): run in a fixed order."""

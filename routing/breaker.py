@@ -1,0 +1,182 @@
+"""A per-deployment circuit breaker: closed, open after failures, half_open after a cooldown, one probe."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Literal
+
+__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "BreakerState", "CircuitBreaker"]
+
+BreakerState = Literal["closed", "open", "half_open"]
+CLOSED: BreakerState = "closed"
+OPEN: BreakerState = "open"
+HALF_OPEN: BreakerState = "half_open"
+
+_BUCKETS = 30  # the error-rate window is kept as this many counters, not one entry per request
+
+
+class CircuitBreaker:
+    """Trips on `failures` consecutive failures, or when the last `window_s` saw at least `min_requests`
+    requests with a failure ratio >= `error_rate`.
+
+    Open: `allow()` is False for `cooldown_s`. Then half-open: `allow()` lets exactly one probe through at a
+    time; its success closes the breaker (counts reset), its failure re-opens it for another cooldown. Results
+    arriving while open, or half-open with no probe out, are from requests sent before the trip: ignored.
+    A probe whose result never comes back (its caller died) is given up after `probe_timeout_s`, so the
+    breaker cannot stay shut forever.
+    """
+
+    __slots__ = (
+        "_buckets",
+        "_clock",
+        "_consecutive",
+        "_opened_at",
+        "_probe_since",
+        "_state",
+        "_width",
+        "cooldown_s",
+        "error_rate",
+        "failures",
+        "min_requests",
+        "opened_count",
+        "probe_timeout_s",
+        "window_s",
+    )
+
+    def __init__(
+        self,
+        failures: int = 5,
+        cooldown_s: float = 10.0,
+        error_rate: float = 0.5,
+        window_s: float = 30.0,
+        min_requests: int = 10,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        probe_timeout_s: float = 60.0,
+    ) -> None:
+        if failures < 1 or min_requests < 1 or cooldown_s < 0 or window_s <= 0 or not 0 < error_rate <= 1:
+            raise ValueError(
+                "breaker: failures, min_requests >= 1; cooldown_s >= 0; window_s > 0; 0 < error_rate <= 1"
+            )
+        self.failures = failures
+        self.cooldown_s = cooldown_s
+        self.error_rate = error_rate
+        self.window_s = window_s
+        self.min_requests = min_requests
+        self.probe_timeout_s = probe_timeout_s
+        self.opened_count = 0
+        self._clock = clock
+        self._state: BreakerState = CLOSED  # stored; "open" reads as half_open once the cooldown has passed
+        self._consecutive = 0
+        self._opened_at = 0.0
+        self._probe_since: float | None = None
+        self._width = window_s / _BUCKETS
+        self._buckets: deque[list[int]] = deque()  # [bucket index, requests, failures], oldest first
+
+    # -- state ---------------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> BreakerState:
+        return self._state_at(self._clock())
+
+    def _state_at(self, now: float) -> BreakerState:
+        if self._state == OPEN and now - self._opened_at >= self.cooldown_s:
+            return HALF_OPEN
+        return self._state
+
+    def allow(self) -> bool:
+        """May a request go to this deployment now? In half-open, True claims the single probe slot."""
+        now = self._clock()
+        state = self._state_at(now)
+        if state == CLOSED:
+            return True
+        if state == OPEN:
+            return False
+        if self._probe_out(now):
+            return False
+        self._probe_since = now
+        return True
+
+    def _probe_out(self, now: float) -> bool:
+        return self._probe_since is not None and now - self._probe_since < self.probe_timeout_s
+
+    def record_success(self) -> None:
+        now = self._clock()
+        state = self._state_at(now)
+        if state == CLOSED:
+            self._consecutive = 0
+            self._count(now, failed=False)
+        elif state == HALF_OPEN and self._probe_since is not None:
+            self._close()
+
+    def record_failure(self) -> None:
+        now = self._clock()
+        state = self._state_at(now)
+        if state == CLOSED:
+            self._consecutive += 1
+            requests, failed = self._count(now, failed=True)
+            if self._consecutive >= self.failures or (
+                requests >= self.min_requests and failed >= self.error_rate * requests
+            ):
+                self._open(now)
+        elif state == HALF_OPEN and self._probe_since is not None:
+            self._open(now)
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    def _open(self, now: float) -> None:
+        self._state = OPEN
+        self._opened_at = now
+        self._probe_since = None
+        self.opened_count += 1
+
+    def _close(self) -> None:
+        self._state = CLOSED
+        self._probe_since = None
+        self._consecutive = 0
+        self._buckets.clear()
+
+    def _prune(self, now: float) -> int:
+        current = math.floor(now / self._width)
+        while self._buckets and self._buckets[0][0] <= current - _BUCKETS:
+            self._buckets.popleft()
+        return current
+
+    def _count(self, now: float, *, failed: bool) -> tuple[int, int]:
+        """Add one result to the window; returns the window's (requests, failures)."""
+        current = self._prune(now)
+        if not self._buckets or self._buckets[-1][0] != current:
+            self._buckets.append([current, 0, 0])
+        bucket = self._buckets[-1]
+        bucket[1] += 1
+        bucket[2] += int(failed)
+        return self._totals()
+
+    def _totals(self) -> tuple[int, int]:
+        return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The breaker's state for /v1/route explanations; reading it changes nothing."""
+        now = self._clock()
+        state = self._state_at(now)
+        current = math.floor(now / self._width)
+        live = [b for b in self._buckets if b[0] > current - _BUCKETS]
+        requests, failed = sum(b[1] for b in live), sum(b[2] for b in live)
+        return {
+            "state": state,
+            "consecutive_failures": self._consecutive,
+            "window_requests": requests,
+            "window_failures": failed,
+            "window_error_rate": failed / requests if requests else None,
+            "retry_in_s": max(0.0, self._opened_at + self.cooldown_s - now) if state == OPEN else None,
+            "probe_in_flight": state == HALF_OPEN and self._probe_out(now),
+            "opened_count": self.opened_count,
+            "failures": self.failures,
+            "cooldown_s": self.cooldown_s,
+            "error_rate": self.error_rate,
+            "window_s": self.window_s,
+            "min_requests": self.min_requests,
+        }

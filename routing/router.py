@@ -1,0 +1,130 @@
+"""The routing decision: expand a parsed `model` chain into the ordered models to try, and explain why."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from config.schema import Config, ModelConfig
+from gateway.protocol import ParsedRequest
+from routing.classifier import PromptAnalysis
+from routing.live import ModelLive
+from routing.resolve import ModelTable, Plan
+from routing.scoring import Candidate, Need, score_models
+
+__all__ = ["Attempt", "Decision", "Router", "rough_prompt_tokens"]
+
+_PREFER = {"quality": "quality", "cost": "cheap", "speed": "fast"}
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    model: ModelConfig
+    route: str  # manual | auto | fallback: how this model came to serve
+
+
+@dataclass(slots=True)
+class Decision:
+    attempts: list[Attempt]
+    chain: list[str]
+    analysis: PromptAnalysis | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        return self.attempts[0].route if self.attempts else "none"
+
+    def explain(self) -> dict:
+        analysis = self.analysis
+        return {
+            "model": self.attempts[0].model.id if self.attempts else None,
+            "mode": self.mode,
+            "task": analysis.task if analysis else None,
+            "task_confidence": round(analysis.confidence, 4) if analysis else None,
+            "complexity": round(analysis.complexity, 4) if analysis else None,
+            "prompt_tokens": analysis.tokens if analysis else None,
+            "candidates": [
+                {"model": c.model, "score": c.score, "components": c.components, "eligible": c.eligible,
+                 "reason": c.reason}
+                for c in self.candidates
+            ],
+            "chain": [a.model.id for a in self.attempts],
+            "requested": self.chain,
+            "skipped": self.skipped,
+        }
+
+
+def rough_prompt_tokens(request: ParsedRequest) -> int:
+    """A cheap upper-ish token estimate (4 characters a token) for context-window checks on the hot path."""
+    body = request.body
+    messages = getattr(body, "messages", None)
+    if messages is not None:
+        chars = 0
+        for m in messages:
+            content = m.content
+            if isinstance(content, str):
+                chars += len(content)
+            elif content:
+                chars += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
+        return chars // 4 + 4 * len(messages)
+    prompt = getattr(body, "prompt", "")
+    return len(prompt) // 4 if isinstance(prompt, str) else len(str(prompt)) // 4
+
+
+class Router:
+    """Pure decisions over a snapshot of live figures; the service supplies them and executes the attempts."""
+
+    def __init__(self, config: Config, table: ModelTable, live: Mapping[str, ModelLive],
+                 available: Callable[[str], bool]) -> None:
+        self.config = config
+        self.table = table
+        self.live = live
+        self.available = available
+
+    def _need(self, request: ParsedRequest, analysis: PromptAnalysis | None) -> Need:
+        limit = request.max_new_tokens
+        output = limit or self.config.routing.expected_output_tokens
+        route = request.body.route
+        if analysis is None:
+            return Need("chat", 0.0, 0.0, rough_prompt_tokens(request), output, limit, route)
+        return Need(analysis.task, analysis.confidence, analysis.complexity, analysis.tokens, output, limit, route)
+
+    def _score(self, profile_name: str, need: Need) -> list[Candidate]:
+        prefer = need.requirements.prefer if need.requirements else None
+        profile = self.table.profiles[_PREFER[prefer] if prefer else profile_name]
+        availability = {m.id: self.available(m.id) for m in self.table.models}
+        return score_models(self.table.models, profile, need, self.live, availability)
+
+    def decide(self, plan: Plan, request: ParsedRequest, analysis: PromptAnalysis | None = None) -> Decision:
+        need = self._need(request, analysis)
+        decision = Decision([], [e.name for e in plan.chain], analysis)
+        seen: set[str] = set()
+        for position, element in enumerate(plan.chain):
+            label = "fallback" if position else ("manual" if element.model is not None else "auto")
+            if element.model is not None:
+                model = element.model
+                window = model.context_window
+                if window is not None and need.context_needed > window:
+                    decision.skipped[model.id] = f"context window {window} too small"
+                elif model.id not in seen:
+                    seen.add(model.id)
+                    decision.attempts.append(Attempt(model, label))
+                continue
+            candidates = self._score(element.profile or self.config.routing.default_profile, need)
+            if not decision.candidates:
+                decision.candidates = candidates
+            for candidate in candidates:
+                if candidate.eligible and candidate.model not in seen:
+                    seen.add(candidate.model)
+                    decision.attempts.append(Attempt(self.table.get(candidate.model), label))
+        if decision.skipped:
+            self._fall_back_to_larger_context(decision, need, seen)
+        return decision
+
+    def _fall_back_to_larger_context(self, decision: Decision, need: Need, seen: set[str]) -> None:
+        """A prompt too long for the requested model goes to one whose context fits, best scored first."""
+        for candidate in self._score(self.config.routing.default_profile, need):
+            if candidate.eligible and candidate.model not in seen:
+                seen.add(candidate.model)
+                decision.attempts.append(Attempt(self.table.get(candidate.model), "fallback"))

@@ -1,0 +1,141 @@
+"""DeploymentState and ModelLive: in-flight counts, EWMAs on a fake clock, vLLM signals, the load blend."""
+
+from __future__ import annotations
+
+import pytest
+
+from config.schema import Deployment
+from routing.live import ALPHA, SOFT_IN_FLIGHT, DeploymentState, ModelLive
+
+
+class FakeClock:
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_begin_end_counts_and_never_goes_negative() -> None:
+    clock = FakeClock()
+    s = DeploymentState("http://a/v1", clock=clock)
+    t1, t2 = s.begin(), s.begin()
+    assert s.in_flight == 2 and t1 == t2 == 100.0
+    s.end(t1, ok=True)
+    s.end(t2, ok=False)
+    s.end(t2, ok=False)  # a double end must not drive the count below zero
+    assert s.in_flight == 0
+
+
+def test_latency_ewma_with_alpha() -> None:
+    clock = FakeClock()
+    s = DeploymentState("a", clock=clock)
+    started = s.begin()
+    clock.now += 2.0
+    s.end(started, ok=True)
+    assert s.ewma_latency_s == 2.0  # the first sample is taken as is
+    started = s.begin()
+    clock.now += 1.0
+    s.end(started, ok=True)
+    assert ALPHA == 0.3
+    assert s.ewma_latency_s == pytest.approx(2.0 + 0.3 * (1.0 - 2.0))
+
+
+def test_failures_do_not_touch_the_ewmas() -> None:
+    clock = FakeClock()
+    s = DeploymentState("a", clock=clock)
+    started = s.begin()
+    clock.now += 30.0
+    s.end(started, ok=False, ttft_s=29.0, completion_tokens=10)
+    assert s.ewma_latency_s is s.ewma_ttft_s is s.ewma_tokens_per_s is None
+
+
+def test_ttft_and_decode_speed() -> None:
+    clock = FakeClock()
+    s = DeploymentState("a", clock=clock)
+    started = s.begin()
+    clock.now += 3.0
+    s.end(started, ok=True, ttft_s=1.0, completion_tokens=100)
+    assert s.ewma_ttft_s == 1.0
+    assert s.ewma_tokens_per_s == pytest.approx(100 / 2.0)  # tokens over the time after the first token
+    started = s.begin()
+    clock.now += 4.0
+    s.end(started, ok=True, completion_tokens=200)  # non-streaming: no TTFT, the whole request is decode
+    assert s.ewma_tokens_per_s == pytest.approx(50 + 0.3 * (50 - 50))
+    assert s.ewma_ttft_s == 1.0
+    started = s.begin()
+    s.end(started, ok=True, completion_tokens=5)  # zero elapsed: no division by zero, no speed sample
+    assert s.ewma_tokens_per_s == pytest.approx(50.0)
+
+
+def test_signals_apply_clamp_and_clear() -> None:
+    s = DeploymentState("a")
+    assert not s.has_signals
+    s.apply_signals(running=3.0, waiting=1.0, kv_cache_usage=1.7, now=5.0)
+    assert (s.running, s.waiting, s.kv_cache_usage, s.signals_at) == (3.0, 1.0, 1.0, 5.0)
+    assert s.has_signals
+    s.clear_signals()
+    assert (s.running, s.waiting, s.kv_cache_usage, s.signals_at) == (None, None, None, None)
+
+
+def test_from_deployment() -> None:
+    s = DeploymentState.from_deployment(Deployment(base_url="http://a:8000/v1/", weight=3.0))
+    assert (s.key, s.weight, s.in_flight) == ("http://a:8000/v1", 3.0, 0)
+
+
+def test_deployment_load_blend() -> None:
+    s = DeploymentState("a")
+    assert s.load() == 0.0
+    s.in_flight = int(SOFT_IN_FLIGHT)
+    assert s.load() == pytest.approx(0.5)  # the soft capacity reads as half loaded
+    s.in_flight = 0
+    s.apply_signals(running=0.0, waiting=0.0, kv_cache_usage=0.9, now=0.0)
+    assert s.load() == pytest.approx(0.9)
+    s.apply_signals(running=0.0, waiting=4.0, kv_cache_usage=0.0, now=0.0)
+    assert s.load() == pytest.approx(0.5)  # a queue alone
+    s.apply_signals(running=0.0, waiting=4.0, kv_cache_usage=0.5, now=0.0)
+    assert s.load() == pytest.approx(1 - 0.5 * 0.5)  # queue and KV compound
+    s.apply_signals(running=1000.0, waiting=1000.0, kv_cache_usage=1.0, now=0.0)
+    assert 0.0 <= s.load() <= 1.0
+    # vLLM idle but the gateway has requests out (the poll lags): the larger view wins
+    s.apply_signals(running=0.0, waiting=0.0, kv_cache_usage=0.0, now=0.0)
+    s.in_flight = 48
+    assert s.load() == pytest.approx(48 / (48 + SOFT_IN_FLIGHT))
+
+
+def test_load_is_monotonic_in_each_input() -> None:
+    s = DeploymentState("a")
+    loads = []
+    for n in range(0, 100, 7):
+        s.in_flight = n
+        loads.append(s.load())
+    assert loads == sorted(loads) and loads[-1] < 1.0
+
+
+def test_model_live_aggregates() -> None:
+    a, b, c = DeploymentState("a", 1.0), DeploymentState("b", 3.0), DeploymentState("c", 1.0)
+    live = ModelLive([a, b, c])
+    assert (live.in_flight, live.queue, live.ttft_s, live.latency_s, live.load) == (0, 0, None, None, 0.0)
+    a.in_flight, b.in_flight = 2, 5
+    a.apply_signals(running=2.0, waiting=3.0, kv_cache_usage=0.2, now=0.0)
+    c.apply_signals(running=0.0, waiting=1.5, kv_cache_usage=None, now=0.0)
+    a.ewma_ttft_s, b.ewma_ttft_s = 1.0, 2.0  # c unknown: left out, not counted as 0
+    a.ewma_latency_s = 4.0
+    assert live.in_flight == 7
+    assert live.queue == 4.5  # b reports no queue
+    assert live.ttft_s == pytest.approx((1 * 1.0 + 3 * 2.0) / 4)
+    assert live.latency_s == 4.0
+    assert live.load == pytest.approx((1 * a.load() + 3 * b.load() + 1 * c.load()) / 5)
+    assert 0.0 < live.load < 1.0
+    assert live.get("b") is b and live.get("zz") is None
+    assert len(live) == 3 and list(live) == [a, b, c]
+
+
+def test_model_live_from_deployments() -> None:
+    clock = FakeClock(7.0)
+    live = ModelLive.from_deployments(
+        [Deployment(base_url="http://a/v1"), Deployment(base_url="http://b/v1", weight=2.0)], clock=clock
+    )
+    assert [s.key for s in live] == ["http://a/v1", "http://b/v1"]
+    assert live.states[1].begin() == 7.0
+    assert ModelLive([]).load == 0.0
