@@ -136,9 +136,10 @@ def main() -> None:
     verdict = "met" if p99_2k is not None and p99_2k < TARGET_P99_MS else "MISSED"
     body = [f"Date: {now}. Machine: {machine()}.", "",
             "Command: `.venv/bin/python bench/classifier.py`", "",
-            f"Model: `routing/data/task_classifier.npz` ({size_mb:.2f} MB; loads in {load_ms:.0f} ms), "
-            "tf-idf word 1-2 grams + char_wb 2-5 grams, multinomial logistic regression, numpy inference over "
-            f"the first {clf.head} and last {clf.tail} characters.", "",
+            f"Model: `routing/data/task_classifier.npz` ({size_mb:.2f} MB; loads in {load_ms:.0f} ms): "
+            f"multinomial logistic regression over tf-idf word 1-2 grams and char_wb 2-5 grams of the first "
+            f"{clf.head} + last {clf.tail} characters, plus word 1-2 grams of the first and last {clf.edge}; "
+            "numpy inference (no scikit-learn at run time).", "",
             f"### Held-out accuracy: {acc:.4f} ({len(texts)} prompts, `routing/data/heldout.jsonl`)", "",
             *tables, "",
             f"### classify() latency ({args.iterations:,} calls per size after 200 warm-up, gc disabled)", "",

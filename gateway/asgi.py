@@ -14,5 +14,6 @@ __all__ = ["make_app"]
 
 
 def make_app() -> Litestar:
-    logging.basicConfig(level=os.environ.get("POINTSMAN_LOG_LEVEL", "INFO").upper(), format="%(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("POINTSMAN_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     return create_app(load_config(os.environ.get("POINTSMAN_CONFIG") or None))

@@ -77,6 +77,13 @@ class _Pool:
         self.strategy = make_strategy(model.load_balancing or config.routing.load_balancing)
         self.attempts = config.routing.retries + 1
 
+    def describe(self) -> list[dict]:
+        return [
+            {"deployment": state.key, "healthy": healthy, "in_flight": state.in_flight,
+             "breaker": breaker.snapshot()}
+            for state, breaker, healthy in zip(self.states, self.breakers, self.healthy, strict=True)
+        ]
+
     def available(self) -> bool:
         return any(h and b.state != "open" for h, b in zip(self.healthy, self.breakers, strict=True))
 
@@ -168,7 +175,10 @@ class Gateway:
     async def decide(self, request: ParsedRequest, explain: bool = False) -> Decision:
         plan = self.table.plan_request(request.raw)
         analysis = await self.analyse(request) if plan.automatic or explain else None
-        return self.router.decide(plan, request, analysis)
+        decision = self.router.decide(plan, request, analysis)
+        if explain:
+            decision.deployments = {a.model.id: self.pools[a.model.id].describe() for a in decision.attempts}
+        return decision
 
     @staticmethod
     def _nothing_to_try(decision: Decision) -> GatewayError:

@@ -65,16 +65,19 @@ class ModelTable:
             return plan
         chain, i = [], 0
         while i <= len(name):
-            match = next(
-                (n for n in self._names if name.startswith(n, i) and (i + len(n) == len(name) or name[i + len(n)] == ":")),
-                None,
-            )
+            match = next((n for n in self._names if self._matches_at(name, i, n)), None)
             if match is None:
                 element_text = name[i:].split(":", 1)[0]
                 raise self.not_found(element_text or name)
             chain.append(self.by_name[match])
             i += len(match) + 1
         return Plan(tuple(chain))
+
+    @staticmethod
+    def _matches_at(name: str, i: int, known: str) -> bool:
+        """`known` sits at position i of `name` as a whole element: followed by the end or a ':'."""
+        end = i + len(known)
+        return name.startswith(known, i) and (end == len(name) or name[end] == ":")
 
     def plan_request(self, raw: dict[str, Any]) -> Plan:
         return Plan(tuple(e for name in requested_chain(raw) for e in self.plan(name).chain))

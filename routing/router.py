@@ -30,6 +30,8 @@ class Decision:
     analysis: PromptAnalysis | None = None
     candidates: list[Candidate] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    # filled in by the service for explanations: each chain model's deployments and their breaker states
+    deployments: dict[str, list[dict]] = field(default_factory=dict)
 
     @property
     def mode(self) -> str:
@@ -52,6 +54,7 @@ class Decision:
             "chain": [a.model.id for a in self.attempts],
             "requested": self.chain,
             "skipped": self.skipped,
+            "deployments": self.deployments,
         }
 
 

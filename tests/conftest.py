@@ -31,7 +31,8 @@ def free_port() -> int:
 def http(method: str, url: str, body: dict | bytes | None = None, headers: dict | None = None, timeout: float = 60):
     """A plain HTTP call: (status, headers, body bytes), errors included."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json", **(headers or {})})
+    headers = {"content-type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, dict(response.headers), response.read()
@@ -81,8 +82,8 @@ def wait_until(check, proc: subprocess.Popen, log: Path, timeout: float) -> None
     raise TimeoutError(f"not ready after {timeout}s:\n{log.read_text(errors='replace')}")
 
 
-def start_upstream(tmp: Path, name: str = "mock-model") -> Process:
-    port = free_port()
+def start_upstream(tmp: Path, name: str = "mock-model", port: int | None = None) -> Process:
+    port = port or free_port()
     log = tmp / f"upstream-{port}.log"
     proc = spawn([PYTHON, str(ROOT / "tests/e2e/upstream.py"), "--port", str(port), "--name", name], log)
     url = f"http://127.0.0.1:{port}"

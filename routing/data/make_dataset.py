@@ -873,6 +873,14 @@ SNIPPETS = [
     "kubectl get pods -n prod | grep CrashLoop | awk '{print $1}' | xargs kubectl delete pod -n prod",
     "query = f\"SELECT * FROM accounts WHERE email = '{email}'\"\ncursor.execute(query)",
     "val numbers = listOf(1, 2, 3)\nnumbers.add(4)\nprintln(numbers)",
+    # short snippets full of arithmetic: still code, not maths
+    "def circle_area(radius):\n    return 3.14159 * radius ** 2", "int avg = sum / count;\nprintf(\"%d\", avg);",
+    "mid = (lo + hi) / 2", "total = price * qty * 1.2 - discount", "double c = Math.sqrt(a * a + b * b);",
+    "def celsius(f): return (f - 32) * 5 / 9", "let pct = Math.round(done / total * 100) + '%';",
+    "x = 10 / 3\nprint(int(x) * 3 == 10)", "fn hyp(a: f64, b: f64) -> f64 { (a.powi(2) + b.powi(2)).sqrt() }",
+    "const bmi = weight / height ^ 2;", "for i in range(1, n):\n    fact = fact * i", "y = m * x + b  # slope-intercept",
+    "SELECT AVG(price * 1.0) / COUNT(*) FROM items;", "def compound(p, r, n): return p * (1 + r) ^ n",
+    "volume = 4 / 3 * math.pi * r ** 3", "area = length * width\nperimeter = 2 * length + width",
     "import requests\nfor url in urls:\n    r = requests.get(url)\n    save(r.json())",
     ".box {\n  display: flex;\n  align-items: center;\n  justfy-content: center;\n}",
 ]
@@ -2037,7 +2045,7 @@ TASK_SYSTEMS = {
 }
 
 
-def with_system(label: str) -> tuple[str, str]:
+def with_system() -> tuple[str, str]:
     """A prompt_text()-style sample with a system prefix: persona + any task, or task system + payload."""
     if maybe(0.7):
         lab = pick(LABELS)
@@ -2059,15 +2067,26 @@ HARD_PER_LABEL = 120
 SYSTEM_EXAMPLES = 800
 
 
+HELDOUT = Path(__file__).with_name("heldout.jsonl")
+
+
 def build() -> list[dict[str, str]]:
-    """Generate the labelled rows; identical output on every run."""
+    """Generate the labelled rows; identical output on every run.
+
+    Decontamination: a generated row whose lowercased text equals a held-out prompt is dropped (common
+    questions like "What is photosynthesis?" come out of the templates too), so the held-out score is
+    never inflated by exact duplicates. That is the only use of the held-out file.
+    """
     R.seed(SEED)
     rows: list[dict[str, str]] = []
     seen: set[str] = set()
+    if HELDOUT.exists():
+        with HELDOUT.open(encoding="utf-8") as f:
+            seen |= {json.loads(line)["text"].strip().lower() for line in f if line.strip()}
     for _ in range(SYSTEM_EXAMPLES):
-        label, t = with_system("")
-        if t not in seen:
-            seen.add(t)
+        label, t = with_system()
+        if t.lower() not in seen:
+            seen.add(t.lower())
             rows.append({"text": t, "label": label})
     for label in LABELS:
         texts = list(NATURAL[label]) + [gen_hard(label) for _ in range(HARD_PER_LABEL)]
@@ -2077,8 +2096,8 @@ def build() -> list[dict[str, str]]:
             tries += 1
         for t in texts:
             t = t.strip()
-            if t and t not in seen:
-                seen.add(t)
+            if t and t.lower() not in seen:
+                seen.add(t.lower())
                 rows.append({"text": t, "label": label})
     return rows
 

@@ -105,4 +105,5 @@ def test_prints_url_and_models_and_drains_on_sigterm(tmp_path):
     worker.join(10)
     upstream.stop()
     assert code == 0
-    assert result["status"] == 200 and json.loads(result["body"])["choices"][0]["message"]["content"] == "echo: sleep:1.5"
+    assert result["status"] == 200
+    assert json.loads(result["body"])["choices"][0]["message"]["content"] == "echo: sleep:1.5"

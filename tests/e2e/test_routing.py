@@ -161,7 +161,8 @@ def test_broken_stream_continues_on_another_deployment(pair):
 def test_route_explains_without_calling_a_model(pair):
     gateway, a, _ = pair
     before = json.loads(http("GET", a.url.removesuffix("/v1") + "/stats")[2])["requests"]
-    body = {"model": "auto", "messages": [{"role": "user", "content": "Prove that the square root of 2 is irrational."}]}
+    prompt = "Prove that the square root of 2 is irrational."
+    body = {"model": "auto", "messages": [{"role": "user", "content": prompt}]}
     status, _, raw = http("POST", gateway.url + "/v1/route", body)
     assert status == 200
     explained = json.loads(raw)
