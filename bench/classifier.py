@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as `python bench/classifier.py` from the repo root
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # run as `python bench/classifier.py` from the repo root
+
+from report import RESULTS, stamp, write_section  # noqa: E402
 
 from routing.classifier import DEFAULT_ARTIFACT, LABELS, TaskClassifier  # noqa: E402
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
 HELDOUT = ROOT / "routing" / "data" / "heldout.jsonl"
 SECTION = "## Task classifier"
 SIZES = (50, 500, 2000, 100_000)  # prompt sizes in estimated tokens; the last shows the work is bounded
 TARGET_P99_MS = 2.0  # at 2,000 tokens
-
-
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    cpu = model[1].strip() if model else platform.processor() or "unknown CPU"
-    system = f"{platform.system()} {platform.release()}"
-    return f"{cpu}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
 
 
 def load_heldout() -> tuple[list[str], list[str]]:
@@ -95,20 +84,6 @@ def latency(clf: TaskClassifier, text: str, iterations: int) -> tuple[float, flo
     return pct(0.50), pct(0.99), samples[-1] / 1e6
 
 
-def write_section(body: list[str]) -> None:
-    """Replace (or append) the '## Task classifier' section, up to the next '## ' heading."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        before, after = text.rstrip("\n") + "\n\n", ""
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        before, after = "".join(lines[:start]), "".join(lines[end:])
-    section = "\n".join([SECTION, "", *body]) + "\n" + ("\n" if after else "")
-    RESULTS.write_text(before + section + after)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--iterations", type=int, default=3000, help="timed classify() calls per prompt size")
@@ -131,11 +106,9 @@ def main() -> None:
             p99_2k = p99
         print(f"{size:>7} tokens: p50 {p50:.3f} ms  p99 {p99:.3f} ms  max {worst:.2f} ms", flush=True)
 
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     size_mb = DEFAULT_ARTIFACT.stat().st_size / 1e6
     verdict = "met" if p99_2k is not None and p99_2k < TARGET_P99_MS else "MISSED"
-    body = [f"Date: {now}. Machine: {machine()}.", "",
-            "Command: `.venv/bin/python bench/classifier.py`", "",
+    body = [stamp(), "",
             f"Model: `routing/data/task_classifier.npz` ({size_mb:.2f} MB; loads in {load_ms:.0f} ms): "
             f"multinomial logistic regression over tf-idf word 1-2 grams and char_wb 2-5 grams of the first "
             f"{clf.head} + last {clf.tail} characters, plus word 1-2 grams of the first and last {clf.edge}; "
@@ -149,7 +122,7 @@ def main() -> None:
             "Past the clip window the cost no longer grows with prompt length."]
     print("\n" + "\n".join(body))
     if not args.no_write:
-        write_section(body)
+        write_section(SECTION, body)
         print(f"\nwrote the '{SECTION}' section of {RESULTS.relative_to(ROOT)}")
 
 

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import re
-import shlex
 import signal
 import socket
 import statistics
@@ -26,7 +23,9 @@ from typing import Any
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "RESULTS.md"
+sys.path.insert(0, str(ROOT / "bench"))
+from report import RESULTS, read_section, stamp, write_section  # noqa: E402
+
 SECTION = "## Gateway overhead"
 WHY_START, WHY_END = "<!-- why: kept across runs, edit freely -->", "<!-- /why -->"
 WRK = "/usr/bin/wrk"
@@ -49,10 +48,12 @@ upstream, wrk as above.
 | httpx API over httpx-aiohttp's AiohttpTransport, granian | 1,893 | 1.11 ms |
 | aiohttp ClientSession, granian | 4,075 | 0.83 ms |
 | aiohttp ClientSession, uvicorn + httptools + uvloop | 5,293 | 0.49 ms |
+| pointsman's HTTP/1.1 client (`backends/http1.py`), uvicorn + httptools + uvloop | 9,683 | 0.35 ms |
 | Litestar handler returning a constant, granian | 13,109 | 0.31 ms |
 | Litestar handler returning a constant, uvicorn | 11,848 | 0.14 ms |
 
-Conclusion: uvicorn + httptools + uvloop, with aiohttp used directly for the upstream calls."""
+Conclusion: uvicorn + httptools + uvloop, with a minimal keep-alive HTTP/1.1 client over asyncio and httptools
+(`backends/http1.py`) for the upstream calls: the client library was the largest cost in the proxy's profile."""
 
 DEFAULT_WHY = """\
 Why the gap: the mock upstream is itself a uvloop + aiohttp server answering from memory (the direct RPS
@@ -271,19 +272,6 @@ async def ttfb_all(urls: list[str], count: int) -> dict[str, Ttfb]:
 # --- report ------------------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    cpu = model[1].strip() if model else platform.processor() or "unknown CPU"
-    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}"
-
-
-def command() -> str:
-    exe = Path(sys.executable)
-    python = str(exe.relative_to(ROOT)) if exe.is_relative_to(ROOT) else sys.executable
-    return shlex.join([python, *sys.argv])
-
-
 def fmt_ms(value: float) -> str:
     return f"{value:.2f} ms"
 
@@ -359,27 +347,11 @@ def existing_why(text: str) -> str | None:
     return text[start + len(WHY_START):end].strip() if 0 <= start < end else None
 
 
-def split_section(text: str) -> tuple[str, str, str]:
-    """(before, the Gateway overhead section, after); the section runs to the next `## ` heading."""
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        return text, "", ""
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    return "".join(lines[:start]), "".join(lines[start:end]), "".join(lines[end:])
-
-
 def write_results(section_body: list[str], missed: bool) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    before, old, after = split_section(text)
-    lines = [SECTION, "", *section_body]
-    if missed:
-        lines += ["", WHY_START, existing_why(old) or DEFAULT_WHY, WHY_END]
-    lines += ["", TRANSPORT_TABLE, ""]
-    section = "\n".join(lines) + ("\n" if after else "")
-    if not old:
-        before = before.rstrip("\n") + "\n\n"
-    RESULTS.write_text(before + section + after)
+    lines = list(section_body)
+    if missed:  # the "why" paragraph is hand-edited: kept across runs
+        lines += ["", WHY_START, existing_why(read_section(SECTION)) or DEFAULT_WHY, WHY_END]
+    write_section(SECTION, [*lines, "", TRANSPORT_TABLE])
 
 
 # --- main --------------------------------------------------------------------------------------------------
@@ -437,8 +409,7 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen]) ->
 
 def report(args: argparse.Namespace, cells: dict[tuple[str, str, int], Cell], gateways: list[str],
            ttfb: dict[str, Ttfb], names: dict[str, str]) -> None:
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    body_lines = [f"Date: {now}. Machine: {machine()}.", "", f"Command: `{command()}`", "",
+    body_lines = [stamp(), "",
                   f"wrk -t1, -c1 and -c16, {args.duration} s runs after {args.warmup} s warm-up, POST "
                   "/v1/chat/completions with the upstream's fixed answer; direct (tests/e2e/upstream.py, "
                   f"aiohttp + uvloop) and gateway runs interleaved, median of {args.repeats}."]
