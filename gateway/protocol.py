@@ -268,11 +268,16 @@ class _ChoiceView(Struct):
     finish_reason: str | None = None
 
 
+class _UsageView(Struct):
+    completion_tokens: int = 0
+
+
 class ChunkView(Struct):
-    """Decodes only the fields the relay needs from a chunk; everything else is skipped unparsed."""
+    """Decodes only the fields the gateway reads from a chunk or a whole response; the rest is skipped."""
 
     id: str | None = None
     choices: list[_ChoiceView] = []
+    usage: _UsageView | None = None
 
 
 chunk_view = msgspec.json.Decoder(ChunkView).decode

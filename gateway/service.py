@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
 
@@ -24,6 +25,7 @@ from routing.router import Attempt, Decision, Router
 __all__ = ["Gateway", "Served", "StreamStart"]
 
 log = logging.getLogger("pointsman")
+T = TypeVar("T")
 # prompts longer than this are classified in a worker thread, so the event loop never waits on it
 _INLINE_CLASSIFY_CHARS = 2_000
 
@@ -80,6 +82,8 @@ class _Pool:
     def describe(self) -> list[dict]:
         return [
             {"deployment": state.key, "healthy": healthy, "in_flight": state.in_flight,
+             "ewma_latency_s": state.ewma_latency_s, "ewma_ttft_s": state.ewma_ttft_s,
+             "ewma_tokens_per_s": state.ewma_tokens_per_s, "load": round(state.load(), 4),
              "breaker": breaker.snapshot()}
             for state, breaker, healthy in zip(self.states, self.breakers, self.healthy, strict=True)
         ]
@@ -209,8 +213,9 @@ class Gateway:
 
     # ---- requests
 
-    async def complete(self, request: ParsedRequest) -> Served:
-        decision = await self.decide(request)
+    async def _first_success(self, decision: Decision, call: Callable[[Backend, int], Awaitable[T]]):
+        """Try the decision's models in order and each one's deployments in the balancer's order, until `call`
+        succeeds: retryable failures (connect, timeout, 5xx, 429) move on, anything else ends the request."""
         last: GatewayError | None = None
         for attempt in decision.attempts:
             backend = self.backends[attempt.model.id]
@@ -218,7 +223,7 @@ class Gateway:
                 state, breaker = pool.states[index], pool.breakers[index]
                 started = state.begin()
                 try:
-                    body = await backend.complete(request, index)
+                    result = await call(backend, index)
                 except UpstreamError as exc:
                     state.end(started, ok=False)
                     if not exc.retryable:
@@ -231,39 +236,42 @@ class Gateway:
                 except BaseException:
                     state.end(started, ok=False)
                     raise
-                state.end(started, ok=True)
-                breaker.record_success()
-                return Served(attempt, decision, body)
+                return attempt, pool, index, started, result
         raise last or self._nothing_to_try(decision)
 
-    async def stream(self, request: ParsedRequest) -> StreamStart:
+    async def complete(self, request: ParsedRequest) -> Served:
         decision = await self.decide(request)
-        last: GatewayError | None = None
-        for attempt in decision.attempts:
-            backend = self.backends[attempt.model.id]
-            for pool, index in self._deployments(attempt):
-                state, breaker = pool.states[index], pool.breakers[index]
-                started = state.begin()
-                rest = aiter(backend.stream(request, index))
-                try:
-                    first = await anext(rest)
-                except StopAsyncIteration:
-                    first = None
-                except UpstreamError as exc:
-                    state.end(started, ok=False)
-                    if not exc.retryable:
-                        breaker.record_success()
-                        raise
-                    breaker.record_failure()
-                    last = exc
-                    continue
-                except BaseException:
-                    state.end(started, ok=False)
-                    raise
-                ttft = asyncio.get_running_loop().time() - started
-                relay = _Relay(self, request, attempt, pool, index, started, ttft)
-                return StreamStart(attempt, decision, first, relay.run(first, rest))
-        raise last or self._nothing_to_try(decision)
+        attempt, pool, index, started, body = await self._first_success(
+            decision, lambda backend, index: backend.complete(request, index)
+        )
+        pool.states[index].end(started, ok=True, completion_tokens=_completion_tokens(body))
+        pool.breakers[index].record_success()
+        return Served(attempt, decision, body)
+
+    async def stream(self, request: ParsedRequest) -> StreamStart:
+        """Open the stream and wait for its first payload, so failures until then can still be retried."""
+
+        async def open_stream(backend: Backend, index: int) -> tuple[bytes | None, AsyncIterator[bytes]]:
+            rest = aiter(backend.stream(request, index))
+            try:
+                return await anext(rest), rest
+            except StopAsyncIteration:
+                return None, rest
+
+        decision = await self.decide(request)
+        attempt, pool, index, started, (first, rest) = await self._first_success(decision, open_stream)
+        ttft = asyncio.get_running_loop().time() - started
+        relay = _Relay(self, request, attempt, pool, index, started, ttft)
+        return StreamStart(attempt, decision, first, relay.run(first, rest))
+
+
+def _completion_tokens(body: bytes) -> int | None:
+    """The response's usage.completion_tokens, for the tokens/s figure (skips the rest of the body)."""
+    try:
+        usage = chunk_view(body).usage
+    except msgspec.ValidationError:
+        return None
+    return usage.completion_tokens if usage is not None else None
 
 
 class _Relay:
@@ -282,6 +290,7 @@ class _Relay:
         self.text: list[str] = []
         self.finished = False
         self.chunk_id: str | None = None
+        self.tokens = 0  # the upstream's usage when it sends one, else one per content chunk
 
     def _observe(self, payload: bytes) -> None:
         try:
@@ -290,10 +299,13 @@ class _Relay:
             return
         if self.chunk_id is None:
             self.chunk_id = view.id
+        if view.usage is not None:
+            self.tokens = view.usage.completion_tokens
         for choice in view.choices:
             piece = choice.delta.content if choice.delta is not None else choice.text
             if piece:
                 self.text.append(piece)
+                self.tokens += 1
             if choice.finish_reason is not None:
                 self.finished = True
 
@@ -344,7 +356,7 @@ class _Relay:
                 raise
             finally:
                 await current.aclose()  # type: ignore[attr-defined]
-            pool.states[index].end(started, ok=True, ttft_s=ttft)
+            pool.states[index].end(started, ok=True, ttft_s=ttft, completion_tokens=self.tokens)
             pool.breakers[index].record_success()
             return
 
