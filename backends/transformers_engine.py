@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import importlib.util
 import os
-import re
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from backends.engine_requests import Plan, check_request
+from backends.weights import resolve_source
 from config.schema import TransformersModel
-from gateway.errors import BadRequest, GatewayError, ServiceUnavailable, UnsupportedParameter
+from gateway.errors import BadRequest, GatewayError, ServiceUnavailable
 from gateway.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatMessage,
     Choice,
     ChunkChoice,
@@ -32,233 +30,15 @@ from gateway.protocol import (
     Delta,
     ParsedRequest,
     Usage,
-    message_text,
     new_id,
 )
 
 if TYPE_CHECKING:  # torch loads only in the worker thread, so importing this module stays cheap
     from backends.generation import DecodeResult, SamplingParams
 
-__all__ = ["TransformersBackend", "check_request", "resolve_source"]
+__all__ = ["TransformersBackend"]
 
 _encoder = msgspec.json.Encoder()
-_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-# non-standard fields this engine honours (vLLM's names); chat-only ones are unknown to /v1/completions
-_ENGINE_EXTRAS = {"top_k", "repetition_penalty", "min_tokens", "ignore_eos"}
-_CHAT_EXTRAS = {"continue_final_message", "add_generation_prompt"}
-# standard OpenAI fields that msgspec's request Structs do not declare but that change nothing here
-_HARMLESS_EXTRAS = {"metadata", "store", "service_tier"}
-_BOOL_EXTRAS = {"ignore_eos", "continue_final_message", "add_generation_prompt"}
-
-
-# ---- source resolution -----------------------------------------------------------------------------------
-
-
-def resolve_source(source: str, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """(folder or hub id, gguf file name or None) for `from_pretrained`; see TransformersModel.source."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(f"model source {source!r} is a file but not a .gguf file")
-        return str(path.parent), path.name
-    if path.is_dir():
-        return _from_folder(path, gguf_file)
-    if _MODULE_NAME.fullmatch(source):
-        folder = _package_folder(source)
-        if folder is not None:
-            return _from_folder(folder, gguf_file)
-    # otherwise a hub id, which only the local Hugging Face cache can satisfy (we never download)
-    return source, gguf_file
-
-
-def _package_folder(name: str) -> Path | None:
-    # find_spec locates the package without running its __init__ (a weights package may import heavy things)
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    if spec.origin and spec.has_location:
-        return Path(spec.origin).parent
-    locations = list(spec.submodule_search_locations or [])
-    return Path(locations[0]) if locations else None
-
-
-def _from_folder(folder: Path, gguf_file: str | None) -> tuple[str, str | None]:
-    if gguf_file:
-        if not (folder / gguf_file).is_file():
-            raise FileNotFoundError(f"gguf_file {gguf_file!r} not found in {folder}")
-        return str(folder), gguf_file
-    if (folder / "config.json").is_file():
-        return str(folder), None
-    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return str(folder), ggufs[0]
-    if ggufs:
-        raise ValueError(f"{folder} holds several .gguf files ({', '.join(ggufs)}); set gguf_file")
-    raise FileNotFoundError(f"{folder} holds neither a Hugging Face model (config.json) nor a .gguf file")
-
-
-# ---- request validation (on the event loop, before any generation) --------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """What a validated request asks for; the tokenizer-dependent parts are resolved in the worker."""
-
-    chat: bool
-    messages: list[dict[str, str]]  # chat
-    prompts: list[str | list[int]]  # completions: one entry per prompt
-    n: int
-    max_new_tokens: int | None
-    temperature: float | None
-    top_p: float | None
-    top_k: int | None
-    repetition_penalty: float
-    min_tokens: int
-    ignore_eos: bool
-    stop: tuple[str, ...]
-    seed: int | None
-    echo: bool
-    add_generation_prompt: bool
-    continue_final_message: bool
-    include_usage: bool
-
-
-def _unsupported(param: str, detail: str = "") -> UnsupportedParameter:
-    return UnsupportedParameter(
-        f"Unsupported parameter: '{param}' is not supported by this local model{detail}.", param=param
-    )
-
-
-def _invalid(param: str, expected: str) -> BadRequest:
-    return BadRequest(f"Invalid value for '{param}': expected {expected}.", param=param)
-
-
-def check_request(request: ParsedRequest) -> _Plan:
-    """Reject what this engine cannot honour (400) and gather the rest; runs before anything is generated."""
-    body = request.body
-    chat = isinstance(body, ChatCompletionRequest)
-    _reject_standard(body, chat)
-    extras = _check_extras(request, chat)
-    continue_final = extras.get("continue_final_message") or False
-    add_prompt = extras.get("add_generation_prompt")
-    if continue_final and add_prompt:
-        raise BadRequest(
-            "Cannot set both 'continue_final_message' and 'add_generation_prompt' to true.",
-            param="add_generation_prompt",
-        )
-    messages = _chat_messages(body.messages, continue_final) if chat else []
-    max_new = request.max_new_tokens
-    min_tokens = extras.get("min_tokens") or 0
-    if max_new is not None and min_tokens > max_new:
-        raise BadRequest("'min_tokens' must not exceed 'max_tokens'.", param="min_tokens")
-    return _Plan(
-        chat=chat,
-        messages=messages,
-        prompts=[] if chat else _completion_prompts(body.prompt),
-        n=body.n,
-        max_new_tokens=max_new,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=extras.get("top_k"),
-        repetition_penalty=float(extras.get("repetition_penalty") or 1.0),
-        min_tokens=min_tokens,
-        ignore_eos=bool(extras.get("ignore_eos")),
-        stop=tuple(request.stop_list),
-        seed=body.seed,
-        echo=False if chat else body.echo,
-        add_generation_prompt=not continue_final if add_prompt is None else add_prompt,
-        continue_final_message=continue_final,
-        include_usage=request.include_usage,
-    )
-
-
-def _reject_standard(body: Any, chat: bool) -> None:
-    if body.logprobs:
-        raise _unsupported("logprobs")
-    if body.logit_bias:
-        raise _unsupported("logit_bias")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise _unsupported(name, " (use 'repetition_penalty')")
-    if chat:
-        if body.tools:
-            raise _unsupported("tools", " (no tool calling)")
-        if body.tool_choice not in (None, "none"):
-            raise _unsupported("tool_choice", " (no tool calling)")
-        if body.top_logprobs:
-            raise _unsupported("top_logprobs")
-        if body.response_format is not None and body.response_format != {"type": "text"}:
-            raise _unsupported("response_format", " (only {'type': 'text'})")
-    else:
-        if body.suffix:
-            raise _unsupported("suffix")
-        if body.best_of is not None and body.best_of > 1:
-            raise _unsupported("best_of")
-
-
-def _check_extras(request: ParsedRequest, chat: bool) -> dict[str, Any]:
-    allowed = _ENGINE_EXTRAS | _HARMLESS_EXTRAS | (_CHAT_EXTRAS if chat else set())
-    values: dict[str, Any] = {}
-    for key in request.extra_fields:
-        if key not in allowed:
-            raise _unsupported(key)
-        value = request.raw[key]
-        if value is not None:
-            values[key] = _check_extra(key, value)
-    return values
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_extra(key: str, value: Any) -> Any:
-    if key == "top_k" and not (_is_int(value) and value >= -1):
-        raise _invalid(key, "an integer >= -1 (-1 or 0 turns it off)")
-    if key == "repetition_penalty" and not ((_is_int(value) or isinstance(value, float)) and value > 0):
-        raise _invalid(key, "a number > 0")
-    if key == "min_tokens" and not (_is_int(value) and value >= 0):
-        raise _invalid(key, "an integer >= 0")
-    if key in _BOOL_EXTRAS and not isinstance(value, bool):
-        raise _invalid(key, "a boolean")
-    if key == "store" and value is not False:
-        raise _unsupported("store", " (nothing is stored)")
-    return value
-
-
-def _chat_messages(messages: list[Any], continue_final: bool) -> list[dict[str, str]]:
-    out = []
-    for i, message in enumerate(messages):
-        if message.role in ("tool", "function"):
-            raise _unsupported(f"messages[{i}].role", f" ('{message.role}' messages need tool calling)")
-        if message.tool_calls:
-            raise _unsupported(f"messages[{i}].tool_calls", " (no tool calling)")
-        if isinstance(message.content, list):
-            for part in message.content:
-                if part.get("type") != "text":
-                    raise _unsupported(f"messages[{i}].content", f" (content part {part.get('type')!r})")
-        role = "system" if message.role == "developer" else message.role
-        out.append({"role": role, "content": message_text(message.content)})
-    if continue_final and out[-1]["role"] != "assistant":
-        raise BadRequest("'continue_final_message' needs an assistant message last.", param="messages")
-    return out
-
-
-def _completion_prompts(prompt: Any) -> list[str | list[int]]:
-    """A string, a list of strings, one token-id array or a list of them -> one entry per prompt."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if not isinstance(prompt, list) or not prompt:
-        raise BadRequest("'prompt' must be a non-empty string or list.", param="prompt")
-    if all(_is_int(t) for t in prompt):
-        return [list(prompt)]
-    for item in prompt:
-        if not (isinstance(item, str) or (isinstance(item, list) and all(_is_int(t) for t in item))):
-            raise BadRequest("'prompt' items must be strings or token-id arrays.", param="prompt")
-    return list(prompt)
 
 
 # ---- the loaded model (used only from the worker thread) ------------------------------------------------
@@ -328,7 +108,7 @@ class _Engine:
 
     # ---- prompts
 
-    def prepare(self, plan: _Plan) -> tuple[list[_Job], int]:
+    def prepare(self, plan: Plan) -> tuple[list[_Job], int]:
         """Template/tokenize, check the context window, make one job per choice -> (jobs, prompt tokens)."""
         if plan.chat:
             prompts: list[list[int]] = [self._chat_ids(plan)]
@@ -345,7 +125,7 @@ class _Engine:
                 jobs.append(_Job(index, ids, self._sampling(plan, max_new, index), echo))
         return jobs, sum(len(ids) for ids in prompts)
 
-    def _chat_ids(self, plan: _Plan) -> list[int]:
+    def _chat_ids(self, plan: Plan) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequest("This model has no chat template; use /v1/completions.", param="messages")
         try:
@@ -377,7 +157,7 @@ class _Engine:
     def _echo(self, prompt: str | list[int], ids: list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def _room(self, ids: list[int], plan: _Plan, param: str) -> int:
+    def _room(self, ids: list[int], plan: Plan, param: str) -> int:
         room = self.window - len(ids)
         if room < 1:
             raise BadRequest(
@@ -389,7 +169,7 @@ class _Engine:
         # a max_tokens past the context window is capped rather than refused
         return min(plan.max_new_tokens or self.cfg.max_new_tokens_default, room)
 
-    def _sampling(self, plan: _Plan, max_new: int, index: int) -> SamplingParams:
+    def _sampling(self, plan: Plan, max_new: int, index: int) -> SamplingParams:
         from backends.generation import SamplingParams
 
         temperature, top_p, top_k = plan.temperature, plan.top_p, plan.top_k
@@ -609,7 +389,7 @@ class TransformersBackend:
         except Exception as exc:
             raise GatewayError(f"Model '{self.model.id}' failed: {exc}") from exc
 
-    async def _prepare(self, request: ParsedRequest) -> tuple[_Plan, _Engine, list[_Job], int]:
+    async def _prepare(self, request: ParsedRequest) -> tuple[Plan, _Engine, list[_Job], int]:
         plan = check_request(request)  # 400s come before waiting for the model
         engine = await self._ready()
         jobs, prompt_tokens = await self._outcome(self._submit(engine.prepare, plan))

@@ -13,8 +13,10 @@ import pytest
 import pytest_asyncio
 
 from backends.base import Backend
+from backends.engine_requests import check_request
 from backends.generation import IncrementalDetokenizer, StopChecker
-from backends.transformers_engine import TransformersBackend, check_request, resolve_source
+from backends.transformers_engine import TransformersBackend
+from backends.weights import resolve_source
 from config.schema import TransformersModel
 from gateway.errors import BadRequest, ServiceUnavailable, UnsupportedParameter
 from gateway.protocol import (
