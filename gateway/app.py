@@ -16,8 +16,15 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from backends.base import Backend
 from config.schema import Config
 from gateway.auth import KeyCheck
-from gateway.errors import GatewayError, error_body
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, decode_request
+from gateway.errors import BadRequest, GatewayError, error_body
+from gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    decode_object,
+    decode_request,
+)
 from gateway.service import Gateway
 from gateway.sse import sse_events
 
@@ -75,29 +82,29 @@ async def completions(request: Request) -> ASGIApp:
     return await _generate(request, CompletionRequest)
 
 
-async def _explain(request: Request) -> tuple[dict, Gateway]:
-    gateway = _gateway(request)
+async def _explain(request: Request) -> dict:
+    """The routing decision for a chat request (or `{"prompt": ...}`); `model` defaults to `auto`."""
     data = await request.body()
-    raw = msgspec.json.decode(data) if data else {}
-    if isinstance(raw, dict) and "messages" not in raw and isinstance(raw.get("prompt"), str):
-        raw = {**raw, "messages": [{"role": "user", "content": raw["prompt"]}]}
-        raw.pop("prompt")
-    if isinstance(raw, dict) and not any(k in raw for k in ("model", "auto_select", "preferred_model", "models")):
-        raw = {**raw, "model": "auto"}
-    parsed = decode_request(msgspec.json.encode(raw), ChatCompletionRequest)
-    decision = await gateway.decide(parsed, explain=True)
-    return decision.explain(), gateway
+    raw = decode_object(data) if data else {}
+    if "messages" not in raw:
+        prompt = raw.pop("prompt", None)
+        if not isinstance(prompt, str):
+            raise BadRequest("Send a chat request's 'messages', or a 'prompt' string.", param="messages")
+        raw["messages"] = [{"role": "user", "content": prompt}]
+    if not any(k in raw for k in ("model", "auto_select", "preferred_model", "models")):
+        raw["model"] = "auto"
+    decision = await _gateway(request).decide(decode_request(raw, ChatCompletionRequest), explain=True)
+    return decision.explain()
 
 
 @post("/route", status_code=200, summary="Explain the routing decision for a chat request, without calling a model")
 async def explain_route(request: Request) -> dict:
-    explanation, _ = await _explain(request)
-    return explanation
+    return await _explain(request)
 
 
 @post(["/models/recommend"], status_code=200, summary="Recommend a model for a prompt (earlier prototype's shape)")
 async def recommend(request: Request) -> dict:
-    explanation, _ = await _explain(request)
+    explanation = await _explain(request)
     eligible = [c for c in explanation["candidates"] if c["eligible"]]
     chosen = explanation["model"]
     best = next((c for c in eligible if c["model"] == chosen), None)

@@ -31,6 +31,7 @@ __all__ = [
     "RouteRequirements",
     "StreamOptions",
     "Usage",
+    "decode_object",
     "decode_request",
     "chunk_view",
     "message_text",
@@ -140,14 +141,21 @@ class ParsedRequest(Struct):
 _decoder = msgspec.json.Decoder()
 
 
-def decode_request(data: bytes, kind: type[ChatCompletionRequest] | type[CompletionRequest]) -> ParsedRequest:
-    """Decode and validate a request body; errors become 400 with `param` naming the field."""
+def decode_object(data: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or a 400."""
     try:
         raw = _decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise BadRequest(f"Invalid JSON body: {exc}", code="invalid_json") from None
     if not isinstance(raw, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_request")
+    return raw
+
+
+def decode_request(data: bytes | dict[str, Any], kind: type[ChatCompletionRequest] | type[CompletionRequest],
+                   ) -> ParsedRequest:
+    """Decode and validate a request body; errors become 400 with `param` naming the field."""
+    raw = decode_object(data) if isinstance(data, bytes) else data
     try:
         body = msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:

@@ -123,3 +123,21 @@ def test_sdk_sees_typed_errors(gateway):
         client.chat.completions.create(model="remote-a", messages=[{"role": "user", "content": "status:429"}])
     with pytest.raises(openai.InternalServerError):
         client.chat.completions.create(model="dead", messages=MSG)
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/route", b"{not json", None),
+        ("/v1/route", {"messages": 5}, "messages"),
+        ("/v1/route", {"model": "auto", "messages": [{"role": "user", "content": "x"}], "route": {"prefer": "x"}},
+         "route.prefer"),
+        ("/v1/models/recommend", {}, "messages"),
+        ("/models/recommend", {"prompt": 5}, "messages"),
+        ("/v1/chat/completions", {"models": "remote-a", "messages": MSG}, "models"),
+        ("/v1/chat/completions", {"preferred_model": 3, "messages": MSG}, "preferred_model"),
+    ],
+)
+def test_routing_endpoints_and_fields_reject_bad_input(gateway, path, body, param):
+    status, _, raw = http("POST", gateway.url + path, body)
+    assert status == 400 and _error(raw)["param"] == param
