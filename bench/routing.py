@@ -20,8 +20,9 @@ import msgspec  # noqa: E402
 from report import stamp, write_section  # noqa: E402
 
 from config.loader import parse_config  # noqa: E402
+from gateway.deployments import DeploymentPool  # noqa: E402
 from gateway.protocol import ChatCompletionRequest, decode_request  # noqa: E402
-from gateway.service import Gateway, _Pool  # noqa: E402
+from gateway.service import Gateway  # noqa: E402
 from routing.balancer import STRATEGIES  # noqa: E402
 from routing.live import DeploymentState  # noqa: E402
 from tests.conftest import start_gateway, start_upstream  # noqa: E402
@@ -79,7 +80,7 @@ async def decision_latency(iterations: int) -> list[str]:
     return rows
 
 
-async def _simulate(pool: _Pool, requests: int, concurrency: int, service: tuple[float, ...]):
+async def _simulate(pool: DeploymentPool, requests: int, concurrency: int, service: tuple[float, ...]):
     rng = random.Random(1)
     counts = [0] * len(service)
     latencies: list[float] = []
@@ -110,7 +111,8 @@ async def fairness(requests: int, concurrency: int) -> list[str]:
     rows = ["| strategy | share d1 / d2 / d3 | mean latency | p99 latency |", "|---|---|---:|---:|"]
     for name in STRATEGIES:
         model = msgspec.structs.replace(config.models[0], load_balancing=name)
-        counts, latencies = await _simulate(_Pool(model, _ThreeDeployments(), config), requests, concurrency, service)
+        pool = DeploymentPool(model, _ThreeDeployments(), config)
+        counts, latencies = await _simulate(pool, requests, concurrency, service)
         share = " / ".join(f"{c / requests:.0%}" for c in counts)
         mean, p99 = statistics.mean(latencies) * 1e3, _percentiles(latencies)[1] * 1e3
         rows.append(f"| {name} | {share} | {mean:.1f} ms | {p99:.1f} ms |")

@@ -9,16 +9,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-import msgspec
-
 from backends.base import Backend, build_backend
-from config.schema import Config, ModelConfig
+from config.schema import Config
+from gateway.deployments import DeploymentPool
 from gateway.errors import BadRequest, GatewayError, ServiceUnavailable, UpstreamError
-from gateway.protocol import ChatCompletionRequest, ModelCard, ModelList, ParsedRequest, chunk_view
-from routing.balancer import make_strategy
-from routing.breaker import CircuitBreaker
+from gateway.protocol import ChatCompletionRequest, ModelCard, ModelList, ParsedRequest
+from gateway.relay import StreamRelay, completion_tokens
 from routing.classifier import PromptAnalysis, TaskClassifier, prompt_text
-from routing.live import DeploymentState, ModelLive
 from routing.resolve import ModelTable
 from routing.router import Attempt, Decision, Router
 
@@ -62,42 +59,6 @@ def route_headers(attempt: Attempt, decision: Decision) -> dict[str, str]:
     return headers
 
 
-class _Pool:
-    """A model's deployments at run time: live figures, one breaker each, the balancing strategy."""
-
-    def __init__(self, model: ModelConfig, backend: Backend, config: Config) -> None:
-        keys = getattr(backend, "deployments", None) or [(model.id, 1.0)]
-        self.states = [DeploymentState(key, weight) for key, weight in keys]
-        self.live = ModelLive(self.states)
-        b = config.routing.circuit_breaker
-        self.breakers = [
-            CircuitBreaker(failures=b.failures, cooldown_s=b.cooldown_s, error_rate=b.error_rate,
-                           window_s=b.window_s, min_requests=b.min_requests)
-            for _ in self.states
-        ]
-        self.healthy = [True] * len(self.states)
-        self.strategy = make_strategy(model.load_balancing or config.routing.load_balancing)
-        self.attempts = config.routing.retries + 1
-
-    def describe(self) -> list[dict]:
-        return [
-            {"deployment": state.key, "healthy": healthy, "in_flight": state.in_flight,
-             "ewma_latency_s": state.ewma_latency_s, "ewma_ttft_s": state.ewma_ttft_s,
-             "ewma_tokens_per_s": state.ewma_tokens_per_s, "load": round(state.load(), 4),
-             "breaker": breaker.snapshot()}
-            for state, breaker, healthy in zip(self.states, self.breakers, self.healthy, strict=True)
-        ]
-
-    def available(self) -> bool:
-        return any(h and b.state != "open" for h, b in zip(self.healthy, self.breakers, strict=True))
-
-    def targets(self, rng: random.Random) -> list[int]:
-        """Deployment indices to try, best first: healthy ones before unhealthy, open breakers skipped."""
-        order = self.strategy.order(self.states, rng)
-        order.sort(key=lambda i: not self.healthy[i])  # stable: keeps the strategy's order within each group
-        return order
-
-
 class Gateway:
     """Holds the config's models and their backends for one app; no globals, so apps can run side by side."""
 
@@ -105,7 +66,7 @@ class Gateway:
         self.config = config
         self.table = ModelTable(config)
         self.backends: dict[str, Backend] = dict(backends or {m.id: build_backend(m) for m in config.models})
-        self.pools = {m.id: _Pool(m, self.backends[m.id], config) for m in config.models}
+        self.pools = {m.id: DeploymentPool(m, self.backends[m.id], config) for m in config.models}
         self.router = Router(config, self.table, {k: p.live for k, p in self.pools.items()},
                              lambda model_id: self.pools[model_id].available())
         self.classifier = TaskClassifier.load()
@@ -201,16 +162,6 @@ class Gateway:
             "failures; retry after the cooldown."
         )
 
-    def _deployments(self, attempt: Attempt):
-        pool = self.pools[attempt.model.id]
-        tried = 0
-        for index in pool.targets(self.rng):
-            if tried >= pool.attempts:
-                return
-            if pool.breakers[index].allow():
-                tried += 1
-                yield pool, index
-
     # ---- requests
 
     async def _first_success(self, decision: Decision, call: Callable[[Backend, int], Awaitable[T]]):
@@ -218,8 +169,8 @@ class Gateway:
         succeeds: retryable failures (connect, timeout, 5xx, 429) move on, anything else ends the request."""
         last: GatewayError | None = None
         for attempt in decision.attempts:
-            backend = self.backends[attempt.model.id]
-            for pool, index in self._deployments(attempt):
+            backend, pool = self.backends[attempt.model.id], self.pools[attempt.model.id]
+            for index in pool.attempts(self.rng):
                 state, breaker = pool.states[index], pool.breakers[index]
                 started = state.begin()
                 try:
@@ -244,7 +195,7 @@ class Gateway:
         attempt, pool, index, started, body = await self._first_success(
             decision, lambda backend, index: backend.complete(request, index)
         )
-        pool.states[index].end(started, ok=True, completion_tokens=_completion_tokens(body))
+        pool.states[index].end(started, ok=True, completion_tokens=completion_tokens(body))
         pool.breakers[index].record_success()
         return Served(attempt, decision, body)
 
@@ -261,122 +212,5 @@ class Gateway:
         decision = await self.decide(request)
         attempt, pool, index, started, (first, rest) = await self._first_success(decision, open_stream)
         ttft = asyncio.get_running_loop().time() - started
-        relay = _Relay(self, request, attempt, pool, index, started, ttft)
+        relay = StreamRelay(self.backends[attempt.model.id], pool, self.rng, request, index, started, ttft)
         return StreamStart(attempt, decision, first, relay.run(first, rest))
-
-
-def _completion_tokens(body: bytes) -> int | None:
-    """The response's usage.completion_tokens, for the tokens/s figure (skips the rest of the body)."""
-    try:
-        usage = chunk_view(body).usage
-    except msgspec.ValidationError:
-        return None
-    return usage.completion_tokens if usage is not None else None
-
-
-class _Relay:
-    """Relays the rest of a stream and settles live figures and breakers however it ends.
-
-    When the upstream breaks midway, the stream continues on another deployment of the same model: the text
-    produced so far goes back as an assistant prefix (`continue_final_message`, `add_generation_prompt: false`,
-    as vLLM and the local engine take it) and the continuation's chunks are relayed under the original id, so
-    the client sees one unbroken stream.
-    """
-
-    def __init__(self, gateway: Gateway, request: ParsedRequest, attempt: Attempt, pool: _Pool, index: int,
-                 started: float, ttft: float) -> None:
-        self.gateway, self.request, self.attempt, self.pool = gateway, request, attempt, pool
-        self.index, self.started, self.ttft = index, started, ttft
-        self.text: list[str] = []
-        self.finished = False
-        self.chunk_id: str | None = None
-        self.tokens = 0  # the upstream's usage when it sends one, else one per content chunk
-
-    def _observe(self, payload: bytes) -> None:
-        try:
-            view = chunk_view(payload)
-        except Exception:  # not a chunk (an error event, or a vendor's extra event): nothing to learn
-            return
-        if self.chunk_id is None:
-            self.chunk_id = view.id
-        if view.usage is not None:
-            self.tokens = view.usage.completion_tokens
-        for choice in view.choices:
-            piece = choice.delta.content if choice.delta is not None else choice.text
-            if piece:
-                self.text.append(piece)
-                self.tokens += 1
-            if choice.finish_reason is not None:
-                self.finished = True
-
-    def _can_continue(self) -> bool:
-        body = self.request.body
-        return (
-            isinstance(body, ChatCompletionRequest)
-            and body.n == 1
-            and not self.finished
-            and bool(self.text)
-            and len(self.pool.states) > 1
-        )
-
-    def _continuation(self) -> ParsedRequest:
-        raw = dict(self.request.raw)
-        raw["messages"] = [*raw["messages"], {"role": "assistant", "content": "".join(self.text)}]
-        raw["continue_final_message"] = True
-        raw["add_generation_prompt"] = False
-        return ParsedRequest(self.request.body, raw)
-
-    async def run(self, first: bytes | None, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        if first is not None:
-            self._observe(first)
-        pool, index = self.pool, self.index
-        started, ttft = self.started, self.ttft
-        tried = {index}
-        while True:
-            current = rest
-            try:
-                async for payload in current:
-                    self._observe(payload)
-                    yield payload
-            except UpstreamError as exc:
-                pool.breakers[index].record_failure()
-                pool.states[index].end(started, ok=False)
-                nxt = self._next_deployment(tried) if exc.retryable and self._can_continue() else None
-                if nxt is None:
-                    raise
-                log.warning("%s deployment %s broke mid-stream (%s); continuing on %s",
-                            self.attempt.model.id, index, exc.message, nxt)
-                index = nxt
-                tried.add(index)
-                started, ttft = pool.states[index].begin(), None
-                rest = self._continued(self._continuation(), index)
-                continue
-            except BaseException:  # the client left, or the gateway is stopping
-                pool.states[index].end(started, ok=False)
-                raise
-            finally:
-                await current.aclose()  # type: ignore[attr-defined]
-            pool.states[index].end(started, ok=True, ttft_s=ttft, completion_tokens=self.tokens)
-            pool.breakers[index].record_success()
-            return
-
-    def _next_deployment(self, tried: set[int]) -> int | None:
-        for candidate in self.pool.targets(self.gateway.rng):
-            if candidate not in tried and self.pool.breakers[candidate].allow():
-                return candidate
-        return None
-
-    async def _continued(self, request: ParsedRequest, index: int) -> AsyncIterator[bytes]:
-        """The continuation's chunks, without its opening role chunk, under the original stream's id."""
-        backend = self.gateway.backends[self.attempt.model.id]
-        old_id = None
-        async for payload in backend.stream(request, index):
-            view = chunk_view(payload)
-            if old_id is None:
-                old_id = view.id
-                choice = view.choices[0] if view.choices else None
-                if choice is not None and choice.delta is not None and not choice.delta.content:
-                    continue  # the role chunk: the client already has one
-            if old_id and self.chunk_id and old_id != self.chunk_id:
-                payload = payload.replace(msgspec.json.encode(old_id), msgspec.json.encode(self.chunk_id), 1)
-            yield payload
