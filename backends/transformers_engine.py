@@ -90,6 +90,9 @@ class _Engine:
         self.window = cfg.context_window or getattr(config, "max_position_embeddings", None) or 2048
         self.vocab = self.lm.get_input_embeddings().num_embeddings
         self.eos_ids = self._eos_ids()
+        # forward passes so far (one per decoded token, plus prefills), live while a generation runs:
+        # shows how soon an abandoned generation stopped
+        self.forward_passes = 0
         gen = self.lm.generation_config
         # temperature absent: sample only if the model's generation_config asks for it, else greedy
         self.sample_by_default = bool(getattr(gen, "do_sample", False))
@@ -227,6 +230,7 @@ class _Engine:
         return results
 
     def _forward(self, input_ids: Any, cache: Any) -> Any:
+        self.forward_passes += 1
         out = self.lm(input_ids=input_ids, use_cache=True, **{self._cache_kw: cache}, **self._keep)
         return out.logits[0, -1]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -397,48 +396,61 @@ async def test_completions_echo_token_ids_and_stream(backend: TransformersBacken
 
 
 async def test_closing_a_stream_frees_the_engine(backend: TransformersBackend) -> None:
+    engine = backend._engine
+    before = engine.forward_passes
     stream = backend.stream(chat("Tell me a long story.", max_tokens=2000, ignore_eos=True, stream=True))
     for _ in range(3):
         await stream.__anext__()
     await stream.aclose()
-    started = time.monotonic()
     body = await answer(backend, chat(temperature=0, max_tokens=2))
-    # the abandoned generation had ~2000 tokens left (minutes); a cancelled one yields within one token
-    assert time.monotonic() - started < 15
     assert body["usage"]["completion_tokens"] == 2
+    # the abandoned generation stopped within a few tokens of the client leaving, not after 2000
+    assert engine.forward_passes - before < 50
 
 
 async def test_cancelled_complete_frees_the_engine(backend: TransformersBackend) -> None:
+    engine = backend._engine
+    before = engine.forward_passes
     long = chat("Tell me a long story.", max_tokens=2000, ignore_eos=True)
     task = asyncio.create_task(backend.complete(long))
-    await asyncio.sleep(1.0)
+    while engine.forward_passes == before:  # wait until it is generating
+        await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    started = time.monotonic()
     await answer(backend, chat(temperature=0, max_tokens=2))
-    assert time.monotonic() - started < 15
+    assert engine.forward_passes - before < 2000
 
 
 async def test_event_loop_stays_free(backend: TransformersBackend) -> None:
-    lag = 0.0
+    """Other coroutines keep running while a generation runs: it is in a worker thread, not on the loop.
+    (How fast /health answers meanwhile is a figure for bench/engine.py, not an assertion here.)"""
+    ticks_during: list[int] = []
+    ticks = 0
     done = asyncio.Event()
 
-    async def probe() -> None:
-        nonlocal lag
+    async def ticker() -> None:
+        nonlocal ticks
         while not done.is_set():
-            before = time.monotonic()
-            await asyncio.sleep(0.01)
-            lag = max(lag, time.monotonic() - before - 0.01)
+            ticks += 1
+            await asyncio.sleep(0)
 
-    prober = asyncio.create_task(probe())
-    try:
+    async def generate() -> dict:
+        start = ticks
         body = await answer(backend, chat("Tell me a story.", max_tokens=64, ignore_eos=True))
+        ticks_during.append(ticks - start)
+        return body
+
+    runner = asyncio.create_task(ticker())
+    try:
+        body = await generate()
     finally:
         done.set()
-        await prober
+        await runner
     assert body["usage"]["completion_tokens"] == 64
-    assert lag < 0.5
+    # a generation on the loop would let the ticker run a handful of times at most; 64 tokens in a thread
+    # leave it thousands of turns
+    assert ticks_during[0] > 1000
 
 
 async def test_concurrent_requests(backend: TransformersBackend) -> None:
