@@ -46,6 +46,5 @@ BACKENDS: dict[str, str] = {
 
 
 def build_backend(model: ModelConfig) -> Backend:
-    tag = type(model).__struct_config__.tag
-    module, _, name = BACKENDS[tag].partition(":")
+    module, _, name = BACKENDS[model.backend_kind].partition(":")
     return getattr(importlib.import_module(module), name)(model)

