@@ -19,10 +19,13 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/pointsman serve $(ARGS)
 
+# import-linter first: the one-way layering (pyproject.toml [tool.importlinter]) is part of the tests
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest $(ARGS)
 
+# the gateway-overhead bench (about 4 min); e.g. make bench ARGS="--noop-policies 5"
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/gateway.py $(ARGS)
 
 .PHONY: install serve test bench

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
 from config.schema import ModelConfig
-from gateway.protocol import ParsedRequest
+from protocol.openai import ParsedRequest
 
 __all__ = ["BACKENDS", "Backend", "build_backend"]
 
@@ -18,6 +18,9 @@ class Backend(Protocol):
 
     `complete` returns the JSON body of a `chat.completion` / `text_completion`; `stream` yields the JSON
     payload of each chunk (without the `data: ` framing, without `[DONE]`). Both raise `GatewayError`s.
+    When `headers` is a dict, a backend fills it with the response headers worth relaying to the client
+    (`retry-after`, `retry-after-ms`, `x-ratelimit-*`, lowercase) as soon as it has them: for `stream`, before
+    the first payload is yielded. A backend with nothing to relay leaves it empty.
     A backend with several deployments lists them as `deployments: [(key, weight)]`; `deployment` is an
     index into that list, chosen by the balancer (a local engine is its own single deployment).
     """
@@ -27,9 +30,11 @@ class Backend(Protocol):
     async def start(self) -> None:
         """Load weights or open connection pools; called once at startup (eager) or on first use."""
 
-    async def complete(self, request: ParsedRequest, deployment: int = 0) -> bytes: ...
+    async def complete(self, request: ParsedRequest, deployment: int = 0,
+                       headers: dict[str, str] | None = None) -> bytes: ...
 
-    def stream(self, request: ParsedRequest, deployment: int = 0) -> AsyncIterator[bytes]: ...
+    def stream(self, request: ParsedRequest, deployment: int = 0,
+               headers: dict[str, str] | None = None) -> AsyncIterator[bytes]: ...
 
     async def health(self) -> bool:
         """True when the model is loaded, or its upstream answers."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import BadRequest, UnsupportedParameter
-from gateway.protocol import ChatCompletionRequest, ParsedRequest, message_text
+from protocol.errors import BadRequest, UnsupportedParameter
+from protocol.openai import ChatCompletionRequest, ParsedRequest, message_text
 
 __all__ = ["Plan", "check_request"]
 

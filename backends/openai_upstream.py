@@ -1,71 +1,145 @@
-"""OpenAI-compatible upstreams (`backend: openai | vllm`): one pooled keep-alive client per deployment."""
+"""OpenAI-compatible upstreams (`backend: openai | vllm`): one pooled keep-alive transport per deployment."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import msgspec
 
 from backends.http1 import ConnectionPool
+from backends.transport import (
+    AiohttpTransport,
+    PoolTimeout,
+    Transport,
+    TransportError,
+    TransportTimeout,
+    environment_proxy,
+    open_httpx_client,
+)
 from backends.vllm_metrics import VLLMLoad, fetch_vllm_load, metrics_url_for
-from config.schema import Deployment, OpenAIModel
-from gateway.errors import (
+from config.schema import Deployment, OpenAIModel, TLSConfig
+from protocol.errors import (
     GatewayError,
+    UpstreamInvalidResponse,
     UpstreamStatusError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.protocol import GATEWAY_FIELDS, ChatCompletionRequest, ParsedRequest
+from protocol.openai import GATEWAY_FIELDS, ChatCompletionRequest, ParsedRequest
 
-__all__ = ["OpenAIBackend", "Upstream", "translate_transport_error"]
+__all__ = ["OpenAIBackend", "Upstream", "open_transport", "relayable_headers", "translate_transport_error"]
 
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
+_PROBE_TIMEOUT_S = 2.0
+
+
+class _AnyObject(msgspec.Struct):
+    """Decoding into this checks "a JSON object" while skipping every field: validation without building a dict."""
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = []
+
+
+_check_object = msgspec.json.Decoder(_AnyObject).decode
+_chunk_choices = msgspec.json.Decoder(_Chunk).decode
+
+
+def open_transport(base_url: str, *, headers: Mapping[str, str] | None = None, tls: TLSConfig | None = None,
+                   proxy: str | None = None, max_connections: int = 256, connect_timeout: float = 5.0,
+                   pool_timeout: float | None = None) -> Transport:
+    """http1.py for plain http:// with no proxy (configured, or from the environment); aiohttp otherwise.
+
+    `proxy` overrides the environment (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY) for this upstream.
+    Raises InvalidHeader for a bad header, before any request.
+    """
+    proxy = proxy or environment_proxy(base_url)
+    if proxy is None and urlsplit(base_url).scheme == "http":
+        return ConnectionPool(base_url, headers=headers, max_connections=max_connections,
+                              connect_timeout=connect_timeout, pool_timeout=pool_timeout)
+    return AiohttpTransport(base_url, headers=headers, tls=tls, proxy=proxy, max_connections=max_connections,
+                            connect_timeout=connect_timeout, pool_timeout=pool_timeout)
 
 
 def translate_transport_error(exc: BaseException, url: str) -> GatewayError:
-    """Map a transport failure to the gateway's errors: 504 for timeouts, 502 for everything else."""
-    if isinstance(exc, TimeoutError):
+    """The one map from transport failures to the gateway's errors: a timeout is 504, everything else 502;
+    all retryable on another deployment (a full pool included)."""
+    if isinstance(exc, PoolTimeout):
+        return UpstreamUnavailable(f"upstream {url}: {exc}", code="upstream_pool_timeout")
+    if isinstance(exc, TransportTimeout | TimeoutError):
         return UpstreamTimeout(f"upstream {url} timed out")
     return UpstreamUnavailable(f"upstream {url} unreachable: {type(exc).__name__}: {exc}")
 
 
+def relayable_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The upstream response headers a client should see: Retry-After(-Ms) and x-ratelimit-* (lowercase)."""
+    return {k: v for k, v in headers.items() if k in ("retry-after", "retry-after-ms") or k.startswith("x-ratelimit-")}
+
+
+def _invalid(url: str, why: str) -> UpstreamInvalidResponse:
+    return UpstreamInvalidResponse(f"upstream {url} answered with {why}")
+
+
 class Upstream:
-    """One deployment: a base URL, its own key, and a pool of keep-alive connections."""
+    """One deployment: a base URL, its own key, its transport (hot path) and an httpx client for probes."""
 
     def __init__(self, deployment: Deployment, model: OpenAIModel) -> None:
         self.deployment = deployment
         self.base_url = deployment.base_url.rstrip("/")
         self.headers = {"Content-Type": "application/json"}
-        if deployment.api_key:
+        if key := deployment.api_key.strip():  # a key read from a file keeps no trailing newline
             # the upstream's own key; the client's Authorization header is never forwarded
-            self.headers["Authorization"] = f"Bearer {deployment.api_key}"
+            self.headers["Authorization"] = f"Bearer {key}"
         self.timeout_s = model.timeout_s
-        self.pool = ConnectionPool(
-            self.base_url, max_connections=model.max_connections, connect_timeout=model.connect_timeout_s
+        self._tls = deployment.tls if deployment.tls is not None else model.tls
+        self._proxy = deployment.proxy or model.proxy or environment_proxy(self.base_url)
+        self.transport = open_transport(
+            self.base_url, headers=self.headers, tls=self._tls, proxy=self._proxy,
+            max_connections=model.max_connections, connect_timeout=model.connect_timeout_s,
+            pool_timeout=model.pool_timeout_s,
         )
-        self._metrics: ConnectionPool | None = None
+        self._probe: httpx.AsyncClient | None = None
 
-    async def post(self, path: str, body: bytes) -> bytes:
+    def _relay(self, headers: Mapping[str, str], into: dict[str, str] | None) -> dict[str, str]:
+        found = relayable_headers(headers)
+        if into is not None:
+            into.update(found)
+        return found
+
+    async def post(self, path: str, body: bytes, relay: dict[str, str] | None = None) -> bytes:
+        """The whole response body of a 2xx; raises UpstreamStatusError (status, body, headers) for >= 400."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                response = await self.pool.request("POST", path, body, self.headers, self.timeout_s)
+                response = await self.transport.request("POST", path, body, None, self.timeout_s)
+                found = self._relay(response.headers, relay)
                 content = await response.body()
-        except (TimeoutError, OSError) as exc:
+        except (TimeoutError, TransportError) as exc:
             raise translate_transport_error(exc, self.base_url + path) from exc
         if response.status >= 400:
-            raise UpstreamStatusError(response.status, content)
+            raise UpstreamStatusError(response.status, content, headers=found)
         return content
 
-    async def post_stream(self, path: str, body: bytes) -> AsyncIterator[bytes]:
-        """Yield each SSE `data:` payload as it arrives; ends at `[DONE]`. Only the gap between bytes is bounded."""
+    async def post_stream(self, path: str, body: bytes, relay: dict[str, str] | None = None,
+                          choices: int = 1) -> AsyncIterator[bytes]:
+        """Yield each SSE `data:` payload as it arrives; ends at `[DONE]`, or at the connection's end once every
+        one of the `choices` has its finish_reason. Only the gap between bytes is bounded."""
         url = self.base_url + path
+        finished: set[int] = set()
         try:
-            response = await self.pool.request("POST", path, body, self.headers, self.timeout_s)
+            response = await self.transport.request("POST", path, body, None, self.timeout_s)
+            found = self._relay(response.headers, relay)
             if response.status >= 400:
-                raise UpstreamStatusError(response.status, await response.body())
+                raise UpstreamStatusError(response.status, await response.body(), headers=found)
             buffer = b""
             chunks = response.chunks()
             try:
@@ -78,31 +152,42 @@ class Upstream:
                         data = line[5:].strip()
                         if data == b"[DONE]":
                             return
+                        # skip the decode when every finish_reason in the chunk is null (nearly all chunks)
+                        if data.count(b'"finish_reason":null') < data.count(b'"finish_reason"'):
+                            try:
+                                finished.update(c.index for c in _chunk_choices(data).choices if c.finish_reason)
+                            except msgspec.DecodeError:
+                                pass  # the payload goes on as it is; whether it is JSON is the client's concern
                         yield data
             finally:
                 await chunks.aclose()
-        except (TimeoutError, OSError) as exc:
+        except (TimeoutError, TransportError) as exc:
             raise translate_transport_error(exc, url) from exc
+        if len(finished) >= choices:
+            return  # finished, only the `[DONE]` line is missing (some servers end that way)
         raise UpstreamUnavailable(f"upstream {url} closed the stream before [DONE]", code="upstream_stream_broken")
 
+    def _probe_client(self) -> httpx.AsyncClient:
+        if self._probe is None:
+            self._probe = open_httpx_client(tls=self._tls, proxy=self._proxy, timeout=_PROBE_TIMEOUT_S)
+        return self._probe
+
     async def reachable(self) -> bool:
+        """GET {base_url}/models answers below 500 within 2 s."""
         try:
-            async with asyncio.timeout(2.0):
-                response = await self.pool.request("GET", "/models", b"", self.headers, 2.0)
-                await response.body()
-        except (TimeoutError, OSError):
+            response = await self._probe_client().get(self.base_url + "/models", headers=self.headers)
+        except httpx.HTTPError:
             return False
-        return response.status < 500
+        return response.status_code < 500
 
     async def load(self) -> VLLMLoad | None:
-        if self._metrics is None:  # /metrics sits at the server root, beside /v1
-            self._metrics = ConnectionPool(metrics_url_for(self.base_url).removesuffix("/metrics"), max_connections=1)
-        return await fetch_vllm_load(self._metrics, "/metrics", 2.0)
+        # /metrics sits at the server root, beside /v1
+        return await fetch_vllm_load(self._probe_client(), metrics_url_for(self.base_url), _PROBE_TIMEOUT_S)
 
     async def aclose(self) -> None:
-        await self.pool.aclose()
-        if self._metrics is not None:
-            await self._metrics.aclose()
+        await self.transport.aclose()
+        if self._probe is not None:
+            await self._probe.aclose()
 
 
 class OpenAIBackend:
@@ -110,7 +195,7 @@ class OpenAIBackend:
 
     def __init__(self, model: OpenAIModel) -> None:
         self.model = model
-        deployments = model.deployments or [Deployment(base_url=model.base_url, api_key=model.api_key)]
+        deployments = model.all_deployments
         self.upstreams = [Upstream(d, model) for d in deployments]
         self.deployments = [(u.base_url, d.weight) for u, d in zip(self.upstreams, deployments, strict=True)]
         self._polls_metrics = model.backend_kind == "vllm"
@@ -122,14 +207,18 @@ class OpenAIBackend:
         raw["model"] = self.model.sent_model
         return _encode(raw)
 
-    def _rewrite(self, payload: bytes) -> bytes:
-        if self._rename is None:
-            return payload
-        old, new = self._rename
+    def _rewrite(self, payload: bytes, *, check: bool) -> bytes:
+        """Our model name in place of the upstream's; raises msgspec errors for a payload that is no JSON object
+        (always checked when it must be decoded; `check` also checks the fast path)."""
+        old, new = self._rename  # type: ignore[misc]
         if old in payload:  # compact JSON, as vLLM and OpenAI send it: `"model":"x"` can only be the key
+            if check:
+                _check_object(payload)
             return payload.replace(old, new, 1)
         decoded = _decode(payload)
-        if isinstance(decoded, dict) and "model" in decoded:
+        if not isinstance(decoded, dict):
+            raise msgspec.ValidationError("not a JSON object")
+        if "model" in decoded:
             decoded["model"] = self.model.id
             return _encode(decoded)
         return payload
@@ -141,14 +230,34 @@ class OpenAIBackend:
     async def start(self) -> None:
         return None
 
-    async def complete(self, request: ParsedRequest, deployment: int = 0) -> bytes:
+    async def complete(self, request: ParsedRequest, deployment: int = 0,
+                       headers: dict[str, str] | None = None) -> bytes:
         upstream = self.upstreams[deployment]
-        return self._rewrite(await upstream.post(self._path(request), self._body(request)))
+        path = self._path(request)
+        content = await upstream.post(path, self._body(request), headers)
+        try:
+            if self._rename is not None:
+                return self._rewrite(content, check=True)
+            _check_object(content)
+            return content
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise _invalid(upstream.base_url + path, f"a body that is not a JSON object: {exc}") from exc
 
-    async def stream(self, request: ParsedRequest, deployment: int = 0) -> AsyncIterator[bytes]:
+    async def stream(self, request: ParsedRequest, deployment: int = 0,
+                     headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
         upstream = self.upstreams[deployment]
-        async for payload in upstream.post_stream(self._path(request), self._body(request)):
-            yield self._rewrite(payload)
+        path = self._path(request)
+        payloads = upstream.post_stream(path, self._body(request), headers, request.body.n)
+        if self._rename is None:
+            async for payload in payloads:
+                yield payload
+            return
+        async for payload in payloads:
+            try:
+                rewritten = self._rewrite(payload, check=False)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise _invalid(upstream.base_url + path, f"a stream chunk that is not a JSON object: {exc}") from exc
+            yield rewritten
 
     async def health(self) -> bool:
         results = await asyncio.gather(*(u.reachable() for u in self.upstreams))

@@ -18,8 +18,8 @@ import msgspec
 from backends.engine_requests import Plan, check_request
 from backends.weights import resolve_source
 from config.schema import TransformersModel
-from gateway.errors import BadRequest, GatewayError, ServiceUnavailable
-from gateway.protocol import (
+from protocol.errors import BadRequest, GatewayError, ServiceUnavailable
+from protocol.openai import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatMessage,
@@ -405,7 +405,8 @@ class TransformersBackend:
 
     # ---- requests
 
-    async def complete(self, request: ParsedRequest, deployment: int = 0) -> bytes:
+    async def complete(self, request: ParsedRequest, deployment: int = 0,
+                       headers: dict[str, str] | None = None) -> bytes:
         plan, engine, jobs, prompt_tokens = await self._prepare(request)
         cancel = threading.Event()
         future = self._submit(engine.generate, jobs, cancel, None)
@@ -430,7 +431,8 @@ class TransformersBackend:
         ]
         return _encoder.encode(Completion(id=new_id("cmpl"), choices=text_choices, **head))
 
-    async def stream(self, request: ParsedRequest, deployment: int = 0) -> AsyncIterator[bytes]:
+    async def stream(self, request: ParsedRequest, deployment: int = 0,
+                     headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
         # everything that can fail with a 400 happens before the first chunk
         plan, engine, jobs, prompt_tokens = await self._prepare(request)
         loop = asyncio.get_running_loop()

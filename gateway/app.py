@@ -3,21 +3,36 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, Router, get, post
 from litestar.exceptions import HTTPException
-from litestar.openapi import OpenAPIConfig, ResponseSpec
-from litestar.response import Stream
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.openapi import OpenAPIConfig
+from litestar.types import ASGIApp, Message, Scope
 
 from backends.base import Backend
 from config.schema import Config
-from gateway.auth import KeyCheck
-from gateway.errors import BadRequest, GatewayError, error_body
-from gateway.protocol import (
+from gateway.auth import KeyCheck, principal_of
+from gateway.openapi import (
+    CHAT,
+    CHAT_OK,
+    COMPLETION,
+    COMPLETION_OK,
+    GENERATE_ERRORS,
+    ROUTE,
+    ROUTE_ERRORS,
+    add_schemas,
+    documented,
+)
+from gateway.pipeline import Pipeline
+from gateway.responses import DisconnectWatch, JSONBody, SSEStream, nothing, replay
+from gateway.service import Gateway
+from policies.base import Policy, PolicyChain
+from policies.context import Outcome, Reply, RequestContext, request_id
+from protocol.errors import BadRequest, GatewayError, error_body
+from protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
@@ -25,59 +40,64 @@ from gateway.protocol import (
     decode_object,
     decode_request,
 )
-from gateway.service import Gateway
-from gateway.sse import sse_events
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("pointsman")
-_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+REQUEST_ID = "pointsman.request_id"  # the ASGI scope key that holds the request id once it is known
 
 
 def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-class JSONBody:
-    """An already-encoded JSON response, sent as a plain ASGI app: Litestar passes a handler's ASGI app through
-    untouched, which skips its response pipeline on the hottest path (measured: see bench/RESULTS.md)."""
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
-    __slots__ = ("body", "headers")
 
-    def __init__(self, body: bytes, headers: dict[str, str]) -> None:
-        self.body = body
-        self.headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        self.headers.extend((k.encode(), v.encode()) for k, v in headers.items())
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        await send({"type": "http.response.body", "body": self.body})
+def _context(request: Request, parsed) -> RequestContext:
+    scope = request.scope
+    rid = scope[REQUEST_ID] = request_id(_header(scope, b"x-request-id"))  # type: ignore[literal-required]
+    user = parsed.body.user or _header(scope, b"x-pointsman-user")
+    return RequestContext(parsed, principal_of(scope), rid, user)
 
 
 async def _generate(request: Request, kind: type[ChatCompletionRequest] | type[CompletionRequest]) -> ASGIApp:
-    gateway = _gateway(request)
-    parsed = decode_request(await request.body(), kind)
-    if parsed.body.stream:
-        started = await gateway.stream(parsed)
-        stream = Stream(
-            sse_events(started.first, started.rest),
-            media_type="text/event-stream",
-            headers={**_SSE_HEADERS, **started.headers},
-        )
-        return stream.to_asgi_response(app=None, request=request)
-    served = await gateway.complete(parsed)
-    return JSONBody(served.body, served.headers)
+    pipeline: Pipeline = request.app.state.pipeline
+    ctx = _context(request, decode_request(await request.body(), kind))
+    stream = ctx.request.body.stream
+    watch = DisconnectWatch(request.receive)
+    try:
+        result = await (pipeline.stream(ctx) if stream else pipeline.complete(ctx))
+    except BaseException as exc:
+        watch.stop()
+        if watch.absorb(exc):
+            return nothing
+        raise
+    answered = isinstance(result, Reply)
+    settle = pipeline.settle if pipeline.policies else None
+    if stream:
+        first, rest = (None, replay(result.chunks)) if answered else (result.first, result.rest)
+        on_end = None if settle is None else lambda outcome: settle(
+            ctx, Outcome("answered") if answered and outcome.status == "ok" else outcome)
+        return SSEStream(first, rest, result.headers, watch, on_end)
+    watch.stop()
+    after = None if settle is None else lambda: settle(
+        ctx, Outcome("answered") if answered else Outcome("ok", body=result.body))
+    return JSONBody(result.body, result.headers, after=after)
 
 
-_RESPONSES = {200: ResponseSpec(data_container=dict, description="A chat.completion (JSON) or, with stream, SSE")}
-
-
-@post("/chat/completions", status_code=200, responses=_RESPONSES, summary="Create a chat completion (OpenAI)")
+@post("/chat/completions", status_code=200, summary="Create a chat completion (OpenAI)",
+      operation_class=documented(CHAT, GENERATE_ERRORS, CHAT_OK))
 async def chat_completions(request: Request) -> ASGIApp:
     return await _generate(request, ChatCompletionRequest)
 
 
-@post("/completions", status_code=200, responses=_RESPONSES, summary="Create a text completion (OpenAI, legacy)")
+@post("/completions", status_code=200, summary="Create a text completion (OpenAI, legacy)",
+      operation_class=documented(COMPLETION, GENERATE_ERRORS, COMPLETION_OK))
 async def completions(request: Request) -> ASGIApp:
     return await _generate(request, CompletionRequest)
 
@@ -97,12 +117,14 @@ async def _explain(request: Request) -> dict:
     return decision.explain()
 
 
-@post("/route", status_code=200, summary="Explain the routing decision for a chat request, without calling a model")
+@post("/route", status_code=200, summary="Explain the routing decision for a chat request, without calling a model",
+      operation_class=documented(ROUTE, ROUTE_ERRORS))
 async def explain_route(request: Request) -> dict:
     return await _explain(request)
 
 
-@post(["/models/recommend"], status_code=200, summary="Recommend a model for a prompt (earlier prototype's shape)")
+@post(["/models/recommend"], status_code=200, summary="Recommend a model for a prompt (earlier prototype's shape)",
+      operation_class=documented(ROUTE, ROUTE_ERRORS))
 async def recommend(request: Request) -> dict:
     explanation = await _explain(request)
     eligible = [c for c in explanation["candidates"] if c["eligible"]]
@@ -148,7 +170,7 @@ async def ready(request: Request) -> Response:
 
 
 def _render_gateway_error(_: Request, exc: GatewayError) -> Response:
-    return Response(exc.body(), status_code=exc.status, media_type=MediaType.JSON)
+    return Response(exc.body(), status_code=exc.status, media_type=MediaType.JSON, headers=exc.headers or None)
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 401: "invalid_api_key"}
@@ -175,7 +197,17 @@ def _render_unexpected(_: Request, exc: Exception) -> Response:
     )
 
 
-def create_app(config: Config, backends: Mapping[str, Backend] | None = None) -> Litestar:
+async def _add_request_id(message: Message, scope: Scope) -> None:
+    """Every response carries x-request-id: the client's own when it sent a usable one, else a fresh one."""
+    if message["type"] == "http.response.start":
+        rid = scope.get(REQUEST_ID) or request_id(_header(scope, b"x-request-id"))
+        message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid.encode())]
+
+
+def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
+               policies: Iterable[Policy] = ()) -> Litestar:
+    """The app for one config. `backends` replaces the ones the config would build; `policies` run on every
+    completion request in their fixed stage order."""
     gateway = Gateway(config, backends)
     keys = KeyCheck(config.auth.api_keys)
 
@@ -205,6 +237,9 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None) ->
         openapi_config=OpenAPIConfig(title="pointsman", version="0.1.0", path="/openapi"),
         type_encoders={msgspec.Struct: msgspec.to_builtins},
         logging_config=None,
+        before_send=[_add_request_id],
     )
+    add_schemas(app.openapi_schema.components)
     app.state.gateway = gateway
+    app.state.pipeline = Pipeline(gateway, PolicyChain(policies))
     return app

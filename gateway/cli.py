@@ -15,7 +15,7 @@ import urllib.request
 from config.loader import ConfigError, load_config
 from config.schema import Config
 
-__all__ = ["main"]
+__all__ = ["main", "run_server"]
 
 
 def _is_loopback(host: str) -> bool:
@@ -70,36 +70,46 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 2
 
-    import uvicorn
-
     # workers import gateway.asgi:make_app, which reads the same file
     os.environ["POINTSMAN_CONFIG"] = os.path.abspath(path) if path else ""
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     stop = threading.Event()
     threading.Thread(target=_announce_when_ready, args=(url, config, stop), daemon=True).start()
+    try:
+        run_server(config, host, port, workers)
+    finally:
+        stop.set()
+    return 0
+
+
+def run_server(config: Config, host: str, port: int, workers: int, app: str = "gateway.asgi:make_app") -> None:
+    """Serve `app` (an ASGI app factory, imported by each worker) until SIGINT/SIGTERM, then drain."""
+    import uvicorn
+
+    from gateway.server import http_protocol
+
     # uvicorn re-raises the stop signal after its graceful shutdown, restoring the handlers it found: with
     # these in place that re-raise is a no-op and a drained stop exits 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    try:
-        # uvicorn + httptools + uvloop: measured faster here than granian for this proxy (bench/RESULTS.md)
-        uvicorn.run(
-            "gateway.asgi:make_app",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            access_log=False,
-            log_level=os.environ.get("POINTSMAN_LOG_LEVEL", "info").lower(),
-            # on SIGINT/SIGTERM: stop accepting, let in-flight requests finish for up to this long
-            timeout_graceful_shutdown=config.server.shutdown_grace_s,
-        )
-    finally:
-        stop.set()
-    return 0
+    # uvicorn + httptools + uvloop: measured faster here than granian for this proxy (bench/RESULTS.md)
+    uvicorn.run(
+        app,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        # httptools plus read timeouts, a header size limit and HTTP/1.0 framing; it pickles into the workers
+        http=http_protocol(
+            config.server.header_timeout_s, config.server.body_timeout_s, config.server.max_header_bytes
+        ),
+        lifespan="on",
+        access_log=False,
+        log_level=os.environ.get("POINTSMAN_LOG_LEVEL", "info").lower(),
+        # on SIGINT/SIGTERM: stop accepting, let in-flight requests finish for up to this long
+        timeout_graceful_shutdown=config.server.shutdown_grace_s,
+    )
 
 
 def check_config(args: argparse.Namespace) -> int:

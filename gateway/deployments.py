@@ -1,4 +1,5 @@
-"""A model's deployments at run time: live figures, a circuit breaker each, and the balancing strategy."""
+"""A model's deployments at run time: live figures, a circuit breaker each, the balancing strategy, and the
+lease that books one attempt's outcome into all of them in one place."""
 
 from __future__ import annotations
 
@@ -7,11 +8,52 @@ from collections.abc import Iterator
 
 from backends.base import Backend
 from config.schema import Config, ModelConfig
+from policies.context import AttemptRecord
+from protocol.errors import UpstreamError
 from routing.balancer import make_strategy
 from routing.breaker import CircuitBreaker
 from routing.live import DeploymentState, ModelLive
 
-__all__ = ["DeploymentPool"]
+__all__ = ["DeploymentPool", "Lease"]
+
+
+class Lease:
+    """One attempt on one deployment, from `pool.lease(index)` to exactly one of `ok(...)` or `fail(exc)`.
+
+    The only place that writes in-flight counts, EWMA figures and breaker results, for plain requests, streams
+    and stream continuations alike. A failure counts against the breaker only when the upstream is to blame: a
+    retryable UpstreamError (connect, timeout, 5xx, 429). A 4xx means the upstream answered (a breaker success);
+    a cancellation (the client left, the gateway stops) is neither.
+    """
+
+    __slots__ = ("index", "pool", "record", "started")
+
+    def __init__(self, pool: DeploymentPool, index: int, record: AttemptRecord) -> None:
+        self.pool, self.index, self.record = pool, index, record
+        self.started = record.started
+
+    @property
+    def key(self) -> str:
+        return self.pool.states[self.index].key
+
+    def ok(self, *, ttft_s: float | None = None, completion_tokens: int | None = None) -> None:
+        state = self.pool.states[self.index]
+        state.end(self.started, ok=True, ttft_s=ttft_s, completion_tokens=completion_tokens)
+        self.pool.breakers[self.index].record_success()
+        self.record.ok, self.record.ended, self.record.ttft_s = True, state.now(), ttft_s
+
+    def fail(self, exc: BaseException) -> None:
+        state = self.pool.states[self.index]
+        state.end(self.started, ok=False)
+        if isinstance(exc, UpstreamError):
+            if exc.retryable:
+                self.pool.breakers[self.index].record_failure()
+            else:
+                self.pool.breakers[self.index].record_success()  # it answered: the request was at fault
+            self.record.error = exc.code or type(exc).__name__
+        else:
+            self.record.error = type(exc).__name__ if isinstance(exc, Exception) else "cancelled"
+        self.record.ok, self.record.ended = False, state.now()
 
 
 class DeploymentPool:
@@ -30,6 +72,12 @@ class DeploymentPool:
         self.healthy = [True] * len(self.states)
         self.strategy = make_strategy(model.load_balancing or config.routing.load_balancing)
         self.max_attempts = config.routing.retries + 1
+        self.model_id = model.id
+
+    def lease(self, index: int) -> Lease:
+        """Count an attempt in on deployment `index`; the lease books its outcome."""
+        state = self.states[index]
+        return Lease(self, index, AttemptRecord(self.model_id, state.key, state.begin()))
 
     def describe(self) -> list[dict]:
         return [

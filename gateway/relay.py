@@ -1,34 +1,30 @@
-"""Relay a stream's payloads, settling live figures and breakers, and continue it elsewhere if it breaks."""
+"""Relay a stream's payloads, book each deployment's outcome through its lease, continue it elsewhere if it
+breaks, and count its tokens into the request context."""
 
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from backends.base import Backend
-from gateway.deployments import DeploymentPool
-from gateway.errors import UpstreamError
-from gateway.protocol import ChatCompletionRequest, ParsedRequest, chunk_view
+from gateway.deployments import Lease
+from policies.context import RequestContext
+from protocol.errors import UpstreamError
+from protocol.openai import ChatCompletionRequest, ParsedRequest, chunk_view
+from routing.router import Attempt
 
-__all__ = ["StreamRelay", "completion_tokens"]
+if TYPE_CHECKING:
+    from gateway.service import Gateway
+
+__all__ = ["StreamRelay"]
 
 log = logging.getLogger("pointsman")
 
 
-def completion_tokens(body: bytes) -> int | None:
-    """The response's usage.completion_tokens, for the tokens/s figure (skips the rest of the body)."""
-    try:
-        usage = chunk_view(body).usage
-    except msgspec.DecodeError:  # also a ValidationError: a body we cannot read just gives no figure
-        return None
-    return usage.completion_tokens if usage is not None else None
-
-
 class StreamRelay:
-    """Relays the rest of a stream and settles live figures and breakers however it ends.
+    """Relays the rest of a stream; however it ends, the current lease is booked exactly once.
 
     When the upstream breaks midway, the stream continues on another deployment of the same model: the text
     produced so far goes back as an assistant prefix (`continue_final_message`, `add_generation_prompt: false`,
@@ -36,14 +32,17 @@ class StreamRelay:
     the client sees one unbroken stream.
     """
 
-    def __init__(self, backend: Backend, pool: DeploymentPool, rng: random.Random, request: ParsedRequest,
-                 index: int, started: float, ttft: float) -> None:
-        self.backend, self.pool, self.rng, self.request = backend, pool, rng, request
-        self.index, self.started, self.ttft = index, started, ttft
+    def __init__(self, gateway: Gateway, ctx: RequestContext, attempt: Attempt, lease: Lease, ttft: float) -> None:
+        self.gateway, self.ctx, self.attempt = gateway, ctx, attempt
+        self.backend = gateway.backends[attempt.model.id]
+        self.pool = gateway.pools[attempt.model.id]
+        self.lease, self.ttft = lease, ttft
         self.text: list[str] = []
         self.finished = False
         self.chunk_id: str | None = None
-        self.tokens = 0  # the upstream's usage when it sends one, else one per content chunk
+        self.tokens = 0  # one per content chunk, until the upstream's usage says otherwise
+        self.prompt_tokens: int | None = None
+        self.usage_tokens: int | None = None
 
     def _observe(self, payload: bytes) -> None:
         try:
@@ -53,7 +52,7 @@ class StreamRelay:
         if self.chunk_id is None:
             self.chunk_id = view.id
         if view.usage is not None:
-            self.tokens = view.usage.completion_tokens
+            self.prompt_tokens, self.usage_tokens = view.usage.prompt_tokens, view.usage.completion_tokens
         for choice in view.choices:
             piece = choice.delta.content if choice.delta is not None else choice.text
             if piece:
@@ -62,8 +61,12 @@ class StreamRelay:
             if choice.finish_reason is not None:
                 self.finished = True
 
+    @property
+    def completion_tokens(self) -> int:
+        return self.usage_tokens if self.usage_tokens is not None else self.tokens
+
     def _can_continue(self) -> bool:
-        body = self.request.body
+        body = self.ctx.request.body
         return (
             isinstance(body, ChatCompletionRequest)
             and body.n == 1
@@ -73,48 +76,49 @@ class StreamRelay:
         )
 
     def _continuation(self) -> ParsedRequest:
-        raw = dict(self.request.raw)
+        request = self.ctx.request
+        raw = dict(request.raw)
         raw["messages"] = [*raw["messages"], {"role": "assistant", "content": "".join(self.text)}]
         raw["continue_final_message"] = True
         raw["add_generation_prompt"] = False
-        return ParsedRequest(self.request.body, raw)
+        return ParsedRequest(request.body, raw)
 
     async def run(self, first: bytes | None, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         if first is not None:
             self._observe(first)
-        pool, index = self.pool, self.index
-        started, ttft = self.started, self.ttft
-        tried = {index}
-        while True:
-            current = rest
-            try:
-                async for payload in current:
-                    self._observe(payload)
-                    yield payload
-            except UpstreamError as exc:
-                pool.breakers[index].record_failure()
-                pool.states[index].end(started, ok=False)
-                nxt = self._next_deployment(tried) if exc.retryable and self._can_continue() else None
-                if nxt is None:
+        tried = {self.lease.index}
+        try:
+            while True:
+                current = rest
+                try:
+                    async for payload in current:
+                        self._observe(payload)
+                        yield payload
+                except UpstreamError as exc:
+                    self.lease.fail(exc)
+                    nxt = self._next_deployment(tried) if exc.retryable and self._can_continue() else None
+                    if nxt is None:
+                        raise
+                    log.warning("%s deployment %s broke mid-stream (%s); continuing on %s",
+                                self.attempt.model.id, self.lease.index, exc.message, nxt)
+                    tried.add(nxt)
+                    self.lease, self.ttft = self.pool.lease(nxt), None
+                    self.ctx.attempts.append(self.lease.record)
+                    rest = self._continued(self._continuation(), nxt)
+                    continue
+                except BaseException as exc:  # the client left, or the gateway is stopping
+                    self.lease.fail(exc)
                     raise
-                log.warning("%s deployment %s broke mid-stream (%s); continuing on %s",
-                            self.backend.model.id, index, exc.message, nxt)
-                index = nxt
-                tried.add(index)
-                started, ttft = pool.states[index].begin(), None
-                rest = self._continued(self._continuation(), index)
-                continue
-            except BaseException:  # the client left, or the gateway is stopping
-                pool.states[index].end(started, ok=False)
-                raise
-            finally:
-                await current.aclose()  # type: ignore[attr-defined]
-            pool.states[index].end(started, ok=True, ttft_s=ttft, completion_tokens=self.tokens)
-            pool.breakers[index].record_success()
-            return
+                finally:
+                    await current.aclose()  # type: ignore[attr-defined]
+                self.lease.ok(ttft_s=self.ttft, completion_tokens=self.completion_tokens)
+                return
+        finally:
+            # what was generated counts, however the stream ended (a budget settles on it)
+            self.ctx.record_usage(self.attempt.model, self.prompt_tokens, self.completion_tokens)
 
     def _next_deployment(self, tried: set[int]) -> int | None:
-        for candidate in self.pool.targets(self.rng):
+        for candidate in self.pool.targets(self.gateway.rng):
             if candidate not in tried and self.pool.breakers[candidate].allow():
                 return candidate
         return None

@@ -1,62 +1,26 @@
-"""The request pipeline behind the handlers: decide the route, try deployments and chain elements, report."""
+"""The gateway's models at run time: backends, deployment pools, the router and classifier; decides routes."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Mapping
 
 from backends.base import Backend, build_backend
 from config.schema import Config
 from gateway.deployments import DeploymentPool
-from gateway.errors import BadRequest, GatewayError, ServiceUnavailable, UpstreamError
-from gateway.protocol import ChatCompletionRequest, ModelCard, ModelList, ParsedRequest
-from gateway.relay import StreamRelay, completion_tokens
-from routing.classifier import PromptAnalysis, TaskClassifier, prompt_text
+from protocol.errors import BadRequest, GatewayError, ServiceUnavailable
+from protocol.openai import ModelCard, ModelList, ParsedRequest
+from routing.classifier import PromptAnalysis, TaskClassifier, request_text
 from routing.resolve import ModelTable
-from routing.router import Attempt, Decision, Router
+from routing.router import Decision, Router
 
-__all__ = ["Gateway", "Served", "StreamStart"]
+__all__ = ["Gateway"]
 
 log = logging.getLogger("pointsman")
-T = TypeVar("T")
 # prompts longer than this are classified in a worker thread, so the event loop never waits on it
 _INLINE_CLASSIFY_CHARS = 2_000
-
-
-@dataclass(slots=True)
-class Served:
-    attempt: Attempt
-    decision: Decision
-    body: bytes
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return route_headers(self.attempt, self.decision)
-
-
-@dataclass(slots=True)
-class StreamStart:
-    """A stream whose first payload already arrived: errors before it were still answerable as HTTP errors."""
-
-    attempt: Attempt
-    decision: Decision
-    first: bytes | None
-    rest: AsyncIterator[bytes]
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return route_headers(self.attempt, self.decision)
-
-
-def route_headers(attempt: Attempt, decision: Decision) -> dict[str, str]:
-    headers = {"x-pointsman-model": attempt.model.id, "x-pointsman-route": attempt.route}
-    if decision.analysis is not None:
-        headers["x-pointsman-task"] = decision.analysis.task
-    return headers
 
 
 class Gateway:
@@ -71,7 +35,8 @@ class Gateway:
                              lambda model_id: self.pools[model_id].available())
         self.classifier = TaskClassifier.load()
         self.model_list = ModelList(data=[ModelCard(id=m.id, owned_by="pointsman") for m in config.models])
-        self.rng = random.Random(0)
+        # seeded from the OS per process: workers must not all draw the same sequence (power-of-two choices)
+        self.rng = random.Random()
         self._tasks: list[asyncio.Task] = []
 
     # ---- lifecycle
@@ -127,18 +92,13 @@ class Gateway:
         return next(card for card in self.model_list.data if card.id == model.id)
 
     async def analyse(self, request: ParsedRequest) -> PromptAnalysis:
-        raw = request.raw
-        if isinstance(request.body, ChatCompletionRequest):
-            text = prompt_text(raw["messages"])
-        else:
-            prompt = raw.get("prompt", "")
-            text = prompt if isinstance(prompt, str) else " ".join(p for p in prompt if isinstance(p, str))
+        text = request_text(request.body)
         if len(text) <= _INLINE_CLASSIFY_CHARS:
             return self.classifier.classify(text)
         return await asyncio.to_thread(self.classifier.classify, text)
 
     async def decide(self, request: ParsedRequest, explain: bool = False) -> Decision:
-        plan = self.table.plan_request(request.raw)
+        plan = self.table.plan_request(request.body)
         analysis = await self.analyse(request) if plan.automatic or explain else None
         decision = self.router.decide(plan, request, analysis)
         if explain:
@@ -146,7 +106,7 @@ class Gateway:
         return decision
 
     @staticmethod
-    def _nothing_to_try(decision: Decision) -> GatewayError:
+    def nothing_to_try(decision: Decision) -> GatewayError:
         if not decision.attempts and decision.skipped:
             return BadRequest(
                 "The prompt plus max_tokens is longer than the context window of every model that could take it: "
@@ -161,56 +121,3 @@ class Gateway:
             f"No deployment of {names} can take requests now: their circuit breakers are open after repeated "
             "failures; retry after the cooldown."
         )
-
-    # ---- requests
-
-    async def _first_success(self, decision: Decision, call: Callable[[Backend, int], Awaitable[T]]):
-        """Try the decision's models in order and each one's deployments in the balancer's order, until `call`
-        succeeds: retryable failures (connect, timeout, 5xx, 429) move on, anything else ends the request."""
-        last: GatewayError | None = None
-        for attempt in decision.attempts:
-            backend, pool = self.backends[attempt.model.id], self.pools[attempt.model.id]
-            for index in pool.attempts(self.rng):
-                state, breaker = pool.states[index], pool.breakers[index]
-                started = state.begin()
-                try:
-                    result = await call(backend, index)
-                except UpstreamError as exc:
-                    state.end(started, ok=False)
-                    if not exc.retryable:
-                        breaker.record_success()  # the upstream answered: the request, not it, was at fault
-                        raise
-                    breaker.record_failure()
-                    last = exc
-                    log.warning("%s deployment %s failed (%s); trying the next", attempt.model.id, index, exc.message)
-                    continue
-                except BaseException:
-                    state.end(started, ok=False)
-                    raise
-                return attempt, pool, index, started, result
-        raise last or self._nothing_to_try(decision)
-
-    async def complete(self, request: ParsedRequest) -> Served:
-        decision = await self.decide(request)
-        attempt, pool, index, started, body = await self._first_success(
-            decision, lambda backend, index: backend.complete(request, index)
-        )
-        pool.states[index].end(started, ok=True, completion_tokens=completion_tokens(body))
-        pool.breakers[index].record_success()
-        return Served(attempt, decision, body)
-
-    async def stream(self, request: ParsedRequest) -> StreamStart:
-        """Open the stream and wait for its first payload, so failures until then can still be retried."""
-
-        async def open_stream(backend: Backend, index: int) -> tuple[bytes | None, AsyncIterator[bytes]]:
-            rest = aiter(backend.stream(request, index))
-            try:
-                return await anext(rest), rest
-            except StopAsyncIteration:
-                return None, rest
-
-        decision = await self.decide(request)
-        attempt, pool, index, started, (first, rest) = await self._first_success(decision, open_stream)
-        ttft = asyncio.get_running_loop().time() - started
-        relay = StreamRelay(self.backends[attempt.model.id], pool, self.rng, request, index, started, ttft)
-        return StreamStart(attempt, decision, first, relay.run(first, rest))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,10 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from protocol.openai import ChatCompletionRequest, CompletionRequest, Message, message_text
+
 __all__ = ["DEFAULT_ARTIFACT", "LABELS", "PromptAnalysis", "TaskClassifier", "clip_text", "edge_text",
-           "estimate_tokens", "prompt_text"]
+           "estimate_tokens", "prompt_text", "request_text"]
 
 LABELS = ("code", "reasoning", "creative", "summarization", "translation", "extraction", "qa", "chat")
 DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "data" / "task_classifier.npz"
@@ -98,23 +101,6 @@ PREVIOUS_CHARS = 150  # start of each earlier user turn (two at most): follow-up
 CONTEXT_MAX_LAST = 1200  # a last message this long stands alone, so the clip window stays on it
 
 
-def _content_text(content: Any) -> str:
-    """Text of a message's content: a string, or the text parts of a content-part list (images ignored)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, dict) and part.get("type") in ("text", "input_text"):
-                text = part.get("text")
-                if isinstance(text, str):
-                    parts.append(text)
-        return "\n".join(parts)
-    return ""
-
-
 def _cut(text: str, limit: int) -> str:
     """At most `limit` chars of `text`, cut at a word boundary; fragments under 12 chars are dropped."""
     if len(text) > limit:
@@ -122,27 +108,34 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) >= 12 else ""
 
 
-def prompt_text(messages: list[dict[str, Any]]) -> str:
+def prompt_text(messages: Sequence[Message]) -> str:
     """Text to classify for a chat request: the last user message, after a little context.
 
     Context is the start of the system (or developer) message and of up to two earlier user turns, each
     capped and never longer than the last user message itself, so the user's own words always weigh
     most; assistant and tool turns, images and audio are ignored.
     """
-    msgs = [m for m in messages if isinstance(m, dict)]
-    users = [m for m in msgs if m.get("role") == "user"]
+    users = [m for m in messages if m.role == "user"]
     if not users:  # no user turn (legal, if odd): classify whatever came last
-        return _content_text(msgs[-1].get("content")).strip() if msgs else ""
-    last = _content_text(users[-1].get("content")).strip()
+        return message_text(messages[-1].content).strip() if messages else ""
+    last = message_text(users[-1].content).strip()
     if len(last) >= CONTEXT_MAX_LAST:
         return last
     context = []
-    system = next((m for m in msgs if m.get("role") in ("system", "developer")), None)
+    system = next((m for m in messages if m.role in ("system", "developer")), None)
     if system is not None:
-        context.append(_cut(_content_text(system.get("content")).strip(), min(SYSTEM_CHARS, len(last))))
+        context.append(_cut(message_text(system.content).strip(), min(SYSTEM_CHARS, len(last))))
     for m in users[-3:-1]:
-        context.append(_cut(_content_text(m.get("content")).strip(), min(PREVIOUS_CHARS, len(last))))
+        context.append(_cut(message_text(m.content).strip(), min(PREVIOUS_CHARS, len(last))))
     return "\n\n".join([*(c for c in context if c), last])
+
+
+def request_text(body: ChatCompletionRequest | CompletionRequest) -> str:
+    """Text to classify for any request: prompt_text for chat, the prompt string(s) for a text completion."""
+    if isinstance(body, ChatCompletionRequest):
+        return prompt_text(body.messages)
+    prompt = body.prompt
+    return prompt if isinstance(prompt, str) else " ".join(p for p in prompt if isinstance(p, str))
 
 
 # ---------------------------------------------------------------- the model
@@ -243,7 +236,7 @@ def _split_vocab(arr: np.ndarray) -> list[str]:
 
 class TaskClassifier:
     """Multinomial logistic regression over three tf-idf blocks (word 1-2 grams and char_wb n-grams of the
-    clipped prompt, word 1-2 grams of its edges), as exported by routing.train_classifier; predictions match
+    clipped prompt, word 1-2 grams of its edges), as exported by training/train_classifier.py; predictions match
     the scikit-learn pipeline it was trained as."""
 
     def __init__(self, meta: dict[str, Any], word_terms: list[str], char_terms: list[str], edge_terms: list[str],

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-
-from config.schema import Deployment
+from collections.abc import Callable, Iterable, Sequence
 
 __all__ = ["ALPHA", "SOFT_IN_FLIGHT", "SOFT_QUEUE", "DeploymentState", "ModelLive"]
 
@@ -59,9 +57,8 @@ class DeploymentState:
         self.signals_at: float | None = None
         self._clock = clock
 
-    @classmethod
-    def from_deployment(cls, deployment: Deployment, *, clock: Clock = time.monotonic) -> DeploymentState:
-        return cls(deployment.base_url.rstrip("/"), deployment.weight, clock=clock)
+    def now(self) -> float:
+        return self._clock()
 
     def begin(self) -> float:
         """Count a request in; returns its start time, to hand back to `end`."""
@@ -137,30 +134,6 @@ class ModelLive:
 
     def __init__(self, states: Sequence[DeploymentState]) -> None:
         self.states = list(states)
-
-    @classmethod
-    def from_deployments(
-        cls, deployments: Iterable[Deployment], *, clock: Clock = time.monotonic
-    ) -> ModelLive:
-        return cls([DeploymentState.from_deployment(d, clock=clock) for d in deployments])
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-    def __iter__(self) -> Iterator[DeploymentState]:
-        return iter(self.states)
-
-    def get(self, key: str) -> DeploymentState | None:
-        return next((s for s in self.states if s.key == key), None)
-
-    @property
-    def in_flight(self) -> int:
-        return sum(s.in_flight for s in self.states)
-
-    @property
-    def queue(self) -> float:
-        """Requests waiting inside vLLM, over the deployments that report it (0 when none do)."""
-        return sum(s.waiting for s in self.states if s.waiting is not None)
 
     @property
     def ttft_s(self) -> float | None:

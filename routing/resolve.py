@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from config.schema import Config, ModelConfig, Profile
-from gateway.errors import BadRequest, ModelNotFound
+from protocol.errors import BadRequest, ModelNotFound
+from protocol.openai import ChatCompletionRequest, CompletionRequest
 
 __all__ = ["Element", "ModelTable", "Plan", "requested_chain"]
 
@@ -79,8 +79,10 @@ class ModelTable:
         end = i + len(known)
         return name.startswith(known, i) and (end == len(name) or name[end] == ":")
 
-    def plan_request(self, raw: dict[str, Any]) -> Plan:
-        return Plan(tuple(e for name in requested_chain(raw) for e in self.plan(name).chain))
+    def plan_request(self, body: ChatCompletionRequest | CompletionRequest) -> Plan:
+        if body.model and body.preferred_model is None and not body.auto_select and body.models is None:
+            return self.plan(body.model)  # the hot path: one `model` name
+        return Plan(tuple(e for name in requested_chain(body) for e in self.plan(name).chain))
 
     def not_found(self, name: str) -> ModelNotFound:
         return ModelNotFound(
@@ -90,29 +92,22 @@ class ModelTable:
         )
 
 
-def requested_chain(raw: dict[str, Any]) -> list[str]:
+def requested_chain(body: ChatCompletionRequest | CompletionRequest) -> list[str]:
     """The names the client asked for, in order, from `model` and the fields other clients use:
-    `auto_select: true`, `preferred_model` + `fallback_mode` (auto | none | a model), OpenRouter's `models`."""
+    `auto_select: true`, `preferred_model` + `fallback_mode` (auto | none | a model), OpenRouter's `models`.
+    Their types were checked when the body was decoded; this only orders them."""
     names: list[str] = []
-    model = raw.get("model")
-    if raw.get("auto_select") is True:
+    if body.auto_select:
         names.append("auto")
-    elif (preferred := raw.get("preferred_model")) is not None:
-        if not isinstance(preferred, str) or not preferred:
-            raise BadRequest("'preferred_model' must be a model name.", param="preferred_model")
-        names.append(preferred)
-        mode = raw.get("fallback_mode", "auto")
-        if not isinstance(mode, str) or not mode:
-            raise BadRequest("'fallback_mode' must be 'auto', 'none' or a model name.", param="fallback_mode")
+    elif body.preferred_model is not None:
+        names.append(body.preferred_model)
+        mode = body.fallback_mode or "auto"
         if mode != "none":
             names.append(mode)
-    elif isinstance(model, str) and model:
-        names.append(model)
-    listed = raw.get("models")
-    if listed is not None:
-        if not isinstance(listed, list) or not all(isinstance(n, str) and n for n in listed):
-            raise BadRequest("'models' must be a list of model names.", param="models")
-        names.extend(n for n in listed if n not in names)
+    elif body.model:
+        names.append(body.model)
+    if body.models:
+        names.extend(n for n in body.models if n not in names)
     if not names:
         raise BadRequest("You must provide a model parameter.", param="model")
     return names

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from config.schema import Config, ModelConfig
-from gateway.protocol import ParsedRequest
+from protocol.openai import ChatCompletionRequest, ParsedRequest, message_text
 from routing.classifier import PromptAnalysis
 from routing.live import ModelLive
 from routing.resolve import ModelTable, Plan
 from routing.scoring import Candidate, Need, score_models
 
-__all__ = ["Attempt", "Decision", "Router", "rough_prompt_tokens"]
+__all__ = ["Attempt", "Decision", "Router", "auto_excluded", "rough_prompt_tokens"]
 
 _PREFER = {"quality": "quality", "cost": "cheap", "speed": "fast"}
 
@@ -61,18 +62,21 @@ class Decision:
 def rough_prompt_tokens(request: ParsedRequest) -> int:
     """A cheap upper-ish token estimate (4 characters a token) for context-window checks on the hot path."""
     body = request.body
-    messages = getattr(body, "messages", None)
-    if messages is not None:
-        chars = 0
-        for m in messages:
-            content = m.content
-            if isinstance(content, str):
-                chars += len(content)
-            elif content:
-                chars += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
-        return chars // 4 + 4 * len(messages)
-    prompt = getattr(body, "prompt", "")
+    if isinstance(body, ChatCompletionRequest):
+        return sum(len(message_text(m.content)) for m in body.messages) // 4 + 4 * len(body.messages)
+    prompt = body.prompt
     return len(prompt) // 4 if isinstance(prompt, str) else len(str(prompt)) // 4
+
+
+def auto_excluded(config: Config) -> dict[str, str]:
+    """Models automatic selection may not choose, with the reason: `auto: false`, or outside routing.auto_pool."""
+    excluded = {}
+    for model in config.models:
+        if not model.auto:
+            excluded[model.id] = "excluded from automatic selection (auto: false)"
+        elif not any(fnmatch.fnmatchcase(model.id, p) for p in config.routing.auto_pool):
+            excluded[model.id] = "not in routing.auto_pool"
+    return excluded
 
 
 class Router:
@@ -84,6 +88,7 @@ class Router:
         self.table = table
         self.live = live
         self.available = available
+        self.excluded = auto_excluded(config)
 
     def _need(self, request: ParsedRequest, analysis: PromptAnalysis | None) -> Need:
         limit = request.max_new_tokens
@@ -97,7 +102,7 @@ class Router:
         prefer = need.requirements.prefer if need.requirements else None
         profile = self.table.profiles[_PREFER[prefer] if prefer else profile_name]
         availability = {m.id: self.available(m.id) for m in self.table.models}
-        return score_models(self.table.models, profile, need, self.live, availability)
+        return score_models(self.table.models, profile, need, self.live, availability, self.excluded)
 
     def decide(self, plan: Plan, request: ParsedRequest, analysis: PromptAnalysis | None = None) -> Decision:
         need = self._need(request, analysis)

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from config.schema import ModelConfig, Profile
-from gateway.protocol import RouteRequirements
+from protocol.openai import RouteRequirements
 from routing.live import ModelLive
 
 __all__ = ["Candidate", "Need", "score_models"]
@@ -56,7 +56,17 @@ def _expected_latency(live: ModelLive | None) -> float | None:
     return latency if latency is not None else live.ttft_s
 
 
-def _ineligible(model: ModelConfig, need: Need, latency: float | None, available: bool) -> str:
+def _cost(model: ModelConfig, need: Need) -> float | None:
+    """Expected USD for this request, or None when the model's price is unknown."""
+    price = model.known_pricing
+    if price is None:
+        return None
+    return (need.prompt_tokens * price.input_per_mtok + need.output_tokens * price.output_per_mtok) / 1e6
+
+
+def _ineligible(model: ModelConfig, need: Need, latency: float | None, available: bool, excluded: str) -> str:
+    if excluded:
+        return excluded
     if not available:
         return "no deployment available (circuit open or unhealthy)"
     window = model.context_window
@@ -78,17 +88,18 @@ def score_models(
     need: Need,
     live: Mapping[str, ModelLive],
     available: Mapping[str, bool],
+    excluded: Mapping[str, str] | None = None,
 ) -> list[Candidate]:
     """Every model scored; eligible ones first by score (ties: config order), then the ineligible with a reason.
 
-    Pure: the same models, state and need always give the same order.
+    `excluded` maps models kept out of automatic selection to the reason. An unknown price scores a neutral
+    0.5 on cost (neither free nor the dearest), and the candidate's reason says so. Pure: the same models,
+    state and need always give the same order.
     """
-    costs = [
-        (need.prompt_tokens * m.pricing.input_per_mtok + need.output_tokens * m.pricing.output_per_mtok) / 1e6
-        for m in models
-    ]
+    excluded = excluded or {}
+    costs = [_cost(m, need) for m in models]
     latencies = [_expected_latency(live.get(m.id)) for m in models]
-    max_cost = max(costs, default=0.0)
+    max_cost = max((c for c in costs if c is not None), default=0.0)
     known = [x for x in latencies if x is not None and x > 0]
     fastest = min(known, default=None)
     weights = (profile.quality, profile.cost, profile.latency, profile.load)
@@ -98,14 +109,16 @@ def score_models(
         state = live.get(model.id)
         components = {
             "quality": round(_quality(model, need), 4),
-            "cost": round(1.0 - cost / max_cost, 4) if max_cost > 0 else 1.0,
+            "cost": 0.5 if cost is None else round(1.0 - cost / max_cost, 4) if max_cost > 0 else 1.0,
             # unknown latency is neutral until the model has served something
             "latency": round(fastest / latency, 4) if fastest and latency else 0.5,
             "load": round(1.0 - state.load, 4) if state is not None else 1.0,
         }
         score = sum(w * c for w, c in zip(weights, components.values(), strict=True)) / total
-        reason = _ineligible(model, need, latency, available.get(model.id, True))
-        candidate = Candidate(model.id, round(score, 4), components, not reason, reason or "eligible")
+        reason = _ineligible(model, need, latency, available.get(model.id, True), excluded.get(model.id, ""))
+        if not reason:
+            reason = "eligible" if cost is not None else "eligible; price unknown (no pricing), cost scored 0.5"
+        candidate = Candidate(model.id, round(score, 4), components, reason.startswith("eligible"), reason)
         scored.append((not candidate.eligible, -score, index, candidate))
     scored.sort(key=lambda row: row[:3])
     return [row[3] for row in scored]

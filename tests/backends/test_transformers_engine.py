@@ -17,8 +17,8 @@ from backends.generation import IncrementalDetokenizer, StopChecker
 from backends.transformers_engine import TransformersBackend
 from backends.weights import resolve_source
 from config.schema import TransformersModel
-from gateway.errors import BadRequest, ServiceUnavailable, UnsupportedParameter
-from gateway.protocol import (
+from protocol.errors import BadRequest, ServiceUnavailable, UnsupportedParameter
+from protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     ParsedRequest,

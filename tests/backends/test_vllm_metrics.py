@@ -6,10 +6,10 @@ import asyncio
 import math
 from pathlib import Path
 
+import httpx
 import pytest
 from aiohttp import web
 
-from backends.http1 import ConnectionPool
 from backends.vllm_metrics import VLLMLoad, fetch_vllm_load, iter_samples, metrics_url_for, parse_vllm_metrics
 
 DATA = Path(__file__).parent / "data"
@@ -179,19 +179,18 @@ async def test_fetch_vllm_load_against_a_local_server(unused_tcp_port: int) -> N
     await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
     base = f"http://127.0.0.1:{unused_tcp_port}"
     try:
-        pool = ConnectionPool(base)
-        assert await fetch_vllm_load(pool, "/metrics", 5.0) == VLLMLoad(7.0, 3.0, 0.5)
-        assert await fetch_vllm_load(pool, "/broken", 5.0) is None
-        assert await fetch_vllm_load(pool, "/empty", 5.0) is None
-        assert await fetch_vllm_load(pool, "/missing", 5.0) is None
-        assert await fetch_vllm_load(pool, "/hang", 0.2) is None
-        release.set()
-        await pool.aclose()
+        async with httpx.AsyncClient() as client:
+            assert await fetch_vllm_load(client, base + "/metrics", 5.0) == VLLMLoad(7.0, 3.0, 0.5)
+            assert await fetch_vllm_load(client, base + "/broken", 5.0) is None
+            assert await fetch_vllm_load(client, base + "/empty", 5.0) is None
+            assert await fetch_vllm_load(client, base + "/missing", 5.0) is None
+            assert await fetch_vllm_load(client, base + "/hang", 0.2) is None
+            release.set()
     finally:
         await runner.cleanup()
 
 
 async def test_fetch_vllm_load_unreachable(unused_tcp_port: int) -> None:
-    pool = ConnectionPool(f"http://127.0.0.1:{unused_tcp_port}")
-    assert await fetch_vllm_load(pool, "/metrics", 2.0) is None
-    assert await fetch_vllm_load(ConnectionPool("http://no-such-host.invalid"), "/metrics", 2.0) is None
+    async with httpx.AsyncClient() as client:
+        assert await fetch_vllm_load(client, f"http://127.0.0.1:{unused_tcp_port}/metrics", 2.0) is None
+        assert await fetch_vllm_load(client, "http://no-such-host.invalid/metrics", 2.0) is None

@@ -20,7 +20,6 @@ def strategies(tmp_path_factory):
     models = "\n".join(
         f"""  - id: {name}
     backend: openai
-    base_url: {a.url}
     load_balancing: {name}
     deployments: [{{base_url: "{a.url}", weight: 1}}, {{base_url: "{b.url}", weight: 3}}]"""
         for name in STRATEGIES
@@ -80,7 +79,6 @@ routing:
 models:
   - id: flaky
     backend: openai
-    base_url: http://127.0.0.1:{port}/v1
     deployments: [{{base_url: "http://127.0.0.1:{port}/v1"}}, {{base_url: "{backup.url}"}}]
 """
     gateway = start_gateway(tmp_path, config)

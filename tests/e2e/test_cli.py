@@ -60,7 +60,9 @@ def test_refuses_non_loopback_bind_without_keys(upstream, tmp_path):
     "text,expected",
     [
         ("server: {port: high}\nmodels: [{id: a, backend: openai, base_url: 'http://x'}]", "$.server.port"),
-        ("models: [{id: a, backend: openai}]", "$.models[0]: Object missing required field `base_url`"),
+        ("models: [{id: a, backend: openai}]", "$.models[0]: set base_url (one upstream) or deployments (several)"),
+        ("models: [{id: a, backend: openai, base_url: 'http://x', deployments: [{base_url: 'http://y'}]}]",
+         "$.models[0]: set base_url or deployments, not both"),
         ("models: [{id: a, backend: tpu, source: x}]", "$.models[0].backend"),
         ("models: [{id: a, backend: transformers, source: x, colour: red}]", "unknown field `colour`"),
         ("models: []", "$.models"),

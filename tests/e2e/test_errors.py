@@ -141,3 +141,26 @@ def test_sdk_sees_typed_errors(gateway):
 def test_routing_endpoints_and_fields_reject_bad_input(gateway, path, body, param):
     status, _, raw = http("POST", gateway.url + path, body)
     assert status == 400 and _error(raw)["param"] == param
+
+
+@pytest.mark.parametrize("body", [b'{"model": "remote-a", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+                                  b'{"a":' * 1000 + b"1" + b"}" * 1000, b"[" * 5000 + b"]" * 5000])
+def test_undecodable_or_too_deeply_nested_bodies_are_400(gateway, body):
+    status, _, raw = http("POST", gateway.url + "/v1/chat/completions", body)
+    assert status == 400 and _error(raw)["code"] == "invalid_json"
+
+
+def test_every_response_carries_a_request_id(gateway):
+    status, headers, _ = http("POST", gateway.url + "/v1/chat/completions", {"model": "remote-a", "messages": MSG},
+                              headers={"x-request-id": "trace-42"})
+    assert status == 200 and headers["x-request-id"] == "trace-42"
+    ids = set()
+    for method, path, body in [("GET", "/health", None), ("GET", "/nope", None),
+                               ("POST", "/v1/chat/completions", {"model": "gpt-9", "messages": MSG}),
+                               ("POST", "/v1/chat/completions", {"model": "remote-a", "messages": MSG})]:
+        _, headers, _ = http(method, gateway.url + path, body)
+        ids.add(headers["x-request-id"])
+    assert len(ids) == 4 and all(len(i) == 32 for i in ids)  # generated, one per response
+    # an unusable id (too long) is replaced, not echoed
+    _, headers, _ = http("GET", gateway.url + "/health", headers={"x-request-id": "x" * 500})
+    assert len(headers["x-request-id"]) == 32

@@ -41,7 +41,6 @@ models:
     context_window: 64
   - id: pair
     backend: openai
-    base_url: {a.url}
     load_balancing: round_robin
     pricing: {{input_per_mtok: 10, output_per_mtok: 30}}
     deployments:
@@ -50,7 +49,6 @@ models:
     eager: false
   - id: half-dead
     backend: openai
-    base_url: {dead}
     pricing: {{input_per_mtok: 10, output_per_mtok: 30}}
     deployments:
       - {{base_url: "{dead}"}}
@@ -210,7 +208,6 @@ def test_killing_a_deployment_under_load_fails_no_request(tmp_path):
 models:
   - id: pair
     backend: openai
-    base_url: {a.url}
     deployments: [{{base_url: "{a.url}"}}, {{base_url: "{b.url}"}}]
 """
     gateway = start_gateway(tmp_path, config)

@@ -57,16 +57,24 @@ class Upstream:
     def __init__(self, name: str) -> None:
         self.name = name
         self.requests = 0
+        self.active = 0  # requests being answered now: a gateway that cancels its request brings this down
 
     async def models(self, _: web.Request) -> web.Response:
         card = {"id": self.name, "object": "model", "created": 0, "owned_by": "mock"}
         return web.json_response({"object": "list", "data": [card]})
 
     async def stats(self, _: web.Request) -> web.Response:
-        return web.json_response({"requests": self.requests, "name": self.name})
+        return web.json_response({"requests": self.requests, "active": self.active, "name": self.name})
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        self.active += 1
+        try:
+            return await self._generate(request)
+        finally:
+            self.active -= 1
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         try:
             body = json.loads(raw)
@@ -165,7 +173,9 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(make_app(args.name), host=args.host, port=args.port, print=None, access_log=None)
+    # handler_cancellation: a request whose client (the gateway) hung up stops here too, as in real servers
+    web.run_app(make_app(args.name), host=args.host, port=args.port, print=None, access_log=None,
+                handler_cancellation=True)
 
 
 if __name__ == "__main__":

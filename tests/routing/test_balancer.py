@@ -225,3 +225,9 @@ def test_load_signal_partial_signals_and_in_flight_fallback() -> None:
     assert LoadSignal.score(a) == 3.5
     assert LoadSignal().order([a, b], RNG) == [1, 0]
     assert LoadSignal().order(states(3, 1, 2), RNG) == [1, 2, 0]  # no signals anywhere: least outstanding
+
+
+def test_config_names_every_strategy():
+    from config.schema import STRATEGY_NAMES
+
+    assert tuple(STRATEGIES) == STRATEGY_NAMES

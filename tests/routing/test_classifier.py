@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
-from routing.classifier import DEFAULT_ARTIFACT, LABELS, PromptAnalysis, TaskClassifier, prompt_text
+from protocol.openai import Message
+from routing.classifier import DEFAULT_ARTIFACT, LABELS, PromptAnalysis, TaskClassifier
+from routing.classifier import prompt_text as typed_prompt_text
 
-DATA = Path(__file__).resolve().parents[2] / "routing" / "data"
+
+def prompt_text(messages: list[dict]) -> str:
+    return typed_prompt_text(msgspec.convert(messages, list[Message]))
+
+DATA = Path(__file__).resolve().parents[2] / "training" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +88,7 @@ def test_heldout_is_disjoint_from_training() -> None:
 
 def test_numpy_inference_matches_sklearn(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
-    from routing.train_classifier import build_pipeline, export
+    from training.train_classifier import build_pipeline, export
 
     texts, labels = _jsonl("train.jsonl")
     pick = np.random.default_rng(7).choice(len(texts), 1500, replace=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from config.schema import Deployment
 from routing.live import ALPHA, SOFT_IN_FLIGHT, DeploymentState, ModelLive
 
 
@@ -78,11 +77,6 @@ def test_signals_apply_clamp_and_clear() -> None:
     assert (s.running, s.waiting, s.kv_cache_usage, s.signals_at) == (None, None, None, None)
 
 
-def test_from_deployment() -> None:
-    s = DeploymentState.from_deployment(Deployment(base_url="http://a:8000/v1/", weight=3.0))
-    assert (s.key, s.weight, s.in_flight) == ("http://a:8000/v1", 3.0, 0)
-
-
 def test_deployment_load_blend() -> None:
     s = DeploymentState("a")
     assert s.load() == 0.0
@@ -115,27 +109,13 @@ def test_load_is_monotonic_in_each_input() -> None:
 def test_model_live_aggregates() -> None:
     a, b, c = DeploymentState("a", 1.0), DeploymentState("b", 3.0), DeploymentState("c", 1.0)
     live = ModelLive([a, b, c])
-    assert (live.in_flight, live.queue, live.ttft_s, live.latency_s, live.load) == (0, 0, None, None, 0.0)
+    assert (live.ttft_s, live.latency_s, live.load) == (None, None, 0.0)
     a.in_flight, b.in_flight = 2, 5
     a.apply_signals(running=2.0, waiting=3.0, kv_cache_usage=0.2, now=0.0)
     c.apply_signals(running=0.0, waiting=1.5, kv_cache_usage=None, now=0.0)
     a.ewma_ttft_s, b.ewma_ttft_s = 1.0, 2.0  # c unknown: left out, not counted as 0
     a.ewma_latency_s = 4.0
-    assert live.in_flight == 7
-    assert live.queue == 4.5  # b reports no queue
     assert live.ttft_s == pytest.approx((1 * 1.0 + 3 * 2.0) / 4)
     assert live.latency_s == 4.0
     assert live.load == pytest.approx((1 * a.load() + 3 * b.load() + 1 * c.load()) / 5)
     assert 0.0 < live.load < 1.0
-    assert live.get("b") is b and live.get("zz") is None
-    assert len(live) == 3 and list(live) == [a, b, c]
-
-
-def test_model_live_from_deployments() -> None:
-    clock = FakeClock(7.0)
-    live = ModelLive.from_deployments(
-        [Deployment(base_url="http://a/v1"), Deployment(base_url="http://b/v1", weight=2.0)], clock=clock
-    )
-    assert [s.key for s in live] == ["http://a/v1", "http://b/v1"]
-    assert live.states[1].begin() == 7.0
-    assert ModelLive([]).load == 0.0

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 
 from config.loader import parse_config
-from gateway.errors import BadRequest, ModelNotFound
+from protocol.errors import BadRequest, ModelNotFound
+from protocol.openai import ChatCompletionRequest, decode_request
 from routing.resolve import ModelTable, requested_chain
+
+
+def chain(**fields):
+    """requested_chain of a chat request with these fields, decoded as the gateway decodes it."""
+    raw = {"messages": [{"role": "user", "content": "hi"}], **fields}
+    return requested_chain(decode_request(raw, ChatCompletionRequest).body)
 
 CONFIG = """
 routing:
@@ -58,20 +65,24 @@ def test_unknown_elements_are_named(table, name, bad):
 
 
 def test_other_clients_fields():
-    assert requested_chain({"model": "x", "auto_select": True}) == ["auto"]
-    assert requested_chain({"preferred_model": "remote-a"}) == ["remote-a", "auto"]
-    assert requested_chain({"preferred_model": "remote-a", "fallback_mode": "none"}) == ["remote-a"]
-    assert requested_chain({"preferred_model": "remote-a", "fallback_mode": "remote-b"}) == ["remote-a", "remote-b"]
-    assert requested_chain({"models": ["remote-a", "remote-b"]}) == ["remote-a", "remote-b"]
-    assert requested_chain({"model": "smollm2", "models": ["remote-a", "smollm2"]}) == ["smollm2", "remote-a"]
+    assert chain(model="x", auto_select=True) == ["auto"]
+    assert chain(preferred_model="remote-a") == ["remote-a", "auto"]
+    assert chain(preferred_model="remote-a", fallback_mode="none") == ["remote-a"]
+    assert chain(preferred_model="remote-a", fallback_mode="remote-b") == ["remote-a", "remote-b"]
+    assert chain(models=["remote-a", "remote-b"]) == ["remote-a", "remote-b"]
+    assert chain(model="smollm2", models=["remote-a", "smollm2"]) == ["smollm2", "remote-a"]
     with pytest.raises(BadRequest) as err:
-        requested_chain({})
+        chain()
     assert err.value.param == "model"
-    with pytest.raises(BadRequest) as err:
-        requested_chain({"models": "remote-a"})
-    assert err.value.param == "models"
+    # the types are checked once, when the body is decoded
+    for field, value in [("models", "remote-a"), ("preferred_model", ""), ("auto_select", "yes"), ("models", [""])]:
+        with pytest.raises(BadRequest) as err:
+            chain(**{field: value})
+        assert err.value.param.startswith(field)
 
 
 def test_plan_request_joins_the_fields(table):
-    plan = table.plan_request({"preferred_model": "small", "fallback_mode": "remote-b:auto-fast"})
+    raw = {"messages": [{"role": "user", "content": "hi"}], "preferred_model": "small",
+           "fallback_mode": "remote-b:auto-fast"}
+    plan = table.plan_request(decode_request(raw, ChatCompletionRequest).body)
     assert [(e.model.id if e.model else e.profile) for e in plan.chain] == ["smollm2", "remote-b", "fast"]

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from gateway.errors import BadRequest
+from protocol.errors import BadRequest
 
 __all__ = [
     "GATEWAY_FIELDS",
@@ -24,6 +24,8 @@ __all__ = [
     "CompletionChoice",
     "CompletionRequest",
     "Delta",
+    "ErrorObject",
+    "ErrorResponse",
     "Message",
     "ModelCard",
     "ModelList",
@@ -71,10 +73,18 @@ class RouteRequirements(Struct, kw_only=True, forbid_unknown_fields=True):
     prefer: Literal["quality", "cost", "speed"] | None = None
 
 
+NonEmpty = Annotated[str, Meta(min_length=1)]
+
+
 class _Sampling(Struct, kw_only=True):
     # optional only because routing fields (`auto_select`, `preferred_model`, `models`) may stand in for it
     model: str | None = None
+    # the gateway's own routing fields (GATEWAY_FIELDS): validated here once, never sent upstream
     route: RouteRequirements | None = None
+    auto_select: bool | None = None
+    preferred_model: NonEmpty | None = None
+    fallback_mode: NonEmpty | None = None  # auto | none | a model name
+    models: list[NonEmpty] | None = None  # OpenRouter's fallback list
     temperature: Temperature | None = None
     top_p: Probability | None = None
     max_tokens: PositiveInt | None = None
@@ -147,6 +157,10 @@ def decode_object(data: bytes) -> dict[str, Any]:
         raw = _decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise BadRequest(f"Invalid JSON body: {exc}", code="invalid_json") from None
+    except UnicodeDecodeError:
+        raise BadRequest("Invalid JSON body: it is not valid UTF-8.", code="invalid_json") from None
+    except RecursionError:
+        raise BadRequest("Invalid JSON body: nested too deeply.", code="invalid_json") from None
     if not isinstance(raw, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_request")
     return raw
@@ -158,6 +172,8 @@ def decode_request(data: bytes | dict[str, Any], kind: type[ChatCompletionReques
     raw = decode_object(data) if isinstance(data, bytes) else data
     try:
         body = msgspec.convert(raw, kind)
+    except RecursionError:
+        raise BadRequest("Invalid JSON body: nested too deeply.", code="invalid_json") from None
     except msgspec.ValidationError as exc:
         message = str(exc)
         problem, sep, where = message.rpartition(" - at ")
@@ -170,12 +186,16 @@ def decode_request(data: bytes | dict[str, Any], kind: type[ChatCompletionReques
 
 
 def message_text(content: str | list[dict[str, Any]] | None) -> str:
-    """The text of a message's content, string or content parts (non-text parts are not text)."""
+    """The text of a message's content: the string, or its text parts joined by newlines (as vLLM joins them);
+    images and audio are not text. The one place that reads text out of messages."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+    return "\n".join(
+        text for part in content
+        if part.get("type") in ("text", "input_text") and isinstance(text := part.get("text"), str)
+    )
 
 
 def new_id(prefix: str) -> str:
@@ -250,6 +270,19 @@ class Completion(Struct, kw_only=True):
     object: str = "text_completion"
 
 
+class ErrorObject(Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(Struct, kw_only=True):
+    """Every error the gateway answers, in OpenAI's shape (documented in the OpenAPI schema)."""
+
+    error: ErrorObject
+
+
 class ModelCard(Struct, kw_only=True):
     id: str
     owned_by: str
@@ -277,6 +310,7 @@ class _ChoiceView(Struct):
 
 
 class _UsageView(Struct):
+    prompt_tokens: int | None = None
     completion_tokens: int = 0
 
 

@@ -1,4 +1,4 @@
-"""Deterministic generator for the task-classifier training set: writes routing/data/train.jsonl."""
+"""Deterministic generator for the task-classifier training set: writes training/data/train.jsonl."""
 # ruff: noqa: E501  (template and word-pool tables read best one entry per line, however long)
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ __all__ = ["LABELS", "build", "main"]
 
 LABELS = ("code", "reasoning", "creative", "summarization", "translation", "extraction", "qa", "chat")
 SEED = 20240611
-OUT = Path(__file__).with_name("train.jsonl")
+OUT = Path(__file__).resolve().parent / "data" / "train.jsonl"
 
 # One module-level RNG, reseeded in build(), keeps every generator deterministic.
 R = random.Random(SEED)
@@ -2067,7 +2067,7 @@ HARD_PER_LABEL = 120
 SYSTEM_EXAMPLES = 800
 
 
-HELDOUT = Path(__file__).with_name("heldout.jsonl")
+HELDOUT = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
 
 
 def build() -> list[dict[str, str]]:

@@ -13,6 +13,7 @@ __all__ = [
     "ServiceUnavailable",
     "UnsupportedParameter",
     "UpstreamError",
+    "UpstreamInvalidResponse",
     "UpstreamStatusError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -24,6 +25,8 @@ class GatewayError(Exception):
     status: int = 500
     type: str = "api_error"
     code: str | None = None
+    # response headers that go with this error (an upstream's Retry-After, a rate limit's reset); set per instance
+    headers: dict[str, str] = {}  # noqa: RUF012 - never mutated, only replaced
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -64,12 +67,6 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
-class MethodNotAllowed(GatewayError):
-    status = 405
-    type = "invalid_request_error"
-    code = "method_not_allowed"
-
-
 class ServiceUnavailable(GatewayError):
     status = 503
     type = "api_error"
@@ -94,10 +91,14 @@ class UpstreamTimeout(UpstreamError):
 
 
 class UpstreamStatusError(UpstreamError):
-    """An upstream answered with an HTTP error: relayed with its own status and, when OpenAI-shaped, its body."""
+    """An upstream answered with an HTTP error: relayed with its own status and, when OpenAI-shaped, its body.
 
-    def __init__(self, status: int, body: bytes) -> None:
+    `headers`: the upstream's headers worth relaying to the client (Retry-After, x-ratelimit-*), lowercase.
+    """
+
+    def __init__(self, status: int, body: bytes, *, headers: dict[str, str] | None = None) -> None:
         self.status = status
+        self.headers = headers if headers is not None else {}
         self.retryable = status >= 500 or status == 429
         try:
             decoded = msgspec.json.decode(body)
@@ -119,3 +120,9 @@ class UpstreamStatusError(UpstreamError):
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
     return msgspec.json.encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+class UpstreamInvalidResponse(UpstreamError):
+    """An upstream answered 2xx with a body that is not a JSON object (a captive portal, a truncated proxy reply)."""
+
+    code = "upstream_invalid_response"

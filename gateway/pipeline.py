@@ -1,0 +1,170 @@
+"""One request's steps, the same for plain and streamed requests:
+admit -> decide -> approve -> execute (retries, fallbacks) -> settle, carried by one RequestContext."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import msgspec
+
+from backends.base import Backend
+from gateway.deployments import Lease
+from gateway.relay import StreamRelay
+from gateway.service import Gateway
+from policies.base import PolicyChain
+from policies.context import Outcome, Reply, RequestContext
+from protocol.errors import GatewayError, UpstreamError
+from protocol.openai import chunk_view
+from routing.router import Attempt, Decision
+
+__all__ = ["Pipeline", "Served", "StreamStart"]
+
+log = logging.getLogger("pointsman")
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Served:
+    """A plain answer: the JSON body and the response headers (route, relayed upstream headers, policies')."""
+
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StreamStart:
+    """A stream whose first payload already arrived: errors before it were still answerable as HTTP errors."""
+
+    first: bytes | None
+    rest: AsyncIterator[bytes]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def route_headers(ctx: RequestContext, attempt: Attempt, decision: Decision, relayed: dict[str, str]) -> dict:
+    headers = {**relayed, "x-pointsman-model": attempt.model.id, "x-pointsman-route": attempt.route}
+    if decision.analysis is not None:
+        headers["x-pointsman-task"] = decision.analysis.task
+    if ctx.headers:
+        headers.update(ctx.headers)
+    return headers
+
+
+def _outcome_of(exc: BaseException) -> Outcome:
+    if isinstance(exc, GatewayError):
+        return Outcome("error", error=exc)
+    if isinstance(exc, Exception):
+        return Outcome("error", error=GatewayError(f"internal error: {type(exc).__name__}"))
+    return Outcome("cancelled")  # CancelledError: the client left, or the gateway is stopping
+
+
+class Pipeline:
+    """Runs requests through the policy chain and the gateway's models. `settle` is the caller's to run on
+    success (after the response is written); every other ending is settled here."""
+
+    def __init__(self, gateway: Gateway, policies: PolicyChain) -> None:
+        self.gateway = gateway
+        self.policies = policies
+
+    async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
+        if self.policies:
+            await self.policies.settle(ctx, outcome)
+
+    async def _prepare(self, ctx: RequestContext) -> Reply | Decision:
+        """admit, then decide, then approve: a Reply when a policy answered, else the routing decision."""
+        policies = self.policies
+        if policies:
+            reply = await policies.admit(ctx)
+            if reply is not None:
+                return reply
+        decision = ctx.decision = await self.gateway.decide(ctx.request)
+        if policies:
+            await policies.approve(ctx, decision)
+        return decision
+
+    async def complete(self, ctx: RequestContext) -> Served | Reply:
+        try:
+            prepared = await self._prepare(ctx)
+            if isinstance(prepared, Reply):
+                return prepared
+            request = ctx.request
+            attempt, lease, relayed, body = await self._first_success(
+                ctx, prepared, lambda backend, index, headers: backend.complete(request, index, headers)
+            )
+            prompt_tokens, completion_tokens = _usage(body)
+            lease.ok(completion_tokens=completion_tokens)
+            ctx.record_usage(attempt.model, prompt_tokens, completion_tokens)
+            return Served(body, route_headers(ctx, attempt, prepared, relayed))
+        except BaseException as exc:
+            await self.settle(ctx, _outcome_of(exc))
+            raise
+
+    async def stream(self, ctx: RequestContext) -> StreamStart | Reply:
+        """Open the stream and wait for its first payload, so failures until then can still be retried."""
+        request = ctx.request
+
+        async def open_stream(backend: Backend, index: int, headers: dict[str, str],
+                              ) -> tuple[bytes | None, AsyncIterator[bytes]]:
+            rest = aiter(backend.stream(request, index, headers))
+            try:
+                return await anext(rest), rest
+            except StopAsyncIteration:
+                return None, rest
+            except BaseException:
+                await rest.aclose()  # type: ignore[attr-defined]
+                raise
+
+        try:
+            prepared = await self._prepare(ctx)
+            if isinstance(prepared, Reply):
+                return prepared
+            attempt, lease, relayed, (first, rest) = await self._first_success(ctx, prepared, open_stream)
+        except BaseException as exc:
+            await self.settle(ctx, _outcome_of(exc))
+            raise
+        ttft = time.monotonic() - lease.started
+        relay = StreamRelay(self.gateway, ctx, attempt, lease, ttft)
+        return StreamStart(first, relay.run(first, rest), route_headers(ctx, attempt, prepared, relayed))
+
+    async def _first_success(self, ctx: RequestContext, decision: Decision,
+                             call: Callable[[Backend, int, dict[str, str]], Awaitable[T]],
+                             ) -> tuple[Attempt, Lease, dict[str, str], T]:
+        """Try the decision's models in order and each one's deployments in the balancer's order, until `call`
+        succeeds: retryable failures (connect, timeout, 5xx, 429) move on, anything else ends the request.
+        Returns the attempt, its lease, the upstream headers to relay (Retry-After, x-ratelimit-*) and the result."""
+        gateway = self.gateway
+        last: GatewayError | None = None
+        for attempt in decision.attempts:
+            backend, pool = gateway.backends[attempt.model.id], gateway.pools[attempt.model.id]
+            for index in pool.attempts(gateway.rng):
+                if ctx.deadline is not None and time.monotonic() >= ctx.deadline:
+                    raise last or gateway.nothing_to_try(decision)
+                lease = pool.lease(index)
+                ctx.attempts.append(lease.record)
+                relayed: dict[str, str] = {}
+                try:
+                    result = await call(backend, index, relayed)
+                except UpstreamError as exc:
+                    lease.fail(exc)
+                    if not exc.retryable:
+                        raise
+                    last = exc
+                    log.warning("%s deployment %s failed (%s); trying the next", attempt.model.id, index, exc.message)
+                    continue
+                except BaseException as exc:
+                    lease.fail(exc)
+                    raise
+                return attempt, lease, relayed, result
+        raise last or gateway.nothing_to_try(decision)
+
+
+def _usage(body: bytes) -> tuple[int | None, int | None]:
+    """The response's usage (prompt, completion tokens), skipping the rest of the body."""
+    try:
+        usage = chunk_view(body).usage
+    except msgspec.DecodeError:  # also a ValidationError: a body we cannot read just gives no figure
+        return None, None
+    return (usage.prompt_tokens, usage.completion_tokens) if usage is not None else (None, None)

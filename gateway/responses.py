@@ -1,0 +1,133 @@
+"""The hot path's ASGI responses (JSON, SSE, policy replies) and the watch that cancels a request whose client
+left. Plain ASGI apps: Litestar passes a handler's ASGI app through untouched, skipping its response pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from litestar.types import Receive, Scope, Send
+
+from policies.context import Outcome
+from protocol.errors import GatewayError, error_body
+
+__all__ = ["DONE", "DisconnectWatch", "JSONBody", "SSEStream", "nothing", "replay"]
+
+log = logging.getLogger("pointsman")
+
+DONE = b"data: [DONE]\n\n"
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no")]
+Settle = Callable[[Outcome], Awaitable[None]]
+
+
+def _encode_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+class DisconnectWatch:
+    """Cancels the request's task when its client disconnects (ASGI `http.disconnect`), so the upstream request
+    is cancelled at once rather than left running until its timeout.
+
+    Start it once the request body has been read; `stop()` it before the response's last message is sent,
+    because once the response is complete the server also reports `http.disconnect`.
+    """
+
+    __slots__ = ("_task", "fired")
+
+    def __init__(self, receive: Receive) -> None:
+        self.fired = False
+        self._task = asyncio.get_running_loop().create_task(self._watch(receive, asyncio.current_task()))
+
+    async def _watch(self, receive: Receive, target: asyncio.Task | None) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.fired = True
+        if target is not None:
+            target.cancel()
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+    def absorb(self, exc: BaseException) -> bool:
+        """True when `exc` is the cancellation this watch caused: the caller then ends quietly."""
+        if self.fired and isinstance(exc, asyncio.CancelledError):
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return True
+        return False
+
+
+async def nothing(scope: Scope, receive: Receive, send: Send) -> None:
+    """The response to a client that already left: there is no one to send it to."""
+
+
+class JSONBody:
+    """An already-encoded JSON response; `after` (the policies' settle) runs once the body has been sent."""
+
+    __slots__ = ("after", "body", "headers", "status")
+
+    def __init__(self, body: bytes, headers: dict[str, str], status: int = 200,
+                 after: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.body, self.status, self.after = body, status, after
+        self.headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        self.headers.extend(_encode_headers(headers))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
+        if self.after is not None:
+            await self.after()
+
+
+class SSEStream:
+    """Server-sent events: payloads are framed and written as they arrive. An error after the start becomes one
+    error event and `[DONE]`; a client that leaves ends the stream (and its upstream) at once. `settle` runs
+    exactly once, however the stream ends."""
+
+    __slots__ = ("first", "headers", "rest", "settle", "watch")
+
+    def __init__(self, first: bytes | None, rest: AsyncIterator[bytes], headers: dict[str, str],
+                 watch: DisconnectWatch, settle: Settle | None) -> None:
+        self.first, self.rest, self.watch, self.settle = first, rest, watch, settle
+        self.headers = _SSE_HEADERS + _encode_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        outcome, tail = Outcome("ok"), DONE
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            if self.first is not None:
+                await send({"type": "http.response.body", "body": b"data: " + self.first + b"\n\n", "more_body": True})
+            async for payload in self.rest:
+                await send({"type": "http.response.body", "body": b"data: " + payload + b"\n\n", "more_body": True})
+        except GatewayError as exc:
+            outcome, tail = Outcome("error", error=exc), b"data: " + exc.body() + b"\n\n" + DONE
+        except Exception as exc:
+            log.exception("stream failed")
+            failure = GatewayError(f"The stream failed inside the gateway: {type(exc).__name__}")
+            body = error_body("The stream failed inside the gateway.", "api_error", "internal_error")
+            outcome, tail = Outcome("error", error=failure), b"data: " + body + b"\n\n" + DONE
+        except BaseException as exc:  # cancelled: the client left, or the server is stopping
+            await self._close(Outcome("cancelled"))
+            if self.watch.absorb(exc):
+                return
+            raise
+        await self._close(None)
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        if self.settle is not None:
+            await self.settle(outcome)
+
+    async def _close(self, cancelled: Outcome | None) -> None:
+        # closing the relay's iterator books its lease and stops the upstream (or local generation)
+        self.watch.stop()
+        await self.rest.aclose()  # type: ignore[attr-defined]
+        if cancelled is not None and self.settle is not None:
+            await self.settle(cancelled)
+
+
+async def replay(chunks: tuple[bytes, ...]) -> AsyncIterator[bytes]:
+    """A policy's reply to a streamed request, as a stream."""
+    for chunk in chunks:
+        yield chunk

@@ -1,0 +1,232 @@
+"""uvicorn's httptools protocol with read timeouts, a header size limit and close-delimited HTTP/1.0 streams."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+__all__ = ["GuardedHttpToolsProtocol", "http_protocol"]
+
+# where the parser is in the request it is reading; set from the parser callbacks
+_IDLE, _HEADERS, _BODY = 0, 1, 2
+
+# uvicorn's callbacks, called directly rather than through super(): these run on every request
+_begin = HttpToolsProtocol.on_message_begin
+_headers_complete = HttpToolsProtocol.on_headers_complete
+_message_complete = HttpToolsProtocol.on_message_complete
+
+
+class _HeadersTooLarge(Exception):
+    """Raised inside a parser callback to stop parsing; httptools hands it back as the error's __context__."""
+
+
+def http_protocol(
+    header_timeout_s: float = 10.0, body_timeout_s: float = 30.0, max_header_bytes: int = 65536
+) -> Callable[..., asyncio.Protocol]:
+    """The protocol factory to pass as `uvicorn.run(http=...)`.
+
+    A partial of an importable class, so it pickles into the worker processes `workers > 1` spawns.
+    """
+    return functools.partial(
+        GuardedHttpToolsProtocol,
+        header_timeout_s=header_timeout_s,
+        body_timeout_s=body_timeout_s,
+        max_header_bytes=max_header_bytes,
+    )
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """Cuts off clients that send their request too slowly or with too large a head, and frames HTTP/1.0 replies.
+
+    - headers: a request's line and headers must arrive within `header_timeout_s` of the connection opening (the
+      first request) or of its first byte (later ones), else 408 and close; a connection that sent nothing is just
+      closed, as an expired keep-alive is.
+    - body: while the request body is incomplete, each gap between reads must stay under `body_timeout_s`, else
+      close, with 408 if the response has not started. The clock stops while the client is waiting on us: reading
+      paused because the app has not taken the body yet, or an `Expect: 100-continue` not answered yet.
+    - size: request line plus headers over `max_header_bytes` gets 431 and close. Counted exactly when the head
+      completes, and as raw bytes read while it is still incomplete (so one endless header is cut off early).
+    - HTTP/1.0: a response with no content-length goes out unframed, ended by closing the connection, since
+      HTTP/1.0 clients cannot read chunked transfer-encoding.
+
+    At most one `call_at` timer per connection, armed at connect and when a read ends inside a request; later reads
+    only move its deadline. A keep-alive request that arrives whole in one read starts no timer.
+    """
+
+    def __init__(
+        self, *args: Any, header_timeout_s: float, body_timeout_s: float, max_header_bytes: int, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout = header_timeout_s
+        self._body_timeout = body_timeout_s
+        self._max_header_bytes = max_header_bytes
+        self._phase = _HEADERS  # until the first request arrives, the connection is waiting for headers
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # 0.0: the current phase's clock has not started yet
+        self._header_bytes = 0  # raw bytes of earlier reads that ended inside this request's head
+        self._read_len = 0
+
+    # connection
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._deadline = self.loop.time() + self._header_timeout
+        self._timer = self.loop.call_at(self._deadline, self._on_read_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._cancel_timer()
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn 0.54's version, plus the 431 and the timer bookkeeping once the read is parsed
+        self._unset_keepalive_if_required()
+        self._read_len = len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _HeadersTooLarge):
+                self._refuse(431)
+                return
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return
+        except httptools.HttpParserUpgrade:
+            self._phase = _IDLE
+            self._cancel_timer()
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+
+        phase = self._phase
+        if phase == _IDLE:  # the read ended between requests (the hot path)
+            if self._timer is not None:
+                self._cancel_timer()
+        elif phase == _HEADERS:
+            self._header_bytes += len(data)
+            if self._header_bytes > self._max_header_bytes:
+                self._refuse(431)
+            elif not self._deadline:
+                self._deadline = self.loop.time() + self._header_timeout
+                self._arm()
+        else:
+            started = self._deadline
+            self._deadline = self.loop.time() + self._body_timeout  # each read restarts the gap
+            if not started:
+                self._arm()
+
+    # parser callbacks
+    def on_message_begin(self) -> None:
+        _begin(self)
+        if self._phase != _HEADERS:  # a later request (not the first): its clock starts when this read ends
+            self._phase = _HEADERS
+            self._deadline = 0.0
+            self._header_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        limit = self._max_header_bytes
+        # the head is no bigger than the bytes read since it began: count it exactly only when those could exceed
+        if self._header_bytes + self._read_len > limit and self._head_size() > limit:
+            raise _HeadersTooLarge
+        self._phase = _BODY
+        self._deadline = 0.0
+        _headers_complete(self)
+        cycle = self.cycle
+        if self.scope["http_version"] == "1.0" and cycle is not None and cycle.scope is self.scope:
+            # the ASGI task has not run yet, so it will call this class's `send`
+            cycle.__class__ = _CloseDelimitedCycle
+
+    def on_message_complete(self) -> None:
+        self._phase = _IDLE
+        _message_complete(self)
+
+    # timeouts
+    def _head_size(self) -> int:
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(self._deadline, self._on_read_timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_read_timeout(self) -> None:
+        self._timer = None
+        if self.transport.is_closing() or self._phase == _IDLE:
+            return
+        now = self.loop.time()
+        cycle = self.cycle
+        if self._phase == _HEADERS:
+            if cycle is not None and not cycle.response_complete:  # a pipelined request waits on our reply
+                self._deadline = now + self._header_timeout
+            elif not self._header_bytes:  # nothing of a request arrived: close quietly, like keep-alive expiry
+                self.transport.close()
+                return
+        elif self.flow.read_paused or cycle.waiting_for_100_continue:  # the client waits on the app, not we on it
+            self._deadline = now + self._body_timeout
+        if now < self._deadline:  # a later read pushed the deadline out: sleep again instead of resetting per read
+            self._timer = self.loop.call_at(self._deadline, self._on_read_timeout)
+            return
+        self._refuse(408)
+
+    def _refuse(self, status: int) -> None:
+        """Close the connection, answering `status` first unless a response is already on the wire."""
+        cycle = self.cycle
+        if self._phase == _BODY:  # the app holds this request: it now reads http.disconnect, its replies are dropped
+            answer = not cycle.response_started
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        else:
+            answer = cycle is None or cycle.response_complete
+        if answer:
+            phrase = http.HTTPStatus(status).phrase.encode()
+            head = [b"HTTP/1.1 %d %s\r\n" % (status, phrase)]
+            head += [b"%s: %s\r\n" % pair for pair in self.server_state.default_headers]
+            head.append(b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % len(phrase))
+            self.transport.write(b"".join(head) + b"connection: close\r\n\r\n" + phrase)
+        self._phase = _IDLE
+        self.transport.close()
+
+
+class _CloseDelimitedCycle(RequestResponseCycle):
+    """An HTTP/1.0 exchange: a body of unknown length is written raw and ended by closing the connection."""
+
+    unframed = False
+
+    async def send(self, message: Any) -> None:
+        if self.unframed and message["type"] == "http.response.body" and not self.response_complete:
+            if self.flow.write_paused and not self.disconnected:
+                await self.flow.drain()
+            if self.disconnected:
+                return
+            if body := message.get("body", b""):
+                self.transport.write(body)
+            if not message.get("more_body", False):
+                self.response_complete = True
+                self.message_event.set()
+                self.transport.close()
+                self.on_response()
+            return
+        if message["type"] == "http.response.start" and not self.response_started and self._unframed(message):
+            self.unframed = True
+            self.chunked_encoding = False  # uvicorn adds transfer-encoding: chunked only while this is None
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"transfer-encoding"]
+            message = {**message, "headers": headers}
+        await super().send(message)
+
+    def _unframed(self, message: Any) -> bool:
+        if self.scope["method"] == "HEAD" or message["status"] in (204, 304):
+            return False
+        return all(name.lower() != b"content-length" for name, _ in message.get("headers", []))

@@ -1,0 +1,104 @@
+"""What one request carries through the pipeline: the caller, the request, the decision, attempts, usage."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from config.schema import ModelConfig
+from protocol.errors import GatewayError
+from protocol.openai import ParsedRequest
+
+__all__ = ["ANONYMOUS", "AttemptRecord", "Outcome", "Principal", "Reply", "RequestContext", "request_id"]
+
+_MAX_REQUEST_ID = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling. Static `auth.api_keys` map to admin principals; with auth off everyone is ANONYMOUS."""
+
+    key_id: str | None
+    role: Literal["admin", "user", "readonly"] = "admin"
+    team: str | None = None
+    allowed_models: tuple[str, ...] = ("*",)
+
+
+ANONYMOUS = Principal(key_id=None)
+
+
+def request_id(given: str | None) -> str:
+    """The client's `x-request-id` when it is a short printable token, else a fresh one."""
+    if given and len(given) <= _MAX_REQUEST_ID and given.isprintable() and given.isascii():
+        return given
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    """One try of one deployment: filled in by the deployment pool's lease."""
+
+    model: str
+    deployment: str
+    started: float
+    ended: float | None = None
+    ok: bool | None = None
+    error: str | None = None  # the error's code, or "cancelled"
+    ttft_s: float | None = None
+
+
+@dataclass(slots=True)
+class Reply:
+    """A policy's own answer from `admit` (a cache hit): `body` for a plain request, `chunks` (JSON payloads,
+    unframed) for a streamed one."""
+
+    body: bytes = b""
+    chunks: tuple[bytes, ...] = ()
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How the request ended, handed to every policy's `settle` exactly once.
+
+    status: `ok` (served; `body` is the plain response, None for a stream), `answered` (a policy's Reply),
+    `error` (a GatewayError reached the client, `error` says which), `cancelled` (the client left first).
+    """
+
+    status: Literal["ok", "answered", "error", "cancelled"]
+    error: GatewayError | None = None
+    body: bytes | None = None
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Created per request by the handler; policies read it and write their findings into it."""
+
+    request: ParsedRequest
+    principal: Principal = ANONYMOUS
+    request_id: str = ""
+    user: str | None = None  # the request's `user` field or x-pointsman-user
+    started: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # time.monotonic() after which no new attempt starts
+    decision: Any = None  # routing.router.Decision, once routed
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    model: str | None = None  # the model that served
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None
+    cache: str | None = None  # hit | miss | bypass, set by a cache policy
+    experiment: str | None = None  # NAME=VARIANT, set by an experiment policy
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers
+    state: dict[str, Any] = field(default_factory=dict)  # per-policy scratch space, keyed by policy name
+    settled: bool = False
+
+    def record_usage(self, model: ModelConfig, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        """The served model, its token counts and their cost (None while the model's price is unknown)."""
+        self.model = model.id
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
+        price = model.known_pricing
+        if price is not None and (prompt_tokens is not None or completion_tokens is not None):
+            self.cost_usd = ((prompt_tokens or 0) * price.input_per_mtok
+                             + (completion_tokens or 0) * price.output_per_mtok) / 1e6

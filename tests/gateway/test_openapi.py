@@ -1,0 +1,82 @@
+"""The OpenAPI document describes every route's request body and error responses, and schemathesis, fuzzing
+the live gateway from it (valid and invalid bodies), never gets a 5xx."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.generation.modes import GenerationMode
+
+from config.loader import parse_config
+from gateway.app import create_app
+from tests.gateway.live import serve
+from tests.spec.openai import validate
+
+POSTS = ("/v1/chat/completions", "/v1/completions", "/v1/route", "/v1/models/recommend")
+
+
+@pytest.fixture(scope="module")
+def live_url(upstream):
+    config = parse_config(f"""
+models:
+  - id: remote-a
+    backend: openai
+    base_url: {upstream.url}
+    upstream_model: mock-model
+routing: {{health_check_s: 0}}
+""")
+    with serve(create_app(config)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def document(live_url) -> dict:
+    return httpx.get(live_url + "/openapi/openapi.json").json()
+
+
+@pytest.fixture(scope="module")
+def api_schema(live_url):
+    return schemathesis.openapi.from_url(live_url + "/openapi/openapi.json")
+
+
+def test_post_routes_document_their_body_and_errors(document):
+    schemas = document["components"]["schemas"]
+    assert {"ChatCompletionRequest", "CompletionRequest", "ErrorResponse"} <= set(schemas)
+    assert "messages" in schemas["ChatCompletionRequest"]["required"]
+    for path in POSTS:
+        operation = document["paths"][path]["post"]
+        assert operation["requestBody"]["required"] is True
+        for status in ("400", "500", "503"):
+            ref = operation["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+            assert ref == "#/components/schemas/ErrorResponse"
+
+
+def test_the_error_schema_is_openais(live_url):
+    response = httpx.post(live_url + "/v1/chat/completions", content=b"{", headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    validate(response.json(), "ErrorResponse")
+
+
+def _operations(api_schema) -> list:
+    return [result.ok() for result in api_schema.get_all_operations()]
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_fuzzed_requests_never_get_a_5xx(api_schema, mode):
+    """Every documented operation, with bodies that fit its schema and bodies that don't."""
+    operations = _operations(api_schema)
+    assert {op.path for op in operations if op.method.upper() == "POST"} >= set(POSTS)
+    if mode == GenerationMode.NEGATIVE:  # only what takes input can be given invalid input
+        operations = [op for op in operations if op.method.upper() == "POST"]
+    for operation in operations:
+
+        @given(case=operation.as_strategy(generation_mode=mode))
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def call(case) -> None:
+            response = case.call(timeout=30)
+            assert response.status_code < 500, (case.method, case.path, case.body, response.status_code,
+                                                response.text)
+
+        call()

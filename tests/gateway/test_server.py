@@ -1,0 +1,285 @@
+"""The server protocol over raw sockets: slow clients cut off, 431 on huge heads, HTTP/1.0 streams, keep-alive."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+
+from gateway.server import http_protocol
+from tests.conftest import free_port, start_gateway
+
+HEADER_TIMEOUT = 0.5
+BODY_TIMEOUT = 0.5
+MAX_HEADER_BYTES = 4096
+CHUNKS = [b"data: %d\n\n" % i for i in range(5)]
+
+
+async def app(scope, receive, send) -> None:
+    """`/stream` streams CHUNKS with no content-length; `/slow-read` waits 1 s before reading; else echoes a size."""
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for chunk in CHUNKS:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    if scope["path"] == "/slow-read":
+        await asyncio.sleep(2 * BODY_TIMEOUT)
+    size, more = 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        size, more = size + len(message.get("body", b"")), message.get("more_body", False)
+    body = b"%d" % size
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, int]]:
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        lifespan="off",
+        log_level="warning",
+        http=http_protocol(HEADER_TIMEOUT, BODY_TIMEOUT, MAX_HEADER_BYTES),
+    )
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not instance.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.01)
+    assert instance.started
+    yield "127.0.0.1", port
+    instance.should_exit = True
+    thread.join(10)
+
+
+def connect(address: tuple[str, int], timeout: float = 5.0) -> socket.socket:
+    return socket.create_connection(address, timeout=timeout)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends before it closes the connection (the socket timeout bounds the wait)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """One content-length framed response off a kept-alive connection: (status line, headers, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = dict(line.lower().split(b": ", 1) for line in lines)
+    while len(body) < int(headers[b"content-length"]):
+        body += sock.recv(65536)
+    return status, headers, body
+
+
+def split(raw: bytes) -> tuple[bytes, list[bytes], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    return status, [line.lower() for line in lines], body
+
+
+def test_slow_headers_are_cut_off_with_408(server):
+    with connect(server) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        raw = read_until_closed(sock)
+        elapsed = time.monotonic() - started
+    assert raw.startswith(b"HTTP/1.1 408 ") and b"connection: close" in raw
+    assert HEADER_TIMEOUT * 0.8 <= elapsed < HEADER_TIMEOUT + 2
+
+
+def test_the_header_clock_does_not_restart_with_each_byte(server):
+    with connect(server) as sock:
+        started = time.monotonic()
+        stop = threading.Event()
+
+        def dribble() -> None:  # one byte every 50 ms, forever: never a gap near the timeout
+            try:
+                for byte in b"GET / HTTP/1.1\r\nX-Drip: " + b"a" * 1000:
+                    if stop.wait(0.05):
+                        return
+                    sock.send(bytes([byte]))
+            except OSError:
+                return
+
+        dripper = threading.Thread(target=dribble)
+        dripper.start()
+        raw = read_until_closed(sock)
+        elapsed = time.monotonic() - started
+        stop.set()
+        dripper.join()
+    assert raw.startswith(b"HTTP/1.1 408 ")
+    assert elapsed < HEADER_TIMEOUT + 2
+
+
+def test_an_idle_new_connection_is_closed_quietly(server):
+    with connect(server) as sock:
+        assert read_until_closed(sock) == b""
+
+
+def test_a_stalled_body_is_cut_off_with_408(server):
+    with connect(server) as sock:
+        started = time.monotonic()
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        raw = read_until_closed(sock)
+        elapsed = time.monotonic() - started
+    assert raw.startswith(b"HTTP/1.1 408 ")
+    assert BODY_TIMEOUT * 0.8 <= elapsed < BODY_TIMEOUT + 2
+
+
+def test_a_body_sent_slowly_but_steadily_is_accepted(server):
+    # ten pieces 100 ms apart: twice the body timeout in all, but no gap near it
+    with connect(server) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(10):
+            time.sleep(0.1)
+            sock.sendall(b"y" * 10)
+        status, _, body = read_response(sock)
+    assert status.startswith(b"HTTP/1.1 200") and body == b"100"
+
+
+def test_expect_100_continue_waits_on_the_app_not_the_clock(server):
+    # the app reads the body only after twice the body timeout: the client is waiting on us, not stalling
+    with connect(server) as sock:
+        sock.sendall(b"POST /slow-read HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(b"hello")
+        status, _, body = read_response(sock)
+    assert status.startswith(b"HTTP/1.1 200") and body == b"5"
+
+
+@pytest.mark.parametrize("complete", [True, False], ids=["whole-head", "unfinished-head"])
+def test_a_head_over_the_limit_gets_431(server, complete):
+    head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * (2 * MAX_HEADER_BYTES) + b"\r\n"
+    with connect(server) as sock:
+        sock.sendall(head + b"\r\n" if complete else head)
+        raw = read_until_closed(sock)
+    assert raw.startswith(b"HTTP/1.1 431 ") and b"connection: close" in raw
+
+
+def test_a_head_under_the_limit_with_a_large_body_is_served(server):
+    # one read holds more than the limit, but most of it is body
+    body = b"z" * (4 * MAX_HEADER_BYTES)
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nX-Fill: " + b"f" * (MAX_HEADER_BYTES - 200) + b"\r\n"
+    with connect(server) as sock:
+        sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        status, _, answer = read_response(sock)
+    assert status.startswith(b"HTTP/1.1 200") and answer == b"%d" % len(body)
+
+
+def test_http10_stream_is_close_delimited(server):
+    with connect(server) as sock:
+        sock.sendall(b"GET /stream HTTP/1.0\r\n\r\n")
+        status, headers, body = split(read_until_closed(sock))
+    assert status.startswith(b"HTTP/1.1 200")
+    assert not any(h.startswith(b"transfer-encoding") or h.startswith(b"content-length") for h in headers)
+    assert b"connection: close" in headers
+    assert body == b"".join(CHUNKS)
+
+
+def test_http11_stream_stays_chunked(server):
+    with connect(server) as sock:
+        sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        status, headers, body = split(read_until_closed(sock))
+    assert b"transfer-encoding: chunked" in headers
+    assert body == b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in CHUNKS) + b"0\r\n\r\n"
+
+
+def test_http10_sized_reply_is_unchanged(server):
+    with connect(server) as sock:
+        sock.sendall(b"POST / HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc")
+        status, headers, body = split(read_until_closed(sock))
+    assert status.startswith(b"HTTP/1.1 200") and b"content-length: 1" in headers and body == b"3"
+
+
+def test_keep_alive_reuses_the_connection_past_the_timeouts(server):
+    with connect(server) as sock:
+        for i in range(3):
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (i, b"k" * i))
+            status, headers, body = read_response(sock)
+            assert status.startswith(b"HTTP/1.1 200") and body == b"%d" % i and b"connection" not in headers
+        # idle between requests longer than both timeouts: only the keep-alive timeout (5 s) applies
+        sock.settimeout(HEADER_TIMEOUT + BODY_TIMEOUT + 0.3)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)
+        sock.settimeout(5)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock)[2] == b"0"
+
+
+def test_many_dribbling_connections_are_all_closed(server):
+    socks = [connect(server) for _ in range(50)]
+    try:
+        for sock in socks:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        started, open_ = time.monotonic(), set(socks)
+        while open_ and time.monotonic() - started < HEADER_TIMEOUT + 5:
+            readable, _, _ = select.select(list(open_), [], [], 1)
+            for sock in readable:
+                if not sock.recv(65536):
+                    open_.discard(sock)
+        assert not open_, f"{len(open_)} of 50 still open"
+        with connect(server) as sock:  # and the server still serves
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(sock)[0].startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_pointsman_serve_applies_the_server_settings(upstream, tmp_path):
+    # two workers: the settings must reach the spawned worker processes too
+    config = f"""
+server: {{workers: 2, header_timeout_s: 0.5, body_timeout_s: 0.5, max_header_bytes: 2048}}
+models:
+  - id: remote-a
+    backend: openai
+    base_url: {upstream.url}
+    upstream_model: mock-model
+"""
+    gateway = start_gateway(tmp_path, config)
+    address = ("127.0.0.1", gateway.port)
+    try:
+        with connect(address) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
+        with connect(address) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 4096 + b"\r\n\r\n")
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 431 ")
+        body = json.dumps({"model": "remote-a", "stream": True, "messages": [{"role": "user", "content": "a b c"}]})
+        with connect(address, timeout=30) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode())
+            )
+            status, headers, raw = split(read_until_closed(sock))
+        assert status.startswith(b"HTTP/1.1 200") and b"connection: close" in headers
+        assert not any(h.startswith(b"transfer-encoding") for h in headers)
+        events = [line[6:] for line in raw.split(b"\n") if line.startswith(b"data: ")]
+        assert events[-1] == b"[DONE]"
+        text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+        assert text == "echo: a b c"
+    finally:
+        gateway.stop()

