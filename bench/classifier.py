@@ -16,7 +16,7 @@ from report import RESULTS, stamp, write_section  # noqa: E402
 
 from routing.classifier import DEFAULT_ARTIFACT, LABELS, TaskClassifier  # noqa: E402
 
-HELDOUT = ROOT / "routing" / "data" / "heldout.jsonl"
+HELDOUT = ROOT / "training" / "data" / "heldout.jsonl"
 SECTION = "## Task classifier"
 SIZES = (50, 500, 2000, 100_000)  # prompt sizes in estimated tokens; the last shows the work is bounded
 TARGET_P99_MS = 2.0  # at 2,000 tokens

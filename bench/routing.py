@@ -21,8 +21,8 @@ from report import stamp, write_section  # noqa: E402
 
 from config.loader import parse_config  # noqa: E402
 from gateway.deployments import DeploymentPool  # noqa: E402
-from gateway.protocol import ChatCompletionRequest, decode_request  # noqa: E402
 from gateway.service import Gateway  # noqa: E402
+from protocol.openai import ChatCompletionRequest, decode_request  # noqa: E402
 from routing.balancer import STRATEGIES  # noqa: E402
 from routing.live import DeploymentState  # noqa: E402
 from tests.conftest import start_gateway, start_upstream  # noqa: E402
