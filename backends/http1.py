@@ -16,7 +16,14 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from backends.transport import ConnectError, PoolTimeout, ReadError, TransportTimeout, check_headers
+from backends.transport import (
+    RELAYED_PREFIXES,
+    ConnectError,
+    PoolTimeout,
+    ReadError,
+    TransportTimeout,
+    check_headers,
+)
 
 __all__ = ["ConnectionPool", "StreamedResponse"]
 
@@ -44,6 +51,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future | None = None
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.relayed: list[tuple[bytes, bytes]] = []  # the RELAYED_PREFIXES subset of raw_headers
         self.keep_alive = True
 
     # ---- asyncio.Protocol
@@ -71,6 +79,8 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         lowered = name.lower()
         self.raw_headers.append((lowered, value))
+        if lowered.startswith(RELAYED_PREFIXES):
+            self.relayed.append((lowered, value))
         if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
             self._framed = True
 
@@ -79,6 +89,7 @@ class _Connection(asyncio.Protocol):
         if status < 200:  # an interim reply: its message completes at once, the final one follows
             self._interim = True
             self.raw_headers = []
+            self.relayed = []
             self._framed = False
             return
         self.status = status
@@ -140,6 +151,7 @@ class _Connection(asyncio.Protocol):
         self.resume()  # released while paused (its body was complete): it must read again
         self.status = 0
         self.raw_headers = []
+        self.relayed = []
         self.transport.write(head + body if len(body) < 65536 else head)  # type: ignore[union-attr]
         if len(body) >= 65536:
             self.transport.write(body)  # type: ignore[union-attr]
@@ -184,18 +196,28 @@ class _Connection(asyncio.Protocol):
 class StreamedResponse:
     """A response whose body is read whole or piece by piece; the connection goes back to the pool once read."""
 
-    __slots__ = ("_conn", "_pool", "_raw_headers", "_timeout", "status")
+    __slots__ = ("_conn", "_pool", "_raw_headers", "_relayed", "_timeout", "status")
 
     def __init__(self, pool: ConnectionPool, conn: _Connection, read_timeout: float | None) -> None:
         self._pool, self._conn, self._timeout = pool, conn, read_timeout
         self.status = conn.status
         self._raw_headers = conn.raw_headers  # the connection starts a new list on its next request
+        self._relayed = conn.relayed
 
     @property
     def headers(self) -> dict[str, str]:
         """Lowercase names; repeated headers joined with ", "."""
         out: dict[str, str] = {}
         for name, value in self._raw_headers:
+            key, text = name.decode("latin-1"), value.decode("latin-1")
+            out[key] = f"{out[key]}, {text}" if key in out else text
+        return out
+
+    def relayed_headers(self) -> dict[str, str]:
+        if not self._relayed:
+            return {}
+        out: dict[str, str] = {}
+        for name, value in self._relayed:
             key, text = name.decode("latin-1"), value.decode("latin-1")
             out[key] = f"{out[key]}, {text}" if key in out else text
         return out

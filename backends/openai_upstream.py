@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,7 +31,7 @@ from protocol.errors import (
 )
 from protocol.openai import GATEWAY_FIELDS, ChatCompletionRequest, ParsedRequest
 
-__all__ = ["OpenAIBackend", "Upstream", "open_transport", "relayable_headers", "translate_transport_error"]
+__all__ = ["OpenAIBackend", "Upstream", "open_transport", "translate_transport_error"]
 
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
@@ -81,11 +81,6 @@ def translate_transport_error(exc: BaseException, url: str) -> GatewayError:
     return UpstreamUnavailable(f"upstream {url} unreachable: {type(exc).__name__}: {exc}")
 
 
-def relayable_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The upstream response headers a client should see: Retry-After(-Ms) and x-ratelimit-* (lowercase)."""
-    return {k: v for k, v in headers.items() if k in ("retry-after", "retry-after-ms") or k.startswith("x-ratelimit-")}
-
-
 def _invalid(url: str, why: str) -> UpstreamInvalidResponse:
     return UpstreamInvalidResponse(f"upstream {url} answered with {why}")
 
@@ -110,9 +105,10 @@ class Upstream:
         )
         self._probe: httpx.AsyncClient | None = None
 
-    def _relay(self, headers: Mapping[str, str], into: dict[str, str] | None) -> dict[str, str]:
-        found = relayable_headers(headers)
-        if into is not None:
+    @staticmethod
+    def _relay(found: dict[str, str], into: dict[str, str] | None) -> dict[str, str]:
+        """Hand the relayed headers (Retry-After, x-ratelimit-*) to the caller's dict as well."""
+        if found and into is not None:
             into.update(found)
         return found
 
@@ -121,7 +117,7 @@ class Upstream:
         try:
             async with asyncio.timeout(self.timeout_s):
                 response = await self.transport.request("POST", path, body, None, self.timeout_s)
-                found = self._relay(response.headers, relay)
+                found = self._relay(response.relayed_headers(), relay)
                 content = await response.body()
         except (TimeoutError, TransportError) as exc:
             raise translate_transport_error(exc, self.base_url + path) from exc
@@ -130,26 +126,32 @@ class Upstream:
         return content
 
     async def post_stream(self, path: str, body: bytes, relay: dict[str, str] | None = None,
-                          choices: int = 1) -> AsyncIterator[bytes]:
-        """Yield each SSE `data:` payload as it arrives; ends at `[DONE]`, or at the connection's end once every
-        one of the `choices` has its finish_reason. Only the gap between bytes is bounded."""
+                          choices: int = 1, rewrite: Callable[[bytes], bytes] | None = None,
+                          ) -> AsyncIterator[bytes]:
+        """Yield each SSE `data:` payload as it arrives, through `rewrite` when given; ends at `[DONE]`, or at the
+        connection's end once every one of the `choices` has its finish_reason. Only the gap between bytes is
+        bounded."""
         url = self.base_url + path
         finished: set[int] = set()
         try:
             response = await self.transport.request("POST", path, body, None, self.timeout_s)
-            found = self._relay(response.headers, relay)
+            found = self._relay(response.relayed_headers(), relay)
             if response.status >= 400:
                 raise UpstreamStatusError(response.status, await response.body(), headers=found)
             buffer = b""
             chunks = response.chunks()
             try:
                 async for piece in chunks:
-                    buffer += piece
-                    while (end := buffer.find(b"\n")) >= 0:
-                        line, buffer = buffer[:end], buffer[end + 1 :]
-                        if not line.startswith(b"data:"):
+                    buffer = buffer + piece if buffer else piece
+                    start = 0
+                    while (end := buffer.find(b"\n", start)) >= 0:
+                        line, start = buffer[start:end], end + 1
+                        if line.startswith(b"data: ") and not line.endswith(b"\r"):
+                            data = line[6:]  # the usual framing: one copy, no strip
+                        elif line.startswith(b"data:"):
+                            data = line[5:].strip()
+                        else:
                             continue  # comments, `event:` and blank separator lines
-                        data = line[5:].strip()
                         if data == b"[DONE]":
                             return
                         # skip the decode when every finish_reason in the chunk is null (nearly all chunks)
@@ -158,7 +160,8 @@ class Upstream:
                                 finished.update(c.index for c in _chunk_choices(data).choices if c.finish_reason)
                             except msgspec.DecodeError:
                                 pass  # the payload goes on as it is; whether it is JSON is the client's concern
-                        yield data
+                        yield data if rewrite is None else rewrite(data)
+                    buffer = buffer[start:]
             finally:
                 await chunks.aclose()
         except (TimeoutError, TransportError) as exc:
@@ -243,21 +246,26 @@ class OpenAIBackend:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise _invalid(upstream.base_url + path, f"a body that is not a JSON object: {exc}") from exc
 
-    async def stream(self, request: ParsedRequest, deployment: int = 0,
-                     headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
+    def stream(self, request: ParsedRequest, deployment: int = 0,
+               headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
         upstream = self.upstreams[deployment]
         path = self._path(request)
-        payloads = upstream.post_stream(path, self._body(request), headers, request.body.n)
-        if self._rename is None:
-            async for payload in payloads:
-                yield payload
-            return
-        async for payload in payloads:
-            try:
-                rewritten = self._rewrite(payload, check=False)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                raise _invalid(upstream.base_url + path, f"a stream chunk that is not a JSON object: {exc}") from exc
-            yield rewritten
+        rewrite = None
+        if self._rename is not None:
+            url = upstream.base_url + path
+
+            old, ours = self._rename
+
+            def rewrite(payload: bytes) -> bytes:
+                if old in payload:  # compact JSON, as vLLM and OpenAI send it: the fast path of _rewrite
+                    return payload.replace(old, ours, 1)
+                try:
+                    return self._rewrite(payload, check=False)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    raise _invalid(url, f"a stream chunk that is not a JSON object: {exc}") from exc
+
+        # the upstream's own generator, rewriting inside it: no extra generator hop per chunk
+        return upstream.post_stream(path, self._body(request), headers, request.body.n, rewrite)
 
     async def health(self) -> bool:
         results = await asyncio.gather(*(u.reachable() for u in self.upstreams))

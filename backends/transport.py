@@ -27,6 +27,7 @@ __all__ = [
     "AiohttpTransport",
     "ConnectError",
     "InvalidHeader",
+    "RELAYED_PREFIXES",
     "PoolTimeout",
     "ReadError",
     "Response",
@@ -64,6 +65,10 @@ class InvalidHeader(ValueError):
     """A header name that is not an HTTP token, or a value holding CR, LF or NUL (a request splitter)."""
 
 
+# response headers a gateway hands back to its client (name prefixes, lowercase): Retry-After(-Ms), x-ratelimit-*
+RELAYED_PREFIXES = (b"retry-after", b"x-ratelimit-")
+
+
 class Response(Protocol):
     """Status and headers of an upstream response; its body is read once, whole or in pieces."""
 
@@ -72,6 +77,9 @@ class Response(Protocol):
     @property
     def headers(self) -> Mapping[str, str]:
         """Lowercase names; repeated headers joined with ", "."""
+
+    def relayed_headers(self) -> dict[str, str]:
+        """Only the headers named by RELAYED_PREFIXES (collected while parsing: this runs on every response)."""
 
     async def body(self) -> bytes:
         """The whole body; releases the connection."""
@@ -171,6 +179,9 @@ class _AiohttpResponse:
             key = name.lower()
             out[key] = f"{out[key]}, {value}" if key in out else value
         return out
+
+    def relayed_headers(self) -> dict[str, str]:
+        return {k: v for k, v in self.headers.items() if k.encode("latin-1").startswith(RELAYED_PREFIXES)}
 
     async def body(self) -> bytes:
         try:

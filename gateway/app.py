@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -10,7 +11,7 @@ import msgspec
 from litestar import Litestar, MediaType, Request, Response, Router, get, post
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
-from litestar.types import ASGIApp, Message, Scope
+from litestar.types import ASGIApp
 
 from backends.base import Backend
 from config.schema import Config
@@ -27,16 +28,18 @@ from gateway.openapi import (
     documented,
 )
 from gateway.pipeline import Pipeline
-from gateway.responses import DisconnectWatch, JSONBody, SSEStream, nothing, replay
+from gateway.request_id import request_id_of, request_ids
+from gateway.responses import JSONBody, SSEStream, Watches, nothing, replay
 from gateway.service import Gateway
 from policies.base import Policy, PolicyChain
-from policies.context import Outcome, Reply, RequestContext, request_id
+from policies.context import Outcome, Reply, RequestContext
 from protocol.errors import BadRequest, GatewayError, error_body
 from protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
     ModelList,
+    ParsedRequest,
     decode_object,
     decode_request,
 )
@@ -44,32 +47,28 @@ from protocol.openai import (
 __all__ = ["create_app"]
 
 log = logging.getLogger("pointsman")
-REQUEST_ID = "pointsman.request_id"  # the ASGI scope key that holds the request id once it is known
 
 
 def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-def _context(request: Request, parsed) -> RequestContext:
+def _context(request: Request, parsed: ParsedRequest) -> RequestContext:
     scope = request.scope
-    rid = scope[REQUEST_ID] = request_id(_header(scope, b"x-request-id"))  # type: ignore[literal-required]
-    user = parsed.body.user or _header(scope, b"x-pointsman-user")
-    return RequestContext(parsed, principal_of(scope), rid, user)
+    user = parsed.body.user
+    if user is None:
+        for key, value in scope["headers"]:
+            if key == b"x-pointsman-user":
+                user = value.decode("latin-1")
+    return RequestContext(parsed, principal_of(scope), request_id_of(scope), user)
 
 
 async def _generate(request: Request, kind: type[ChatCompletionRequest] | type[CompletionRequest]) -> ASGIApp:
-    pipeline: Pipeline = request.app.state.pipeline
+    state = request.app.state
+    pipeline: Pipeline = state.pipeline
     ctx = _context(request, decode_request(await request.body(), kind))
     stream = ctx.request.body.stream
-    watch = DisconnectWatch(request.receive)
+    watch = state.watches.watch(request.receive)
     try:
         result = await (pipeline.stream(ctx) if stream else pipeline.complete(ctx))
     except BaseException as exc:
@@ -78,16 +77,18 @@ async def _generate(request: Request, kind: type[ChatCompletionRequest] | type[C
             return nothing
         raise
     answered = isinstance(result, Reply)
-    settle = pipeline.settle if pipeline.policies else None
+    settle = pipeline.settle if pipeline.has_policies else None
     if stream:
         first, rest = (None, replay(result.chunks)) if answered else (result.first, result.rest)
         on_end = None if settle is None else lambda outcome: settle(
             ctx, Outcome("answered") if answered and outcome.status == "ok" else outcome)
-        return SSEStream(first, rest, result.headers, watch, on_end)
+        headers = {**result.headers, "x-request-id": ctx.request_id} if answered else result.headers
+        return SSEStream(first, rest, headers, watch, on_end)
     watch.stop()
     after = None if settle is None else lambda: settle(
         ctx, Outcome("answered") if answered else Outcome("ok", body=result.body))
-    return JSONBody(result.body, result.headers, after=after)
+    headers = {**result.headers, "x-request-id": ctx.request_id} if answered else result.headers
+    return JSONBody(result.body, headers, after=after)
 
 
 @post("/chat/completions", status_code=200, summary="Create a chat completion (OpenAI)",
@@ -169,8 +170,9 @@ async def ready(request: Request) -> Response:
     return Response({"ready": status == 200, "models": states}, status_code=status)
 
 
-def _render_gateway_error(_: Request, exc: GatewayError) -> Response:
-    return Response(exc.body(), status_code=exc.status, media_type=MediaType.JSON, headers=exc.headers or None)
+def _render_gateway_error(request: Request, exc: GatewayError) -> Response:
+    return Response(exc.body(), status_code=exc.status, media_type=MediaType.JSON,
+                    headers={**exc.headers, "x-request-id": request_id_of(request.scope)})
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 401: "invalid_api_key"}
@@ -184,24 +186,18 @@ def _render_http_error(request: Request, exc: HTTPException) -> Response:
         error_body(str(message), type_, _HTTP_CODES.get(status)),
         status_code=status,
         media_type=MediaType.JSON,
-        headers=getattr(exc, "headers", None),
+        headers={**(getattr(exc, "headers", None) or {}), "x-request-id": request_id_of(request.scope)},
     )
 
 
-def _render_unexpected(_: Request, exc: Exception) -> Response:
+def _render_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return Response(
         error_body("The gateway failed to process the request.", "api_error", "internal_error"),
         status_code=500,
         media_type=MediaType.JSON,
+        headers={"x-request-id": request_id_of(request.scope)},
     )
-
-
-async def _add_request_id(message: Message, scope: Scope) -> None:
-    """Every response carries x-request-id: the client's own when it sent a usable one, else a fresh one."""
-    if message["type"] == "http.response.start":
-        rid = scope.get(REQUEST_ID) or request_id(_header(scope, b"x-request-id"))
-        message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid.encode())]
 
 
 def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
@@ -214,20 +210,25 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         gateway.start()
+        # what start-up built (the classifier's vocabulary, the app) lives as long as the process: out of the
+        # collector's sight, a full collection no longer stalls requests for ~25 ms (bench/RESULTS.md)
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
             await gateway.aclose()
 
-    v1 = Router(
-        path="/v1",
-        route_handlers=[chat_completions, completions, explain_route, recommend, list_models, retrieve_model],
-        guards=[keys] if keys.enabled else [],
-    )
+    guards = [keys] if keys.enabled else []
+    # the completion routes add x-request-id themselves; Litestar's own responses get it from the middleware
+    hot = Router(path="/v1", route_handlers=[chat_completions, completions], guards=guards)
+    v1 = Router(path="/v1", route_handlers=[explain_route, recommend, list_models, retrieve_model], guards=guards,
+                middleware=[request_ids])
     # the earlier prototype served /models/recommend without the /v1 prefix; keep that path working
-    legacy = Router(path="/", route_handlers=[recommend], guards=v1.guards)
+    legacy = Router(path="/", route_handlers=[recommend], guards=guards, middleware=[request_ids])
+    probes = Router(path="/", route_handlers=[health, ready], middleware=[request_ids])
     app = Litestar(
-        route_handlers=[v1, legacy, health, ready],
+        route_handlers=[hot, v1, legacy, probes],
         lifespan=[lifespan],
         exception_handlers={
             GatewayError: _render_gateway_error,
@@ -237,9 +238,9 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
         openapi_config=OpenAPIConfig(title="pointsman", version="0.1.0", path="/openapi"),
         type_encoders={msgspec.Struct: msgspec.to_builtins},
         logging_config=None,
-        before_send=[_add_request_id],
     )
     add_schemas(app.openapi_schema.components)
     app.state.gateway = gateway
     app.state.pipeline = Pipeline(gateway, PolicyChain(policies))
+    app.state.watches = Watches()
     return app

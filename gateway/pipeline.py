@@ -45,7 +45,11 @@ class StreamStart:
 
 
 def route_headers(ctx: RequestContext, attempt: Attempt, decision: Decision, relayed: dict[str, str]) -> dict:
-    headers = {**relayed, "x-pointsman-model": attempt.model.id, "x-pointsman-route": attempt.route}
+    """The response's headers: the upstream's relayed ones, the route taken, the request id, the policies'."""
+    headers = relayed  # a fresh dict per attempt
+    headers["x-pointsman-model"] = attempt.model.id
+    headers["x-pointsman-route"] = attempt.route
+    headers["x-request-id"] = ctx.request_id
     if decision.analysis is not None:
         headers["x-pointsman-task"] = decision.analysis.task
     if ctx.headers:
@@ -68,28 +72,30 @@ class Pipeline:
     def __init__(self, gateway: Gateway, policies: PolicyChain) -> None:
         self.gateway = gateway
         self.policies = policies
+        self.has_policies = bool(policies)  # read on every request: a plain attribute, not a __bool__ call
 
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
-        if self.policies:
+        if self.has_policies:
             await self.policies.settle(ctx, outcome)
 
     async def _prepare(self, ctx: RequestContext) -> Reply | Decision:
         """admit, then decide, then approve: a Reply when a policy answered, else the routing decision."""
         policies = self.policies
-        if policies:
-            reply = await policies.admit(ctx)
-            if reply is not None:
-                return reply
+        reply = await policies.admit(ctx)
+        if reply is not None:
+            return reply
         decision = ctx.decision = await self.gateway.decide(ctx.request)
-        if policies:
-            await policies.approve(ctx, decision)
+        await policies.approve(ctx, decision)
         return decision
 
     async def complete(self, ctx: RequestContext) -> Served | Reply:
         try:
-            prepared = await self._prepare(ctx)
-            if isinstance(prepared, Reply):
-                return prepared
+            if self.has_policies:
+                prepared = await self._prepare(ctx)
+                if isinstance(prepared, Reply):
+                    return prepared
+            else:  # no policies: straight to the decision (one coroutine fewer on the hottest path)
+                prepared = ctx.decision = await self.gateway.decide(ctx.request)
             request = ctx.request
             attempt, lease, relayed, body = await self._first_success(
                 ctx, prepared, lambda backend, index, headers: backend.complete(request, index, headers)
@@ -118,9 +124,12 @@ class Pipeline:
                 raise
 
         try:
-            prepared = await self._prepare(ctx)
-            if isinstance(prepared, Reply):
-                return prepared
+            if self.has_policies:
+                prepared = await self._prepare(ctx)
+                if isinstance(prepared, Reply):
+                    return prepared
+            else:
+                prepared = ctx.decision = await self.gateway.decide(ctx.request)
             attempt, lease, relayed, (first, rest) = await self._first_success(ctx, prepared, open_stream)
         except BaseException as exc:
             await self.settle(ctx, _outcome_of(exc))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -11,9 +10,7 @@ from config.schema import ModelConfig
 from protocol.errors import GatewayError
 from protocol.openai import ParsedRequest
 
-__all__ = ["ANONYMOUS", "AttemptRecord", "Outcome", "Principal", "Reply", "RequestContext", "request_id"]
-
-_MAX_REQUEST_ID = 128
+__all__ = ["ANONYMOUS", "AttemptRecord", "Outcome", "Principal", "Reply", "RequestContext"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,13 +24,6 @@ class Principal:
 
 
 ANONYMOUS = Principal(key_id=None)
-
-
-def request_id(given: str | None) -> str:
-    """The client's `x-request-id` when it is a short printable token, else a fresh one."""
-    if given and len(given) <= _MAX_REQUEST_ID and given.isprintable() and given.isascii():
-        return given
-    return uuid.uuid4().hex
 
 
 @dataclass(slots=True)

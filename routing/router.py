@@ -63,7 +63,11 @@ def rough_prompt_tokens(request: ParsedRequest) -> int:
     """A cheap upper-ish token estimate (4 characters a token) for context-window checks on the hot path."""
     body = request.body
     if isinstance(body, ChatCompletionRequest):
-        return sum(len(message_text(m.content)) for m in body.messages) // 4 + 4 * len(body.messages)
+        chars = 0
+        for m in body.messages:
+            content = m.content
+            chars += len(content) if type(content) is str else len(message_text(content))
+        return chars // 4 + 4 * len(body.messages)
     prompt = body.prompt
     return len(prompt) // 4 if isinstance(prompt, str) else len(str(prompt)) // 4
 
@@ -105,7 +109,9 @@ class Router:
         return score_models(self.table.models, profile, need, self.live, availability, self.excluded)
 
     def decide(self, plan: Plan, request: ParsedRequest, analysis: PromptAnalysis | None = None) -> Decision:
-        need = self._need(request, analysis)
+        # the request's needs are worked out only when something reads them: a manual request to a model with
+        # no context_window (the hot path) never does
+        need: Need | None = None
         decision = Decision([], [e.name for e in plan.chain], analysis)
         seen: set[str] = set()
         for position, element in enumerate(plan.chain):
@@ -113,12 +119,16 @@ class Router:
             if element.model is not None:
                 model = element.model
                 window = model.context_window
-                if window is not None and need.context_needed > window:
-                    decision.skipped[model.id] = f"context window {window} too small"
-                elif model.id not in seen:
+                if window is not None:
+                    need = need or self._need(request, analysis)
+                    if need.context_needed > window:
+                        decision.skipped[model.id] = f"context window {window} too small"
+                        continue
+                if model.id not in seen:
                     seen.add(model.id)
                     decision.attempts.append(Attempt(model, label))
                 continue
+            need = need or self._need(request, analysis)
             candidates = self._score(element.profile or self.config.routing.default_profile, need)
             if not decision.candidates:
                 decision.candidates = candidates
@@ -126,7 +136,7 @@ class Router:
                 if candidate.eligible and candidate.model not in seen:
                     seen.add(candidate.model)
                     decision.attempts.append(Attempt(self.table.get(candidate.model), label))
-        if decision.skipped:
+        if decision.skipped and need is not None:
             self._fall_back_to_larger_context(decision, need, seen)
         return decision
 
