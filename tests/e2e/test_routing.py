@@ -214,7 +214,9 @@ models:
     try:
         async def scenario() -> list[int]:
             load = asyncio.create_task(_load(gateway.url, 600, 8))
-            await asyncio.sleep(0.3)
+            async with aiohttp.ClientSession() as session:  # wait until b has served a share of the load
+                while (await (await session.get(b.url.removesuffix("/v1") + "/stats")).json())["requests"] < 50:
+                    assert not load.done(), "the load ended before b served 50 requests"
             b.proc.kill()  # mid-run: in-flight and later requests on b must land on a
             return await load
 

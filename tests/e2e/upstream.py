@@ -2,7 +2,10 @@
 
 Run: python tests/e2e/upstream.py --port N [--name NAME]. The last user message steers it:
 `status:429` answers that HTTP error, `sleep:2.5` waits before answering, `break:3` streams 3 chunks and
-drops the connection, `gap:0.2` waits between stream chunks; anything else is echoed back word by word.
+drops the connection, `gap:0.2` waits between stream chunks, `pad:N` pads a plain answer (or the error message)
+to about N bytes, `garbage` answers 200 with a body that is not JSON, `nodone` ends a finished stream without
+`[DONE]`; anything else is echoed back word by word. Errors carry `Retry-After: 7`, answers
+`x-ratelimit-remaining-requests: 99`.
 A directive written `status:503@model-a` applies only on the upstream started with `--name model-a`.
 A request with `continue_final_message` and a final assistant message streams the rest of the echo after it.
 Non-streaming answers carry `x_received` (the body and Authorization header it got) for pass-through checks.
@@ -83,9 +86,13 @@ class Upstream:
                                                 "param": None, "code": None}}, status=400)
         chat = request.path.endswith("/chat/completions")
         prompt = _prompt(body)
+        pad = int(_directive(prompt, "pad", self.name) or 0)
         if (status := _directive(prompt, "status", self.name)) is not None:
-            error = {"message": f"mock error {status}", "type": "mock_error", "param": None, "code": f"mock_{status}"}
-            return web.json_response({"error": error}, status=int(status))
+            message = f"mock error {status}" + " " * max(0, pad - 100)
+            error = {"message": message, "type": "mock_error", "param": None, "code": f"mock_{status}"}
+            return web.json_response({"error": error}, status=int(status), headers={"Retry-After": "7"})
+        if "garbage" in prompt.split():
+            return web.Response(body=b"<html>502 Bad Gateway</html>", content_type="application/json")
         if (delay := _directive(prompt, "sleep", self.name)) is not None:
             await asyncio.sleep(float(delay))
         text = _answer(prompt)
@@ -98,6 +105,7 @@ class Upstream:
         created = int(time.time())
         if body.get("stream"):
             return await self._stream(request, body, chat, text, model, usage, created, prompt)
+        text += " " * max(0, pad - 200)  # plain answers only: a stream sends one chunk per word
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                       "finish_reason": "stop", "logprobs": None}
@@ -107,10 +115,11 @@ class Upstream:
             obj = "text_completion"
         answer = {"id": "mock-1", "object": obj, "created": created, "model": model, "choices": [choice],
                   "usage": usage, "x_received": {"body": body, "authorization": request.headers.get("authorization")}}
-        return web.json_response(answer)
+        return web.json_response(answer, headers={"x-ratelimit-remaining-requests": "99"})
 
     async def _stream(self, request, body, chat, text, model, usage, created, prompt) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        response = web.StreamResponse(headers={"content-type": "text/event-stream",
+                                               "x-ratelimit-remaining-requests": "99"})
         await response.prepare(request)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         gap = float(_directive(prompt, "gap", self.name) or 0)
@@ -146,7 +155,8 @@ class Upstream:
             final = {"id": "mock-1", "object": "chat.completion.chunk" if chat else "text_completion",
                      "created": created, "model": model, "choices": [], "usage": usage}
             await response.write(b"data: " + json.dumps(final, separators=(",", ":")).encode() + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
+        if "nodone" not in prompt.split():
+            await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
