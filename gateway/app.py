@@ -11,6 +11,7 @@ import msgspec
 from litestar import Litestar, MediaType, Request, Response, Router, get, post
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
+from litestar.params import FromPath
 from litestar.types import ASGIApp
 
 from backends.base import Backend
@@ -154,7 +155,7 @@ async def list_models(request: Request) -> ModelList:
 
 
 @get("/models/{model_id:path}", summary="Retrieve one model (ids may contain '/')")
-async def retrieve_model(request: Request, model_id: str) -> ModelCard:
+async def retrieve_model(request: Request, model_id: FromPath[str]) -> ModelCard:
     return _gateway(request).model_card(model_id.lstrip("/"))
 
 
