@@ -169,7 +169,8 @@ def start_gateway(tmp: Path, upstream: str, workers: int, noop_policies: int = 0
     """pointsman serve; with noop_policies, bench/noop_app.py serves the same way with that many no-op policies."""
     port = free_port()
     config = tmp / "pointsman.yaml"
-    config.write_text("models:\n  - {id: bench-model, backend: openai, "
+    # no usage database: the rows measured are the pipeline with an empty policy chain (or the no-ops)
+    config.write_text("storage: {database_url: ''}\nmodels:\n  - {id: bench-model, backend: openai, "
                       f'base_url: "{upstream}/v1", upstream_model: mock-model}}\n')
     log = tmp / f"gateway-w{workers}-noop{noop_policies}.log"
     # upper case: the CLI lower-cases it for uvicorn, while gateway/asgi.py hands it to logging as is

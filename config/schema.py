@@ -23,6 +23,7 @@ __all__ = [
     "Profile",
     "RoutingConfig",
     "ServerConfig",
+    "StorageConfig",
     "TLSConfig",
     "TransformersModel",
     "VLLMModel",
@@ -226,11 +227,26 @@ class RoutingConfig(_Frozen, kw_only=True):
         return {**BUILTIN_PROFILES, **self.profiles}
 
 
+class StorageConfig(_Frozen, kw_only=True):
+    """Where shared state lives: hot state (counters, cache entries, pub/sub) and durable rows (usage log)."""
+
+    # hot state on Redis, shared by replicas; left out, it is kept in process
+    redis_url: Annotated[str, Meta(pattern=r"^rediss?://")] | None = None
+    # durable rows: a SQLite file by default, PostgreSQL (postgresql+asyncpg://...) for replicas; an empty string
+    # turns the usage log off
+    database_url: str = "sqlite+aiosqlite:///pointsman.db"
+
+    def __post_init__(self) -> None:
+        if self.database_url and not self.database_url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("database_url: expected sqlite+aiosqlite:///FILE or postgresql+asyncpg://...")
+
+
 class Config(_Frozen, kw_only=True):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
     models: Annotated[list[ModelConfig], Meta(min_length=1)]
     routing: RoutingConfig = RoutingConfig()
+    storage: StorageConfig = StorageConfig()
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}

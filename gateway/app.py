@@ -32,6 +32,7 @@ from gateway.pipeline import Pipeline
 from gateway.request_id import request_id_of, request_ids
 from gateway.responses import JSONBody, SSEStream, Watches, nothing, replay
 from gateway.service import Gateway
+from gateway.storage import Storage
 from policies.base import Policy, PolicyChain
 from policies.context import Outcome, Reply, RequestContext
 from protocol.errors import BadRequest, GatewayError, error_body
@@ -206,10 +207,12 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     """The app for one config. `backends` replaces the ones the config would build; `policies` run on every
     completion request in their fixed stage order."""
     gateway = Gateway(config, backends)
+    storage = Storage(config.storage)
     keys = KeyCheck(config.auth.api_keys)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await storage.start()
         gateway.start()
         # what start-up built (the classifier's vocabulary, the app) lives as long as the process: out of the
         # collector's sight, a full collection no longer stalls requests for ~25 ms (bench/RESULTS.md)
@@ -219,6 +222,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
             yield
         finally:
             await gateway.aclose()
+            await storage.aclose()  # after the last request: its usage row is written too
 
     guards = [keys] if keys.enabled else []
     # the completion routes add x-request-id themselves; Litestar's own responses get it from the middleware
@@ -242,6 +246,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     )
     add_schemas(app.openapi_schema.components)
     app.state.gateway = gateway
-    app.state.pipeline = Pipeline(gateway, PolicyChain(policies))
+    app.state.storage = storage
+    app.state.pipeline = Pipeline(gateway, PolicyChain([*policies, *storage.policies()]))
     app.state.watches = Watches()
     return app

@@ -70,6 +70,19 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 2
 
+    if config.storage.database_url:
+        # once, before the workers start: each worker's own check then finds the database at the newest revision
+        # (several workers creating SQLite tables at once would race)
+        import asyncio
+
+        from policies.database import migrate
+
+        try:
+            asyncio.run(migrate(config.storage.database_url))
+        except Exception as exc:  # unreachable, or not ours to migrate: say which, in one line
+            print(f"pointsman: cannot prepare the database {config.storage.database_url}: "
+                  f"{type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+            return 2
     # workers import gateway.asgi:make_app, which reads the same file
     os.environ["POINTSMAN_CONFIG"] = os.path.abspath(path) if path else ""
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"

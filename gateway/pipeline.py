@@ -45,13 +45,15 @@ class StreamStart:
 
 
 def route_headers(ctx: RequestContext, attempt: Attempt, decision: Decision, relayed: dict[str, str]) -> dict:
-    """The response's headers: the upstream's relayed ones, the route taken, the request id, the policies'."""
+    """The response's headers: the upstream's relayed ones, the route taken, the request id, the policies'.
+    Also notes the route and task in the context."""
+    ctx.route = attempt.route
     headers = relayed  # a fresh dict per attempt
     headers["x-pointsman-model"] = attempt.model.id
     headers["x-pointsman-route"] = attempt.route
     headers["x-request-id"] = ctx.request_id
     if decision.analysis is not None:
-        headers["x-pointsman-task"] = decision.analysis.task
+        headers["x-pointsman-task"] = ctx.task = decision.analysis.task
     if ctx.headers:
         headers.update(ctx.headers)
     return headers

@@ -75,6 +75,8 @@ class RequestContext:
     decision: Any = None  # routing.router.Decision, once routed
     attempts: list[AttemptRecord] = field(default_factory=list)
     model: str | None = None  # the model that served
+    route: str | None = None  # how it came to serve: manual | auto | fallback
+    task: str | None = None  # the classifier's task, when the prompt was classified
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cost_usd: float | None = None

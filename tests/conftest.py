@@ -95,6 +95,8 @@ def start_gateway(tmp: Path, config: str, *, env: dict | None = None, args: tupl
                   timeout: float = 180) -> Process:
     port = free_port()
     path = tmp / f"pointsman-{port}.yaml"
+    if "\nstorage:" not in "\n" + config:  # each gateway its own usage database, not ./pointsman.db
+        config += f"\nstorage: {{database_url: 'sqlite+aiosqlite:///{tmp}/usage-{port}.db'}}\n"
     path.write_text(config)
     log = tmp / f"pointsman-{port}.log"
     proc = spawn([*POINTSMAN, "serve", "--config", str(path), "--port", str(port), *args], log, env)

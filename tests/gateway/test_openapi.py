@@ -26,6 +26,7 @@ models:
     base_url: {upstream.url}
     upstream_model: mock-model
 routing: {{health_check_s: 0}}
+storage: {{database_url: ''}}
 """)
     with serve(create_app(config)) as url:
         yield url

@@ -92,6 +92,7 @@ models:
     base_url: http://127.0.0.1:1/v1
     eager: false
 routing: {{health_check_s: 0}}
+storage: {{database_url: ''}}
 """)
     recorder = Recorder()
     app = create_app(config, policies=[recorder, Broken()])

@@ -1,0 +1,244 @@
+"""RedisStore: the StateStore on Redis, one round trip per operation (each read-modify-write is one Lua script)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Sequence
+from typing import TypeVar
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from policies.state import (
+    RESERVED,
+    SLACK_S,
+    RateResult,
+    Reservation,
+    ReserveResult,
+    StoreUnavailable,
+    Subscription,
+    check_rate,
+    check_ttl,
+)
+
+__all__ = ["RedisStore"]
+
+log = logging.getLogger("pointsman.state")
+T = TypeVar("T")
+_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)  # OSError covers the builtin TimeoutError too
+
+# KEYS: the counters; ARGV: amount, limit, ttl_ms per key (0: no expiry). Every item is checked before any is
+# written (a key named twice against its running total), so the reservation is all or nothing; a counter gets
+# its expiry when it has none (new), so items of different periods reset independently.
+_RESERVE = """
+local pending = {}
+for i, key in ipairs(KEYS) do
+  local current = pending[key] or tonumber(redis.call('GET', key) or '0')
+  local amount, limit = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1])
+  if current + amount > limit then
+    return {i, string.format('%.17g', current)}
+  end
+  pending[key] = current + amount
+end
+for i, key in ipairs(KEYS) do
+  redis.call('INCRBYFLOAT', key, ARGV[3 * i - 2])
+  local ttl = tonumber(ARGV[3 * i])
+  if ttl > 0 and redis.call('PTTL', key) == -1 then
+    redis.call('PEXPIRE', key, ttl)
+  end
+end
+return {0}
+"""
+
+# KEYS: the counters; ARGV: the deltas. A counter gone with its period is skipped, never resurrected (a settle
+# landing after the reset belongs to the old period); one that would go below zero is clamped, expiry kept.
+_ADJUST = """
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    if tonumber(redis.call('INCRBYFLOAT', key, ARGV[i])) < 0 then
+      redis.call('SET', key, '0', 'KEEPTTL')
+    end
+  end
+end
+return 0
+"""
+
+# policies.state.gcra, line for line, on the server's clock (TIME) so that every replica agrees. Times are
+# seconds since 2023-11-14 so that doubles keep sub-microsecond precision; floats travel as strings (Redis
+# truncates Lua numbers to integers). KEYS[1]: the bucket's TAT; ARGV: rate_per_s, burst, cost, slack_s.
+_RATE = """
+local t = redis.call('TIME')
+local now = (tonumber(t[1]) - 1700000000) + tonumber(t[2]) / 1000000
+local rate, burst, cost, slack = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local increment, offset = cost / rate, burst / rate
+local new_tat = tat + increment
+local diff = now - (new_tat - offset)
+if diff < -slack then
+  local retry = -diff
+  if increment > offset + slack then retry = -1 end
+  local remaining = math.max(0, math.floor((offset - (tat - now) + slack) * rate))
+  return {0, remaining, string.format('%.17g', retry), string.format('%.17g', tat - now)}
+end
+redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) * 1000)))
+return {1, math.max(0, math.floor((diff + slack) * rate)), '0', string.format('%.17g', new_tat - now)}
+"""
+
+
+class RedisStore:
+    """The StateStore on Redis (redis-py asyncio, one connection pool, every key and channel under `prefix`).
+
+    Each operation is one command or one Lua script (EVALSHA, reloaded by redis-py after NOSCRIPT), so one round
+    trip. Connect and socket timeouts are `timeout_s`; a timed-out command is never retried (a retried script
+    could reserve twice): an unreachable Redis raises StoreUnavailable within about `timeout_s`. At most
+    `max_connections` are open (pub/sub subscriptions hold one each); a call waits up to `timeout_s` for one.
+    The pool reconnects on the next call once Redis is back; the outage is logged once when it starts and once
+    when it ends.
+    """
+
+    __slots__ = ("_adjust", "_down", "_rate", "_redis", "_reserve", "_where", "prefix")
+
+    def __init__(
+        self, url: str, *, prefix: str = "pointsman:", timeout_s: float = 0.5, max_connections: int = 64
+    ) -> None:
+        self.prefix = prefix
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,  # waiting for a free connection counts against the same bound
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            # one immediate retry on a broken connection: after a Redis restart every pooled socket is stale and
+            # fails before its command reaches any server. Timeouts are never retried: the command may have run.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        self._redis = Redis.from_pool(pool)
+        kwargs = self._redis.connection_pool.connection_kwargs
+        self._where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
+        self._down = False
+        self._reserve = self._redis.register_script(_RESERVE)
+        self._adjust = self._redis.register_script(_ADJUST)
+        self._rate = self._redis.register_script(_RATE)
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._call(self._redis.get(self.prefix + key))
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        check_ttl(ttl_s)
+        px = None if ttl_s is None else max(1, math.ceil(ttl_s * 1000))
+        await self._call(self._redis.set(self.prefix + key, value, px=px))
+
+    async def delete(self, key: str) -> None:
+        await self._call(self._redis.delete(self.prefix + key))
+
+    async def reserve(self, items: Sequence[Reservation]) -> ReserveResult:
+        if not items:
+            return RESERVED
+        args: list[str | int] = []
+        for item in items:
+            check_ttl(item.ttl_s)
+            ttl_ms = 0 if item.ttl_s is None else max(1, math.ceil(item.ttl_s * 1000))
+            args += [repr(float(item.amount)), repr(float(item.limit)), ttl_ms]
+        keys = [self.prefix + item.key for item in items]
+        failed, *current = await self._call(self._reserve(keys=keys, args=args))
+        if not failed:
+            return RESERVED
+        item = items[failed - 1]
+        return ReserveResult(False, failed - 1, float(current[0]), float(item.limit))
+
+    async def adjust(self, items: Sequence[tuple[str, float]]) -> None:
+        """Add deltas; an expired counter is skipped and a negative result is clamped at zero (see StateStore)."""
+        if items:
+            keys = [self.prefix + key for key, _ in items]
+            await self._call(self._adjust(keys=keys, args=[repr(float(delta)) for _, delta in items]))
+
+    async def counter(self, key: str) -> float:
+        value = await self._call(self._redis.get(self.prefix + key))
+        return 0.0 if value is None else float(value)
+
+    async def rate(self, key: str, rate_per_s: float, burst: float, cost: float = 1.0) -> RateResult:
+        check_rate(rate_per_s, burst, cost)
+        args = [repr(float(rate_per_s)), repr(float(burst)), repr(float(cost)), repr(SLACK_S)]
+        allowed, remaining, retry, reset = await self._call(self._rate(keys=[self.prefix + key], args=args))
+        retry_after = math.inf if retry == b"-1" else float(retry)
+        return RateResult(bool(allowed), int(remaining), retry_after, float(reset))
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        await self._call(self._redis.publish(self.prefix + channel, message))
+
+    def subscribe(self, channel: str) -> Subscription:
+        return _RedisSubscription(self, self.prefix + channel)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        """Await one Redis call, turning connection failures into StoreUnavailable and logging up/down edges."""
+        try:
+            result = await call
+        except _DOWN as exc:
+            if not self._down:
+                self._down = True
+                log.warning("state store down: Redis at %s unreachable (%s)", self._where, exc)
+            raise StoreUnavailable(f"Redis at {self._where} unreachable: {exc}") from exc
+        if self._down:
+            self._down = False
+            log.warning("state store back: Redis at %s reachable again", self._where)
+        return result
+
+
+class _RedisSubscription(Subscription):
+    """A PubSub on its own pooled connection. After an outage the next `__anext__` reconnects and subscribes
+    again (redis-py does both); messages published while it was down are lost, as Redis pub/sub always is."""
+
+    __slots__ = ("_channel", "_closed", "_pubsub", "_store")
+
+    def __init__(self, store: RedisStore, channel: str) -> None:
+        self._store, self._channel = store, channel
+        self._pubsub: PubSub | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> Subscription:
+        await self._open()
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._closed:
+            raise StopAsyncIteration
+        pubsub = await self._open()
+        while True:
+            message = await self._store._call(pubsub.get_message(ignore_subscribe_messages=True, timeout=None))
+            if self._closed:
+                raise StopAsyncIteration
+            if message is not None and message["type"] == "message":
+                return message["data"]
+
+    async def aclose(self) -> None:
+        self._closed = True
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            await _quietly_close(pubsub)
+
+    async def _open(self) -> PubSub:
+        if self._pubsub is None:
+            pubsub = self._store._redis.pubsub()
+            try:
+                await self._store._call(pubsub.subscribe(self._channel))
+            except BaseException:
+                await _quietly_close(pubsub)
+                raise
+            self._pubsub = pubsub
+        return self._pubsub
+
+
+async def _quietly_close(pubsub: PubSub) -> None:
+    try:
+        await pubsub.aclose()
+    except _DOWN:
+        pass  # the connection is dropped either way

@@ -1,0 +1,299 @@
+"""Hot state for policies (cache entries, budget counters, rate limits, pub/sub): StateStore and LocalStore."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = ["DEFAULT_MAX_BYTES", "RESERVED", "SLACK_S", "LocalStore", "RateResult", "Reservation", "ReserveResult",
+           "StateStore", "StoreUnavailable", "Subscription", "check_rate", "check_ttl", "gcra"]
+
+DEFAULT_MAX_BYTES = 64 * 2**20
+# GCRA compares float times: a microsecond of slack keeps rounding from refusing the last unit of a burst
+# (RedisStore's times are seconds since 2023-11, where a double still resolves well below 1 us).
+SLACK_S = 1e-6
+_SWEEP_EVERY = 4096  # LocalStore drops expired counters and full buckets once per this many writes
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached (Redis down or too slow): the caller decides whether to fail open or closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Add `amount` to counter `key` if it stays <= `limit`; a new counter expires after `ttl_s` (its period)."""
+
+    key: str
+    amount: float
+    limit: float
+    ttl_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    """ok, or the index of the first item that did not fit, with that counter's value and limit."""
+
+    ok: bool
+    failed: int | None = None
+    current: float = 0.0
+    limit: float = 0.0
+
+
+RESERVED = ReserveResult(ok=True)
+
+
+@dataclass(frozen=True, slots=True)
+class RateResult:
+    """One GCRA decision. `retry_after_s` is 0 when allowed and inf when `cost` exceeds the burst (never allowed);
+    `remaining` is whole units left in the burst; `reset_s` is the time until the bucket is full again."""
+
+    allowed: bool
+    remaining: int
+    retry_after_s: float
+    reset_s: float
+
+
+class Subscription(AsyncIterator[bytes]):
+    """Messages of one channel, in publish order. Subscribed once entered (`async with`) or on the first
+    `__anext__`; `aclose()` unsubscribes and ends the iteration."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Hot state shared by the policies. Keys are str, values bytes, times seconds. Each operation is atomic;
+    on Redis each is one round trip. Every operation raises StoreUnavailable when the store is unreachable.
+    A key holds either a value (`set`), a counter (`reserve`/`adjust`) or a rate bucket (`rate`): never mix."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def reserve(self, items: Sequence[Reservation]) -> ReserveResult:
+        """All or nothing: add every amount if each counter stays within its limit, else add none."""
+        ...
+
+    async def adjust(self, items: Sequence[tuple[str, float]]) -> None:
+        """Add deltas (negative allowed). A counter that has expired is skipped, not resurrected (its period
+        ended with it); an existing counter that would go below zero is clamped at zero."""
+        ...
+
+    async def counter(self, key: str) -> float: ...
+
+    async def rate(self, key: str, rate_per_s: float, burst: float, cost: float = 1.0) -> RateResult: ...
+
+    async def publish(self, channel: str, message: bytes) -> None: ...
+
+    def subscribe(self, channel: str) -> Subscription: ...
+
+    async def aclose(self) -> None: ...
+
+
+def check_rate(rate_per_s: float, burst: float, cost: float) -> None:
+    if not (rate_per_s > 0 and burst > 0 and cost >= 0 and math.isfinite(rate_per_s + burst + cost)):
+        raise ValueError(f"rate needs rate_per_s > 0, burst > 0, cost >= 0; got {rate_per_s}, {burst}, {cost}")
+
+
+def check_ttl(ttl_s: float | None) -> None:
+    if ttl_s is not None and not ttl_s > 0:
+        raise ValueError(f"ttl_s must be > 0 or None, got {ttl_s}")
+
+
+def gcra(
+    tat: float | None, now: float, rate_per_s: float, burst: float, cost: float
+) -> tuple[float | None, RateResult]:
+    """One GCRA step: (the theoretical arrival time to store, None when refused; the decision).
+
+    TAT is when the bucket would be full again; a request of `cost` is allowed while TAT + cost/rate stays
+    within burst/rate of now. RedisStore's Lua script is this function, line for line."""
+    if tat is None or tat < now:
+        tat = now
+    increment, offset = cost / rate_per_s, burst / rate_per_s
+    new_tat = tat + increment
+    diff = now - (new_tat - offset)
+    if diff < -SLACK_S:
+        retry = math.inf if increment > offset + SLACK_S else -diff
+        remaining = max(0, math.floor((offset - (tat - now) + SLACK_S) * rate_per_s))
+        return None, RateResult(False, remaining, retry, tat - now)
+    return new_tat, RateResult(True, max(0, math.floor((diff + SLACK_S) * rate_per_s)), 0.0, new_tat - now)
+
+
+class _LocalSubscription(Subscription):
+    __slots__ = ("_channel", "_closed", "_queue", "_subscribers")
+
+    def __init__(self, subscribers: dict[str, set[_LocalSubscription]], channel: str) -> None:
+        # registered at once: nothing published after subscribe() returns is missed
+        self._subscribers, self._channel, self._closed = subscribers, channel, False
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        subscribers.setdefault(channel, set()).add(self)
+
+    def deliver(self, message: bytes) -> None:
+        self._queue.put_nowait(message)
+
+    async def __anext__(self) -> bytes:
+        message = None if self._closed else await self._queue.get()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        subscribers = self._subscribers.get(self._channel)
+        if subscribers is not None:
+            subscribers.discard(self)
+            if not subscribers:
+                del self._subscribers[self._channel]
+        self._queue.put_nowait(None)  # wakes a reader waiting in __anext__
+
+
+class LocalStore:
+    """The StateStore in process, for one worker: plain dicts, no awaits inside a read-modify-write, so each
+    operation is atomic on its event loop.
+
+    Values from `set` are bounded by `max_bytes` (key and value lengths), least recently used evicted first;
+    a value larger than the whole bound is not kept. Expiry is checked on read against `clock` (monotonic);
+    expired counters and full rate buckets are also swept every few thousand writes so they cannot pile up.
+    Subscribers get every message published after they subscribed, in order, in unbounded queues."""
+
+    __slots__ = ("_bytes", "_clock", "_counters", "_rates", "_subscribers", "_values", "_writes", "max_bytes")
+
+    def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._values: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (value, expires at or inf)
+        self._bytes = 0
+        self._counters: dict[str, tuple[float, float]] = {}  # key -> (value, expires at or inf)
+        self._rates: dict[str, float] = {}  # key -> TAT; a bucket whose TAT has passed is full: dropped
+        self._subscribers: dict[str, set[_LocalSubscription]] = {}
+        self._writes = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._values.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
+            self._drop_value(key)
+            return None
+        self._values.move_to_end(key)
+        return entry[0]
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        check_ttl(ttl_s)
+        self._drop_value(key)
+        size = len(key) + len(value)
+        if size > self.max_bytes:
+            return
+        self._values[key] = (value, math.inf if ttl_s is None else self._clock() + ttl_s)
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            old, (old_value, _) = self._values.popitem(last=False)
+            self._bytes -= len(old) + len(old_value)
+
+    async def delete(self, key: str) -> None:
+        self._drop_value(key)
+        self._counters.pop(key, None)
+        self._rates.pop(key, None)
+
+    async def reserve(self, items: Sequence[Reservation]) -> ReserveResult:
+        for item in items:
+            check_ttl(item.ttl_s)
+        now = self._clock()
+        pending: dict[str, float] = {}  # a key named twice is checked against its running total
+        for i, item in enumerate(items):
+            current = pending[item.key] if item.key in pending else self._counter(item.key, now)
+            if current + item.amount > item.limit:
+                return ReserveResult(False, i, current, float(item.limit))
+            pending[item.key] = current + item.amount
+        for item in items:
+            value = pending.pop(item.key, None)
+            if value is None:
+                continue
+            old = self._counters.get(item.key)  # expired ones were dropped by the check above
+            expires = math.inf if old is None else old[1]
+            if expires == math.inf and item.ttl_s is not None:
+                expires = now + item.ttl_s
+            self._counters[item.key] = (value, expires)
+        self._wrote(now)
+        return RESERVED
+
+    async def adjust(self, items: Sequence[tuple[str, float]]) -> None:
+        """Add deltas; an expired counter is skipped and a negative result is clamped at zero (see StateStore)."""
+        now = self._clock()
+        for key, delta in items:
+            entry = self._counters.get(key)
+            if entry is None or entry[1] <= now:
+                self._counters.pop(key, None)
+                continue
+            value, expires = entry
+            self._counters[key] = (max(0.0, value + delta), expires)
+
+    async def counter(self, key: str) -> float:
+        return self._counter(key, self._clock())
+
+    async def rate(self, key: str, rate_per_s: float, burst: float, cost: float = 1.0) -> RateResult:
+        check_rate(rate_per_s, burst, cost)
+        now = self._clock()
+        new_tat, result = gcra(self._rates.get(key), now, rate_per_s, burst, cost)
+        if new_tat is not None:
+            self._rates[key] = new_tat
+            self._wrote(now)
+        return result
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        for subscription in tuple(self._subscribers.get(channel, ())):
+            subscription.deliver(message)
+
+    def subscribe(self, channel: str) -> Subscription:
+        return _LocalSubscription(self._subscribers, channel)
+
+    async def aclose(self) -> None:
+        for subscriptions in tuple(self._subscribers.values()):
+            for subscription in tuple(subscriptions):
+                await subscription.aclose()
+        self._values.clear()
+        self._counters.clear()
+        self._rates.clear()
+        self._bytes = 0
+
+    def _counter(self, key: str, now: float) -> float:
+        entry = self._counters.get(key)
+        if entry is None:
+            return 0.0
+        if entry[1] <= now:
+            del self._counters[key]
+            return 0.0
+        return entry[0]
+
+    def _drop_value(self, key: str) -> None:
+        entry = self._values.pop(key, None)
+        if entry is not None:
+            self._bytes -= len(key) + len(entry[0])
+
+    def _wrote(self, now: float) -> None:
+        self._writes += 1
+        if self._writes % _SWEEP_EVERY == 0:
+            self._counters = {k: entry for k, entry in self._counters.items() if entry[1] > now}
+            self._rates = {k: tat for k, tat in self._rates.items() if tat > now}

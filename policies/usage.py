@@ -1,0 +1,59 @@
+"""The usage policy: one usage row per request, whatever its ending, handed to the batched usage log."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+from policies.base import STAGES
+from policies.context import Outcome, Reply, RequestContext
+from policies.usage_log import UsageLog, UsageRow
+
+__all__ = ["UsagePolicy"]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+class UsagePolicy:
+    """Observes only: refuses nothing, and its settle costs one O(1) append (the log writes in batches)."""
+
+    name: ClassVar[str] = "usage"
+    stage: ClassVar[int] = STAGES["observe"]
+
+    def __init__(self, log: UsageLog) -> None:
+        self.log = log
+
+    async def admit(self, ctx: RequestContext) -> Reply | None:
+        return None
+
+    async def approve(self, ctx: RequestContext, decision: Any) -> None:
+        return None
+
+    async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
+        self.log.add(row_of(ctx, outcome))
+
+
+def row_of(ctx: RequestContext, outcome: Outcome) -> UsageRow:
+    error = outcome.error
+    attempt = ctx.attempts[-1] if ctx.attempts else None
+    return UsageRow(
+        request_id=ctx.request_id,
+        status=outcome.status,
+        key_id=ctx.principal.key_id,
+        user=ctx.user,
+        team=ctx.principal.team,
+        model_requested=ctx.request.body.model,
+        model_served=ctx.model,
+        route=ctx.route,
+        task=ctx.task,
+        prompt_tokens=ctx.prompt_tokens,
+        completion_tokens=ctx.completion_tokens,
+        cost_usd=ctx.cost_usd,
+        latency_ms=_ms(time.monotonic() - ctx.started),
+        ttft_ms=_ms(attempt.ttft_s if attempt is not None else None),
+        cache=ctx.cache,
+        http_status=None if outcome.status == "cancelled" else (error.status if error is not None else 200),
+        error_code=error.code if error is not None else None,
+    )

@@ -1,0 +1,129 @@
+"""Migrations on real databases: SQLite in a temp file and PostgreSQL in a schema of its own, twice each."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from policies.database import metadata, migrate, open_engine
+
+PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+COLUMNS = {"id", "request_id", "created_at", "key_id", "user", "team", "model_requested", "model_served", "route",
+           "task", "prompt_tokens", "completion_tokens", "cost_usd", "latency_ms", "ttft_ms", "cache", "status",
+           "http_status", "error_code"}
+INDEXES = {"ix_usage_rows_created_at": ["created_at"], "ix_usage_rows_key_id_created_at": ["key_id", "created_at"]}
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")  # fixtures and tests share one loop
+
+
+async def _pg(sql: str) -> None:
+    engine = open_engine(PG_URL, connect_args={"timeout": 3})
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(sa.text(sql))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def pg_schema() -> AsyncIterator[str]:
+    """A fresh PostgreSQL schema, dropped afterwards; skips loudly when PostgreSQL is not there."""
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    try:
+        await _pg(f"CREATE SCHEMA {schema}")
+    except (OSError, sa.exc.SQLAlchemyError, TimeoutError) as exc:
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {type(exc).__name__}: {exc}")
+    yield schema
+    await _pg(f"DROP SCHEMA {schema} CASCADE")
+
+
+def _count_ddl(engine: AsyncEngine) -> list[str]:
+    statements: list[str] = []
+
+    @sa.event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.lstrip().upper().startswith(("CREATE", "ALTER", "DROP")):
+            statements.append(statement)
+
+    return statements
+
+
+async def _inspect(engine: AsyncEngine, schema: str | None) -> tuple[set[str], set[str], dict, list]:
+    def read(connection: sa.Connection) -> tuple[set[str], set[str], dict, list]:
+        inspector = sa.inspect(connection)
+        tables = set(inspector.get_table_names(schema=schema))
+        columns = {c["name"] for c in inspector.get_columns("usage_rows", schema=schema)}
+        indexes = {i["name"]: i["column_names"] for i in inspector.get_indexes("usage_rows", schema=schema)}
+        versions = connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
+        return tables, columns, indexes, versions
+
+    async with engine.connect() as connection:
+        return await connection.run_sync(read)
+
+
+async def _check_migrate_twice(engine: AsyncEngine, schema: str | None) -> None:
+    ddl = _count_ddl(engine)
+    await migrate(engine, schema=schema)
+    assert any("usage_rows" in s for s in ddl)
+    tables, columns, indexes, versions = await _inspect(engine, schema)
+    assert {"usage_rows", "alembic_version"} <= tables
+    assert columns == COLUMNS
+    assert indexes == INDEXES
+    assert versions == ["0001"]
+
+    ddl.clear()
+    await migrate(engine, schema=schema)  # at head already: nothing to do
+    assert ddl == []
+    assert (await _inspect(engine, schema))[3] == ["0001"]
+
+    def diff(connection: sa.Connection) -> list:  # the revisions and the app's table metadata agree
+        return compare_metadata(MigrationContext.configure(connection), metadata)
+
+    async with engine.connect() as connection:
+        assert await connection.run_sync(diff) == []
+
+
+async def test_migrate_sqlite_from_empty_then_noop(tmp_path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'pointsman.db'}"
+    engine = open_engine(url)
+    try:
+        await _check_migrate_twice(engine, None)
+    finally:
+        await engine.dispose()
+    await migrate(url)  # the URL form opens and disposes its own engine
+
+
+async def test_migrate_postgresql_from_empty_then_noop(pg_schema: str) -> None:
+    engine = open_engine(PG_URL, schema=pg_schema)
+    try:
+        await _check_migrate_twice(engine, pg_schema)
+        async with engine.connect() as connection:  # everything landed in the test's schema, nothing in public
+            rows = await connection.execute(sa.text(
+                "SELECT table_schema FROM information_schema.tables WHERE table_name IN ('usage_rows', "
+                "'alembic_version') AND table_schema IN (:schema, 'public')"), {"schema": pg_schema})
+            assert sorted(rows.scalars()) == [pg_schema, pg_schema]
+    finally:
+        await engine.dispose()
+    await migrate(PG_URL, schema=pg_schema)
+
+
+async def test_concurrent_migrations_on_postgresql_serialize(pg_schema: str) -> None:
+    # replicas starting together: the advisory lock makes one create the table and the others find it there
+    await asyncio.gather(*(migrate(PG_URL, schema=pg_schema) for _ in range(4)))
+    engine = open_engine(PG_URL, schema=pg_schema)
+    try:
+        assert (await _inspect(engine, pg_schema))[3] == ["0001"]
+    finally:
+        await engine.dispose()
+
+
+async def test_schema_needs_postgresql() -> None:
+    with pytest.raises(ValueError, match="PostgreSQL"):
+        open_engine("sqlite+aiosqlite:///x.db", schema="s")

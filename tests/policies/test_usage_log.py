@@ -1,0 +1,282 @@
+"""UsageLog on real databases: batching, every column round-trips, nothing lost at close or across an outage."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from policies.database import migrate, open_engine
+from policies.usage_log import UsageLog, UsageRow
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_URL = f"postgresql+asyncpg://postgres@{PG_HOST}:{PG_PORT}/test"
+FAST = {"retry_initial_s": 0.02, "retry_max_s": 0.1}  # backoff short enough for tests to wait on
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def eventually(check, timeout: float = 15.0) -> None:
+    """Wait until check() is true (polled on the loop), failing after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")  # fixtures and tests share one loop
+
+
+async def _pg(sql: str) -> None:
+    engine = open_engine(PG_URL, connect_args={"timeout": 3})
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(sa.text(sql))
+    finally:
+        await engine.dispose()
+
+
+async def new_schema() -> str:
+    """CREATE a uniquely named PostgreSQL schema; skips loudly when PostgreSQL is not there."""
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    try:
+        await _pg(f"CREATE SCHEMA {schema}")
+    except (OSError, sa.exc.SQLAlchemyError, TimeoutError) as exc:
+        pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT}: {type(exc).__name__}: {exc}")
+    return schema
+
+
+@pytest.fixture
+async def pg_schema() -> AsyncIterator[str]:
+    """A fresh PostgreSQL schema, dropped afterwards."""
+    schema = await new_schema()
+    yield schema
+    await _pg(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def engine(request, tmp_path) -> AsyncIterator[AsyncEngine]:
+    """A migrated database of each kind: a file under tmp_path, or a schema of its own."""
+    if request.param == "sqlite":
+        url, schema = f"sqlite+aiosqlite:///{tmp_path / 'usage.db'}", None
+    else:
+        url, schema = PG_URL, await new_schema()
+    await migrate(url, schema=schema)
+    db = open_engine(url, schema=schema)
+    yield db
+    await db.dispose()
+    if schema is not None:
+        await _pg(f"DROP SCHEMA {schema} CASCADE")
+
+
+def count_inserts(engine: AsyncEngine) -> list[int]:
+    """Row counts of each INSERT INTO usage_rows the engine sends."""
+    inserts: list[int] = []
+
+    @sa.event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO USAGE_ROWS"):
+            inserts.append(len(parameters) if executemany else 1)
+
+    return inserts
+
+
+def row(i: int, **fields) -> UsageRow:
+    return UsageRow(request_id=f"req-{i}", status="ok", model_requested="small", **fields)
+
+
+async def test_add_is_a_plain_function() -> None:
+    assert not inspect.iscoroutinefunction(UsageLog.add)
+    assert not inspect.isgeneratorfunction(UsageLog.add)
+
+
+async def test_rows_are_written_in_batches(engine: AsyncEngine) -> None:
+    inserts = count_inserts(engine)
+    usage = UsageLog(engine, flush_interval_s=60.0, batch_size=500)
+    usage.start()
+    for i in range(1000):
+        usage.add(row(i))
+    await eventually(lambda: usage.written == 1000)  # batch_size reached: no waiting for the interval
+    assert inserts == [500, 500]
+    for i in range(1000, 1010):
+        usage.add(row(i))
+    await usage.aclose()
+    assert inserts == [500, 500, 10]
+    assert [r.request_id for r in await usage.rows(limit=2000)] == [f"req-{i}" for i in range(1010)]
+
+
+async def test_interval_writes_a_partial_batch(engine: AsyncEngine) -> None:
+    inserts = count_inserts(engine)
+    usage = UsageLog(engine, flush_interval_s=0.05, batch_size=500)
+    usage.start()
+    for i in range(10):
+        usage.add(row(i))
+    await eventually(lambda: usage.written == 10)
+    assert inserts == [10]
+    await usage.aclose()
+
+
+async def test_every_column_round_trips(engine: AsyncEngine) -> None:
+    full = UsageRow(
+        request_id="a" * 64, created_at=datetime(2025, 11, 26, 9, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2))),
+        key_id="key-1", user="alice", team="research", model_requested="auto", model_served="smollm2-135m-instruct",
+        route="fallback", task="code", prompt_tokens=1234, completion_tokens=56, cost_usd=0.000123456789,
+        latency_ms=812.375, ttft_ms=40.5, cache="miss", status="error", http_status=503, error_code="upstream_down",
+    )
+    bare = UsageRow(request_id="b", status="cancelled")
+    usage = UsageLog(engine)
+    usage.add(full)
+    usage.add(bare)
+    await usage.aclose()
+    first, second = await usage.rows()
+    assert first == UsageRow(**{**{f: getattr(full, f) for f in UsageRow.__struct_fields__},
+                                "created_at": datetime(2025, 11, 26, 7, 30, 15, 123456, tzinfo=UTC)})
+    assert first.created_at.utcoffset() == timedelta(0)
+    assert second == bare
+    assert [r.request_id for r in await usage.rows(key_id="key-1")] == ["a" * 64]
+    assert [r.request_id for r in await usage.rows(since=bare.created_at)] == ["b"]
+
+
+async def test_aclose_writes_rows_added_just_before(engine: AsyncEngine) -> None:
+    usage = UsageLog(engine, flush_interval_s=60.0, batch_size=500)
+    usage.start()
+    await asyncio.sleep(0)  # the writer is now waiting out its 60 s interval
+    for i in range(1234):
+        usage.add(row(i))
+    await usage.aclose()
+    assert usage.pending == 0 and usage.written == 1234 and usage.dropped == 0
+    assert len(await usage.rows(limit=5000)) == 1234
+
+
+async def test_aclose_without_start_still_writes(engine: AsyncEngine) -> None:
+    usage = UsageLog(engine)
+    usage.add(row(1))
+    await usage.aclose()
+    assert [r.request_id for r in await usage.rows()] == ["req-1"]
+
+
+class Forwarder:
+    """A TCP relay from a port to PostgreSQL: the database 'comes back' on that port when it starts."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        pg_r, pg_w = await asyncio.open_connection(PG_HOST, PG_PORT)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            finally:
+                w.close()
+
+        for task in (asyncio.ensure_future(pipe(client_r, pg_w)), asyncio.ensure_future(pipe(pg_r, client_w))):
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def aclose(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def test_postgresql_outage_keeps_rows_and_writes_them_later(pg_schema: str, caplog) -> None:
+    await migrate(PG_URL, schema=pg_schema)
+    port = free_port()  # nothing listens here yet
+    engine = open_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/test", schema=pg_schema)
+    forwarder = Forwarder(port)
+    usage = UsageLog(engine, flush_interval_s=0.02, **FAST)
+    caplog.set_level(logging.WARNING, logger="pointsman.usage")
+    try:
+        usage.start()
+        for i in range(300):
+            usage.add(row(i))  # never raises, database or not
+        await eventually(lambda: not usage.healthy)
+        for i in range(300, 600):
+            usage.add(row(i))
+        await eventually(lambda: len(caplog.records) >= 1)
+        assert usage.written == 0
+        await forwarder.start()
+        await eventually(lambda: usage.written == 600 and usage.healthy)
+        await usage.aclose()
+        assert [r.request_id for r in await usage.rows(limit=1000)] == [f"req-{i}" for i in range(600)]
+    finally:
+        await engine.dispose()
+        await forwarder.aclose()
+    messages = [r.getMessage() for r in caplog.records if r.name == "pointsman.usage"]
+    assert len(messages) == 2, messages  # once when the outage starts, once when it ends: not once per retry
+    assert "cannot write" in messages[0] and "writable again" in messages[1]
+    assert usage.dropped == 0
+
+
+async def test_sqlite_directory_appearing_later(tmp_path) -> None:
+    path = tmp_path / "later" / "usage.db"  # the directory does not exist yet: the file cannot be opened
+    engine = open_engine(f"sqlite+aiosqlite:///{path}")
+    usage = UsageLog(engine, flush_interval_s=0.02, **FAST)
+    try:
+        usage.start()
+        for i in range(50):
+            usage.add(row(i))
+        await eventually(lambda: not usage.healthy)
+        path.parent.mkdir()
+        await migrate(f"sqlite+aiosqlite:///{path}")
+        await eventually(lambda: usage.written == 50)
+        await usage.aclose()
+        assert len(await usage.rows()) == 50
+    finally:
+        await engine.dispose()
+
+
+async def test_max_pending_drops_the_oldest_and_says_how_many(caplog) -> None:
+    engine = open_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/test")
+    usage = UsageLog(engine, batch_size=5, max_pending=10, flush_interval_s=0.02, close_timeout_s=0.2, **FAST)
+    caplog.set_level(logging.WARNING, logger="pointsman.usage")
+    for i in range(25):
+        usage.add(row(i))
+    assert usage.pending == 10 and usage.dropped == 15
+    assert [r.request_id for r in usage._pending] == [f"req-{i}" for i in range(15, 25)]
+    usage.start()
+    await eventually(lambda: any("15 oldest rows dropped" in r.getMessage() for r in caplog.records))
+    await usage.aclose()  # still down: gives up after close_timeout_s and says how many were lost
+    assert usage.pending == 0 and usage.dropped == 25
+    assert any("10 rows lost" in r.getMessage() for r in caplog.records)
+    await engine.dispose()
+
+
+async def test_a_refused_row_does_not_hold_back_the_others(pg_schema: str, caplog) -> None:
+    # PostgreSQL enforces varchar(64); the one bad row is dropped with an error, its batch-mates are written
+    await migrate(PG_URL, schema=pg_schema)
+    engine = open_engine(PG_URL, schema=pg_schema)
+    usage = UsageLog(engine, **FAST)
+    caplog.set_level(logging.ERROR, logger="pointsman.usage")
+    try:
+        usage.add(row(0))
+        usage.add(UsageRow(request_id="x" * 65, status="ok"))
+        usage.add(row(2))
+        await usage.aclose()
+        assert [r.request_id for r in await usage.rows()] == ["req-0", "req-2"]
+        assert usage.refused == 1 and usage.written == 2
+        assert any("refused row" in r.getMessage() for r in caplog.records)
+    finally:
+        await engine.dispose()
