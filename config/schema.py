@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 import msgspec.structs
@@ -12,6 +12,10 @@ from msgspec import Meta, Struct
 __all__ = [
     "STRATEGY_NAMES",
     "AuthConfig",
+    "BudgetConfig",
+    "CacheConfig",
+    "PoliciesConfig",
+    "RateLimitConfig",
     "BUILTIN_PROFILES",
     "BreakerConfig",
     "Config",
@@ -241,12 +245,70 @@ class StorageConfig(_Frozen, kw_only=True):
             raise ValueError("database_url: expected sqlite+aiosqlite:///FILE or postgresql+asyncpg://...")
 
 
+Scope = Literal["global", "key", "user", "team", "model"]
+Period = Literal["minute", "hour", "day", "month", "total"]
+
+
+class SemanticCacheConfig(_Frozen, kw_only=True):
+    enabled: bool = False
+    similarity: Annotated[float, Meta(gt=0, le=1)] = 0.95
+
+
+class CacheConfig(_Frozen, kw_only=True):
+    """The response cache: `deterministic` caches requests with temperature 0 or a seed, `always` everything."""
+
+    mode: Literal["off", "deterministic", "always"] = "deterministic"
+    ttl_s: PositiveFloat = 3600.0
+    # false: entries are scoped by the caller's team, else its key; true: one cache for every caller
+    shared: bool = False
+    max_entry_kb: Annotated[int, Meta(ge=1)] = 256
+    semantic: SemanticCacheConfig = SemanticCacheConfig()
+
+
+class BudgetConfig(_Frozen, kw_only=True):
+    """Tokens and/or USD per period; without `match` it applies to each member of its scope separately."""
+
+    scope: Scope
+    match: str | None = None
+    period: Period = "day"
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_cost_usd: Annotated[float, Meta(gt=0)] | None = None
+    on_store_error: Literal["allow", "deny"] = "deny"
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is None and self.max_cost_usd is None:
+            raise ValueError("set max_tokens, max_cost_usd or both")
+
+
+class RateLimitConfig(_Frozen, kw_only=True):
+    """Requests and/or tokens per minute, enforced across replicas when the state store is Redis."""
+
+    scope: Literal["global", "key", "user", "team", "model"] = "key"
+    match: str | None = None
+    rpm: Annotated[int, Meta(ge=1)] | None = None
+    tpm: Annotated[int, Meta(ge=1)] | None = None
+    on_store_error: Literal["allow", "deny"] = "allow"
+
+    def __post_init__(self) -> None:
+        if self.rpm is None and self.tpm is None:
+            raise ValueError("set rpm, tpm or both")
+
+
+class PoliciesConfig(_Frozen, kw_only=True):
+    """What runs on every request; with none of it configured nothing runs and nothing costs."""
+
+    cache: CacheConfig | None = None
+    budgets: list[BudgetConfig] = []
+    rate_limits: list[RateLimitConfig] = []
+
+
 class Config(_Frozen, kw_only=True):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
     models: Annotated[list[ModelConfig], Meta(min_length=1)]
     routing: RoutingConfig = RoutingConfig()
     storage: StorageConfig = StorageConfig()
+    policies: PoliciesConfig = PoliciesConfig()
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}
@@ -264,6 +326,11 @@ class Config(_Frozen, kw_only=True):
         for i, pattern in enumerate(self.routing.auto_pool):
             if not any(fnmatch.fnmatchcase(m.id, pattern) for m in self.models):
                 raise ValueError(f"routing.auto_pool[{i}]: {pattern!r} matches no model id")
+        # named in the config shape already, built in a later step: refused rather than silently ignored
+        if self.policies.budgets:
+            raise ValueError("policies.budgets: budgets are not implemented yet; remove the section")
+        if self.policies.cache is not None and self.policies.cache.semantic.enabled:
+            raise ValueError("policies.cache.semantic: the semantic cache is not implemented yet; set enabled: false")
         if self.routing.default_profile not in self.routing.all_profiles:
             raise ValueError(f"routing.default_profile: unknown profile {self.routing.default_profile!r}, "
                              f"expected one of {', '.join(self.routing.all_profiles)}")

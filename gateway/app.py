@@ -55,20 +55,29 @@ def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-def _context(request: Request, parsed: ParsedRequest) -> RequestContext:
+# request headers policies read (the cache's controls), handed to them in ctx.state["request_headers"]
+_POLICY_HEADERS = frozenset({b"cache-control", b"x-pointsman-cache-ttl"})
+
+
+def _context(request: Request, parsed: ParsedRequest, policies: bool) -> RequestContext:
     scope = request.scope
     user = parsed.body.user
-    if user is None:
-        for key, value in scope["headers"]:
-            if key == b"x-pointsman-user":
-                user = value.decode("latin-1")
-    return RequestContext(parsed, principal_of(scope), request_id_of(scope), user)
+    wanted: dict[str, str] = {}
+    for key, value in scope["headers"]:
+        if key == b"x-pointsman-user" and user is None:
+            user = value.decode("latin-1")
+        elif policies and key in _POLICY_HEADERS:
+            wanted[key.decode("latin-1")] = value.decode("latin-1")
+    ctx = RequestContext(parsed, principal_of(scope), request_id_of(scope), user)
+    if wanted:
+        ctx.state["request_headers"] = wanted
+    return ctx
 
 
 async def _generate(request: Request, kind: type[ChatCompletionRequest] | type[CompletionRequest]) -> ASGIApp:
     state = request.app.state
     pipeline: Pipeline = state.pipeline
-    ctx = _context(request, decode_request(await request.body(), kind))
+    ctx = _context(request, decode_request(await request.body(), kind), pipeline.has_policies)
     stream = ctx.request.body.stream
     watch = state.watches.watch(request.receive)
     try:
@@ -84,12 +93,12 @@ async def _generate(request: Request, kind: type[ChatCompletionRequest] | type[C
         first, rest = (None, replay(result.chunks)) if answered else (result.first, result.rest)
         on_end = None if settle is None else lambda outcome: settle(
             ctx, Outcome("answered") if answered and outcome.status == "ok" else outcome)
-        headers = {**result.headers, "x-request-id": ctx.request_id} if answered else result.headers
+        headers = {**ctx.headers, **result.headers, "x-request-id": ctx.request_id} if answered else result.headers
         return SSEStream(first, rest, headers, watch, on_end)
     watch.stop()
     after = None if settle is None else lambda: settle(
         ctx, Outcome("answered") if answered else Outcome("ok", body=result.body))
-    headers = {**result.headers, "x-request-id": ctx.request_id} if answered else result.headers
+    headers = {**ctx.headers, **result.headers, "x-request-id": ctx.request_id} if answered else result.headers
     return JSONBody(result.body, headers, after=after)
 
 
@@ -247,6 +256,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     add_schemas(app.openapi_schema.components)
     app.state.gateway = gateway
     app.state.storage = storage
-    app.state.pipeline = Pipeline(gateway, PolicyChain([*policies, *storage.policies()]))
+    own = storage.policies(config.policies, gateway.table.resolve)
+    app.state.pipeline = Pipeline(gateway, PolicyChain([*policies, *own]))
     app.state.watches = Watches()
     return app

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
-from config.schema import StorageConfig
+from config.schema import PoliciesConfig, StorageConfig
 from policies.base import Policy
+from policies.cache import ExactCache
 from policies.database import migrate, open_engine
+from policies.rate_limit import RateLimitPolicy
 from policies.redis_state import RedisStore
 from policies.state import LocalStore, StateStore
 from policies.usage import UsagePolicy
@@ -27,8 +30,16 @@ class Storage:
         self.usage = UsageLog(self.engine) if self.engine is not None else None
         self.state: StateStore = RedisStore(config.redis_url) if config.redis_url else LocalStore()
 
-    def policies(self) -> list[Policy]:
-        return [UsagePolicy(self.usage)] if self.usage is not None else []
+    def policies(self, config: PoliciesConfig, resolve: Callable[[str], str]) -> list[Policy]:
+        """The policies the config asks for, on this storage; `resolve` maps a model name to its id."""
+        policies: list[Policy] = []
+        if config.rate_limits:
+            policies.append(RateLimitPolicy(config.rate_limits, self.state))
+        if config.cache is not None and config.cache.mode != "off":
+            policies.append(ExactCache(config.cache, self.state, resolve))
+        if self.usage is not None:
+            policies.append(UsagePolicy(self.usage))
+        return policies
 
     async def start(self) -> None:
         if self.engine is not None and self.usage is not None:

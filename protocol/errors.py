@@ -7,9 +7,11 @@ import msgspec
 __all__ = [
     "AuthenticationError",
     "BadRequest",
+    "BudgetExceeded",
     "GatewayError",
     "ModelNotFound",
     "NotFound",
+    "RateLimited",
     "ServiceUnavailable",
     "UnsupportedParameter",
     "UpstreamError",
@@ -126,3 +128,21 @@ class UpstreamInvalidResponse(UpstreamError):
     """An upstream answered 2xx with a body that is not a JSON object (a captive portal, a truncated proxy reply)."""
 
     code = "upstream_invalid_response"
+
+
+class RateLimited(GatewayError):
+    """Over a rate limit: 429 with `retry-after` and OpenAI's x-ratelimit-* headers. `type` is "requests", or
+    "tokens" per instance when a tokens-per-minute limit refused (as OpenAI sends it)."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class BudgetExceeded(GatewayError):
+    """A budget (tokens or USD per period) cannot cover the request's worst case: 429 with `retry-after` until
+    the period ends (none for a `total` budget, which never resets)."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "budget_exceeded"

@@ -58,6 +58,11 @@ class ModelTable:
             raise self.not_found(name)
         return element.model
 
+    def resolve(self, name: str) -> str:
+        """A model id or alias as its configured id; any other name (auto, a chain) unchanged."""
+        element = self.by_name.get(name)
+        return element.model.id if element is not None and element.model is not None else name
+
     def plan(self, name: str) -> Plan:
         """Parse `model`: a known name exactly (the hot path), else a ':' chain matched longest-name-first."""
         plan = self._plans.get(name)

@@ -1,0 +1,374 @@
+"""The budget policy: tokens and USD per calendar period per scope member, reserved at the worst case up front."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+
+from config.schema import BudgetConfig, ModelConfig, Period, TransformersModel
+from policies.base import STAGES
+from policies.context import Outcome, Reply, RequestContext
+from policies.state import Reservation, StateStore, StoreUnavailable
+from protocol.errors import BudgetExceeded, ServiceUnavailable
+from protocol.openai import ChatCompletionRequest, ParsedRequest, message_text
+
+__all__ = ["DEFAULT_NEW_TOKENS", "BudgetPolicy", "estimate_prompt_tokens", "period_window", "reset_iso",
+           "worst_case_tokens"]
+
+log = logging.getLogger("pointsman.policies")
+
+DEFAULT_NEW_TOKENS = 256  # what a request without max_tokens may generate, for a model that states no default
+_SLACK_S = 60.0  # a counter outlives its period by this much, so that a late settle still finds it
+_UNBOUNDED = sys.float_info.max  # a limit that any amount fits: charges what was served, unconditionally
+_PERIOD_S = {"minute": 60, "hour": 3600, "day": 86400}
+Kind = Literal["tokens", "usd"]
+
+
+def period_window(period: Period, now: float) -> tuple[int, int | None]:
+    """The calendar period (UTC) that `now` falls in: (start, end) in epoch seconds; `total` is (0, None)."""
+    if period == "total":
+        return 0, None
+    if period == "month":
+        day = datetime.fromtimestamp(now, UTC)
+        start = datetime(day.year, day.month, 1, tzinfo=UTC)
+        end = datetime(day.year + day.month // 12, day.month % 12 + 1, 1, tzinfo=UTC)
+        return int(start.timestamp()), int(end.timestamp())
+    size = _PERIOD_S[period]
+    start = int(now // size) * size
+    return start, start + size
+
+
+def reset_iso(end: float | None) -> str:
+    """When a period ends, as ISO 8601 UTC ("2024-05-02T00:00:00Z"), or "never" for a `total` budget."""
+    if end is None:
+        return "never"
+    return datetime.fromtimestamp(end, UTC).isoformat().replace("+00:00", "Z")
+
+
+def estimate_prompt_tokens(request: ParsedRequest) -> int:
+    """The prompt at 4 characters a token: each message's text plus 4 tokens of chat framing per message; for
+    a completion, its prompt text (token ids count one each)."""
+    body = request.body
+    if isinstance(body, ChatCompletionRequest):
+        return sum(len(message_text(m.content)) // 4 + 4 for m in body.messages)
+    if isinstance(body.prompt, str):
+        return len(body.prompt) // 4
+    return sum(len(p) // 4 if isinstance(p, str) else 1 if isinstance(p, int) else len(p) for p in body.prompt)
+
+
+def worst_case_tokens(request: ParsedRequest, model: ModelConfig) -> tuple[int, int]:
+    """(prompt, completion) tokens a request may cost at most on `model`: the estimated prompt, and its
+    `max_tokens` (or `max_completion_tokens`) for each choice (`n`, or `best_of` for a completion). Without a
+    limit a transformers model generates its `max_new_tokens_default`; any other model is assumed to stop
+    within DEFAULT_NEW_TOKENS (256), which an upstream's own default may exceed: settle then charges the rest."""
+    body = request.body
+    new = request.max_new_tokens
+    if new is None:
+        new = model.max_new_tokens_default if isinstance(model, TransformersModel) else DEFAULT_NEW_TOKENS
+    choices = body.n if isinstance(body, ChatCompletionRequest) else max(body.n, body.best_of or 1)
+    return estimate_prompt_tokens(request), new * choices
+
+
+@dataclass(frozen=True, slots=True)
+class _Counter:
+    """One counter a request is charged to: `kind` of budget number `index`, for one member in one period."""
+
+    index: int
+    budget: BudgetConfig
+    member: str
+    kind: Kind
+    key: str
+    limit: float
+    end: int | None  # when its period ends (epoch seconds); None: never
+
+    def describe(self) -> str:
+        who = "global budget" if self.budget.scope == "global" else f"{self.budget.scope} budget {self.member!r}"
+        per = "in total" if self.budget.period == "total" else f"per {self.budget.period}"
+        return f"{who} of {_amount(self.kind, self.limit)} {per}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Reserved:
+    """What approve reserved, kept in ctx.state["budget"] so that settle adjusts exactly those counters."""
+
+    model: str
+    counters: tuple[_Counter, ...]
+    amounts: tuple[float, ...]
+
+
+class BudgetPolicy:
+    """Tokens and/or USD per calendar period (UTC minute, hour, day, month, or `total`, which never resets), each
+    budget per member of its scope (`match`: only that member), one counter per (budget, member, kind, period
+    start) in the state store, so that every replica shares it and a new period starts from zero.
+
+    approve reserves the request's worst case (`worst_case_tokens`, priced at the model's rates) before any model
+    runs, walking `decision.attempts` in order and making one all-or-nothing `reserve` per attempt across every
+    applicable counter; the first attempt that fits is reserved. Since a reservation never lets a counter pass
+    its limit, concurrent requests and replicas cannot overspend together: at most the gap between an estimate
+    and the actual usage, which settle charges afterwards (a prompt longer than its 4-characters-a-token estimate,
+    a remote model that ignores the assumed 256-token default).
+
+    A `model` budget that cannot cover an attempt removes that attempt from the decision and records why in
+    `decision.skipped`, so neither a fallback nor automatic routing goes to a model whose budget is spent; later
+    fallbacks whose model budgets are already spent are removed as well. Any other budget that cannot cover the
+    request, or no attempt left, refuses it with BudgetExceeded (429, `retry-after` until the period ends).
+
+    A model with unknown pricing cannot be checked against USD budgets: its requests count as 0 USD (a spent USD
+    budget still refuses them), and a warning is logged once per model.
+
+    The reservation is priced at the first model that fits; settle adjusts every reserved counter by the actual
+    usage minus the reservation (tokens the context reports, `ctx.cost_usd` at the served model's price; nothing
+    for a cache hit or a request that failed before any output) in one `adjust`. When a fallback served instead,
+    the reserved model's own `model` budgets are refunded and the served model's are charged what it used.
+
+    A store that cannot be reached refuses requests with a 503 naming the budget under `on_store_error: deny` (the
+    default) and lets them through unreserved under `allow` (a warning once per outage). A settle that cannot
+    reach the store leaves the worst case counted.
+    """
+
+    __slots__ = ("_down", "_unpriced", "budgets", "clock", "store")
+
+    name: ClassVar[str] = "budget"
+    stage: ClassVar[int] = STAGES["budget"]
+
+    def __init__(self, budgets: Sequence[BudgetConfig], store: StateStore,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.budgets = tuple(budgets)
+        self.store = store
+        self.clock = clock
+        self._down = False  # the store failed and has not answered since: warned once already
+        self._unpriced: set[str] = set()  # models already warned about for unknown pricing
+
+    async def admit(self, ctx: RequestContext) -> Reply | None:
+        return None
+
+    async def approve(self, ctx: RequestContext, decision: Any) -> None:
+        if not self.budgets:
+            return
+        now = self.clock()
+        attempts = list(decision.attempts)
+        dropped: set[str] = set()
+        last_refusal: BudgetExceeded | None = None
+        for position, attempt in enumerate(attempts):
+            model: ModelConfig = attempt.model
+            if model.id in dropped:
+                continue
+            counters, amounts = self._charges(ctx, model, now)
+            if not counters:
+                await self._drop_spent_fallbacks(ctx, decision, attempts[position + 1:], dropped, now)
+                break
+            try:
+                result = await self.store.reserve([
+                    Reservation(c.key, amount, c.limit, None if c.end is None else c.end - now + _SLACK_S)
+                    for c, amount in zip(counters, amounts, strict=True)
+                ])
+            except StoreUnavailable as exc:
+                self._store_failed(exc)
+                denying = next((c for c in counters if c.budget.on_store_error == "deny"), None)
+                if denying is not None:
+                    raise ServiceUnavailable(
+                        f"budgets cannot be checked (the state store cannot be reached) and the "
+                        f"{denying.describe()} (budget #{denying.index}) refuses requests then "
+                        "(on_store_error: deny); try again shortly"
+                    ) from exc
+                break  # every applicable budget allows: through, unreserved
+            self._store_answered()
+            if result.ok:
+                ctx.state[self.name] = _Reserved(model.id, tuple(counters), tuple(amounts))
+                await self._drop_spent_fallbacks(ctx, decision, attempts[position + 1:], dropped, now)
+                break
+            failed, needed = counters[result.failed or 0], amounts[result.failed or 0]
+            refusal = _refusal(failed, result.current, needed, now)
+            if failed.budget.scope != "model":
+                raise refusal
+            # non-model counters come first and are checked in order: they all fit, only this model's budget not
+            dropped.add(model.id)
+            decision.skipped[model.id] = f"budget exceeded: {refusal.message}"
+            last_refusal = refusal
+        decision.attempts[:] = [a for a in decision.attempts if a.model.id not in dropped]
+        if not decision.attempts and last_refusal is not None:
+            raise last_refusal
+
+    async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
+        """Adjust what approve reserved to what was actually used; never raises (the response is out)."""
+        reserved = ctx.state.get(self.name)
+        if not isinstance(reserved, _Reserved):
+            return
+        try:
+            if ctx.cache == "hit":
+                tokens, usd = 0.0, 0.0
+            else:
+                tokens = float((ctx.prompt_tokens or 0) + (ctx.completion_tokens or 0))
+                usd = ctx.cost_usd or 0.0
+            served = ctx.model
+            deltas: list[tuple[str, float]] = []
+            for counter, amount in zip(reserved.counters, reserved.amounts, strict=True):
+                actual = tokens if counter.kind == "tokens" else usd
+                if counter.budget.scope == "model" and counter.member != served:
+                    actual = 0.0  # reserved for a model that did not serve
+                if actual != amount:
+                    deltas.append((counter.key, actual - amount))
+            if deltas:
+                await self.store.adjust(deltas)
+            if served is not None and served != reserved.model and (tokens or usd):
+                await self._charge_fallback(ctx, served, tokens, usd)
+            self._store_answered()
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+        except Exception:
+            log.exception("budget: settling request %s failed", ctx.request_id)
+
+    async def remaining(self, ctx: RequestContext) -> list[dict[str, Any]]:
+        """Each budget that applies to the caller (not `model` budgets): scope, member, period, limits, what is
+        used and remaining in the current period, and when it resets. Raises ServiceUnavailable when the store
+        cannot be reached."""
+        now = self.clock()
+        rows: list[dict[str, Any]] = []
+        for index, budget in enumerate(self.budgets):
+            if budget.scope == "model":
+                continue
+            member = self._member(budget, ctx, None)
+            if member is None:
+                continue
+            start, end = period_window(budget.period, now)
+            row: dict[str, Any] = {"scope": budget.scope, "member": member, "period": budget.period,
+                                   "resets_at": reset_iso(end)}
+            for kind, limit in (("tokens", budget.max_tokens), ("usd", budget.max_cost_usd)):
+                if limit is None:
+                    continue
+                try:
+                    used = await self.store.counter(_key(index, member, kind, start))
+                except StoreUnavailable as exc:
+                    self._store_failed(exc)
+                    raise ServiceUnavailable("budget usage is unavailable: the state store cannot be reached; "
+                                             "try again shortly") from exc
+                row[f"limit_{kind}"] = limit
+                row[f"used_{kind}"] = used
+                row[f"remaining_{kind}"] = max(0.0, limit - used)
+            rows.append(row)
+        return rows
+
+    def _member(self, budget: BudgetConfig, ctx: RequestContext, model: str | None) -> str | None:
+        """Who in the budget's scope this request counts against; None when the budget does not apply."""
+        scope = budget.scope
+        if scope == "global":
+            return "*"
+        if scope == "key":
+            member: str | None = ctx.principal.key_id or "anonymous"
+        elif scope == "user":
+            member = ctx.user
+        elif scope == "team":
+            member = ctx.principal.team
+        else:
+            member = model
+        if member is None or (budget.match is not None and member != budget.match):
+            return None
+        return member
+
+    def _counters(self, ctx: RequestContext, model: str, now: float, *, models_only: bool = False
+                  ) -> list[_Counter]:
+        """Every counter of every budget that applies, other scopes first and `model` budgets last (so that a
+        failed reservation naming a model counter means every other counter fitted)."""
+        first: list[_Counter] = []
+        last: list[_Counter] = []
+        for index, budget in enumerate(self.budgets):
+            if models_only and budget.scope != "model":
+                continue
+            member = self._member(budget, ctx, model)
+            if member is None:
+                continue
+            start, end = period_window(budget.period, now)
+            into = last if budget.scope == "model" else first
+            for kind, limit in (("tokens", budget.max_tokens), ("usd", budget.max_cost_usd)):
+                if limit is not None:
+                    into.append(_Counter(index, budget, member, kind, _key(index, member, kind, start),
+                                         float(limit), end))
+        return first + last
+
+    def _worst_case(self, ctx: RequestContext, model: ModelConfig) -> tuple[float, float]:
+        """(tokens, USD) the request may cost at most on `model`; USD is 0 when its pricing is unknown."""
+        prompt, completion = worst_case_tokens(ctx.request, model)
+        price = model.known_pricing
+        if price is None:
+            if model.id not in self._unpriced and any(b.max_cost_usd is not None for b in self.budgets):
+                self._unpriced.add(model.id)
+                log.warning("budget: model %r has no pricing; its requests count as 0 USD against USD budgets",
+                            model.id)
+            return float(prompt + completion), 0.0
+        return float(prompt + completion), (prompt * price.input_per_mtok + completion * price.output_per_mtok) / 1e6
+
+    def _charges(self, ctx: RequestContext, model: ModelConfig, now: float, *, models_only: bool = False
+                 ) -> tuple[list[_Counter], list[float]]:
+        """The counters a request on `model` is charged to, and its worst case for each."""
+        counters = self._counters(ctx, model.id, now, models_only=models_only)
+        if not counters:
+            return [], []
+        tokens, usd = self._worst_case(ctx, model)
+        return counters, [tokens if c.kind == "tokens" else usd for c in counters]
+
+    async def _drop_spent_fallbacks(self, ctx: RequestContext, decision: Any, later: Sequence[Any],
+                                    dropped: set[str], now: float) -> None:
+        """Remove later attempts whose `model` budgets could not cover this request's worst case now (read, not
+        reserved: a fallback that serves is charged in settle)."""
+        checks: list[tuple[str, _Counter, float]] = []
+        for attempt in later:
+            model: ModelConfig = attempt.model
+            if model.id not in dropped:
+                counters, amounts = self._charges(ctx, model, now, models_only=True)
+                checks += [(model.id, c, a) for c, a in zip(counters, amounts, strict=True)]
+        if not checks:
+            return
+        values = await asyncio.gather(*(self.store.counter(c.key) for _, c, _ in checks), return_exceptions=True)
+        for (model_id, counter, amount), value in zip(checks, values, strict=True):
+            if isinstance(value, float | int) and value + amount > counter.limit and model_id not in dropped:
+                dropped.add(model_id)
+                decision.skipped[model_id] = f"budget exceeded: {_refusal(counter, value, amount, now).message}"
+
+    async def _charge_fallback(self, ctx: RequestContext, served: str, tokens: float, usd: float) -> None:
+        """Charge a fallback that served its own `model` budgets (unconditionally: the tokens are spent)."""
+        now = self.clock()
+        counters = self._counters(ctx, served, now, models_only=True)
+        if counters:
+            await self.store.reserve([
+                Reservation(c.key, tokens if c.kind == "tokens" else usd, _UNBOUNDED,
+                            None if c.end is None else c.end - now + _SLACK_S)
+                for c in counters
+            ])
+
+    def _store_failed(self, exc: StoreUnavailable) -> None:
+        if not self._down:
+            self._down = True
+            log.warning("budgets not enforced while the state store is unreachable "
+                        "(budgets with on_store_error: deny refuse requests): %s", exc)
+
+    def _store_answered(self) -> None:
+        if self._down:
+            self._down = False
+            log.warning("budgets enforced again: the state store answers")
+
+
+def _key(index: int, member: str, kind: str, start: int) -> str:
+    return f"budget:{index}:{member}:{kind}:{start}"
+
+
+def _amount(kind: Kind, value: float) -> str:
+    return f"{value:g} tokens" if kind == "tokens" else f"{value:.6g} USD"
+
+
+def _refusal(counter: _Counter, current: float, needed: float, now: float) -> BudgetExceeded:
+    resets = reset_iso(counter.end)
+    error = BudgetExceeded(
+        f"Budget exceeded: the {counter.describe()} has {_amount(counter.kind, current)} used and this request "
+        f"may need up to {_amount(counter.kind, needed)} (prompt plus max_tokens); it resets "
+        + ("never" if counter.end is None else f"at {resets}")
+    )
+    if counter.end is not None:
+        error.headers = {"retry-after": str(max(1, math.ceil(counter.end - now)))}
+    return error

@@ -1,0 +1,264 @@
+"""The exact response cache: a request identical to one already answered gets the stored answer back."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgspec
+
+from config.schema import CacheConfig
+from policies.base import STAGES
+from policies.context import Outcome, Principal, Reply, RequestContext
+from policies.state import StateStore, StoreUnavailable
+from protocol.openai import GATEWAY_FIELDS, ChatCompletionRequest, new_id
+
+__all__ = ["CacheLookup", "ExactCache", "cache_key", "replay_chunks"]
+
+log = logging.getLogger("pointsman.policies.cache")
+
+# fields that change how an answer is delivered or who asked, never what it says: left out of the key
+_UNKEYED = frozenset({"stream", "stream_options", "user"}) | GATEWAY_FIELDS
+_TTL_HEADER = "x-pointsman-cache-ttl"
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.encode
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLookup:
+    """What `admit` leaves in `ctx.state["cache"]` for `settle`: the store key, the model the entry belongs to,
+    whether to store the answer, and for how long."""
+
+    key: str
+    model: str
+    store: bool
+    ttl_s: float
+
+
+def tenant_of(principal: Principal, shared: bool) -> str:
+    """Whose entries these are: one cache for all when shared, else the caller's team, else its key (kinds
+    prefixed, so a team can never share entries with a key that happens to have its name)."""
+    if shared:
+        return "shared"
+    if principal.team:
+        return f"team={principal.team}"
+    return f"key={principal.key_id}" if principal.key_id else "anonymous"
+
+
+def cache_key(raw: dict[str, Any], model: str, endpoint: str, tenant: str) -> str:
+    """`cache:{tenant}:{sha256}` of the endpoint and the raw body, keys sorted at every depth, without the
+    delivery and routing fields and with `model` replaced by the configured id it resolved to."""
+    canonical = {k: v for k, v in raw.items() if k not in _UNKEYED}
+    canonical["model"] = model
+    digest = hashlib.sha256(endpoint.encode() + b"\n" + _encode(canonical, order="sorted")).hexdigest()
+    return f"cache:{tenant}:{digest}"
+
+
+def _single_model(name: str) -> bool:
+    """A configured model id: not a chain (`a:b`) nor an automatic choice (`auto`, `auto-*`)."""
+    return bool(name) and ":" not in name and not name.startswith("auto")
+
+
+def _cache_control(headers: dict[str, str]) -> set[str]:
+    return {d.strip().lower() for d in headers.get("cache-control", "").split(",") if d.strip()}
+
+
+def _ttl_override(headers: dict[str, str]) -> float | None:
+    """The `x-pointsman-cache-ttl` header in seconds; anything but a finite positive number is ignored."""
+    value = headers.get(_TTL_HEADER)
+    if value is None:
+        return None
+    try:
+        ttl = float(value)
+    except ValueError:
+        return None
+    return ttl if math.isfinite(ttl) and ttl > 0 else None
+
+
+class ExactCache:
+    """Answers repeated requests from the state store, scoped per tenant unless `shared`.
+
+    Cacheable: `mode: always`, or `mode: deterministic` with `temperature: 0` or a `seed` (any `n`); `mode: off`
+    does nothing. Only requests for one configured model are cached: a `model` that resolves to an automatic
+    choice (`auto`, `auto-*`), a chain (`a:b`) or nothing at all (routing fields only, `auto_select`) bypasses,
+    since the model that will serve is not known before routing. Only plain answers are stored (`settle` gets
+    a streamed answer's chunks, not its body); a stored answer is replayed to plain and streamed requests alike
+    (a replayed stream carries no logprobs). An answer served by another model than the one requested (a
+    fallback) is not stored.
+
+    Request headers (from `ctx.state["request_headers"]`): `cache-control: no-cache` skips the lookup,
+    `no-store` skips storing, `x-pointsman-cache-ttl: SECONDS` sets this entry's TTL. The outcome goes to
+    `ctx.cache` (hit | miss | bypass) and the `x-pointsman-cache` response header. An unreachable store makes
+    the cache bypass, with one warning per outage."""
+
+    name: ClassVar[str] = "cache"
+    stage: ClassVar[int] = STAGES["cache"]
+
+    def __init__(self, config: CacheConfig, store: StateStore, resolve: Callable[[str], str]) -> None:
+        self.config = config
+        self.store = store
+        self.resolve = resolve
+        self._max_bytes = config.max_entry_kb * 1024
+        self._down = False
+
+    def cacheable(self, ctx: RequestContext) -> str | None:
+        """The configured model id the request is for when its answer may be cached, else None."""
+        body = ctx.request.body
+        if self.config.mode == "off" or body.model is None or body.auto_select:
+            return None
+        if self.config.mode == "deterministic" and body.temperature != 0 and body.seed is None:
+            return None
+        model = self.resolve(body.model)
+        return model if _single_model(model) else None
+
+    async def admit(self, ctx: RequestContext) -> Reply | None:
+        if self.config.mode == "off":
+            return None
+        model = self.cacheable(ctx)
+        headers: dict[str, str] = ctx.state.get("request_headers", {})
+        control = _cache_control(headers)
+        if model is None:
+            return self._bypass(ctx)
+        endpoint = "chat" if isinstance(ctx.request.body, ChatCompletionRequest) else "completion"
+        key = cache_key(ctx.request.raw, model, endpoint, tenant_of(ctx.principal, self.config.shared))
+        ttl_s = _ttl_override(headers) or self.config.ttl_s
+        ctx.state["cache"] = CacheLookup(key, model, "no-store" not in control, ttl_s)
+        if "no-cache" in control:
+            return self._bypass(ctx)
+        try:
+            stored = await self.store.get(key)
+        except StoreUnavailable as exc:
+            self._store_down(exc)
+            ctx.state["cache"] = CacheLookup(key, model, False, ttl_s)  # no point storing into a dead store
+            return self._bypass(ctx)
+        self._store_up()
+        entry = _entry(stored) if stored is not None else None
+        if entry is None:
+            ctx.cache = "miss"
+            ctx.headers["x-pointsman-cache"] = "miss"
+            return None
+        return self._hit(ctx, model, entry)
+
+    async def approve(self, ctx: RequestContext, decision: Any) -> None:
+        return None
+
+    async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
+        """Stores a plain answer that decodes as a JSON object with `choices`, within `max_entry_kb`. Never raises."""
+        lookup = ctx.state.get("cache")
+        body = outcome.body
+        if (
+            outcome.status != "ok"
+            or body is None
+            or not isinstance(lookup, CacheLookup)
+            or not lookup.store
+            or len(body) > self._max_bytes
+            or (ctx.model is not None and ctx.model != lookup.model)
+        ):
+            return
+        try:
+            if _entry(body) is None:
+                return
+            await self.store.set(lookup.key, body, lookup.ttl_s)
+        except StoreUnavailable as exc:
+            self._store_down(exc)
+            return
+        except Exception:
+            log.exception("cache: storing the answer to request %s failed", ctx.request_id)
+            return
+        self._store_up()
+
+    def _hit(self, ctx: RequestContext, model: str, entry: dict[str, Any]) -> Reply:
+        chat = isinstance(ctx.request.body, ChatCompletionRequest)
+        fresh_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+        usage = entry.get("usage")
+        ctx.cache = "hit"
+        ctx.model = model
+        if isinstance(usage, dict):
+            ctx.prompt_tokens, ctx.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        headers = {"x-pointsman-cache": "hit"}
+        if not ctx.request.body.stream:
+            return Reply(body=_encode({**entry, "id": fresh_id, "created": created}), headers=headers)
+        chunks = replay_chunks(entry, fresh_id, created, chat=chat, include_usage=ctx.request.include_usage)
+        return Reply(chunks=tuple(_encode(chunk) for chunk in chunks), headers=headers)
+
+    @staticmethod
+    def _bypass(ctx: RequestContext) -> None:
+        ctx.cache = "bypass"
+        ctx.headers["x-pointsman-cache"] = "bypass"
+        return None
+
+    def _store_down(self, exc: StoreUnavailable) -> None:
+        if not self._down:
+            self._down = True
+            log.warning("cache: state store unavailable, bypassing the cache until it is back: %s", exc)
+
+    def _store_up(self) -> None:
+        if self._down:
+            self._down = False
+            log.info("cache: state store back, caching again")
+
+
+def _entry(data: bytes) -> dict[str, Any] | None:
+    """A stored answer: a JSON object with a `choices` list, else None."""
+    try:
+        entry = _decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("choices"), list) else None
+
+
+def replay_chunks(
+    entry: dict[str, Any], chunk_id: str, created: int, *, chat: bool, include_usage: bool
+) -> list[dict[str, Any]]:
+    """A stored answer as a stream: (chat only) a role chunk, one chunk with every choice's whole content, one
+    with every choice's finish_reason, and with `include_usage` a last chunk of usage and no choices (the
+    others then carry `usage: null`, as OpenAI sends them)."""
+    choices = [c for c in entry["choices"] if isinstance(c, dict)]
+    head: dict[str, Any] = {
+        "id": chunk_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": entry.get("model", ""),
+    }
+    if include_usage:
+        head["usage"] = None
+
+    def chunk(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**head, "choices": parts}
+
+    def part(choice: dict[str, Any], finish_reason: str | None = None, **fields: Any) -> dict[str, Any]:
+        return {"index": choice.get("index", 0), **fields, "logprobs": None, "finish_reason": finish_reason}
+
+    if chat:
+        chunks = [chunk([part(c, delta={"role": "assistant", "content": ""}) for c in choices])]
+        content = [part(c, delta=delta) for c in choices if (delta := _content_delta(c.get("message") or {}))]
+        if content:
+            chunks.append(chunk(content))
+        chunks.append(chunk([part(c, c.get("finish_reason") or "stop", delta={}) for c in choices]))
+    else:
+        chunks = [
+            chunk([part(c, text=c.get("text") or "") for c in choices]),
+            chunk([part(c, c.get("finish_reason") or "stop", text="") for c in choices]),
+        ]
+    usage = entry.get("usage")
+    if include_usage and isinstance(usage, dict):
+        chunks.append({**head, "choices": [], "usage": usage})
+    return chunks
+
+
+def _content_delta(message: dict[str, Any]) -> dict[str, Any]:
+    """A chat message's content, refusal and tool calls as one delta (tool calls gain their `index`)."""
+    delta: dict[str, Any] = {}
+    if message.get("content"):
+        delta["content"] = message["content"]
+    if message.get("refusal"):
+        delta["refusal"] = message["refusal"]
+    calls = message.get("tool_calls")
+    if isinstance(calls, list) and calls:
+        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls) if isinstance(call, dict)]
+    return delta

@@ -1,0 +1,235 @@
+"""The rate-limit policy: requests and tokens per minute per scope member, as GCRA buckets in the state store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from config.schema import RateLimitConfig
+from policies.base import STAGES
+from policies.context import Outcome, Reply, RequestContext
+from policies.state import RateResult, StateStore, StoreUnavailable
+from protocol.errors import RateLimited, ServiceUnavailable
+from protocol.openai import ChatCompletionRequest, ParsedRequest, message_text
+
+__all__ = ["RateLimitPolicy", "estimate_tokens", "reset_text"]
+
+log = logging.getLogger("pointsman.policies")
+
+_UNIT = {"rpm": "requests", "tpm": "tokens"}  # OpenAI's names, in its x-ratelimit-*-{unit} headers
+
+
+@dataclass(frozen=True, slots=True)
+class _Bucket:
+    """One GCRA bucket a request is charged to: `kind` per minute of one limit, for one member of its scope."""
+
+    limit: RateLimitConfig
+    member: str
+    kind: Literal["rpm", "tpm"]
+    key: str
+    per_minute: int
+    cost: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Charged:
+    """What admit charged the tpm buckets, kept in ctx.state so that settle charges only the difference."""
+
+    estimate: int
+    buckets: tuple[_Bucket, ...]
+
+
+def estimate_tokens(request: ParsedRequest) -> int:
+    """A cheap estimate of what a request will cost in tokens: its text at 4 characters a token (token ids
+    count one each) plus what it may generate (`max_tokens` per choice, 0 when unset)."""
+    body = request.body
+    if isinstance(body, ChatCompletionRequest):
+        prompt = sum(len(message_text(m.content)) for m in body.messages) // 4
+    elif isinstance(body.prompt, str):
+        prompt = len(body.prompt) // 4
+    else:
+        prompt = sum(len(p) // 4 if isinstance(p, str) else 1 if isinstance(p, int) else len(p) for p in body.prompt)
+    return prompt + (request.max_new_tokens or 0) * body.n
+
+
+def reset_text(seconds: float) -> str:
+    """A duration in OpenAI's x-ratelimit-reset-* style: "0.5s", "12s", "6m0s", "1h2m3s"."""
+    if seconds < 60:
+        return f"{round(max(0.0, seconds), 3):g}s"
+    hours, rest = divmod(round(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
+
+
+def _member(limit: RateLimitConfig, ctx: RequestContext) -> str | None:
+    """Who in the limit's scope this request counts against; None when the scope does not apply to it."""
+    scope = limit.scope
+    if scope == "global":
+        return "*"
+    if scope == "key":
+        member: str | None = ctx.principal.key_id or "anonymous"
+    elif scope == "user":
+        member = ctx.user
+    elif scope == "team":
+        member = ctx.principal.team
+    else:  # model: the model asked for; a request that names none (automatic routing) is not counted
+        member = ctx.request.body.model
+    if member is None or (limit.match is not None and member != limit.match):
+        return None
+    return member
+
+
+class RateLimitPolicy:
+    """Requests (rpm) and tokens (tpm) per minute, each limit per member of its scope (`match`: only that member),
+    one GCRA bucket per (limit, member, kind) in the state store, so that every replica shares it.
+
+    admit charges every applicable bucket concurrently, one `rate` call each: 1 to each rpm bucket, and to each
+    tpm bucket the request's estimate (`estimate_tokens`). A bucket that cannot take its charge refuses the
+    request with a 429 (`RateLimited`, retry-after and OpenAI's x-ratelimit-* headers); a request whose estimate
+    exceeds a tpm limit outright can never pass and is refused with `x-should-retry: false` instead of a
+    retry-after. The charges are not all or nothing: when one bucket refuses, the others have already been
+    charged (an rpm unit spent on a request a tpm bucket refused), as OpenAI does too. Admitted requests get the
+    x-ratelimit-* headers of the most constraining bucket of each unit.
+
+    settle charges the tpm buckets what the actual usage exceeded the estimate by (never a refund: GCRA keeps
+    no ledger). The store's GCRA never lets a charge overdraw a bucket, so an excess the bucket cannot hold
+    drains it to empty, and later requests wait for it to refill; usage beyond an empty bucket is forgiven,
+    not carried as debt.
+
+    A store that cannot be reached lets requests through under `on_store_error: allow` (a warning once per
+    outage) and refuses them with a 503 under `deny`.
+    """
+
+    __slots__ = ("_down", "limits", "store")
+
+    name: ClassVar[str] = "rate_limit"
+    stage: ClassVar[int] = STAGES["rate_limit"]
+
+    def __init__(self, limits: Sequence[RateLimitConfig], store: StateStore) -> None:
+        self.limits = tuple(limits)
+        self.store = store
+        self._down = False  # the store failed and has not answered since: warned once already
+
+    async def admit(self, ctx: RequestContext) -> Reply | None:
+        buckets = self._buckets(ctx)
+        if not buckets:
+            return None
+        results = await asyncio.gather(*(self._rate(bucket, bucket.cost) for bucket in buckets),
+                                       return_exceptions=True)
+        decided: list[tuple[_Bucket, RateResult]] = []
+        failure: StoreUnavailable | None = None
+        for bucket, result in zip(buckets, results, strict=True):
+            if isinstance(result, StoreUnavailable):
+                failure = result
+                if bucket.limit.on_store_error == "deny":
+                    self._store_failed(result)
+                    raise ServiceUnavailable(
+                        "rate limiting is unavailable (its state store cannot be reached) and this "
+                        f"{bucket.limit.scope} limit refuses requests then (on_store_error: deny); try again shortly"
+                    ) from result
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                decided.append((bucket, result))
+        if failure is not None:
+            self._store_failed(failure)
+        elif self._down:
+            self._down = False
+            log.warning("rate limits enforced again: the state store answers")
+        headers = _headers(decided)
+        refused = [(bucket, result) for bucket, result in decided if not result.allowed]
+        if refused:
+            raise _refusal(*max(refused, key=lambda refusal: refusal[1].retry_after_s), headers)
+        ctx.headers.update(headers)
+        charged = tuple(bucket for bucket, _ in decided if bucket.kind == "tpm")
+        if charged:
+            ctx.state[self.name] = _Charged(charged[0].cost, charged)
+        return None
+
+    async def approve(self, ctx: RequestContext, decision: Any) -> None:
+        return None
+
+    async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
+        """Charge the tpm buckets the usage the estimate did not cover; never raises (the response is out)."""
+        charged = ctx.state.get(self.name)
+        if not isinstance(charged, _Charged) or (ctx.prompt_tokens is None and ctx.completion_tokens is None):
+            return
+        excess = (ctx.prompt_tokens or 0) + (ctx.completion_tokens or 0) - charged.estimate
+        if excess <= 0:
+            return
+        results = await asyncio.gather(*(self._drain(bucket, excess) for bucket in charged.buckets),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, StoreUnavailable):
+                self._store_failed(result)
+            elif isinstance(result, Exception):
+                log.error("rate limit: charging %s extra tokens failed", excess, exc_info=result)
+
+    def _buckets(self, ctx: RequestContext) -> list[_Bucket]:
+        buckets: list[_Bucket] = []
+        estimate: int | None = None
+        for index, limit in enumerate(self.limits):
+            member = _member(limit, ctx)
+            if member is None:
+                continue
+            if limit.rpm is not None:
+                buckets.append(_Bucket(limit, member, "rpm", f"rl:{index}:{member}:rpm", limit.rpm, 1))
+            if limit.tpm is not None:
+                if estimate is None:
+                    estimate = estimate_tokens(ctx.request)
+                buckets.append(_Bucket(limit, member, "tpm", f"rl:{index}:{member}:tpm", limit.tpm, estimate))
+        return buckets
+
+    async def _rate(self, bucket: _Bucket, cost: int) -> RateResult:
+        return await self.store.rate(bucket.key, bucket.per_minute / 60, bucket.per_minute, cost)
+
+    async def _drain(self, bucket: _Bucket, tokens: int) -> None:
+        """Charge `tokens`, or as many as the bucket still holds when it cannot take them all."""
+        result = await self._rate(bucket, tokens)
+        if not result.allowed and result.remaining > 0:
+            await self._rate(bucket, result.remaining)
+
+    def _store_failed(self, exc: StoreUnavailable) -> None:
+        if not self._down:
+            self._down = True
+            log.warning("rate limits not enforced while the state store is unreachable "
+                        "(limits with on_store_error: deny refuse requests): %s", exc)
+
+
+def _headers(decided: Sequence[tuple[_Bucket, RateResult]]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens}, each from its unit's tightest bucket."""
+    headers: dict[str, str] = {}
+    for kind, unit in _UNIT.items():
+        tightest = min(((b, r) for b, r in decided if b.kind == kind),
+                       key=lambda pair: (pair[1].remaining, -pair[1].reset_s), default=None)
+        if tightest is not None:
+            bucket, result = tightest
+            headers[f"x-ratelimit-limit-{unit}"] = str(bucket.per_minute)
+            headers[f"x-ratelimit-remaining-{unit}"] = str(result.remaining)
+            headers[f"x-ratelimit-reset-{unit}"] = reset_text(result.reset_s)
+    return headers
+
+
+def _refusal(bucket: _Bucket, result: RateResult, headers: dict[str, str]) -> RateLimited:
+    unit = _UNIT[bucket.kind]
+    who = "global" if bucket.limit.scope == "global" else f"{bucket.limit.scope} {bucket.member!r}"
+    if math.isinf(result.retry_after_s):
+        error = RateLimited(
+            f"Request too large for the {who} rate limit of {bucket.per_minute} tokens per minute: it needs an "
+            f"estimated {bucket.cost} tokens (prompt plus max_tokens); shorten the prompt or lower max_tokens"
+        )
+        error.headers = {**headers, "x-should-retry": "false"}
+    else:
+        retry = max(1, math.ceil(result.retry_after_s))
+        requested = "" if bucket.kind == "rpm" else f" (this request: an estimated {bucket.cost} tokens)"
+        error = RateLimited(
+            f"Rate limit reached for {who}: {bucket.per_minute} {unit} per minute{requested}; "
+            f"try again in {retry} s"
+        )
+        error.headers = {**headers, "retry-after": str(retry)}
+    error.type = unit
+    return error

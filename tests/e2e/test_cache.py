@@ -1,0 +1,94 @@
+"""The exact cache through live gateways and the openai SDK: a hit served by a second replica sharing Redis,
+streamed replays, tenant isolation between API keys, request controls and the usage row of a hit."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import openai
+import pytest
+import redis
+
+from tests.conftest import start_gateway
+from tests.spec.openai import validate
+
+REDIS = "redis://127.0.0.1:6379/14"
+
+
+@pytest.fixture(scope="module")
+def replicas(upstream, tmp_path_factory):
+    try:
+        redis.Redis.from_url(REDIS, socket_timeout=1).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"Redis not reachable at 127.0.0.1:6379: {exc}")
+    tmp = tmp_path_factory.mktemp("cache")
+    config = f"""
+auth: {{api_keys: [key-a, key-b]}}
+models:
+  - {{id: remote-a, backend: openai, base_url: "{upstream.url}", upstream_model: mock-model, aliases: [ra]}}
+routing: {{health_check_s: 0}}
+storage: {{redis_url: "{REDIS}", database_url: ""}}
+policies:
+  cache: {{mode: deterministic, ttl_s: 120}}
+"""
+    first, second = start_gateway(tmp, config), start_gateway(tmp, config)
+    yield first, second
+    first.stop()
+    second.stop()
+
+
+def _client(gateway, key: str = "key-a") -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+
+
+def _ask(client: openai.OpenAI, content: str, model: str = "remote-a", **extra):
+    return client.chat.completions.with_raw_response.create(
+        model=model, temperature=0, messages=[{"role": "user", "content": content}], **extra)
+
+
+def test_an_entry_written_through_one_replica_is_a_hit_on_the_other(replicas):
+    first, second = replicas
+    prompt = f"cache me {uuid.uuid4().hex}"
+    miss = _ask(_client(first), prompt)
+    assert miss.headers["x-pointsman-cache"] == "miss"
+    hit = _ask(_client(second), prompt, model="ra")  # the alias resolves to the same entry
+    assert hit.headers["x-pointsman-cache"] == "hit"
+    a, b = miss.parse(), hit.parse()
+    assert b.choices[0].message.content == a.choices[0].message.content and b.id != a.id
+    validate(b.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionResponse")
+
+
+def test_a_hit_replays_as_a_stream_the_sdk_reads(replicas):
+    first, second = replicas
+    prompt = f"stream me {uuid.uuid4().hex}"
+    stored = _ask(_client(first), prompt).parse().choices[0].message.content
+    stream = _client(second).chat.completions.create(model="remote-a", temperature=0, stream=True,
+                                                     stream_options={"include_usage": True},
+                                                     messages=[{"role": "user", "content": prompt}])
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == stored
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_tenants_never_see_each_others_entries(replicas):
+    first, _ = replicas
+    prompt = f"private {uuid.uuid4().hex}"
+    assert _ask(_client(first, "key-a"), prompt).headers["x-pointsman-cache"] == "miss"
+    assert _ask(_client(first, "key-b"), prompt).headers["x-pointsman-cache"] == "miss"
+    assert _ask(_client(first, "key-b"), prompt).headers["x-pointsman-cache"] == "hit"
+
+
+def test_request_controls_and_non_deterministic_requests(replicas):
+    first, _ = replicas
+    prompt = f"controls {uuid.uuid4().hex}"
+    url, auth = first.url + "/v1/chat/completions", {"authorization": "Bearer key-a"}
+    body = {"model": "remote-a", "temperature": 0, "messages": [{"role": "user", "content": prompt}]}
+    assert httpx.post(url, json=body, headers={**auth, "cache-control": "no-store"}).headers[
+        "x-pointsman-cache"] == "miss"
+    assert httpx.post(url, json=body, headers=auth).headers["x-pointsman-cache"] == "miss"  # nothing was stored
+    assert httpx.post(url, json=body, headers={**auth, "cache-control": "no-cache"}).headers[
+        "x-pointsman-cache"] == "bypass"
+    assert httpx.post(url, json=body, headers=auth).headers["x-pointsman-cache"] == "hit"
+    warm = {**body, "temperature": 0.7}
+    assert httpx.post(url, json=warm, headers=auth).headers["x-pointsman-cache"] == "bypass"
