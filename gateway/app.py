@@ -28,7 +28,7 @@ from gateway.openapi import (
     add_schemas,
     documented,
 )
-from gateway.pipeline import Pipeline
+from gateway.pipeline import Pipeline, StreamStart
 from gateway.request_id import request_id_of, request_ids
 from gateway.responses import JSONBody, SSEStream, Watches, nothing, replay
 from gateway.service import Gateway
@@ -74,6 +74,15 @@ def _context(request: Request, parsed: ParsedRequest, policies: bool) -> Request
     return ctx
 
 
+def _stream_outcome(result: StreamStart | Reply, answered: bool, outcome: Outcome) -> Outcome:
+    """How a stream ended, for settle: a policy's reply, or a finished stream with the answer it put together."""
+    if outcome.status != "ok":
+        return outcome
+    if answered:
+        return Outcome("answered")
+    return Outcome("ok", body=result.assembled())  # type: ignore[union-attr]
+
+
 async def _generate(request: Request, kind: type[ChatCompletionRequest] | type[CompletionRequest]) -> ASGIApp:
     state = request.app.state
     pipeline: Pipeline = state.pipeline
@@ -91,8 +100,7 @@ async def _generate(request: Request, kind: type[ChatCompletionRequest] | type[C
     settle = pipeline.settle if pipeline.has_policies else None
     if stream:
         first, rest = (None, replay(result.chunks)) if answered else (result.first, result.rest)
-        on_end = None if settle is None else lambda outcome: settle(
-            ctx, Outcome("answered") if answered and outcome.status == "ok" else outcome)
+        on_end = None if settle is None else lambda outcome: settle(ctx, _stream_outcome(result, answered, outcome))
         headers = {**ctx.headers, **result.headers, "x-request-id": ctx.request_id} if answered else result.headers
         return SSEStream(first, rest, headers, watch, on_end)
     watch.stop()

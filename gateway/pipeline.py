@@ -42,6 +42,8 @@ class StreamStart:
     first: bytes | None
     rest: AsyncIterator[bytes]
     headers: dict[str, str] = field(default_factory=dict)
+    # once the stream has ended: the plain answer it stands for, when it can be put together (see StreamRelay)
+    assembled: Callable[[], bytes | None] = lambda: None
 
 
 def route_headers(ctx: RequestContext, attempt: Attempt, decision: Decision, relayed: dict[str, str]) -> dict:
@@ -138,7 +140,8 @@ class Pipeline:
             raise
         ttft = time.monotonic() - lease.started
         relay = StreamRelay(self.gateway, ctx, attempt, lease, ttft)
-        return StreamStart(first, relay.run(first, rest), route_headers(ctx, attempt, prepared, relayed))
+        return StreamStart(first, relay.run(first, rest), route_headers(ctx, attempt, prepared, relayed),
+                           relay.assembled)
 
     async def _first_success(self, ctx: RequestContext, decision: Decision,
                              call: Callable[[Backend, int, dict[str, str]], Awaitable[T]],

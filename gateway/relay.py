@@ -4,6 +4,7 @@ breaks, and count its tokens into the request context."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,7 @@ class StreamRelay:
         self.lease, self.ttft = lease, ttft
         self.text: list[str] = []
         self.finished = False
+        self.finish_reason: str | None = None
         self.chunk_id: str | None = None
         self.tokens = 0  # one per content chunk, until the upstream's usage says otherwise
         self.prompt_tokens: int | None = None
@@ -60,6 +62,7 @@ class StreamRelay:
                 self.tokens += 1
             if choice.finish_reason is not None:
                 self.finished = True
+                self.finish_reason = choice.finish_reason
 
     @property
     def completion_tokens(self) -> int:
@@ -116,6 +119,27 @@ class StreamRelay:
         finally:
             # what was generated counts, however the stream ended (a budget settles on it)
             self.ctx.record_usage(self.attempt.model, self.prompt_tokens, self.completion_tokens)
+
+    def assembled(self) -> bytes | None:
+        """The finished stream as the plain answer it stands for (a chat.completion or text_completion), for
+        policies that keep answers (the cache); None unless one choice streamed to its finish_reason."""
+        body = self.ctx.request.body
+        if body.n != 1 or not self.finished or self.chunk_id is None:
+            return None
+        text = "".join(self.text)
+        if isinstance(body, ChatCompletionRequest):
+            choice: dict = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                            "finish_reason": self.finish_reason, "logprobs": None}
+            kind = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": self.finish_reason, "logprobs": None}
+            kind = "text_completion"
+        answer: dict = {"id": self.chunk_id, "object": kind, "created": int(time.time()),
+                        "model": self.attempt.model.id, "choices": [choice]}
+        if self.prompt_tokens is not None and self.usage_tokens is not None:
+            answer["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.usage_tokens,
+                               "total_tokens": self.prompt_tokens + self.usage_tokens}
+        return msgspec.json.encode(answer)
 
     def _next_deployment(self, tried: set[int]) -> int | None:
         for candidate in self.pool.targets(self.gateway.rng):

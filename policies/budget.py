@@ -327,7 +327,11 @@ class BudgetPolicy:
             return
         values = await asyncio.gather(*(self.store.counter(c.key) for _, c, _ in checks), return_exceptions=True)
         for (model_id, counter, amount), value in zip(checks, values, strict=True):
-            if isinstance(value, float | int) and value + amount > counter.limit and model_id not in dropped:
+            if isinstance(value, StoreUnavailable):
+                continue  # unknown: the fallback stays, and is charged in settle if it serves
+            if isinstance(value, BaseException):
+                raise value
+            if value + amount > counter.limit and model_id not in dropped:
                 dropped.add(model_id)
                 decision.skipped[model_id] = f"budget exceeded: {_refusal(counter, value, amount, now).message}"
 
@@ -366,7 +370,7 @@ def _refusal(counter: _Counter, current: float, needed: float, now: float) -> Bu
     resets = reset_iso(counter.end)
     error = BudgetExceeded(
         f"Budget exceeded: the {counter.describe()} has {_amount(counter.kind, current)} used and this request "
-        f"may need up to {_amount(counter.kind, needed)} (prompt plus max_tokens); it resets "
+        f"may need up to {_amount(counter.kind, needed)} (prompt plus max_tokens or its default); it resets "
         + ("never" if counter.end is None else f"at {resets}")
     )
     if counter.end is not None:

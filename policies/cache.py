@@ -86,8 +86,9 @@ class ExactCache:
     Cacheable: `mode: always`, or `mode: deterministic` with `temperature: 0` or a `seed` (any `n`); `mode: off`
     does nothing. Only requests for one configured model are cached: a `model` that resolves to an automatic
     choice (`auto`, `auto-*`), a chain (`a:b`) or nothing at all (routing fields only, `auto_select`) bypasses,
-    since the model that will serve is not known before routing. Only plain answers are stored (`settle` gets
-    a streamed answer's chunks, not its body); a stored answer is replayed to plain and streamed requests alike
+    since the model that will serve is not known before routing. Plain answers are stored, and streamed ones as
+    the gateway puts them back together (`Outcome.body`: one choice, streamed to its finish_reason; with usage
+    only when the client asked for it); a stored answer is replayed to plain and streamed requests alike
     (a replayed stream carries no logprobs). An answer served by another model than the one requested (a
     fallback) is not stored.
 

@@ -3,6 +3,7 @@ streamed replays, tenant isolation between API keys, request controls and the us
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import httpx
@@ -47,13 +48,20 @@ def _ask(client: openai.OpenAI, content: str, model: str = "remote-a", **extra):
         model=model, temperature=0, messages=[{"role": "user", "content": content}], **extra)
 
 
+def _hit(ask):
+    """`ask()` until it is a cache hit: the entry is stored right after the answer that made it was sent."""
+    deadline = time.monotonic() + 5
+    while (response := ask()).headers["x-pointsman-cache"] != "hit":
+        assert time.monotonic() < deadline, "never a hit"
+    return response
+
+
 def test_an_entry_written_through_one_replica_is_a_hit_on_the_other(replicas):
     first, second = replicas
     prompt = f"cache me {uuid.uuid4().hex}"
     miss = _ask(_client(first), prompt)
     assert miss.headers["x-pointsman-cache"] == "miss"
-    hit = _ask(_client(second), prompt, model="ra")  # the alias resolves to the same entry
-    assert hit.headers["x-pointsman-cache"] == "hit"
+    hit = _hit(lambda: _ask(_client(second), prompt, model="ra"))  # the alias resolves to the same entry
     a, b = miss.parse(), hit.parse()
     assert b.choices[0].message.content == a.choices[0].message.content and b.id != a.id
     validate(b.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionResponse")
@@ -63,6 +71,7 @@ def test_a_hit_replays_as_a_stream_the_sdk_reads(replicas):
     first, second = replicas
     prompt = f"stream me {uuid.uuid4().hex}"
     stored = _ask(_client(first), prompt).parse().choices[0].message.content
+    _hit(lambda: _ask(_client(second), prompt))
     stream = _client(second).chat.completions.create(model="remote-a", temperature=0, stream=True,
                                                      stream_options={"include_usage": True},
                                                      messages=[{"role": "user", "content": prompt}])
@@ -76,7 +85,7 @@ def test_tenants_never_see_each_others_entries(replicas):
     prompt = f"private {uuid.uuid4().hex}"
     assert _ask(_client(first, "key-a"), prompt).headers["x-pointsman-cache"] == "miss"
     assert _ask(_client(first, "key-b"), prompt).headers["x-pointsman-cache"] == "miss"
-    assert _ask(_client(first, "key-b"), prompt).headers["x-pointsman-cache"] == "hit"
+    _hit(lambda: _ask(_client(first, "key-b"), prompt))
 
 
 def test_request_controls_and_non_deterministic_requests(replicas):
@@ -89,6 +98,18 @@ def test_request_controls_and_non_deterministic_requests(replicas):
     assert httpx.post(url, json=body, headers=auth).headers["x-pointsman-cache"] == "miss"  # nothing was stored
     assert httpx.post(url, json=body, headers={**auth, "cache-control": "no-cache"}).headers[
         "x-pointsman-cache"] == "bypass"
-    assert httpx.post(url, json=body, headers=auth).headers["x-pointsman-cache"] == "hit"
+    _hit(lambda: httpx.post(url, json=body, headers=auth))
     warm = {**body, "temperature": 0.7}
     assert httpx.post(url, json=warm, headers=auth).headers["x-pointsman-cache"] == "bypass"
+
+
+def test_a_streamed_answer_is_stored_and_served_plain(replicas):
+    first, second = replicas
+    prompt = f"streamed first {uuid.uuid4().hex}"
+    stream = _client(first).chat.completions.with_raw_response.create(
+        model="remote-a", temperature=0, stream=True, messages=[{"role": "user", "content": prompt}])
+    assert stream.headers["x-pointsman-cache"] == "miss"
+    text = "".join(c.choices[0].delta.content or "" for c in stream.parse() if c.choices)
+    hit = _hit(lambda: _ask(_client(second), prompt))
+    assert hit.parse().choices[0].message.content == text
+    assert hit.parse().choices[0].finish_reason == "stop"
