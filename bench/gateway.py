@@ -1,6 +1,8 @@
 """Gateway overhead: wrk on the mock upstream direct, via a bare aiohttp proxy and via pointsman, into RESULTS.md.
 
-Run: .venv/bin/python bench/gateway.py [--noop-policies 5] (or `make bench ARGS="--noop-policies 5"`).
+Run: .venv/bin/python bench/gateway.py [--noop-policies 5] [--policies] (or `make bench ARGS="--noop-policies 5"`).
+`--policies` adds pointsman with a rate limit and the exact cache (state in process and on Redis), measured on
+the cache's miss path (c16) and hit path (c1) in the same rounds.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,16 @@ LITELLM_C16_RPS, LITELLM_C1_ADDED_MS = 115, 12.6
 MODES = ("plain", "SSE")
 CONCURRENCIES = (1, 16)
 TTFB_PROMPT = "a b c d gap:0.05"
+# --policies: a rate limit that never refuses (its buckets are still charged) and the exact cache
+REDIS_URL = "redis://127.0.0.1:6379/13"  # flushed before the run
+POLICIES_YAML = ("policies:\n  rate_limits: [{scope: key, rpm: 100000000, tpm: 100000000000}]\n"
+                 "  cache: {mode: deterministic, ttl_s: 3600}\n")
+IN_PROCESS, REDIS = "in-process", "Redis"
+MISS, HIT = "miss", "hit"  # wrk cells: a new deterministic prompt per request at c16; one stored answer at c1
+MISS_CONC, HIT_CONC = 16, 1
+TARGET_MISS_SHARE = {IN_PROCESS: 0.80, REDIS: 0.60}  # c16 RPS on the miss path / the bare proxy's
+TARGET_HIT_ADDED_MS = {IN_PROCESS: 1.0, REDIS: 2.0}  # p50 at c1 on the hit path minus the direct upstream's
+LITELLM_HIT_P50_MS = 9.7  # LiteLLM's in-memory cache hit, p50, measured on this machine
 
 TRANSPORT_TABLE = """\
 ### Transport and server choice
@@ -80,6 +94,7 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    cache: dict[str, int] = field(default_factory=dict)  # x-pointsman-cache values seen (policy scripts only)
 
 
 @dataclass
@@ -94,6 +109,9 @@ class Cell:
     @property
     def errors(self) -> int:
         return sum(r.errors for r in self.runs)
+
+    def cache(self) -> Counter[str]:
+        return sum((Counter(r.cache) for r in self.runs), Counter())
 
 
 @dataclass
@@ -165,14 +183,19 @@ def start_bare_proxy(tmp: Path, upstream: str) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def start_gateway(tmp: Path, upstream: str, workers: int, noop_policies: int = 0) -> tuple[subprocess.Popen, str]:
+def start_gateway(tmp: Path, upstream: str, gw: Gateway) -> tuple[subprocess.Popen, str]:
     """pointsman serve; with noop_policies, bench/noop_app.py serves the same way with that many no-op policies."""
     port = free_port()
-    config = tmp / "pointsman.yaml"
-    # no usage database: the rows measured are the pipeline with an empty policy chain (or the no-ops)
-    config.write_text("storage: {database_url: ''}\nmodels:\n  - {id: bench-model, backend: openai, "
-                      f'base_url: "{upstream}/v1", upstream_model: mock-model}}\n')
-    log = tmp / f"gateway-w{workers}-noop{noop_policies}.log"
+    slug = re.sub(r"[^a-z0-9]+", "-", gw.name.lower()).strip("-")
+    config = tmp / f"{slug}.yaml"  # one file per gateway: workers may read it after the next one has started
+    # no usage database: the rows measured are the pipeline with an empty policy chain (or the no-ops), or with
+    # the rate limit and the cache under --policies
+    redis = f"redis_url: {REDIS_URL}, " if gw.state == REDIS else ""
+    config.write_text(f"storage: {{{redis}database_url: ''}}\nmodels:\n  - {{id: bench-model, backend: openai, "
+                      f'base_url: "{upstream}/v1", upstream_model: mock-model}}\n'
+                      + (POLICIES_YAML if gw.state else ""))
+    workers, noop_policies = gw.workers, gw.noop_policies
+    log = tmp / f"{slug}.log"
     # upper case: the CLI lower-cases it for uvicorn, while gateway/asgi.py hands it to logging as is
     env = {**os.environ, "POINTSMAN_LOG_LEVEL": "WARNING"}
     # the checkout's packages first: a package added since the editable install is found too
@@ -205,6 +228,70 @@ def lua_script(tmp: Path, mode: str) -> Path:
     return path
 
 
+# Lua for the policy cells: the body is head .. (tag-counter) .. tail, so each request of a miss run is new
+# (the tag, from wrk's arguments, differs per wrk run); every thread counts the x-pointsman-cache values it sees
+# and done() prints the totals for parse_wrk
+CACHE_LUA = """\
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local head, tail = %s, %s
+local unique = %s
+local threads = {}
+local outcomes = {"hit", "miss", "bypass", "none"}
+local prefix, counter = "", 0
+hit, miss, bypass, none = 0, 0, 0, 0
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  prefix = (args[1] or "") .. "-"
+end
+
+function request()
+  if not unique then
+    return wrk.format(nil, nil, nil, head .. tail)
+  end
+  counter = counter + 1
+  return wrk.format(nil, nil, nil, head .. prefix .. counter .. tail)
+end
+
+function response(status, headers, body)
+  local outcome = headers["x-pointsman-cache"] or "none"
+  if outcome == "hit" then hit = hit + 1
+  elseif outcome == "miss" then miss = miss + 1
+  elseif outcome == "bypass" then bypass = bypass + 1
+  else none = none + 1 end
+end
+
+function done(summary, latency, requests)
+  local totals = {}
+  for _, name in ipairs(outcomes) do
+    totals[name] = 0
+    for _, thread in ipairs(threads) do totals[name] = totals[name] + thread:get(name) end
+  end
+  io.write(string.format("x-pointsman-cache: hit %%d miss %%d bypass %%d none %%d\\n",
+                         totals.hit, totals.miss, totals.bypass, totals.none))
+end
+"""
+
+
+def cache_body(content: str) -> dict[str, Any]:
+    """Deterministic, so the cache in `mode: deterministic` looks it up and stores it."""
+    return {**body("plain", content), "temperature": 0}
+
+
+def policy_script(tmp: Path, mode: str) -> Path:
+    """MISS: `temperature: 0` and a prompt with a per-request counter; HIT: one fixed deterministic body."""
+    mark = "@@COUNTER@@"
+    content = f"miss {mark}" if mode == MISS else "fixed"
+    head, _, tail = json.dumps(cache_body(content), separators=(",", ":")).partition(mark)
+    path = tmp / f"{mode}.lua"
+    path.write_text(CACHE_LUA % (json.dumps(head), json.dumps(tail), "true" if mode == MISS else "false"))
+    return path
+
+
 _UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 
 
@@ -224,19 +311,25 @@ def parse_wrk(output: str) -> WrkResult:
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output))
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     errors += int(non2xx[1]) if non2xx else 0
-    return WrkResult(float(rps[1]), to_ms(p50[1]), to_ms(p99[1]), errors)
+    seen = re.search(r"^x-pointsman-cache: hit (\d+) miss (\d+) bypass (\d+) none (\d+)$", output, re.M)
+    cache = dict(zip(("hit", "miss", "bypass", "none"), map(int, seen.groups()), strict=True)) if seen else {}
+    return WrkResult(float(rps[1]), to_ms(p50[1]), to_ms(p99[1]), errors, cache)
 
 
-def wrk(url: str, script: Path, connections: int, duration_s: int) -> str:
+def wrk(url: str, script: Path, connections: int, duration_s: int, unique: bool = False) -> str:
+    """One wrk run; `unique` passes the script a fresh tag, so a miss run repeats no earlier run's prompts."""
     argv = [WRK, "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", "--timeout", "5s",
             "-s", str(script), url + "/v1/chat/completions"]
+    if unique:
+        argv += ["--", uuid.uuid4().hex]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 30, check=True)
     return done.stdout
 
 
-def measure(url: str, script: Path, connections: int, duration_s: int, warmup_s: int) -> WrkResult:
-    wrk(url, script, connections, warmup_s)
-    return parse_wrk(wrk(url, script, connections, duration_s))
+def measure(url: str, script: Path, connections: int, duration_s: int, warmup_s: int,
+            unique: bool = False) -> WrkResult:
+    wrk(url, script, connections, warmup_s, unique)
+    return parse_wrk(wrk(url, script, connections, duration_s, unique))
 
 
 # --- functional sanity and TTFB (aiohttp) ------------------------------------------------------------------
@@ -264,6 +357,47 @@ async def check_all(targets_: dict[str, str], tmp: Path) -> None:
                 except RuntimeError as exc:
                     logs = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in sorted(tmp.glob("*.log")))
                     raise RuntimeError(f"{name}: {exc}\n{logs}") from None
+
+
+async def cache_outcome(session: aiohttp.ClientSession, url: str, content: str) -> str:
+    async with session.post(url + "/v1/chat/completions", json=cache_body(content)) as response:
+        raw = await response.read()
+    if response.status != 200:
+        raise RuntimeError(f"{url}: HTTP {response.status}: {raw[:300]!r}")
+    return response.headers.get("x-pointsman-cache", "none")
+
+
+async def warm_caches(targets_: dict[str, str], names: list[str]) -> None:
+    """Each policy target: a new deterministic prompt misses, and the hit body, once stored, is a hit."""
+    async with aiohttp.ClientSession() as session:
+        for name in names:
+            url = targets_[name]
+            if (outcome := await cache_outcome(session, url, f"miss check-{uuid.uuid4().hex}")) != "miss":
+                raise RuntimeError(f"{name}: a new deterministic prompt got x-pointsman-cache: {outcome}")
+            await cache_outcome(session, url, "fixed")  # stores the hit path's answer
+            for _ in range(20):  # the store may land just after the answer
+                if (outcome := await cache_outcome(session, url, "fixed")) == "hit":
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError(f"{name}: the hit body still gets x-pointsman-cache: {outcome}")
+
+
+def redis_unreachable() -> str | None:
+    """Flush REDIS_URL's database; the reason when Redis cannot be reached."""
+    try:
+        from redis import Redis  # only --policies needs it
+        from redis.exceptions import RedisError
+    except ImportError as exc:
+        return f"redis-py is not installed ({exc})"
+    client = Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=2)
+    try:
+        client.flushdb()
+    except RedisError as exc:
+        return f"{REDIS_URL} is not reachable ({exc})"
+    finally:
+        client.close()
+    return None
 
 
 async def one_ttfb(session: aiohttp.ClientSession, url: str) -> Ttfb:
@@ -303,11 +437,13 @@ Cells = dict[tuple[str, str, int], Cell]
 
 @dataclass(frozen=True)
 class Gateway:
-    """One pointsman target: its name in the tables, its worker count and the no-op policies asked for."""
+    """One pointsman target: its name in the tables, its worker count and the no-op policies asked for; `state`
+    set (IN_PROCESS or REDIS): the rate limit and the cache of POLICIES_YAML, their state kept there."""
 
     name: str
     workers: int
     noop_policies: int = 0
+    state: str | None = None
 
     @property
     def share_target(self) -> float:
@@ -399,6 +535,42 @@ def litellm_line(cells: Cells, gateways: list[Gateway]) -> str:
             f"at c16 and +{LITELLM_C1_ADDED_MS} ms added p50 at c1; here " + "; ".join(parts) + ".")
 
 
+def cache_seen(cell: Cell) -> str:
+    """The x-pointsman-cache values wrk saw in the timed runs, as shares of its responses."""
+    seen = cell.cache()
+    total = sum(seen.values())
+    if not total or seen["none"] == total:
+        return "-"
+    return ", ".join(f"{value} {count / total:.1%}" for value, count in seen.most_common() if count)
+
+
+def policy_table(cells: Cells, policy_gateways: list[Gateway], reference: str | None) -> list[str]:
+    """The miss path (share of the bare proxy's c16 RPS) and the hit path (p50 at c1 over the direct upstream's)."""
+    lines = ["| path | target | RPS | p50 | measured | target | x-pointsman-cache |",
+             "|---|---|---:|---:|---|---|---|"]
+    others = [name for name in (reference,) if name]
+    bare_rps = cells[BARE, MISS, MISS_CONC].median("rps")
+    for name in [BARE, *others, *(gw.name for gw in policy_gateways)]:
+        c = cells[name, MISS, MISS_CONC]
+        share = c.median("rps") / bare_rps
+        gw = next((g for g in policy_gateways if g.name == name), None)
+        goal = (f"at least {TARGET_MISS_SHARE[gw.state]:.0%}: {verdict(share >= TARGET_MISS_SHARE[gw.state])}"
+                if gw and gw.state else "")
+        lines.append(f"| miss, c{MISS_CONC} plain | {name} | {c.median('rps'):,.0f} | {fmt_ms(c.median('p50_ms'))} "
+                     f"| {share:.0%} of the bare proxy's RPS | {goal} | {cache_seen(c)} |")
+    direct_p50 = cells[DIRECT, HIT, HIT_CONC].median("p50_ms")
+    for name in [DIRECT, *others, *(gw.name for gw in policy_gateways)]:
+        c = cells[name, HIT, HIT_CONC]
+        added = c.median("p50_ms") - direct_p50
+        gw = next((g for g in policy_gateways if g.name == name), None)
+        goal = (f"at most {TARGET_HIT_ADDED_MS[gw.state]:g} ms: {verdict(added <= TARGET_HIT_ADDED_MS[gw.state])}"
+                if gw and gw.state else "")
+        measured = "" if name == DIRECT else f"{added:+.2f} ms p50 over direct"
+        lines.append(f"| hit, c{HIT_CONC} plain | {name} | {c.median('rps'):,.0f} | {fmt_ms(c.median('p50_ms'))} "
+                     f"| {measured} | {goal} | {cache_seen(c)} |")
+    return lines
+
+
 def ttfb_table(ttfb: dict[str, Ttfb], names: dict[str, str]) -> list[str]:
     lines = ["| target | TTFB (first `data:`) | inter-chunk (median) | last event |", "|---|---:|---:|---:|"]
     for url, t in ttfb.items():
@@ -441,20 +613,32 @@ def write_results(section_body: list[str], missed: bool) -> None:
 # --- main --------------------------------------------------------------------------------------------------
 
 
-def run_wrk_matrix(targets_: dict[str, str], scripts: dict[str, Path], args: argparse.Namespace) -> Cells:
+@dataclass(frozen=True)
+class Plan:
+    """One cell of every round: the wrk script for `mode` at `conc` connections, on each of `names` in turn."""
+
+    mode: str
+    conc: int
+    names: tuple[str, ...]
+
+
+def run_wrk_matrix(targets_: dict[str, str], plans: list[Plan], scripts: dict[str, Path],
+                   args: argparse.Namespace) -> Cells:
     """Rounds over every cell, each target in turn (order rotated per round) so noise hits all of them alike."""
     cells: Cells = {}
-    names = list(targets_)
     for rep in range(args.repeats):
-        for mode in MODES:
-            for conc in CONCURRENCIES:
-                order = names[rep % len(names):] + names[:rep % len(names)]
-                for name in order:
-                    result = measure(targets_[name], scripts[mode], conc, args.duration, args.warmup)
-                    cells.setdefault((name, mode, conc), Cell()).runs.append(result)
-                    print(f"  round {rep + 1}  {mode:5} c{conc:<2}  {name:36} {result.rps:9,.0f} RPS  "
-                          f"p50 {fmt_ms(result.p50_ms):>9}  p99 {fmt_ms(result.p99_ms):>9}"
-                          + (f"  errors {result.errors}" if result.errors else ""), flush=True)
+        for plan in plans:
+            names = list(plan.names)
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            for name in order:
+                result = measure(targets_[name], scripts[plan.mode], plan.conc, args.duration, args.warmup,
+                                 unique=plan.mode == MISS)
+                cells.setdefault((name, plan.mode, plan.conc), Cell()).runs.append(result)
+                seen = {k: v for k, v in result.cache.items() if v and k != "none"}
+                print(f"  round {rep + 1}  {plan.mode:5} c{plan.conc:<2}  {name:40} {result.rps:9,.0f} RPS  "
+                      f"p50 {fmt_ms(result.p50_ms):>9}  p99 {fmt_ms(result.p99_ms):>9}"
+                      + (f"  errors {result.errors}" if result.errors else "")
+                      + (f"  cache {seen}" if seen else ""), flush=True)
     return cells
 
 
@@ -466,6 +650,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, nargs="+", default=[1], help="pointsman worker counts")
     parser.add_argument("--noop-policies", type=int, default=0, metavar="N",
                         help="also run pointsman with N no-op policies registered (bench/noop_app.py)")
+    parser.add_argument("--policies", action="store_true",
+                        help="also run pointsman with a rate limit and the exact cache, state in process and on "
+                             f"Redis ({REDIS_URL}, flushed first), on the cache's miss and hit paths")
     parser.add_argument("--ttfb-requests", type=int, default=20, help="SSE requests per target for TTFB")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     return parser.parse_args()
@@ -482,24 +669,63 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen]) ->
         w = args.workers[0]
         gateways.append(Gateway(f"pointsman ({w} worker{'s' if w > 1 else ''}, {args.noop_policies} no-op "
                                 "policies)", w, args.noop_policies))
-    for gw in gateways:
-        proc, url = start_gateway(tmp, upstream, gw.workers, gw.noop_policies)
+    policy_gateways: list[Gateway] = []
+    redis_note = None
+    if args.policies:  # one worker each: with more, an in-process cache would be one per worker
+        policy_gateways.append(Gateway(f"pointsman + policies ({IN_PROCESS} state)", 1, state=IN_PROCESS))
+        if redis_note := redis_unreachable():
+            redis_note = f"pointsman + policies ({REDIS} state) skipped: {redis_note}."
+            print(redis_note, flush=True)
+        else:
+            policy_gateways.append(Gateway(f"pointsman + policies ({REDIS} state)", 1, state=REDIS))
+    for gw in [*gateways, *policy_gateways]:
+        proc, url = start_gateway(tmp, upstream, gw)
         procs.append(proc)
         targets_[gw.name] = url
     asyncio.run(check_all(targets_, tmp))
     print("sanity: plain and SSE answer 200 (SSE ends with data: [DONE]) on every target", flush=True)
-    runs = len(MODES) * len(CONCURRENCIES) * args.repeats * len(targets_)
+    standard = tuple(name for name in targets_ if name not in {gw.name for gw in policy_gateways})
+    plans = [Plan(mode, conc, standard) for mode in MODES for conc in CONCURRENCIES]
+    scripts = {mode: lua_script(tmp, mode) for mode in MODES}
+    reference = next((gw.name for gw in gateways if gw.workers == 1 and not gw.noop_policies), None)
+    if policy_gateways:
+        asyncio.run(warm_caches(targets_, [gw.name for gw in policy_gateways]))
+        print("cache: a new deterministic prompt misses and the hit body is stored on every policy target", flush=True)
+        policy_names = tuple(name for name in (reference, *(gw.name for gw in policy_gateways)) if name)
+        plans += [Plan(MISS, MISS_CONC, (BARE, *policy_names)), Plan(HIT, HIT_CONC, (DIRECT, *policy_names))]
+        scripts |= {mode: policy_script(tmp, mode) for mode in (MISS, HIT)}
+    runs = sum(len(plan.names) for plan in plans) * args.repeats
     minutes = runs * (args.warmup + args.duration) / 60
     print(f"wrk: {runs} runs of {args.warmup}+{args.duration} s, about {minutes:.1f} min", flush=True)
-    scripts = {mode: lua_script(tmp, mode) for mode in MODES}
-    cells = run_wrk_matrix(targets_, scripts, args)
+    cells = run_wrk_matrix(targets_, plans, scripts, args)
     print(f"TTFB: {args.ttfb_requests} SSE requests per target, prompt {TTFB_PROMPT!r}", flush=True)
-    ttfb = asyncio.run(ttfb_all(list(targets_.values()), args.ttfb_requests))
-    report(args, cells, gateways, ttfb, {url: name for name, url in targets_.items()})
+    ttfb = asyncio.run(ttfb_all([targets_[name] for name in standard], args.ttfb_requests))
+    policy_lines = []
+    if args.policies:
+        policy_lines = policy_section(cells, policy_gateways, reference, redis_note)
+    report(args, cells, gateways, ttfb, {targets_[name]: name for name in standard}, policy_lines)
+
+
+def policy_section(cells: Cells, policy_gateways: list[Gateway], reference: str | None,
+                   redis_note: str | None) -> list[str]:
+    """The `### Policy chain` subsection: what was run, the table, a skipped Redis target, LiteLLM for scale."""
+    lines = ["", "### Policy chain (rate limit + exact cache)", "",
+             "pointsman (1 worker) with `rate_limits: [{scope: key, rpm: 100000000, tpm: 100000000000}]` (never "
+             "refuses; its buckets are still charged) and `cache: {mode: deterministic, ttl_s: 3600}`, state in "
+             f"process or on Redis (`{REDIS_URL}`, flushed before the run), in the same rounds as above. Miss path: "
+             f"wrk -c{MISS_CONC}, plain, `temperature: 0` and a prompt with a per-request counter (and a tag per wrk "
+             "run), so every request is looked up, missed, sent upstream and stored. Hit path: wrk "
+             f"-c{HIT_CONC}, plain, one fixed `temperature: 0` body stored before the runs, so every request is "
+             "answered from the cache. x-pointsman-cache: the header's values wrk counted in the timed runs.",
+             "", *policy_table(cells, policy_gateways, reference)]
+    if redis_note:
+        lines += ["", redis_note]
+    lines += ["", f"Reference: LiteLLM's in-memory cache hit on this machine: {LITELLM_HIT_P50_MS} ms p50."]
+    return lines
 
 
 def report(args: argparse.Namespace, cells: Cells, gateways: list[Gateway], ttfb: dict[str, Ttfb],
-           names: dict[str, str]) -> None:
+           names: dict[str, str], policy_lines: list[str]) -> None:
     body_lines = [stamp(), "",
                   f"wrk -t1, -c1 and -c16, {args.duration} s runs after {args.warmup} s warm-up, POST "
                   "/v1/chat/completions with the upstream's fixed answer. Targets: direct (tests/e2e/upstream.py, "
@@ -513,6 +739,7 @@ def report(args: argparse.Namespace, cells: Cells, gateways: list[Gateway], ttfb
     if errors:
         body_lines += ["", "wrk errors (socket or non-2xx): "
                        + ", ".join(f"{n} {m} c{c}: {e}" for (n, m, c), e in errors.items())]
+    body_lines += policy_lines
     body_lines += ["", f"### SSE time to first byte ({TTFB_PROMPT!r}, 50 ms between chunks, median of "
                    f"{args.ttfb_requests})", "", *ttfb_table(ttfb, names), "", relay_verdict(ttfb, names)]
     target_lines, missed = targets(cells, gateways)

@@ -327,8 +327,6 @@ class Config(_Frozen, kw_only=True):
             if not any(fnmatch.fnmatchcase(m.id, pattern) for m in self.models):
                 raise ValueError(f"routing.auto_pool[{i}]: {pattern!r} matches no model id")
         # named in the config shape already, built in a later step: refused rather than silently ignored
-        if self.policies.budgets:
-            raise ValueError("policies.budgets: budgets are not implemented yet; remove the section")
         if self.policies.cache is not None and self.policies.cache.semantic.enabled:
             raise ValueError("policies.cache.semantic: the semantic cache is not implemented yet; set enabled: false")
         if self.routing.default_profile not in self.routing.all_profiles:

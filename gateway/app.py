@@ -167,6 +167,17 @@ async def recommend(request: Request) -> dict:
     }
 
 
+@get("/usage", summary="The caller's budgets: what is used and remaining in each period, and when it resets")
+async def usage(request: Request) -> dict:
+    storage: Storage = request.app.state.storage
+    if storage.budgets is None:
+        return {"object": "usage", "budgets": []}
+    parsed = ParsedRequest(CompletionRequest(prompt=""), {})
+    user = request.headers.get("x-pointsman-user")
+    ctx = RequestContext(parsed, principal_of(request.scope), request_id_of(request.scope), user)
+    return {"object": "usage", "budgets": await storage.budgets.remaining(ctx)}
+
+
 @get("/models", summary="List the served models")
 async def list_models(request: Request) -> ModelList:
     return _gateway(request).model_list
@@ -244,8 +255,8 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     guards = [keys] if keys.enabled else []
     # the completion routes add x-request-id themselves; Litestar's own responses get it from the middleware
     hot = Router(path="/v1", route_handlers=[chat_completions, completions], guards=guards)
-    v1 = Router(path="/v1", route_handlers=[explain_route, recommend, list_models, retrieve_model], guards=guards,
-                middleware=[request_ids])
+    v1 = Router(path="/v1", route_handlers=[explain_route, recommend, list_models, retrieve_model, usage],
+                guards=guards, middleware=[request_ids])
     # the earlier prototype served /models/recommend without the /v1 prefix; keep that path working
     legacy = Router(path="/", route_handlers=[recommend], guards=guards, middleware=[request_ids])
     probes = Router(path="/", route_handlers=[health, ready], middleware=[request_ids])

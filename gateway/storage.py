@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from config.schema import PoliciesConfig, StorageConfig
 from policies.base import Policy
+from policies.budget import BudgetPolicy
 from policies.cache import ExactCache
 from policies.database import migrate, open_engine
 from policies.rate_limit import RateLimitPolicy
@@ -29,6 +30,7 @@ class Storage:
         self.engine = open_engine(self.url) if self.url else None
         self.usage = UsageLog(self.engine) if self.engine is not None else None
         self.state: StateStore = RedisStore(config.redis_url) if config.redis_url else LocalStore()
+        self.budgets: BudgetPolicy | None = None  # for /v1/usage, once the config has budgets
 
     def policies(self, config: PoliciesConfig, resolve: Callable[[str], str]) -> list[Policy]:
         """The policies the config asks for, on this storage; `resolve` maps a model name to its id."""
@@ -37,6 +39,9 @@ class Storage:
             policies.append(RateLimitPolicy(config.rate_limits, self.state))
         if config.cache is not None and config.cache.mode != "off":
             policies.append(ExactCache(config.cache, self.state, resolve))
+        if config.budgets:
+            self.budgets = BudgetPolicy(config.budgets, self.state)
+            policies.append(self.budgets)
         if self.usage is not None:
             policies.append(UsagePolicy(self.usage))
         return policies
