@@ -274,6 +274,8 @@ class BudgetConfig(_Frozen, kw_only=True):
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
     max_cost_usd: Annotated[float, Meta(gt=0)] | None = None
     on_store_error: Literal["allow", "deny"] = "deny"
+    # alert once per period when usage crosses each fraction of the limit (an empty list: no alerts)
+    alert_at: list[Annotated[float, Meta(gt=0, le=1)]] = msgspec.field(default_factory=lambda: [0.5, 0.8, 1.0])
 
     def __post_init__(self) -> None:
         if self.max_tokens is None and self.max_cost_usd is None:
@@ -300,6 +302,7 @@ class PoliciesConfig(_Frozen, kw_only=True):
     cache: CacheConfig | None = None
     budgets: list[BudgetConfig] = []
     rate_limits: list[RateLimitConfig] = []
+    alert_webhook: URL | None = None  # budget alerts are POSTed here as JSON (and always logged)
 
 
 class Config(_Frozen, kw_only=True):

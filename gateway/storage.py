@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 
 from config.schema import PoliciesConfig, StorageConfig
+from policies.alerts import BudgetAlerts
 from policies.base import Policy
 from policies.budget import BudgetPolicy
 from policies.cache import ExactCache
@@ -31,6 +32,7 @@ class Storage:
         self.usage = UsageLog(self.engine) if self.engine is not None else None
         self.state: StateStore = RedisStore(config.redis_url) if config.redis_url else LocalStore()
         self.budgets: BudgetPolicy | None = None  # for /v1/usage, once the config has budgets
+        self.alerts: BudgetAlerts | None = None
 
     def policies(self, config: PoliciesConfig, resolve: Callable[[str], str]) -> list[Policy]:
         """The policies the config asks for, on this storage; `resolve` maps a model name to its id."""
@@ -40,7 +42,8 @@ class Storage:
         if config.cache is not None and config.cache.mode != "off":
             policies.append(ExactCache(config.cache, self.state, resolve))
         if config.budgets:
-            self.budgets = BudgetPolicy(config.budgets, self.state)
+            self.alerts = BudgetAlerts(config.alert_webhook, self.state)
+            self.budgets = BudgetPolicy(config.budgets, self.state, alerts=self.alerts)
             policies.append(self.budgets)
         if self.usage is not None:
             policies.append(UsagePolicy(self.usage))
@@ -58,4 +61,6 @@ class Storage:
             log.info("usage log closed: %d rows written, %d dropped", self.usage.written, self.usage.dropped)
         if self.engine is not None:
             await self.engine.dispose()
+        if self.alerts is not None:
+            await self.alerts.aclose()  # webhook deliveries in flight get a few seconds to finish
         await self.state.aclose()

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
 from config.schema import BudgetConfig, ModelConfig, Period, TransformersModel
+from policies.alerts import BudgetAlerts
 from policies.base import STAGES
 from policies.context import Outcome, Reply, RequestContext
 from policies.state import Reservation, StateStore, StoreUnavailable
@@ -86,6 +87,7 @@ class _Counter:
     kind: Kind
     key: str
     limit: float
+    start: int  # when its period started (epoch seconds; 0 for `total`)
     end: int | None  # when its period ends (epoch seconds); None: never
 
     def describe(self) -> str:
@@ -133,16 +135,17 @@ class BudgetPolicy:
     reach the store leaves the worst case counted.
     """
 
-    __slots__ = ("_down", "_unpriced", "budgets", "clock", "store")
+    __slots__ = ("_down", "_unpriced", "alerts", "budgets", "clock", "store")
 
     name: ClassVar[str] = "budget"
     stage: ClassVar[int] = STAGES["budget"]
 
     def __init__(self, budgets: Sequence[BudgetConfig], store: StateStore,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, alerts: BudgetAlerts | None = None) -> None:
         self.budgets = tuple(budgets)
         self.store = store
         self.clock = clock
+        self.alerts = alerts
         self._down = False  # the store failed and has not answered since: warned once already
         self._unpriced: set[str] = set()  # models already warned about for unknown pricing
 
@@ -209,17 +212,21 @@ class BudgetPolicy:
                 usd = ctx.cost_usd or 0.0
             served = ctx.model
             deltas: list[tuple[str, float]] = []
+            charged: list[tuple[_Counter, float]] = []
             for counter, amount in zip(reserved.counters, reserved.amounts, strict=True):
                 actual = tokens if counter.kind == "tokens" else usd
                 if counter.budget.scope == "model" and counter.member != served:
                     actual = 0.0  # reserved for a model that did not serve
                 if actual != amount:
                     deltas.append((counter.key, actual - amount))
+                charged.append((counter, actual))
             if deltas:
                 await self.store.adjust(deltas)
             if served is not None and served != reserved.model and (tokens or usd):
-                await self._charge_fallback(ctx, served, tokens, usd)
+                charged += await self._charge_fallback(ctx, served, tokens, usd)
             self._store_answered()
+            if self.alerts is not None:
+                await self._alert(self.alerts, charged)
         except StoreUnavailable as exc:
             self._store_failed(exc)
         except Exception:
@@ -289,7 +296,7 @@ class BudgetPolicy:
             for kind, limit in (("tokens", budget.max_tokens), ("usd", budget.max_cost_usd)):
                 if limit is not None:
                     into.append(_Counter(index, budget, member, kind, _key(index, member, kind, start),
-                                         float(limit), end))
+                                         float(limit), start, end))
         return first + last
 
     def _worst_case(self, ctx: RequestContext, model: ModelConfig) -> tuple[float, float]:
@@ -335,16 +342,34 @@ class BudgetPolicy:
                 dropped.add(model_id)
                 decision.skipped[model_id] = f"budget exceeded: {_refusal(counter, value, amount, now).message}"
 
-    async def _charge_fallback(self, ctx: RequestContext, served: str, tokens: float, usd: float) -> None:
-        """Charge a fallback that served its own `model` budgets (unconditionally: the tokens are spent)."""
+    async def _charge_fallback(self, ctx: RequestContext, served: str, tokens: float, usd: float
+                               ) -> list[tuple[_Counter, float]]:
+        """Charge a fallback that served its own `model` budgets (unconditionally: the tokens are spent); returns
+        each counter charged with its amount."""
         now = self.clock()
-        counters = self._counters(ctx, served, now, models_only=True)
-        if counters:
+        charged = [(c, tokens if c.kind == "tokens" else usd)
+                   for c in self._counters(ctx, served, now, models_only=True)]
+        if charged:
             await self.store.reserve([
-                Reservation(c.key, tokens if c.kind == "tokens" else usd, _UNBOUNDED,
-                            None if c.end is None else c.end - now + _SLACK_S)
-                for c in counters
+                Reservation(c.key, amount, _UNBOUNDED, None if c.end is None else c.end - now + _SLACK_S)
+                for c, amount in charged
             ])
+        return charged
+
+    async def _alert(self, alerts: BudgetAlerts, charged: Sequence[tuple[_Counter, float]]) -> None:
+        """After a settle: each counter that this request charged and whose budget has thresholds is read back,
+        and the thresholds its charge crossed alert (`used - charge` before, `used` after; reservations of
+        requests still running count as used). A store that fails here only loses the alerts."""
+        watched = [(c, amount) for c, amount in charged if amount > 0 and c.budget.alert_at]
+        if not watched:
+            return
+        values = await asyncio.gather(*(self.store.counter(c.key) for c, _ in watched), return_exceptions=True)
+        for (counter, amount), used in zip(watched, values, strict=True):
+            if isinstance(used, BaseException):
+                log.warning("budget: alerts for budget #%d skipped: %s", counter.index, used)
+                continue
+            await alerts.crossed(counter.index, counter.member, counter.start, counter.kind, used - amount, used,
+                                 counter.limit, counter.budget.alert_at, counter.end)
 
     def _store_failed(self, exc: StoreUnavailable) -> None:
         if not self._down:
