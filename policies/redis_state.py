@@ -90,6 +90,28 @@ redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.max(1, ma
 return {1, math.max(0, math.floor((diff + slack) * rate)), '0', string.format('%.17g', new_tat - now)}
 """
 
+# KEYS[1]: the log (a list), KEYS[2]: its total (how many were ever appended); ARGV: append? (1/0), value,
+# keep (0: all), ttl_ms (0: none), since. Both keys share one TTL. Values come back as one nested array (a
+# Lua unpack of 10,000 values would overflow its stack).
+_APPEND = """
+local total = tonumber(redis.call('GET', KEYS[2]) or '0')
+if ARGV[1] == '1' then
+  redis.call('RPUSH', KEYS[1], ARGV[2])
+  total = redis.call('INCR', KEYS[2])
+  local keep = tonumber(ARGV[3])
+  if keep > 0 then redis.call('LTRIM', KEYS[1], -keep, -1) end
+  local ttl = tonumber(ARGV[4])
+  for _, key in ipairs(KEYS) do
+    if ttl > 0 then redis.call('PEXPIRE', key, ttl) else redis.call('PERSIST', key) end
+  end
+end
+local length = redis.call('LLEN', KEYS[1])
+local from = math.max(tonumber(ARGV[5]) - (total - length), 0)
+if from >= length then return {total, {}} end
+return {total, redis.call('LRANGE', KEYS[1], from, -1)}
+"""
+_TOTAL = "#total"  # the suffix of a log's total counter
+
 
 class RedisStore:
     """The StateStore on Redis (redis-py asyncio, one connection pool, every key and channel under `prefix`).
@@ -102,7 +124,7 @@ class RedisStore:
     when it ends.
     """
 
-    __slots__ = ("_adjust", "_down", "_rate", "_redis", "_reserve", "_where", "prefix")
+    __slots__ = ("_adjust", "_append", "_down", "_rate", "_redis", "_reserve", "_where", "prefix")
 
     def __init__(
         self, url: str, *, prefix: str = "pointsman:", timeout_s: float = 0.5, max_connections: int = 64
@@ -125,6 +147,7 @@ class RedisStore:
         self._reserve = self._redis.register_script(_RESERVE)
         self._adjust = self._redis.register_script(_ADJUST)
         self._rate = self._redis.register_script(_RATE)
+        self._append = self._redis.register_script(_APPEND)
 
     async def get(self, key: str) -> bytes | None:
         return await self._call(self._redis.get(self.prefix + key))
@@ -135,7 +158,21 @@ class RedisStore:
         await self._call(self._redis.set(self.prefix + key, value, px=px))
 
     async def delete(self, key: str) -> None:
-        await self._call(self._redis.delete(self.prefix + key))
+        await self._call(self._redis.delete(self.prefix + key, self.prefix + key + _TOTAL))
+
+    async def append(
+        self, key: str, value: bytes | None = None, ttl_s: float | None = None, *, keep: int | None = None,
+        since: int = 0,
+    ) -> tuple[int, list[bytes]]:
+        """A bounded log (see StateStore): a list and its total counter (`KEY#total`), one Lua script."""
+        check_ttl(ttl_s)
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be >= 1 or None, got {keep}")
+        ttl_ms = 0 if ttl_s is None else max(1, math.ceil(ttl_s * 1000))
+        args = [int(value is not None), b"" if value is None else value, keep or 0, ttl_ms, since]
+        keys = [self.prefix + key, self.prefix + key + _TOTAL]
+        total, values = await self._call(self._append(keys=keys, args=args))
+        return int(total), list(values)
 
     async def reserve(self, items: Sequence[Reservation]) -> ReserveResult:
         if not items:

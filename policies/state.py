@@ -86,6 +86,16 @@ class StateStore(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
+    async def append(
+        self, key: str, value: bytes | None = None, ttl_s: float | None = None, *, keep: int | None = None,
+        since: int = 0,
+    ) -> tuple[int, list[bytes]]:
+        """A bounded log shared by replicas. With `value`: append it, keep only the last `keep` values and (re)set
+        the log's TTL. Returns how many values were ever appended while the log lived (its total) and the kept
+        values at positions >= `since` (0-based, oldest first). `append(key, since=total)` is the cheap check
+        for news: one round trip, nothing read when nothing changed. A log is deleted by `delete(key)`."""
+        ...
+
     async def reserve(self, items: Sequence[Reservation]) -> ReserveResult:
         """All or nothing: add every amount if each counter stays within its limit, else add none."""
         ...
@@ -174,7 +184,8 @@ class LocalStore:
     expired counters and full rate buckets are also swept every few thousand writes so they cannot pile up.
     Subscribers get every message published after they subscribed, in order, in unbounded queues."""
 
-    __slots__ = ("_bytes", "_clock", "_counters", "_rates", "_subscribers", "_values", "_writes", "max_bytes")
+    __slots__ = ("_bytes", "_clock", "_counters", "_logs", "_rates", "_subscribers", "_values", "_writes",
+                 "max_bytes")
 
     def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_bytes = max_bytes
@@ -184,6 +195,7 @@ class LocalStore:
         self._counters: dict[str, tuple[float, float]] = {}  # key -> (value, expires at or inf)
         self._rates: dict[str, float] = {}  # key -> TAT; a bucket whose TAT has passed is full: dropped
         self._subscribers: dict[str, set[_LocalSubscription]] = {}
+        self._logs: dict[str, tuple[list[bytes], int, float]] = {}  # key -> (kept values, total, expires at or inf)
         self._writes = 0
 
     @property
@@ -216,6 +228,31 @@ class LocalStore:
         self._drop_value(key)
         self._counters.pop(key, None)
         self._rates.pop(key, None)
+        self._logs.pop(key, None)
+
+    async def append(
+        self, key: str, value: bytes | None = None, ttl_s: float | None = None, *, keep: int | None = None,
+        since: int = 0,
+    ) -> tuple[int, list[bytes]]:
+        """A bounded log (see StateStore); logs are not counted in `max_bytes`, `keep` bounds each one."""
+        check_ttl(ttl_s)
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be >= 1 or None, got {keep}")
+        now = self._clock()
+        log = self._logs.get(key)
+        if log is not None and log[2] <= now:
+            del self._logs[key]
+            log = None
+        values, total, expires = log if log is not None else ([], 0, math.inf)
+        if value is not None:
+            values.append(value)
+            total += 1
+            if keep is not None and len(values) > keep:
+                del values[: len(values) - keep]
+            self._logs[key] = (values, total, math.inf if ttl_s is None else now + ttl_s)
+            self._wrote(now)
+        first = total - len(values)
+        return total, values[max(since - first, 0):]
 
     async def reserve(self, items: Sequence[Reservation]) -> ReserveResult:
         for item in items:
@@ -276,6 +313,7 @@ class LocalStore:
         self._values.clear()
         self._counters.clear()
         self._rates.clear()
+        self._logs.clear()
         self._bytes = 0
 
     def _counter(self, key: str, now: float) -> float:
@@ -297,3 +335,4 @@ class LocalStore:
         if self._writes % _SWEEP_EVERY == 0:
             self._counters = {k: entry for k, entry in self._counters.items() if entry[1] > now}
             self._rates = {k: tat for k, tat in self._rates.items() if tat > now}
+            self._logs = {k: log for k, log in self._logs.items() if log[2] > now}

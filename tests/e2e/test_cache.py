@@ -113,3 +113,53 @@ def test_a_streamed_answer_is_stored_and_served_plain(replicas):
     hit = _hit(lambda: _ask(_client(second), prompt))
     assert hit.parse().choices[0].message.content == text
     assert hit.parse().choices[0].finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def semantic_replicas(upstream, tmp_path_factory):
+    try:
+        redis.Redis.from_url(REDIS, socket_timeout=1).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"Redis not reachable at 127.0.0.1:6379: {exc}")
+    tmp = tmp_path_factory.mktemp("semantic")
+    config = f"""
+models:
+  - {{id: remote-a, backend: openai, base_url: "{upstream.url}", upstream_model: mock-model}}
+routing: {{health_check_s: 0}}
+storage: {{redis_url: "{REDIS}", database_url: ""}}
+policies:
+  cache: {{mode: deterministic, ttl_s: 120, semantic: {{enabled: true, similarity: 0.9}}}}
+"""
+    first, second = start_gateway(tmp, config), start_gateway(tmp, config)
+    yield first, second
+    first.stop()
+    second.stop()
+
+
+def test_a_paraphrase_is_a_semantic_hit_on_the_other_replica(semantic_replicas):
+    first, second = semantic_replicas
+    topic = uuid.uuid4().hex[:8]
+    url = "/v1/chat/completions"
+    # a seed of this run's own: its own bucket, whatever earlier runs left in Redis
+    ask = {"model": "remote-a", "temperature": 0, "seed": uuid.uuid4().int % 2**31,
+           "messages": [{"role": "user", "content": f"What is the capital city of France? (ref {topic})"}]}
+    miss = httpx.post(first.url + url, json=ask, timeout=60)
+    assert miss.status_code == 200 and miss.headers["x-pointsman-cache"] == "miss"
+    tries = iter(range(1000))  # each try words it a little differently, so a miss never turns into an exact hit
+
+    def paraphrase() -> httpx.Response:
+        text = f"Which city is the capital of France? (ref {topic}){'!' * next(tries)}"
+        return httpx.post(second.url + url, json={**ask, "messages": [{"role": "user", "content": text}]},
+                          timeout=60)
+
+    hit = _hit_kind(paraphrase, "semantic-hit")
+    assert hit.json()["choices"][0]["message"]["content"] == miss.json()["choices"][0]["message"]["content"]
+    unrelated = {**ask, "messages": [{"role": "user", "content": f"Write a haiku about rain (ref {topic})"}]}
+    assert httpx.post(second.url + url, json=unrelated, timeout=60).headers["x-pointsman-cache"] == "miss"
+
+
+def _hit_kind(ask, kind: str):
+    deadline = time.monotonic() + 10
+    while (response := ask()).headers["x-pointsman-cache"] != kind:
+        assert time.monotonic() < deadline, f"never a {kind}: {response.headers['x-pointsman-cache']}"
+    return response

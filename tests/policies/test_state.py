@@ -74,6 +74,29 @@ async def test_get_set_delete(store: StateStore) -> None:
     await store.delete("never-set")  # deleting nothing is fine
 
 
+async def test_append_keeps_a_bounded_log_read_from_a_position(store: StateStore) -> None:
+    assert await store.append("log") == (0, [])
+    for i in range(5):
+        total, _ = await store.append("log", b"v%d" % i, ttl_s=60, keep=3)
+        assert total == i + 1
+    assert await store.append("log") == (5, [b"v2", b"v3", b"v4"])  # the oldest two were dropped
+    assert await store.append("log", since=4) == (5, [b"v4"])
+    assert await store.append("log", since=5) == (5, [])  # the cheap check: nothing new
+    assert await store.append("log", since=1) == (5, [b"v2", b"v3", b"v4"])  # asked for dropped ones: what is kept
+    assert await store.append("log", b"v5", ttl_s=60, keep=3, since=4) == (6, [b"v4", b"v5"])
+    assert await store.append("log", b"\x00\xff", since=6) == (7, [b"\x00\xff"])  # no keep, no TTL: grows
+    await store.delete("log")
+    assert await store.append("log") == (0, [])
+    await store.append("short", b"v", ttl_s=0.05)
+    await eventually(lambda: _is_empty(store.append("short")))
+    with pytest.raises(ValueError):
+        await store.append("log", b"v", keep=0)
+
+
+async def _is_empty(call: Awaitable[tuple[int, list[bytes]]]) -> bool:
+    return await call == (0, [])
+
+
 async def test_values_expire_after_their_ttl(store: StateStore) -> None:
     await store.set("short", b"v", ttl_s=0.05)
     await store.set("long", b"v", ttl_s=60)
