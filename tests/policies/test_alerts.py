@@ -7,28 +7,29 @@ import json
 import logging
 import time
 import uuid
-import warnings
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from aiohttp import web
-from redis.asyncio import Redis
 
 from config.loader import parse_config
 from config.schema import BudgetConfig
 from policies.alerts import BudgetAlerts
 from policies.budget import BudgetPolicy
 from policies.context import Outcome, Principal, RequestContext
-from policies.redis_state import RedisStore
 from policies.state import LocalStore, StateStore
 from protocol.openai import ChatCompletionRequest, decode_request
 from tests.conftest import free_port
+from tests.policies.conftest import eventually
+
+async def eventually_5s(check) -> float:
+    """Webhook deliveries retry with backoff: up to 5 s."""
+    return await eventually(check, within_s=5.0, every_s=0.01)
+
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # the stores' pools live in the fixtures' loop
 
-REDIS_URL = "redis://127.0.0.1:6379/15"  # database 15: tests never touch what a developer keeps in 0
 NOON = datetime(2024, 5, 1, 12, 0, tzinfo=UTC).timestamp()
 NEXT_NOON = NOON + 86400
 MODEL = parse_config("""
@@ -47,33 +48,6 @@ class _Attempt:
 class _Decision:
     def __init__(self) -> None:
         self.attempts, self.skipped = [_Attempt()], {}
-
-
-@pytest.fixture(params=["local", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
-    if request.param == "local":
-        local = LocalStore()
-        yield local
-        await local.aclose()
-        return
-    admin = Redis.from_url(REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5)
-    try:
-        await admin.ping()
-    except Exception as exc:  # any failure to reach it: say so, in the warnings summary too, never pass quietly
-        await admin.aclose()
-        reason = f"Redis not reachable at 127.0.0.1:6379: {type(exc).__name__}: {exc}"
-        warnings.warn(reason, stacklevel=1)
-        pytest.skip(reason)
-    prefix = f"pointsman-test:{uuid.uuid4().hex}:"
-    redis_store = RedisStore(REDIS_URL, prefix=prefix)
-    try:
-        yield redis_store
-    finally:
-        await redis_store.aclose()
-        keys = [key async for key in admin.scan_iter(match=prefix + "*")]
-        if keys:
-            await admin.delete(*keys)
-        await admin.aclose()
 
 
 class _Clock:
@@ -168,13 +142,6 @@ class _Webhook:
             await self._runner.cleanup()
 
 
-async def eventually(check: Any, within_s: float = 5.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_the_webhook_receives_each_alert() -> None:
     store = LocalStore()
     user = uuid.uuid4().hex
@@ -183,7 +150,7 @@ async def test_the_webhook_receives_each_alert() -> None:
         policy = BudgetPolicy([BudgetConfig(scope="user", max_tokens=10, alert_at=[0.5])], store,
                               clock=lambda: NOON, alerts=alerts)
         await charge(policy, user, 6)
-        await eventually(lambda: len(hook.bodies) == 1)
+        await eventually_5s(lambda: len(hook.bodies) == 1)
         body = hook.bodies[0]
         assert (body["event"], body["member"], body["threshold"], body["used"], body["limit"]) == (
             "budget_alert", user, 0.5, 6.0, 10.0)
@@ -200,7 +167,7 @@ async def test_a_failing_webhook_is_retried_and_never_raises_into_settle(caplog:
         started = time.monotonic()
         await charge(policy, "u1", 6)
         assert time.monotonic() - started < 0.5  # settle did not wait for the deliveries
-        await eventually(lambda: len(hook.bodies) == 1)
+        await eventually_5s(lambda: len(hook.bodies) == 1)
         assert hook.attempts == 3
         await alerts.aclose()
 
@@ -211,7 +178,7 @@ async def test_a_failing_webhook_is_retried_and_never_raises_into_settle(caplog:
     policy = BudgetPolicy([BudgetConfig(scope="user", max_tokens=10, alert_at=[0.5])], store, clock=lambda: NOON,
                           alerts=alerts)
     await charge(policy, "u2", 6)  # does not raise
-    await eventually(lambda: any("failed after 3 tries" in r.getMessage() for r in caplog.records))
+    await eventually_5s(lambda: any("failed after 3 tries" in r.getMessage() for r in caplog.records))
     assert [a["member"] for a in alerts_logged(caplog)] == ["u2"]  # the alert is logged all the same
     await alerts.aclose()
     await store.aclose()

@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
-import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
 import pytest
-from redis.asyncio import Redis
 
 from config.schema import CacheConfig
 from policies.cache import ExactCache
 from policies.context import Outcome, Principal, Reply, RequestContext
 from policies.redis_state import RedisStore
-from policies.state import LocalStore, StateStore
+from policies.state import StateStore
 from protocol.openai import ChatCompletionRequest, CompletionRequest, decode_request
 from tests.conftest import free_port
+from tests.policies.conftest import eventually
 from tests.spec.openai import validate
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # the stores' pools live in the fixtures' loop
 
-REDIS_URL = "redis://127.0.0.1:6379/15"  # database 15: tests never touch what a developer keeps in 0
 MODELS = {"fast": "org/fast-model", "org/fast-model": "org/fast-model", "slow": "org/slow-model"}
 ALICE = Principal(key_id="k-alice", team="red")
 BOB = Principal(key_id="k-bob", team="blue")
@@ -33,41 +29,6 @@ BOB = Principal(key_id="k-bob", team="blue")
 
 def resolve(name: str) -> str:
     return MODELS.get(name, name)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 3.0, every_s: float = 0.005) -> None:
-    start = time.monotonic()
-    while not await check():
-        if time.monotonic() - start > within_s:
-            pytest.fail(f"condition not met within {within_s} s")
-        await asyncio.sleep(every_s)
-
-
-@pytest.fixture(params=["local", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
-    if request.param == "local":
-        local = LocalStore()
-        yield local
-        await local.aclose()
-        return
-    admin = Redis.from_url(REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5)
-    try:
-        await admin.ping()
-    except Exception as exc:  # any failure to reach it: say so, in the warnings summary too, never pass quietly
-        await admin.aclose()
-        reason = f"Redis not reachable at 127.0.0.1:6379: {type(exc).__name__}: {exc}"
-        warnings.warn(reason, stacklevel=1)
-        pytest.skip(reason)
-    prefix = f"pointsman-test:{uuid.uuid4().hex}:"
-    redis_store = RedisStore(REDIS_URL, prefix=prefix)
-    try:
-        yield redis_store
-    finally:
-        await redis_store.aclose()
-        keys = [key async for key in admin.scan_iter(match=prefix + "*")]
-        if keys:
-            await admin.delete(*keys)
-        await admin.aclose()
 
 
 def chat(content: str = "hi", **fields: Any) -> dict[str, Any]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import sqlalchemy as sa
@@ -13,35 +11,14 @@ from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from policies.database import metadata, migrate, open_engine
+from tests.policies.conftest import PG_URL
 
-PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 COLUMNS = {"id", "request_id", "created_at", "key_id", "user", "team", "model_requested", "model_served", "route",
            "task", "prompt_tokens", "completion_tokens", "cost_usd", "latency_ms", "ttft_ms", "cache", "status",
            "http_status", "error_code"}
 INDEXES = {"ix_usage_rows_created_at": ["created_at"], "ix_usage_rows_key_id_created_at": ["key_id", "created_at"]}
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # fixtures and tests share one loop
-
-
-async def _pg(sql: str) -> None:
-    engine = open_engine(PG_URL, connect_args={"timeout": 3})
-    try:
-        async with engine.begin() as connection:
-            await connection.execute(sa.text(sql))
-    finally:
-        await engine.dispose()
-
-
-@pytest.fixture
-async def pg_schema() -> AsyncIterator[str]:
-    """A fresh PostgreSQL schema, dropped afterwards; skips loudly when PostgreSQL is not there."""
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    try:
-        await _pg(f"CREATE SCHEMA {schema}")
-    except (OSError, sa.exc.SQLAlchemyError, TimeoutError) as exc:
-        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {type(exc).__name__}: {exc}")
-    yield schema
-    await _pg(f"DROP SCHEMA {schema} CASCADE")
 
 
 def _count_ddl(engine: AsyncEngine) -> list[str]:

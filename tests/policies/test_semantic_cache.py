@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -17,12 +17,12 @@ from config.schema import CacheConfig, SemanticCacheConfig
 from policies.context import Outcome, Principal, RequestContext
 from policies.redis_state import RedisStore
 from policies.semantic_cache import MAX_ENTRIES, SemanticCache
-from policies.state import LocalStore, StateStore
+from policies.state import StateStore
 from protocol.openai import ChatCompletionRequest, decode_request
+from tests.policies.conftest import REDIS_URL
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # the stores' pools live in the fixtures' loop
 
-REDIS_URL = "redis://127.0.0.1:6379/15"  # database 15: tests never touch what a developer keeps in 0
 ALICE = Principal(key_id="k-alice", team="red")
 BOB = Principal(key_id="k-bob", team="blue")
 CONFIG = CacheConfig(semantic=SemanticCacheConfig(enabled=True, similarity=0.8))
@@ -39,33 +39,6 @@ def resolve(name: str) -> str:
 def embedder() -> Iterator[Embedder]:
     model = Embedder(threads=2)  # loaded once, on the first embedding
     yield model
-
-
-@pytest.fixture(params=["local", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
-    if request.param == "local":
-        local = LocalStore()
-        yield local
-        await local.aclose()
-        return
-    admin = Redis.from_url(REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5)
-    try:
-        await admin.ping()
-    except Exception as exc:  # any failure to reach it: say so, in the warnings summary too, never pass quietly
-        await admin.aclose()
-        reason = f"Redis not reachable at 127.0.0.1:6379: {type(exc).__name__}: {exc}"
-        warnings.warn(reason, stacklevel=1)
-        pytest.skip(reason)
-    prefix = f"pointsman-test:{uuid.uuid4().hex}:"
-    redis_store = RedisStore(REDIS_URL, prefix=prefix)
-    try:
-        yield redis_store
-    finally:
-        await redis_store.aclose()
-        keys = [key async for key in admin.scan_iter(match=prefix + "*")]
-        if keys:
-            await admin.delete(*keys)
-        await admin.aclose()
 
 
 def chat(content: str, **fields: Any) -> dict[str, Any]:

@@ -9,9 +9,7 @@ import os
 import signal
 import subprocess
 import time
-import uuid
-import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 
 import pytest
 from redis.asyncio import Redis
@@ -19,48 +17,11 @@ from redis.asyncio import Redis
 from policies.redis_state import RedisStore
 from policies.state import LocalStore, Reservation, StateStore, StoreUnavailable
 from tests.conftest import free_port
+from tests.policies.conftest import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # the stores' pools live in the fixtures' loop
 
-REDIS_URL = "redis://127.0.0.1:6379/15"  # database 15: tests never touch what a developer keeps in 0
 REDIS_SERVER = "/usr/bin/redis-server"
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 3.0, every_s: float = 0.005) -> float:
-    """Poll `check` until it holds; fail after `within_s`. Returns the seconds it took."""
-    start = time.monotonic()
-    while not await check():
-        if time.monotonic() - start > within_s:
-            pytest.fail(f"condition not met within {within_s} s")
-        await asyncio.sleep(every_s)
-    return time.monotonic() - start
-
-
-@pytest.fixture(params=["local", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
-    if request.param == "local":
-        local = LocalStore()
-        yield local
-        await local.aclose()
-        return
-    admin = Redis.from_url(REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5)
-    try:
-        await admin.ping()
-    except Exception as exc:  # any failure to reach it: say so, in the warnings summary too, never pass quietly
-        await admin.aclose()
-        reason = f"Redis not reachable at 127.0.0.1:6379: {type(exc).__name__}: {exc}"
-        warnings.warn(reason, stacklevel=1)
-        pytest.skip(reason)
-    prefix = f"pointsman-test:{uuid.uuid4().hex}:"
-    redis_store = RedisStore(REDIS_URL, prefix=prefix)
-    try:
-        yield redis_store
-    finally:
-        await redis_store.aclose()
-        keys = [key async for key in admin.scan_iter(match=prefix + "*")]
-        if keys:
-            await admin.delete(*keys)
-        await admin.aclose()
 
 
 async def test_get_set_delete(store: StateStore) -> None:

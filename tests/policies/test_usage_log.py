@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import socket
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -16,54 +14,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from policies.database import migrate, open_engine
 from policies.usage_log import UsageLog, UsageRow
+from tests.conftest import free_port
+from tests.policies.conftest import PG_HOST, PG_PORT, PG_URL, eventually, new_schema, pg
 
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-PG_URL = f"postgresql+asyncpg://postgres@{PG_HOST}:{PG_PORT}/test"
 FAST = {"retry_initial_s": 0.02, "retry_max_s": 0.1}  # backoff short enough for tests to wait on
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def eventually(check, timeout: float = 15.0) -> None:
-    """Wait until check() is true (polled on the loop), failing after `timeout` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # fixtures and tests share one loop
 
 
-async def _pg(sql: str) -> None:
-    engine = open_engine(PG_URL, connect_args={"timeout": 3})
-    try:
-        async with engine.begin() as connection:
-            await connection.execute(sa.text(sql))
-    finally:
-        await engine.dispose()
-
-
-async def new_schema() -> str:
-    """CREATE a uniquely named PostgreSQL schema; skips loudly when PostgreSQL is not there."""
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    try:
-        await _pg(f"CREATE SCHEMA {schema}")
-    except (OSError, sa.exc.SQLAlchemyError, TimeoutError) as exc:
-        pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT}: {type(exc).__name__}: {exc}")
-    return schema
-
-
-@pytest.fixture
-async def pg_schema() -> AsyncIterator[str]:
-    """A fresh PostgreSQL schema, dropped afterwards."""
-    schema = await new_schema()
-    yield schema
-    await _pg(f"DROP SCHEMA {schema} CASCADE")
+async def eventually_15s(check) -> float:
+    """Database outages and retries with backoff: up to 15 s."""
+    return await eventually(check, within_s=15.0, every_s=0.01)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -78,7 +39,7 @@ async def engine(request, tmp_path) -> AsyncIterator[AsyncEngine]:
     yield db
     await db.dispose()
     if schema is not None:
-        await _pg(f"DROP SCHEMA {schema} CASCADE")
+        await pg(f"DROP SCHEMA {schema} CASCADE")
 
 
 def count_inserts(engine: AsyncEngine) -> list[int]:
@@ -108,7 +69,7 @@ async def test_rows_are_written_in_batches(engine: AsyncEngine) -> None:
     usage.start()
     for i in range(1000):
         usage.add(row(i))
-    await eventually(lambda: usage.written == 1000)  # batch_size reached: no waiting for the interval
+    await eventually_15s(lambda: usage.written == 1000)  # batch_size reached: no waiting for the interval
     assert inserts == [500, 500]
     for i in range(1000, 1010):
         usage.add(row(i))
@@ -123,7 +84,7 @@ async def test_interval_writes_a_partial_batch(engine: AsyncEngine) -> None:
     usage.start()
     for i in range(10):
         usage.add(row(i))
-    await eventually(lambda: usage.written == 10)
+    await eventually_15s(lambda: usage.written == 10)
     assert inserts == [10]
     await usage.aclose()
 
@@ -212,13 +173,13 @@ async def test_postgresql_outage_keeps_rows_and_writes_them_later(pg_schema: str
         usage.start()
         for i in range(300):
             usage.add(row(i))  # never raises, database or not
-        await eventually(lambda: not usage.healthy)
+        await eventually_15s(lambda: not usage.healthy)
         for i in range(300, 600):
             usage.add(row(i))
-        await eventually(lambda: len(caplog.records) >= 1)
+        await eventually_15s(lambda: len(caplog.records) >= 1)
         assert usage.written == 0
         await forwarder.start()
-        await eventually(lambda: usage.written == 600 and usage.healthy)
+        await eventually_15s(lambda: usage.written == 600 and usage.healthy)
         await usage.aclose()
         assert [r.request_id for r in await usage.rows(limit=1000)] == [f"req-{i}" for i in range(600)]
     finally:
@@ -238,10 +199,10 @@ async def test_sqlite_directory_appearing_later(tmp_path) -> None:
         usage.start()
         for i in range(50):
             usage.add(row(i))
-        await eventually(lambda: not usage.healthy)
+        await eventually_15s(lambda: not usage.healthy)
         path.parent.mkdir()
         await migrate(f"sqlite+aiosqlite:///{path}")
-        await eventually(lambda: usage.written == 50)
+        await eventually_15s(lambda: usage.written == 50)
         await usage.aclose()
         assert len(await usage.rows()) == 50
     finally:
@@ -257,7 +218,7 @@ async def test_max_pending_drops_the_oldest_and_says_how_many(caplog) -> None:
     assert usage.pending == 10 and usage.dropped == 15
     assert [r.request_id for r in usage._pending] == [f"req-{i}" for i in range(15, 25)]
     usage.start()
-    await eventually(lambda: any("15 oldest rows dropped" in r.getMessage() for r in caplog.records))
+    await eventually_15s(lambda: any("15 oldest rows dropped" in r.getMessage() for r in caplog.records))
     await usage.aclose()  # still down: gives up after close_timeout_s and says how many were lost
     assert usage.pending == 0 and usage.dropped == 25
     assert any("10 rows lost" in r.getMessage() for r in caplog.records)
