@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from config.schema import BudgetConfig, ModelConfig, Period, TransformersModel
 from policies.alerts import BudgetAlerts
 from policies.base import STAGES
-from policies.context import Outcome, Reply, RequestContext
+from policies.context import Outcome, Reply, RequestContext, scope_member
 from policies.state import Reservation, StateStore, StoreUnavailable
 from protocol.errors import BudgetExceeded, ServiceUnavailable
 from protocol.openai import ChatCompletionRequest, ParsedRequest, message_text
@@ -241,7 +241,7 @@ class BudgetPolicy:
         for index, budget in enumerate(self.budgets):
             if budget.scope == "model":
                 continue
-            member = self._member(budget, ctx, None)
+            member = scope_member(budget.scope, budget.match, ctx, None)
             if member is None:
                 continue
             start, end = period_window(budget.period, now)
@@ -262,23 +262,6 @@ class BudgetPolicy:
             rows.append(row)
         return rows
 
-    def _member(self, budget: BudgetConfig, ctx: RequestContext, model: str | None) -> str | None:
-        """Who in the budget's scope this request counts against; None when the budget does not apply."""
-        scope = budget.scope
-        if scope == "global":
-            return "*"
-        if scope == "key":
-            member: str | None = ctx.principal.key_id or "anonymous"
-        elif scope == "user":
-            member = ctx.user
-        elif scope == "team":
-            member = ctx.principal.team
-        else:
-            member = model
-        if member is None or (budget.match is not None and member != budget.match):
-            return None
-        return member
-
     def _counters(self, ctx: RequestContext, model: str, now: float, *, models_only: bool = False
                   ) -> list[_Counter]:
         """Every counter of every budget that applies, other scopes first and `model` budgets last (so that a
@@ -288,7 +271,7 @@ class BudgetPolicy:
         for index, budget in enumerate(self.budgets):
             if models_only and budget.scope != "model":
                 continue
-            member = self._member(budget, ctx, model)
+            member = scope_member(budget.scope, budget.match, ctx, model)
             if member is None:
                 continue
             start, end = period_window(budget.period, now)

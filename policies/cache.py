@@ -18,7 +18,7 @@ from policies.context import Outcome, Principal, Reply, RequestContext
 from policies.state import StateStore, StoreUnavailable
 from protocol.openai import GATEWAY_FIELDS, ChatCompletionRequest, new_id
 
-__all__ = ["CacheLookup", "ExactCache", "cache_key", "replay_chunks"]
+__all__ = ["CacheLookup", "ExactCache", "answer_from", "cache_key", "replay_chunks", "storable"]
 
 log = logging.getLogger("pointsman.policies.cache")
 
@@ -151,19 +151,12 @@ class ExactCache:
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
         """Stores a plain answer that decodes as a JSON object with `choices`, within `max_entry_kb`. Never raises."""
         lookup = ctx.state.get("cache")
-        body = outcome.body
-        if (
-            outcome.status != "ok"
-            or body is None
-            or not isinstance(lookup, CacheLookup)
-            or not lookup.store
-            or len(body) > self._max_bytes
-            or (ctx.model is not None and ctx.model != lookup.model)
-        ):
+        if not isinstance(lookup, CacheLookup):
+            return
+        body = storable(ctx, outcome, lookup.store, lookup.model, self._max_bytes)
+        if body is None:
             return
         try:
-            if _entry(body) is None:
-                return
             await self.store.set(lookup.key, body, lookup.ttl_s)
         except StoreUnavailable as exc:
             self._store_down(exc)
@@ -174,18 +167,7 @@ class ExactCache:
         self._store_up()
 
     def _hit(self, ctx: RequestContext, model: str, entry: dict[str, Any]) -> Reply:
-        chat = isinstance(ctx.request.body, ChatCompletionRequest)
-        fresh_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
-        usage = entry.get("usage")
-        ctx.cache = "hit"
-        ctx.model = model
-        if isinstance(usage, dict):
-            ctx.prompt_tokens, ctx.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        headers = {"x-pointsman-cache": "hit"}
-        if not ctx.request.body.stream:
-            return Reply(body=_encode({**entry, "id": fresh_id, "created": created}), headers=headers)
-        chunks = replay_chunks(entry, fresh_id, created, chat=chat, include_usage=ctx.request.include_usage)
-        return Reply(chunks=tuple(_encode(chunk) for chunk in chunks), headers=headers)
+        return answer_from(ctx, model, entry, "hit")
 
     @staticmethod
     def _bypass(ctx: RequestContext) -> None:
@@ -202,6 +184,39 @@ class ExactCache:
         if self._down:
             self._down = False
             log.info("cache: state store back, caching again")
+
+
+def answer_from(ctx: RequestContext, model: str, entry: dict[str, Any], kind: str) -> Reply:
+    """A stored answer as this request's reply, with a fresh id and time: the JSON body for a plain request, a
+    replayed stream for a streamed one. Notes `kind` (hit, semantic-hit), the model and the usage in ctx."""
+    chat = isinstance(ctx.request.body, ChatCompletionRequest)
+    fresh_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+    usage = entry.get("usage")
+    ctx.cache = kind
+    ctx.model = model
+    if isinstance(usage, dict):
+        ctx.prompt_tokens, ctx.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    headers = {"x-pointsman-cache": kind}
+    if not ctx.request.body.stream:
+        return Reply(body=_encode({**entry, "id": fresh_id, "created": created}), headers=headers)
+    chunks = replay_chunks(entry, fresh_id, created, chat=chat, include_usage=ctx.request.include_usage)
+    return Reply(chunks=tuple(_encode(chunk) for chunk in chunks), headers=headers)
+
+
+def storable(ctx: RequestContext, outcome: Outcome, store: bool, model: str, max_bytes: int) -> bytes | None:
+    """The answer to keep, or None: an `ok` outcome with a body of at most `max_bytes` that decodes as an entry,
+    when storing was allowed (`store`) and the model asked for served it (not a fallback)."""
+    body = outcome.body
+    if (
+        outcome.status != "ok"
+        or body is None
+        or not store
+        or len(body) > max_bytes
+        or (ctx.model is not None and ctx.model != model)
+        or _entry(body) is None
+    ):
+        return None
+    return body
 
 
 def _entry(data: bytes) -> dict[str, Any] | None:

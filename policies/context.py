@@ -10,7 +10,7 @@ from config.schema import ModelConfig
 from protocol.errors import GatewayError
 from protocol.openai import ParsedRequest
 
-__all__ = ["ANONYMOUS", "AttemptRecord", "Outcome", "Principal", "Reply", "RequestContext"]
+__all__ = ["ANONYMOUS", "AttemptRecord", "Outcome", "Principal", "Reply", "RequestContext", "scope_member"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,3 +94,22 @@ class RequestContext:
         if price is not None and (prompt_tokens is not None or completion_tokens is not None):
             self.cost_usd = ((prompt_tokens or 0) * price.input_per_mtok
                              + (completion_tokens or 0) * price.output_per_mtok) / 1e6
+
+
+def scope_member(scope: str, match: str | None, ctx: RequestContext, model: str | None) -> str | None:
+    """Who in a budget's or a limit's scope (global, key, user, team, model) this request counts against: "*"
+    for global, the caller's key ("anonymous" without one), user, team, or `model`; None when the scope does not
+    apply to it (no user, no team, no model) or `match` names someone else."""
+    if scope == "global":
+        return "*"
+    if scope == "key":
+        member: str | None = ctx.principal.key_id or "anonymous"
+    elif scope == "user":
+        member = ctx.user
+    elif scope == "team":
+        member = ctx.principal.team
+    else:
+        member = model
+    if member is None or (match is not None and member != match):
+        return None
+    return member

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from config.schema import RateLimitConfig
 from policies.base import STAGES
-from policies.context import Outcome, Reply, RequestContext
+from policies.context import Outcome, Reply, RequestContext, scope_member
 from policies.state import RateResult, StateStore, StoreUnavailable
 from protocol.errors import RateLimited, ServiceUnavailable
 from protocol.openai import ChatCompletionRequest, ParsedRequest, message_text
@@ -63,24 +63,6 @@ def reset_text(seconds: float) -> str:
     hours, rest = divmod(round(seconds), 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
-
-
-def _member(limit: RateLimitConfig, ctx: RequestContext) -> str | None:
-    """Who in the limit's scope this request counts against; None when the scope does not apply to it."""
-    scope = limit.scope
-    if scope == "global":
-        return "*"
-    if scope == "key":
-        member: str | None = ctx.principal.key_id or "anonymous"
-    elif scope == "user":
-        member = ctx.user
-    elif scope == "team":
-        member = ctx.principal.team
-    else:  # model: the model asked for; a request that names none (automatic routing) is not counted
-        member = ctx.request.body.model
-    if member is None or (limit.match is not None and member != limit.match):
-        return None
-    return member
 
 
 class RateLimitPolicy:
@@ -173,7 +155,8 @@ class RateLimitPolicy:
         buckets: list[_Bucket] = []
         estimate: int | None = None
         for index, limit in enumerate(self.limits):
-            member = _member(limit, ctx)
+            # model scope: the model asked for; a request that names none (automatic routing) is not counted
+            member = scope_member(limit.scope, limit.match, ctx, ctx.request.body.model)
             if member is None:
                 continue
             if limit.rpm is not None:

@@ -17,10 +17,10 @@ import numpy as np
 
 from config.schema import CacheConfig
 from policies.base import STAGES
-from policies.cache import _UNKEYED, ExactCache, _cache_control, _entry, _ttl_override, replay_chunks, tenant_of
+from policies.cache import _UNKEYED, ExactCache, _cache_control, _entry, _ttl_override, answer_from, storable, tenant_of
 from policies.context import Outcome, Reply, RequestContext
 from policies.state import StateStore, StoreUnavailable
-from protocol.openai import ChatCompletionRequest, message_text, new_id
+from protocol.openai import ChatCompletionRequest, message_text
 
 __all__ = ["MAX_ENTRIES", "SemanticCache", "SemanticLookup", "bucket_of", "conversation_text"]
 
@@ -192,19 +192,12 @@ class SemanticCache:
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
         """Stores the answer and indexes its vector. Never raises."""
         lookup = ctx.state.get(self.name)
-        body = outcome.body
-        if (
-            outcome.status != "ok"
-            or body is None
-            or not isinstance(lookup, SemanticLookup)
-            or not lookup.store
-            or len(body) > self._max_bytes
-            or (ctx.model is not None and ctx.model != lookup.model)
-        ):
+        if not isinstance(lookup, SemanticLookup):
+            return
+        body = storable(ctx, outcome, lookup.store, lookup.model, self._max_bytes)
+        if body is None:
             return
         try:
-            if _entry(body) is None:
-                return
             entry_id = os.urandom(_ID_BYTES // 2).hex().encode()
             await self.store.set(f"sem:{lookup.bucket}:{entry_id.decode()}", body, lookup.ttl_s)
             record = np.array([time.time() + lookup.ttl_s]).tobytes() + entry_id + lookup.vector.tobytes()
@@ -255,19 +248,8 @@ class SemanticCache:
         return mirror
 
     def _hit(self, ctx: RequestContext, model: str, entry: dict[str, Any]) -> Reply:
-        chat = isinstance(ctx.request.body, ChatCompletionRequest)
-        fresh_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
-        usage = entry.get("usage")
-        ctx.cache = "semantic-hit"
-        ctx.model = model
-        if isinstance(usage, dict):
-            ctx.prompt_tokens, ctx.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        headers = {"x-pointsman-cache": "semantic-hit"}
         ctx.headers["x-pointsman-cache"] = "semantic-hit"
-        if not ctx.request.body.stream:
-            return Reply(body=_encode({**entry, "id": fresh_id, "created": created}), headers=headers)
-        chunks = replay_chunks(entry, fresh_id, created, chat=chat, include_usage=ctx.request.include_usage)
-        return Reply(chunks=tuple(_encode(chunk) for chunk in chunks), headers=headers)
+        return answer_from(ctx, model, entry, "semantic-hit")
 
     def _store_down(self, exc: StoreUnavailable) -> None:
         if not self._down:
