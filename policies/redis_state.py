@@ -22,6 +22,7 @@ from policies.state import (
     ReserveResult,
     StoreUnavailable,
     Subscription,
+    check_keep,
     check_rate,
     check_ttl,
 )
@@ -166,8 +167,7 @@ class RedisStore:
     ) -> tuple[int, list[bytes]]:
         """A bounded log (see StateStore): a list and its total counter (`KEY#total`), one Lua script."""
         check_ttl(ttl_s)
-        if keep is not None and keep < 1:
-            raise ValueError(f"keep must be >= 1 or None, got {keep}")
+        check_keep(keep)
         ttl_ms = 0 if ttl_s is None else max(1, math.ceil(ttl_s * 1000))
         args = [int(value is not None), b"" if value is None else value, keep or 0, ttl_ms, since]
         keys = [self.prefix + key, self.prefix + key + _TOTAL]

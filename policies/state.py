@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 __all__ = ["DEFAULT_MAX_BYTES", "RESERVED", "SLACK_S", "LocalStore", "RateResult", "Reservation", "ReserveResult",
-           "StateStore", "StoreUnavailable", "Subscription", "check_rate", "check_ttl", "gcra"]
+           "StateStore", "StoreUnavailable", "Subscription", "check_keep", "check_rate", "check_ttl", "gcra"]
 
 DEFAULT_MAX_BYTES = 64 * 2**20
 # GCRA compares float times: a microsecond of slack keeps rounding from refusing the last unit of a burst
@@ -126,6 +126,11 @@ def check_ttl(ttl_s: float | None) -> None:
         raise ValueError(f"ttl_s must be > 0 or None, got {ttl_s}")
 
 
+def check_keep(keep: int | None) -> None:
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be >= 1 or None, got {keep}")
+
+
 def gcra(
     tat: float | None, now: float, rate_per_s: float, burst: float, cost: float
 ) -> tuple[float | None, RateResult]:
@@ -236,8 +241,7 @@ class LocalStore:
     ) -> tuple[int, list[bytes]]:
         """A bounded log (see StateStore); logs are not counted in `max_bytes`, `keep` bounds each one."""
         check_ttl(ttl_s)
-        if keep is not None and keep < 1:
-            raise ValueError(f"keep must be >= 1 or None, got {keep}")
+        check_keep(keep)
         now = self._clock()
         log = self._logs.get(key)
         if log is not None and log[2] <= now:

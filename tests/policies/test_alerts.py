@@ -23,6 +23,7 @@ from protocol.openai import ChatCompletionRequest, decode_request
 from tests.conftest import free_port
 from tests.policies.conftest import eventually
 
+
 async def eventually_5s(check) -> float:
     """Webhook deliveries retry with backoff: up to 5 s."""
     return await eventually(check, within_s=5.0, every_s=0.01)
