@@ -80,7 +80,7 @@ def _stream_outcome(result: StreamStart | Reply, answered: bool, outcome: Outcom
         return outcome
     if answered:
         return Outcome("answered")
-    return Outcome("ok", body=result.assembled())  # type: ignore[union-attr]
+    return Outcome("ok", body=result.assembled)  # type: ignore[union-attr]  # put together only if read
 
 
 async def _generate(request: Request, kind: type[ChatCompletionRequest] | type[CompletionRequest]) -> ASGIApp:

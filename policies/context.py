@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -49,17 +50,30 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
 class Outcome:
     """How the request ended, handed to every policy's `settle` exactly once.
 
-    status: `ok` (served; `body` is the plain response, None for a stream), `answered` (a policy's Reply),
-    `error` (a GatewayError reached the client, `error` says which), `cancelled` (the client left first).
+    status: `ok` (served), `answered` (a policy's Reply), `error` (a GatewayError reached the client, `error`
+    says which), `cancelled` (the client left first). `body` is the answer as plain JSON when there is one: a
+    plain response's, or a finished stream's put back together. The gateway hands the latter as a callable, so
+    it is put together only if a policy reads it (the cache does; the usage row does not), and then once.
     """
 
-    status: Literal["ok", "answered", "error", "cancelled"]
-    error: GatewayError | None = None
-    body: bytes | None = None
+    __slots__ = ("_body", "error", "status")
+
+    def __init__(self, status: Literal["ok", "answered", "error", "cancelled"], error: GatewayError | None = None,
+                 body: bytes | Callable[[], bytes | None] | None = None) -> None:
+        self.status, self.error, self._body = status, error, body
+
+    @property
+    def body(self) -> bytes | None:
+        body = self._body
+        if callable(body):
+            body = self._body = body()
+        return body
+
+    def __repr__(self) -> str:
+        return f"Outcome({self.status!r}, error={self.error!r})"
 
 
 @dataclass(slots=True)
