@@ -47,9 +47,10 @@ LITELLM_C16_RPS, LITELLM_C1_ADDED_MS = 115, 12.6
 MODES = ("plain", "SSE")
 CONCURRENCIES = (1, 16)
 TTFB_PROMPT = "a b c d gap:0.05"
-# --policies: a rate limit that never refuses (its buckets are still charged) and the exact cache
+# --policies: a rate limit and a budget that never refuse (both are still charged) and the exact cache
 REDIS_URL = "redis://127.0.0.1:6379/13"  # flushed before the run
 POLICIES_YAML = ("policies:\n  rate_limits: [{scope: key, rpm: 100000000, tpm: 100000000000}]\n"
+                 "  budgets: [{scope: global, period: day, max_tokens: 100000000000}]\n"
                  "  cache: {mode: deterministic, ttl_s: 3600}\n")
 IN_PROCESS, REDIS = "in-process", "Redis"
 MISS, HIT = "miss", "hit"  # wrk cells: a new deterministic prompt per request at c16; one stored answer at c1
@@ -189,7 +190,7 @@ def start_gateway(tmp: Path, upstream: str, gw: Gateway) -> tuple[subprocess.Pop
     slug = re.sub(r"[^a-z0-9]+", "-", gw.name.lower()).strip("-")
     config = tmp / f"{slug}.yaml"  # one file per gateway: workers may read it after the next one has started
     # no usage database: the rows measured are the pipeline with an empty policy chain (or the no-ops), or with
-    # the rate limit and the cache under --policies
+    # the rate limit, the budget and the cache under --policies
     redis = f"redis_url: {REDIS_URL}, " if gw.state == REDIS else ""
     config.write_text(f"storage: {{{redis}database_url: ''}}\nmodels:\n  - {{id: bench-model, backend: openai, "
                       f'base_url: "{upstream}/v1", upstream_model: mock-model}}\n'
@@ -243,10 +244,11 @@ hit, miss, bypass, none = 0, 0, 0, 0
 
 function setup(thread)
   table.insert(threads, thread)
+  thread:set("thread_id", #threads)
 end
 
 function init(args)
-  prefix = (args[1] or "") .. "-"
+  prefix = (args[1] or "") .. "-" .. thread_id .. "-"  -- the thread too: each thread counts from 1
 end
 
 function request()
@@ -438,7 +440,7 @@ Cells = dict[tuple[str, str, int], Cell]
 @dataclass(frozen=True)
 class Gateway:
     """One pointsman target: its name in the tables, its worker count and the no-op policies asked for; `state`
-    set (IN_PROCESS or REDIS): the rate limit and the cache of POLICIES_YAML, their state kept there."""
+    set (IN_PROCESS or REDIS): the rate limit, the budget and the cache of POLICIES_YAML, their state kept there."""
 
     name: str
     workers: int
@@ -709,12 +711,14 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen]) ->
 def policy_section(cells: Cells, policy_gateways: list[Gateway], reference: str | None,
                    redis_note: str | None) -> list[str]:
     """The `### Policy chain` subsection: what was run, the table, a skipped Redis target, LiteLLM for scale."""
-    lines = ["", "### Policy chain (rate limit + exact cache)", "",
-             "pointsman (1 worker) with `rate_limits: [{scope: key, rpm: 100000000, tpm: 100000000000}]` (never "
-             "refuses; its buckets are still charged) and `cache: {mode: deterministic, ttl_s: 3600}`, state in "
+    lines = ["", "### Policy chain (rate limit + budget + exact cache)", "",
+             "pointsman (1 worker) with `rate_limits: [{scope: key, rpm: 100000000, tpm: 100000000000}]` and "
+             "`budgets: [{scope: global, period: day, max_tokens: 100000000000}]` (neither refuses; both are "
+             "charged, reserved and settled, with the default alert thresholds) and "
+             "`cache: {mode: deterministic, ttl_s: 3600}`, state in "
              f"process or on Redis (`{REDIS_URL}`, flushed before the run), in the same rounds as above. Miss path: "
              f"wrk -c{MISS_CONC}, plain, `temperature: 0` and a prompt with a per-request counter (and a tag per wrk "
-             "run), so every request is looked up, missed, sent upstream and stored. Hit path: wrk "
+             "run and thread), so every request is looked up, missed, sent upstream and stored. Hit path: wrk "
              f"-c{HIT_CONC}, plain, one fixed `temperature: 0` body stored before the runs, so every request is "
              "answered from the cache. x-pointsman-cache: the header's values wrk counted in the timed runs.",
              "", *policy_table(cells, policy_gateways, reference)]

@@ -133,7 +133,12 @@ async def _explain(request: Request) -> dict:
         raw["messages"] = [{"role": "user", "content": prompt}]
     if not any(k in raw for k in ("model", "auto_select", "preferred_model", "models")):
         raw["model"] = "auto"
-    decision = await _gateway(request).decide(decode_request(raw, ChatCompletionRequest), explain=True)
+    parsed = decode_request(raw, ChatCompletionRequest)
+    decision = await _gateway(request).decide(parsed, explain=True)
+    budgets = request.app.state.storage.budgets
+    if budgets is not None:  # models whose budgets this request would overrun are not tried: say so
+        spent = await budgets.spent(_context(request, parsed, True), [a.model for a in decision.attempts])
+        decision.exclude(spent)
     return decision.explain()
 
 

@@ -58,7 +58,7 @@ class BudgetAlerts:
         """Alert for each threshold t <= used_after/limit (fractions; those above used_before/limit are the ones
         this charge crossed) not yet alerted in this period, which ends at `resets_at` (epoch seconds; None:
         never). Never raises."""
-        if limit <= 0 or used_after <= used_before:
+        if limit <= 0 or used_after <= used_before or not any(t <= used_after / limit for t in thresholds):
             return
         marks = {t: f"alert:{budget_index}:{member}:{kind}:{period_start}:{t:g}" for t in thresholds}
         due = sorted(t for t, key in marks.items() if t <= used_after / limit and key not in self._taken)

@@ -217,16 +217,16 @@ class BudgetPolicy:
                 actual = tokens if counter.kind == "tokens" else usd
                 if counter.budget.scope == "model" and counter.member != served:
                     actual = 0.0  # reserved for a model that did not serve
-                if actual != amount:
-                    deltas.append((counter.key, actual - amount))
+                deltas.append((counter.key, actual - amount))  # a 0 delta still reads the value for the alerts
                 charged.append((counter, actual))
-            if deltas:
-                await self.store.adjust(deltas)
+            used: list[float | None] = list(await self.store.adjust(deltas))
             if served is not None and served != reserved.model and (tokens or usd):
-                charged += await self._charge_fallback(ctx, served, tokens, usd)
+                fallback = await self._charge_fallback(ctx, served, tokens, usd)
+                charged += fallback
+                used += [None] * len(fallback)
             self._store_answered()
             if self.alerts is not None:
-                await self._alert(self.alerts, charged)
+                await self._alert(self.alerts, charged, used)
         except StoreUnavailable as exc:
             self._store_failed(exc)
         except Exception:
@@ -307,23 +307,32 @@ class BudgetPolicy:
                                     dropped: set[str], now: float) -> None:
         """Remove later attempts whose `model` budgets could not cover this request's worst case now (read, not
         reserved: a fallback that serves is charged in settle)."""
+        spent = await self.spent(ctx, [a.model for a in later if a.model.id not in dropped], now)
+        for model_id, reason in spent.items():
+            dropped.add(model_id)
+            decision.skipped[model_id] = reason
+
+    async def spent(self, ctx: RequestContext, models: Sequence[ModelConfig], now: float | None = None
+                    ) -> dict[str, str]:
+        """The models whose `model` budgets cannot cover this request's worst case now, each with the reason
+        (counters read, nothing reserved). A store that cannot be read leaves a model in: it is unknown."""
+        now = self.clock() if now is None else now
         checks: list[tuple[str, _Counter, float]] = []
-        for attempt in later:
-            model: ModelConfig = attempt.model
-            if model.id not in dropped:
-                counters, amounts = self._charges(ctx, model, now, models_only=True)
-                checks += [(model.id, c, a) for c, a in zip(counters, amounts, strict=True)]
+        for model in models:
+            counters, amounts = self._charges(ctx, model, now, models_only=True)
+            checks += [(model.id, c, a) for c, a in zip(counters, amounts, strict=True)]
         if not checks:
-            return
+            return {}
         values = await asyncio.gather(*(self.store.counter(c.key) for _, c, _ in checks), return_exceptions=True)
+        spent: dict[str, str] = {}
         for (model_id, counter, amount), value in zip(checks, values, strict=True):
             if isinstance(value, StoreUnavailable):
-                continue  # unknown: the fallback stays, and is charged in settle if it serves
+                continue  # unknown: the model stays, and is charged in settle if it serves
             if isinstance(value, BaseException):
                 raise value
-            if value + amount > counter.limit and model_id not in dropped:
-                dropped.add(model_id)
-                decision.skipped[model_id] = f"budget exceeded: {_refusal(counter, value, amount, now).message}"
+            if value + amount > counter.limit and model_id not in spent:
+                spent[model_id] = f"budget exceeded: {_refusal(counter, value, amount, now).message}"
+        return spent
 
     async def _charge_fallback(self, ctx: RequestContext, served: str, tokens: float, usd: float
                                ) -> list[tuple[_Counter, float]]:
@@ -339,19 +348,25 @@ class BudgetPolicy:
             ])
         return charged
 
-    async def _alert(self, alerts: BudgetAlerts, charged: Sequence[tuple[_Counter, float]]) -> None:
-        """After a settle: each counter that this request charged and whose budget has thresholds is read back,
-        and the thresholds its charge crossed alert (`used - charge` before, `used` after; reservations of
-        requests still running count as used). A store that fails here only loses the alerts."""
-        watched = [(c, amount) for c, amount in charged if amount > 0 and c.budget.alert_at]
+    async def _alert(self, alerts: BudgetAlerts, charged: Sequence[tuple[_Counter, float]],
+                     used: Sequence[float | None]) -> None:
+        """After a settle: each counter that this request charged and whose budget has thresholds alerts for the
+        thresholds its charge crossed (`used - charge` before, `used` after; reservations of requests still
+        running count as used). `used` is each counter's value after the settle where adjust returned it (None:
+        read back here). A store that fails here only loses the alerts."""
+        watched = [(c, amount, value) for (c, amount), value in zip(charged, used, strict=True)
+                   if amount > 0 and c.budget.alert_at]
         if not watched:
             return
-        values = await asyncio.gather(*(self.store.counter(c.key) for c, _ in watched), return_exceptions=True)
-        for (counter, amount), used in zip(watched, values, strict=True):
-            if isinstance(used, BaseException):
-                log.warning("budget: alerts for budget #%d skipped: %s", counter.index, used)
+        unknown = [c for c, _, value in watched if value is None]
+        read = iter(await asyncio.gather(*(self.store.counter(c.key) for c in unknown), return_exceptions=True)
+                    if unknown else ())
+        for counter, amount, value in watched:
+            after = next(read) if value is None else value
+            if isinstance(after, BaseException):
+                log.warning("budget: alerts for budget #%d skipped: %s", counter.index, after)
                 continue
-            await alerts.crossed(counter.index, counter.member, counter.start, counter.kind, used - amount, used,
+            await alerts.crossed(counter.index, counter.member, counter.start, counter.kind, after - amount, after,
                                  counter.limit, counter.budget.alert_at, counter.end)
 
     def _store_failed(self, exc: StoreUnavailable) -> None:

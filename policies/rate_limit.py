@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Sequence
@@ -12,7 +11,7 @@ from typing import Any, ClassVar, Literal
 from config.schema import RateLimitConfig
 from policies.base import STAGES
 from policies.context import Outcome, Reply, RequestContext, scope_member
-from policies.state import RateResult, StateStore, StoreUnavailable
+from policies.state import RateCharge, RateResult, StateStore, StoreUnavailable
 from protocol.errors import RateLimited, ServiceUnavailable
 from protocol.openai import ChatCompletionRequest, ParsedRequest, message_text
 
@@ -33,6 +32,9 @@ class _Bucket:
     key: str
     per_minute: int
     cost: int
+
+    def charge(self, cost: int, *, partial: bool = False) -> RateCharge:
+        return RateCharge(self.key, self.per_minute / 60, self.per_minute, cost, partial)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +71,8 @@ class RateLimitPolicy:
     """Requests (rpm) and tokens (tpm) per minute, each limit per member of its scope (`match`: only that member),
     one GCRA bucket per (limit, member, kind) in the state store, so that every replica shares it.
 
-    admit charges every applicable bucket concurrently, one `rate` call each: 1 to each rpm bucket, and to each
-    tpm bucket the request's estimate (`estimate_tokens`). A bucket that cannot take its charge refuses the
+    admit charges every applicable bucket in one `rate_many` call (one round trip): 1 to each rpm bucket, and to
+    each tpm bucket the request's estimate (`estimate_tokens`). A bucket that cannot take its charge refuses the
     request with a 429 (`RateLimited`, retry-after and OpenAI's x-ratelimit-* headers); a request whose estimate
     exceeds a tpm limit outright can never pass and is refused with `x-should-retry: false` instead of a
     retry-after. The charges are not all or nothing: when one bucket refuses, the others have already been
@@ -78,9 +80,9 @@ class RateLimitPolicy:
     x-ratelimit-* headers of the most constraining bucket of each unit.
 
     settle charges the tpm buckets what the actual usage exceeded the estimate by (never a refund: GCRA keeps
-    no ledger). The store's GCRA never lets a charge overdraw a bucket, so an excess the bucket cannot hold
-    drains it to empty, and later requests wait for it to refill; usage beyond an empty bucket is forgiven,
-    not carried as debt.
+    no ledger), in one `rate_many` call of partial charges: an excess the bucket cannot hold drains it to
+    empty, and later requests wait for it to refill; usage beyond an empty bucket is forgiven, not carried as
+    debt.
 
     A store that cannot be reached lets requests through under `on_store_error: allow` (a warning once per
     outage) and refuses them with a 503 under `deny`.
@@ -100,34 +102,27 @@ class RateLimitPolicy:
         buckets = self._buckets(ctx)
         if not buckets:
             return None
-        results = await asyncio.gather(*(self._rate(bucket, bucket.cost) for bucket in buckets),
-                                       return_exceptions=True)
-        decided: list[tuple[_Bucket, RateResult]] = []
-        failure: StoreUnavailable | None = None
-        for bucket, result in zip(buckets, results, strict=True):
-            if isinstance(result, StoreUnavailable):
-                failure = result
-                if bucket.limit.on_store_error == "deny":
-                    self._store_failed(result)
-                    raise ServiceUnavailable(
-                        "rate limiting is unavailable (its state store cannot be reached) and this "
-                        f"{bucket.limit.scope} limit refuses requests then (on_store_error: deny); try again shortly"
-                    ) from result
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                decided.append((bucket, result))
-        if failure is not None:
-            self._store_failed(failure)
-        elif self._down:
+        try:
+            results = await self.store.rate_many([bucket.charge(bucket.cost) for bucket in buckets])
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+            denying = next((bucket for bucket in buckets if bucket.limit.on_store_error == "deny"), None)
+            if denying is not None:
+                raise ServiceUnavailable(
+                    "rate limiting is unavailable (its state store cannot be reached) and this "
+                    f"{denying.limit.scope} limit refuses requests then (on_store_error: deny); try again shortly"
+                ) from exc
+            return None
+        if self._down:
             self._down = False
             log.warning("rate limits enforced again: the state store answers")
+        decided = list(zip(buckets, results, strict=True))
         headers = _headers(decided)
         refused = [(bucket, result) for bucket, result in decided if not result.allowed]
         if refused:
             raise _refusal(*max(refused, key=lambda refusal: refusal[1].retry_after_s), headers)
         ctx.headers.update(headers)
-        charged = tuple(bucket for bucket, _ in decided if bucket.kind == "tpm")
+        charged = tuple(bucket for bucket in buckets if bucket.kind == "tpm")
         if charged:
             ctx.state[self.name] = _Charged(charged[0].cost, charged)
         return None
@@ -143,13 +138,12 @@ class RateLimitPolicy:
         excess = (ctx.prompt_tokens or 0) + (ctx.completion_tokens or 0) - charged.estimate
         if excess <= 0:
             return
-        results = await asyncio.gather(*(self._drain(bucket, excess) for bucket in charged.buckets),
-                                       return_exceptions=True)
-        for result in results:
-            if isinstance(result, StoreUnavailable):
-                self._store_failed(result)
-            elif isinstance(result, Exception):
-                log.error("rate limit: charging %s extra tokens failed", excess, exc_info=result)
+        try:  # what a bucket cannot take whole it takes as far as it holds (partial): drained, never in debt
+            await self.store.rate_many([bucket.charge(excess, partial=True) for bucket in charged.buckets])
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+        except Exception:
+            log.exception("rate limit: charging %s extra tokens failed", excess)
 
     def _buckets(self, ctx: RequestContext) -> list[_Bucket]:
         buckets: list[_Bucket] = []
@@ -167,15 +161,6 @@ class RateLimitPolicy:
                 buckets.append(_Bucket(limit, member, "tpm", f"rl:{index}:{member}:tpm", limit.tpm, estimate))
         return buckets
 
-    async def _rate(self, bucket: _Bucket, cost: int) -> RateResult:
-        return await self.store.rate(bucket.key, bucket.per_minute / 60, bucket.per_minute, cost)
-
-    async def _drain(self, bucket: _Bucket, tokens: int) -> None:
-        """Charge `tokens`, or as many as the bucket still holds when it cannot take them all."""
-        result = await self._rate(bucket, tokens)
-        if not result.allowed and result.remaining > 0:
-            await self._rate(bucket, result.remaining)
-
     def _store_failed(self, exc: StoreUnavailable) -> None:
         if not self._down:
             self._down = True
@@ -185,15 +170,17 @@ class RateLimitPolicy:
 
 def _headers(decided: Sequence[tuple[_Bucket, RateResult]]) -> dict[str, str]:
     """OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens}, each from its unit's tightest bucket."""
+    tightest: dict[str, tuple[_Bucket, RateResult]] = {}
+    for bucket, result in decided:
+        held = tightest.get(bucket.kind)
+        if held is None or (result.remaining, -result.reset_s) < (held[1].remaining, -held[1].reset_s):
+            tightest[bucket.kind] = (bucket, result)
     headers: dict[str, str] = {}
-    for kind, unit in _UNIT.items():
-        tightest = min(((b, r) for b, r in decided if b.kind == kind),
-                       key=lambda pair: (pair[1].remaining, -pair[1].reset_s), default=None)
-        if tightest is not None:
-            bucket, result = tightest
-            headers[f"x-ratelimit-limit-{unit}"] = str(bucket.per_minute)
-            headers[f"x-ratelimit-remaining-{unit}"] = str(result.remaining)
-            headers[f"x-ratelimit-reset-{unit}"] = reset_text(result.reset_s)
+    for kind, (bucket, result) in tightest.items():
+        unit = _UNIT[kind]
+        headers[f"x-ratelimit-limit-{unit}"] = str(bucket.per_minute)
+        headers[f"x-ratelimit-remaining-{unit}"] = str(result.remaining)
+        headers[f"x-ratelimit-reset-{unit}"] = reset_text(result.reset_s)
     return headers
 
 

@@ -14,9 +14,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from policies.redis_pipeline import AutoPipeline
 from policies.state import (
     RESERVED,
     SLACK_S,
+    RateCharge,
     RateResult,
     Reservation,
     ReserveResult,
@@ -57,38 +59,59 @@ return {0}
 """
 
 # KEYS: the counters; ARGV: the deltas. A counter gone with its period is skipped, never resurrected (a settle
-# landing after the reset belongs to the old period); one that would go below zero is clamped, expiry kept.
+# landing after the reset belongs to the old period): its value comes back nil; one that would go below zero is
+# clamped, expiry kept. Returns each counter's value afterwards.
 _ADJUST = """
+local values = {}
 for i, key in ipairs(KEYS) do
+  values[i] = false
   if redis.call('EXISTS', key) == 1 then
-    if tonumber(redis.call('INCRBYFLOAT', key, ARGV[i])) < 0 then
+    local value = tonumber(redis.call('INCRBYFLOAT', key, ARGV[i]))
+    if value < 0 then
       redis.call('SET', key, '0', 'KEEPTTL')
+      value = 0
     end
+    values[i] = string.format('%.17g', value)
   end
 end
-return 0
+return values
 """
 
-# policies.state.gcra, line for line, on the server's clock (TIME) so that every replica agrees. Times are
-# seconds since 2023-11-14 so that doubles keep sub-microsecond precision; floats travel as strings (Redis
-# truncates Lua numbers to integers). KEYS[1]: the bucket's TAT; ARGV: rate_per_s, burst, cost, slack_s.
+# policies.state.gcra, line for line, once per bucket, on the server's clock (TIME) so that every replica agrees.
+# Times are seconds since 2023-11-14 so that doubles keep sub-microsecond precision; floats travel as strings
+# (Redis truncates Lua numbers to integers). KEYS: the buckets' TATs; ARGV[1]: slack_s, then per bucket rate_per_s,
+# burst, cost, partial (1/0). Returns {allowed, remaining, retry_after ('-1': never), reset} per bucket.
 _RATE = """
 local t = redis.call('TIME')
 local now = (tonumber(t[1]) - 1700000000) + tonumber(t[2]) / 1000000
-local rate, burst, cost, slack = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local increment, offset = cost / rate, burst / rate
-local new_tat = tat + increment
-local diff = now - (new_tat - offset)
-if diff < -slack then
-  local retry = -diff
-  if increment > offset + slack then retry = -1 end
-  local remaining = math.max(0, math.floor((offset - (tat - now) + slack) * rate))
-  return {0, remaining, string.format('%.17g', retry), string.format('%.17g', tat - now)}
+local slack = tonumber(ARGV[1])
+local results = {}
+for i, key in ipairs(KEYS) do
+  local at = 4 * i - 2
+  local rate, burst, cost = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  local increment, offset = cost / rate, burst / rate
+  local new_tat = tat + increment
+  local diff = now - (new_tat - offset)
+  if diff < -slack then
+    local retry = -diff
+    if increment > offset + slack then retry = -1 end
+    local remaining = math.min(math.floor(burst), math.max(0, math.floor((offset - (tat - now)) * rate + 1e-6)))
+    local reset = tat - now
+    if ARGV[at + 3] == '1' and remaining > 0 then
+      local drained = tat + remaining / rate
+      redis.call('SET', key, string.format('%.17g', drained), 'PX', math.max(1, math.ceil((drained - now) * 1000)))
+      reset = drained - now
+    end
+    results[i] = {0, remaining, string.format('%.17g', retry), string.format('%.17g', reset)}
+  else
+    redis.call('SET', key, string.format('%.17g', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) * 1000)))
+    local remaining = math.min(math.floor(burst), math.max(0, math.floor(diff * rate + 1e-6)))
+    results[i] = {1, remaining, '0', string.format('%.17g', new_tat - now)}
+  end
 end
-redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) * 1000)))
-return {1, math.max(0, math.floor((diff + slack) * rate)), '0', string.format('%.17g', new_tat - now)}
+return results
 """
 
 # KEYS[1]: the log (a list), KEYS[2]: its total (how many were ever appended); ARGV: append? (1/0), value,
@@ -115,20 +138,21 @@ _TOTAL = "#total"  # the suffix of a log's total counter
 
 
 class RedisStore:
-    """The StateStore on Redis (redis-py asyncio, one connection pool, every key and channel under `prefix`).
+    """The StateStore on Redis (redis-py asyncio, every key and channel under `prefix`).
 
-    Each operation is one command or one Lua script (EVALSHA, reloaded by redis-py after NOSCRIPT), so one round
-    trip. Connect and socket timeouts are `timeout_s`; a timed-out command is never retried (a retried script
-    could reserve twice): an unreachable Redis raises StoreUnavailable within about `timeout_s`. At most
-    `max_connections` are open (pub/sub subscriptions hold one each); a call waits up to `timeout_s` for one.
-    The pool reconnects on the next call once Redis is back; the outage is logged once when it starts and once
-    when it ends.
+    Each operation is one command or one Lua script (EVALSHA), sent through an AutoPipeline: the operations of
+    every request issued in the same event-loop turn share one write and one round trip, on at most
+    `connections` dedicated connections. A batch that takes longer than `timeout_s` (connecting included) raises
+    StoreUnavailable and is never retried (a script may have run). Pub/sub subscriptions hold a connection
+    each from a pool of at most `max_connections`, waited for up to `timeout_s`. Connections are remade on the
+    next call once Redis is back; the outage is logged once when it starts and once when it ends.
     """
 
-    __slots__ = ("_adjust", "_append", "_down", "_rate", "_redis", "_reserve", "_where", "prefix")
+    __slots__ = ("_adjust", "_append", "_down", "_pipe", "_rate", "_redis", "_reserve", "_where", "prefix")
 
     def __init__(
-        self, url: str, *, prefix: str = "pointsman:", timeout_s: float = 0.5, max_connections: int = 64
+        self, url: str, *, prefix: str = "pointsman:", timeout_s: float = 0.5, max_connections: int = 64,
+        connections: int = 4,
     ) -> None:
         self.prefix = prefix
         pool = BlockingConnectionPool.from_url(
@@ -141,25 +165,28 @@ class RedisStore:
             # fails before its command reaches any server. Timeouts are never retried: the command may have run.
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
-        self._redis = Redis.from_pool(pool)
-        kwargs = self._redis.connection_pool.connection_kwargs
+        self._redis = Redis.from_pool(pool)  # pub/sub only: every other command goes through the pipeline
+        self._pipe = AutoPipeline(pool, connections=connections, timeout_s=timeout_s)
+        kwargs = pool.connection_kwargs
         self._where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
         self._down = False
-        self._reserve = self._redis.register_script(_RESERVE)
-        self._adjust = self._redis.register_script(_ADJUST)
-        self._rate = self._redis.register_script(_RATE)
-        self._append = self._redis.register_script(_APPEND)
+        self._reserve = self._pipe.script(_RESERVE)
+        self._adjust = self._pipe.script(_ADJUST)
+        self._rate = self._pipe.script(_RATE)
+        self._append = self._pipe.script(_APPEND)
 
     async def get(self, key: str) -> bytes | None:
-        return await self._call(self._redis.get(self.prefix + key))
+        return await self._call(self._pipe.call("GET", self.prefix + key))
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         check_ttl(ttl_s)
-        px = None if ttl_s is None else max(1, math.ceil(ttl_s * 1000))
-        await self._call(self._redis.set(self.prefix + key, value, px=px))
+        if ttl_s is None:
+            await self._call(self._pipe.call("SET", self.prefix + key, value))
+        else:
+            await self._call(self._pipe.call("SET", self.prefix + key, value, "PX", max(1, math.ceil(ttl_s * 1000))))
 
     async def delete(self, key: str) -> None:
-        await self._call(self._redis.delete(self.prefix + key, self.prefix + key + _TOTAL))
+        await self._call(self._pipe.call("DEL", self.prefix + key, self.prefix + key + _TOTAL))
 
     async def append(
         self, key: str, value: bytes | None = None, ttl_s: float | None = None, *, keep: int | None = None,
@@ -171,7 +198,7 @@ class RedisStore:
         ttl_ms = 0 if ttl_s is None else max(1, math.ceil(ttl_s * 1000))
         args = [int(value is not None), b"" if value is None else value, keep or 0, ttl_ms, since]
         keys = [self.prefix + key, self.prefix + key + _TOTAL]
-        total, values = await self._call(self._append(keys=keys, args=args))
+        total, values = await self._call(self._pipe.evalsha(self._append, keys, args))
         return int(total), list(values)
 
     async def reserve(self, items: Sequence[Reservation]) -> ReserveResult:
@@ -183,36 +210,48 @@ class RedisStore:
             ttl_ms = 0 if item.ttl_s is None else max(1, math.ceil(item.ttl_s * 1000))
             args += [repr(float(item.amount)), repr(float(item.limit)), ttl_ms]
         keys = [self.prefix + item.key for item in items]
-        failed, *current = await self._call(self._reserve(keys=keys, args=args))
+        failed, *current = await self._call(self._pipe.evalsha(self._reserve, keys, args))
         if not failed:
             return RESERVED
         item = items[failed - 1]
         return ReserveResult(False, failed - 1, float(current[0]), float(item.limit))
 
-    async def adjust(self, items: Sequence[tuple[str, float]]) -> None:
+    async def adjust(self, items: Sequence[tuple[str, float]]) -> list[float | None]:
         """Add deltas; an expired counter is skipped and a negative result is clamped at zero (see StateStore)."""
-        if items:
-            keys = [self.prefix + key for key, _ in items]
-            await self._call(self._adjust(keys=keys, args=[repr(float(delta)) for _, delta in items]))
+        if not items:
+            return []
+        keys = [self.prefix + key for key, _ in items]
+        values = await self._call(self._pipe.evalsha(self._adjust, keys, [repr(float(delta)) for _, delta in items]))
+        return [None if value is None else float(value) for value in values]
 
     async def counter(self, key: str) -> float:
-        value = await self._call(self._redis.get(self.prefix + key))
+        value = await self._call(self._pipe.call("GET", self.prefix + key))
         return 0.0 if value is None else float(value)
 
     async def rate(self, key: str, rate_per_s: float, burst: float, cost: float = 1.0) -> RateResult:
-        check_rate(rate_per_s, burst, cost)
-        args = [repr(float(rate_per_s)), repr(float(burst)), repr(float(cost)), repr(SLACK_S)]
-        allowed, remaining, retry, reset = await self._call(self._rate(keys=[self.prefix + key], args=args))
-        retry_after = math.inf if retry == b"-1" else float(retry)
-        return RateResult(bool(allowed), int(remaining), retry_after, float(reset))
+        return (await self.rate_many([RateCharge(key, rate_per_s, burst, cost)]))[0]
+
+    async def rate_many(self, charges: Sequence[RateCharge]) -> list[RateResult]:
+        if not charges:
+            return []
+        args: list[str | int] = [repr(SLACK_S)]
+        for charge in charges:
+            check_rate(charge.rate_per_s, charge.burst, charge.cost)
+            args += [repr(float(charge.rate_per_s)), repr(float(charge.burst)), repr(float(charge.cost)),
+                     int(charge.partial)]
+        keys = [self.prefix + charge.key for charge in charges]
+        replies = await self._call(self._pipe.evalsha(self._rate, keys, args))
+        return [RateResult(bool(allowed), int(remaining), math.inf if retry == b"-1" else float(retry), float(reset))
+                for allowed, remaining, retry, reset in replies]
 
     async def publish(self, channel: str, message: bytes) -> None:
-        await self._call(self._redis.publish(self.prefix + channel, message))
+        await self._call(self._pipe.call("PUBLISH", self.prefix + channel, message))
 
     def subscribe(self, channel: str) -> Subscription:
         return _RedisSubscription(self, self.prefix + channel)
 
     async def aclose(self) -> None:
+        await self._pipe.aclose()
         await self._redis.aclose()
 
     async def _call(self, call: Awaitable[T]) -> T:

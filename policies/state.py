@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["DEFAULT_MAX_BYTES", "RESERVED", "SLACK_S", "LocalStore", "RateResult", "Reservation", "ReserveResult",
-           "StateStore", "StoreUnavailable", "Subscription", "check_keep", "check_rate", "check_ttl", "gcra"]
+__all__ = ["DEFAULT_MAX_BYTES", "RESERVED", "SLACK_S", "LocalStore", "RateCharge", "RateResult", "Reservation",
+           "ReserveResult", "StateStore", "StoreUnavailable", "Subscription", "check_keep", "check_rate", "check_ttl",
+           "gcra"]
 
 DEFAULT_MAX_BYTES = 64 * 2**20
 # GCRA compares float times: a microsecond of slack keeps rounding from refusing the last unit of a burst
@@ -58,6 +59,19 @@ class RateResult:
     reset_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class RateCharge:
+    """Charge `cost` to GCRA bucket `key` (refill `rate_per_s`, capacity `burst`). With `partial`, a bucket that
+    cannot take the whole cost takes what it still holds instead (the result then says refused, with the
+    `remaining` it had): how usage beyond an estimate drains a bucket without running it into debt."""
+
+    key: str
+    rate_per_s: float
+    burst: float
+    cost: float = 1.0
+    partial: bool = False
+
+
 class Subscription(AsyncIterator[bytes]):
     """Messages of one channel, in publish order. Subscribed once entered (`async with`) or on the first
     `__anext__`; `aclose()` unsubscribes and ends the iteration."""
@@ -100,14 +114,21 @@ class StateStore(Protocol):
         """All or nothing: add every amount if each counter stays within its limit, else add none."""
         ...
 
-    async def adjust(self, items: Sequence[tuple[str, float]]) -> None:
-        """Add deltas (negative allowed). A counter that has expired is skipped, not resurrected (its period
-        ended with it); an existing counter that would go below zero is clamped at zero."""
+    async def adjust(self, items: Sequence[tuple[str, float]]) -> list[float | None]:
+        """Add deltas (negative allowed; 0 reads). A counter that has expired is skipped, not resurrected (its
+        period ended with it); an existing counter that would go below zero is clamped at zero. Returns each
+        counter's value afterwards, None for one skipped."""
         ...
 
     async def counter(self, key: str) -> float: ...
 
-    async def rate(self, key: str, rate_per_s: float, burst: float, cost: float = 1.0) -> RateResult: ...
+    async def rate(self, key: str, rate_per_s: float, burst: float, cost: float = 1.0) -> RateResult:
+        """One GCRA charge: `rate_many` with one RateCharge."""
+        ...
+
+    async def rate_many(self, charges: Sequence[RateCharge]) -> list[RateResult]:
+        """Each charge decided on its own, in order (not all or nothing), in one atomic step."""
+        ...
 
     async def publish(self, channel: str, message: bytes) -> None: ...
 
@@ -132,12 +153,13 @@ def check_keep(keep: int | None) -> None:
 
 
 def gcra(
-    tat: float | None, now: float, rate_per_s: float, burst: float, cost: float
+    tat: float | None, now: float, rate_per_s: float, burst: float, cost: float, partial: bool = False
 ) -> tuple[float | None, RateResult]:
-    """One GCRA step: (the theoretical arrival time to store, None when refused; the decision).
+    """One GCRA step: (the theoretical arrival time to store, None when nothing is charged; the decision).
 
     TAT is when the bucket would be full again; a request of `cost` is allowed while TAT + cost/rate stays
-    within burst/rate of now. RedisStore's Lua script is this function, line for line."""
+    within burst/rate of now. `partial`: a refused charge takes the whole units left instead (see RateCharge).
+    RedisStore's Lua script is this function, line for line."""
     if tat is None or tat < now:
         tat = now
     increment, offset = cost / rate_per_s, burst / rate_per_s
@@ -145,9 +167,18 @@ def gcra(
     diff = now - (new_tat - offset)
     if diff < -SLACK_S:
         retry = math.inf if increment > offset + SLACK_S else -diff
-        remaining = max(0, math.floor((offset - (tat - now) + SLACK_S) * rate_per_s))
+        remaining = _units(offset - (tat - now), rate_per_s, burst)
+        if partial and remaining > 0:  # the units left, so it fits (to the millionth of a unit)
+            drained = tat + remaining / rate_per_s
+            return drained, RateResult(False, remaining, retry, drained - now)
         return None, RateResult(False, remaining, retry, tat - now)
-    return new_tat, RateResult(True, max(0, math.floor((diff + SLACK_S) * rate_per_s)), 0.0, new_tat - now)
+    return new_tat, RateResult(True, _units(diff, rate_per_s, burst), 0.0, new_tat - now)
+
+
+def _units(seconds: float, rate_per_s: float, burst: float) -> int:
+    """Whole units a bucket holds `seconds` before it is full: a millionth of a unit absorbs float rounding
+    (0.2 s * 20/s = 3.9999999), clamped to [0, burst]."""
+    return min(math.floor(burst), max(0, math.floor(seconds * rate_per_s + 1e-6)))
 
 
 class _LocalSubscription(Subscription):
@@ -280,28 +311,41 @@ class LocalStore:
         self._wrote(now)
         return RESERVED
 
-    async def adjust(self, items: Sequence[tuple[str, float]]) -> None:
+    async def adjust(self, items: Sequence[tuple[str, float]]) -> list[float | None]:
         """Add deltas; an expired counter is skipped and a negative result is clamped at zero (see StateStore)."""
         now = self._clock()
+        values: list[float | None] = []
         for key, delta in items:
             entry = self._counters.get(key)
             if entry is None or entry[1] <= now:
                 self._counters.pop(key, None)
+                values.append(None)
                 continue
             value, expires = entry
-            self._counters[key] = (max(0.0, value + delta), expires)
+            value = max(0.0, value + delta)
+            self._counters[key] = (value, expires)
+            values.append(value)
+        return values
 
     async def counter(self, key: str) -> float:
         return self._counter(key, self._clock())
 
     async def rate(self, key: str, rate_per_s: float, burst: float, cost: float = 1.0) -> RateResult:
-        check_rate(rate_per_s, burst, cost)
+        return (await self.rate_many([RateCharge(key, rate_per_s, burst, cost)]))[0]
+
+    async def rate_many(self, charges: Sequence[RateCharge]) -> list[RateResult]:
+        for charge in charges:
+            check_rate(charge.rate_per_s, charge.burst, charge.cost)
         now = self._clock()
-        new_tat, result = gcra(self._rates.get(key), now, rate_per_s, burst, cost)
-        if new_tat is not None:
-            self._rates[key] = new_tat
-            self._wrote(now)
-        return result
+        results: list[RateResult] = []
+        for charge in charges:
+            new_tat, result = gcra(self._rates.get(charge.key), now, charge.rate_per_s, charge.burst, charge.cost,
+                                   charge.partial)
+            if new_tat is not None:
+                self._rates[charge.key] = new_tat
+                self._wrote(now)
+            results.append(result)
+        return results
 
     async def publish(self, channel: str, message: bytes) -> None:
         for subscription in tuple(self._subscribers.get(channel, ())):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from config.schema import Config, ModelConfig
 from protocol.openai import ChatCompletionRequest, ParsedRequest, message_text
@@ -37,6 +37,15 @@ class Decision:
     @property
     def mode(self) -> str:
         return self.attempts[0].route if self.attempts else "none"
+
+    def exclude(self, reasons: Mapping[str, str]) -> None:
+        """Take these models out of the attempts, as skipped and ineligible candidates, each with its reason."""
+        if not reasons:
+            return
+        self.attempts[:] = [a for a in self.attempts if a.model.id not in reasons]
+        self.skipped.update(reasons)
+        self.candidates = [replace(c, eligible=False, reason=reasons[c.model]) if c.eligible and c.model in reasons
+                           else c for c in self.candidates]
 
     def explain(self) -> dict:
         analysis = self.analysis

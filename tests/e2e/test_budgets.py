@@ -74,3 +74,15 @@ def test_a_model_whose_budget_is_spent_is_skipped(replicas):
     answer = httpx.post(first.url + "/v1/chat/completions", json=body)
     assert first_answer.status_code == answer.status_code == 200
     assert answer.headers["x-pointsman-model"] == "remote-b"  # remote-a's 1-token budget cannot take a request
+
+
+def test_route_explains_that_a_spent_model_is_not_tried(replicas):
+    first, _, _ = replicas
+    # remote-a's budget (1 token in total) cannot cover any request's worst case
+    chain = httpx.post(first.url + "/v1/route", json={"model": "remote-a:remote-b", "prompt": "hi"}).json()
+    assert chain["model"] == "remote-b" and chain["chain"] == ["remote-b"]
+    assert chain["skipped"]["remote-a"].startswith("budget exceeded: ") and "remote-a" in chain["skipped"]["remote-a"]
+    auto = httpx.post(first.url + "/v1/route", json={"model": "auto", "prompt": "hi"}).json()
+    assert auto["model"] == "remote-b" and "remote-a" not in auto["chain"]
+    spent = next(c for c in auto["candidates"] if c["model"] == "remote-a")
+    assert spent["eligible"] is False and spent["reason"].startswith("budget exceeded: ")
