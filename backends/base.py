@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from config.schema import ModelConfig
+from config.schema import EnginesConfig, ModelConfig
 from protocol.openai import ParsedRequest
 
-__all__ = ["BACKENDS", "Backend", "build_backend"]
+__all__ = ["BACKENDS", "Backend", "EngineStats", "build_backend"]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A local engine's live load: what the router scores (as it does vLLM's /metrics) and `pointsman engine`
+    exports on its /metrics. Local engines have a `stats() -> EngineStats` method; remote backends do not."""
+
+    running: int  # sequences in the running batch
+    waiting: int  # requests queued for a place in it
+    kv_cache_usage: float  # 0..1: the share of the engine's sequence slots (or KV-cache budget) in use
+    tokens_per_s: float | None = None  # measured aggregate decode rate, None until measured
 
 
 @runtime_checkable
@@ -50,6 +62,8 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def build_backend(model: ModelConfig) -> Backend:
+def build_backend(model: ModelConfig, engines: EnginesConfig | None = None) -> Backend:
+    """The backend for `model`; local engines also get the `engines:` settings (cache dir, memory budget)."""
     module, _, name = BACKENDS[model.backend_kind].partition(":")
-    return getattr(importlib.import_module(module), name)(model)
+    cls = getattr(importlib.import_module(module), name)
+    return cls(model, engines or EnginesConfig()) if model.backend_kind == "transformers" else cls(model)

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from backends.base import EngineStats
 from backends.engine_requests import Plan, check_request
 from backends.weights import resolve_source
-from config.schema import TransformersModel
+from config.schema import EnginesConfig, TransformersModel
 from protocol.errors import BadRequest, GatewayError, ServiceUnavailable
 from protocol.openai import (
     ChatCompletion,
@@ -307,8 +308,9 @@ class TransformersBackend:
     torch's threads busy with one sequence and the event loop free.
     """
 
-    def __init__(self, model: TransformersModel) -> None:
+    def __init__(self, model: TransformersModel, engines: EnginesConfig | None = None) -> None:
         self.model = model
+        self.engines = engines or EnginesConfig()
         self._engine: _Engine | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -348,6 +350,11 @@ class TransformersBackend:
 
     async def health(self) -> bool:
         return self._engine is not None
+
+    def stats(self) -> EngineStats:
+        """The live load: the single worker runs one request at a time, the others wait behind it."""
+        running = min(1, len(self._active))
+        return EngineStats(running=running, waiting=len(self._active) - running, kv_cache_usage=float(running))
 
     async def aclose(self) -> None:
         """Stop in-flight generations (within one token), stop the worker, and drop the weights."""

@@ -20,7 +20,9 @@ __all__ = [
     "BreakerConfig",
     "Config",
     "Deployment",
+    "EnginesConfig",
     "FREE",
+    "LaunchConfig",
     "ModelConfig",
     "OpenAIModel",
     "Pricing",
@@ -115,10 +117,14 @@ class _ModelBase(_Frozen, tag_field="backend", kw_only=True):
     # false keeps this model out of automatic selection (it still serves by id, alias or in a chain)
     auto: bool = True
     context_window: Annotated[int, Meta(ge=1)] | None = None
-    # load (or check) at startup; /ready waits for eager models
-    eager: bool = True
+    # eager: load (or check) at startup, and /ready waits for it; lazy: on its first request
+    load: Literal["eager", "lazy"] = "eager"
     # overrides routing.load_balancing for this model's deployments
     load_balancing: str | None = None
+
+    @property
+    def eager(self) -> bool:
+        return self.load == "eager"
 
     @property
     def backend_kind(self) -> str:
@@ -139,6 +145,17 @@ class TransformersModel(_ModelBase, tag="transformers", kw_only=True):
     device: str = "cpu"
     max_new_tokens_default: Annotated[int, Meta(ge=1)] = 256
     threads: Annotated[int, Meta(ge=1)] | None = None
+    # int8: torch dynamic quantization of the Linear layers on CPU (bitsandbytes 8-bit where CUDA is present)
+    quantize: Literal["int8"] | None = None
+    # sequences decoded together in the running batch, and requests waiting for a place in it; beyond both: 429
+    max_concurrency: Annotated[int, Meta(ge=1)] = 8
+    max_queue: Annotated[int, Meta(ge=0)] = 64
+    # unload after this long without a request (None: stay loaded)
+    idle_unload_s: PositiveFloat | None = None
+    # weights must be safetensors or GGUF unless this is set (pickled .bin/.pt files can run code when loaded)
+    allow_pickle: bool = False
+    # the expected sha256 of the weight file (a .gguf, or a single-file checkpoint), checked before loading
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
 
     @property
     def known_pricing(self) -> Pricing:
@@ -148,8 +165,20 @@ class TransformersModel(_ModelBase, tag="transformers", kw_only=True):
 URL = Annotated[str, Meta(pattern=r"^https?://")]
 
 
+class LaunchConfig(_Frozen, kw_only=True):
+    """A server process the gateway starts for a model, waits for, restarts with backoff when it dies and stops
+    on shutdown. Its base_url is http://127.0.0.1:{port}/v1 unless the model sets one."""
+
+    # argv; left out for `backend: vllm`: vllm serve {upstream_model or id} --port {port}
+    command: list[str] = []
+    args: list[str] = []  # appended to the command
+    port: Annotated[int, Meta(ge=1, le=65535)]
+    env: dict[str, str] = {}
+    startup_timeout_s: PositiveFloat = 600.0
+
+
 class OpenAIModel(_ModelBase, tag="openai", kw_only=True):
-    # one upstream (`base_url`, `api_key`) or several (`deployments`); one of the two is required
+    # one upstream (`base_url`, `api_key`) or several (`deployments`); one of the two is required (or `launch`)
     base_url: URL | None = None
     api_key: str = ""
     upstream_model: str | None = None
@@ -161,8 +190,11 @@ class OpenAIModel(_ModelBase, tag="openai", kw_only=True):
     tls: TLSConfig = TLSConfig()
     proxy: ProxyURL | None = None
     deployments: list[Deployment] = []
+    launch: LaunchConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.launch is not None and self.base_url is None and not self.deployments:
+            msgspec.structs.force_setattr(self, "base_url", f"http://127.0.0.1:{self.launch.port}/v1")
         if self.base_url is None and not self.deployments:
             raise ValueError("set base_url (one upstream) or deployments (several)")
         if self.base_url is not None and self.deployments:
@@ -305,6 +337,15 @@ class PoliciesConfig(_Frozen, kw_only=True):
     alert_webhook: URL | None = None  # budget alerts are POSTed here as JSON (and always logged)
 
 
+class EnginesConfig(_Frozen, kw_only=True):
+    """Local engines together: the memory they may use, and where converted weights are cached."""
+
+    # loaded models' estimated footprints stay within this; None: no limit
+    memory_budget_gb: PositiveFloat | None = None
+    # converted GGUF weights (safetensors and the tokenizer's files), keyed by the source file's hash
+    cache_dir: str = "~/.cache/pointsman"
+
+
 class Config(_Frozen, kw_only=True):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
@@ -312,6 +353,7 @@ class Config(_Frozen, kw_only=True):
     routing: RoutingConfig = RoutingConfig()
     storage: StorageConfig = StorageConfig()
     policies: PoliciesConfig = PoliciesConfig()
+    engines: EnginesConfig = EnginesConfig()
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}

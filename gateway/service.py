@@ -29,7 +29,8 @@ class Gateway:
     def __init__(self, config: Config, backends: Mapping[str, Backend] | None = None) -> None:
         self.config = config
         self.table = ModelTable(config)
-        self.backends: dict[str, Backend] = dict(backends or {m.id: build_backend(m) for m in config.models})
+        self.backends: dict[str, Backend] = dict(
+            backends or {m.id: build_backend(m, config.engines) for m in config.models})
         self.pools = {m.id: DeploymentPool(m, self.backends[m.id], config) for m in config.models}
         self.router = Router(config, self.table, {k: p.live for k, p in self.pools.items()},
                              lambda model_id: self.pools[model_id].available())

@@ -140,7 +140,7 @@ models:
   - id: dead
     backend: openai
     base_url: http://127.0.0.1:{free_port()}/v1
-    eager: false
+    load: lazy
 """
     server = start_gateway(tmp_path_factory.mktemp("gateway"), config)
     yield server

@@ -46,19 +46,19 @@ models:
     deployments:
       - {{base_url: "{a.url}", weight: 1}}
       - {{base_url: "{b.url}", weight: 1}}
-    eager: false
+    load: lazy
   - id: half-dead
     backend: openai
     pricing: {{input_per_mtok: 10, output_per_mtok: 30}}
     deployments:
       - {{base_url: "{dead}"}}
       - {{base_url: "{b.url}"}}
-    eager: false
+    load: lazy
   - id: gone
     backend: openai
     base_url: {dead}
     pricing: {{input_per_mtok: 10, output_per_mtok: 30}}
-    eager: false
+    load: lazy
 """
     gateway = start_gateway(tmp, config)
     yield gateway, a, b

@@ -90,7 +90,7 @@ models:
   - id: dead
     backend: openai
     base_url: http://127.0.0.1:1/v1
-    eager: false
+    load: lazy
 routing: {{health_check_s: 0}}
 storage: {{database_url: ''}}
 """)

@@ -42,7 +42,7 @@ models:
   - id: local
     backend: transformers
     source: /nonexistent/weights
-    eager: false
+    load: lazy
     max_new_tokens_default: 100
 """).models}
 
