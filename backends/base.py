@@ -59,6 +59,7 @@ BACKENDS: dict[str, str] = {
     "transformers": "backends.transformers_engine:TransformersBackend",
     "openai": "backends.openai_upstream:OpenAIBackend",
     "vllm": "backends.openai_upstream:OpenAIBackend",
+    "embeddings": "backends.embeddings:EmbeddingsBackend",
 }
 
 

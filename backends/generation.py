@@ -1,4 +1,4 @@
-"""A token-by-token decode loop over a KV cache: sampling, stop strings, incremental detokenization."""
+"""Per-sequence decoding: sampling, stop strings, incremental detokenization, and a one-sequence decode loop."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["DecodeResult", "IncrementalDetokenizer", "SamplingParams", "StopChecker", "decode", "sample_next"]
+__all__ = [
+    "DecodeResult",
+    "IncrementalDetokenizer",
+    "SamplingParams",
+    "SequenceDecoder",
+    "StopChecker",
+    "decode",
+    "sample_next",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +148,92 @@ def _make_generator(params: SamplingParams, device: torch.device) -> torch.Gener
     return generator
 
 
+class SequenceDecoder:
+    """One sequence's decoding state: fed one row of logits per step, it samples, detokenizes and checks stops.
+
+    It owns everything per sequence (sampling parameters, its torch.Generator, stop strings, detokenizer), so
+    sequences decoded together in one batch stay independent. The eos token counts as a completion token (as
+    vLLM counts it) but adds no text.
+    """
+
+    __slots__ = ("_detok", "_eos", "_eos_ids", "_generator", "_on_text", "_parts", "_seen", "_stops",
+                 "count", "finish_reason", "params", "token")
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        eos_ids: frozenset[int],
+        detokenizer: IncrementalDetokenizer,
+        on_text: Callable[[str], None] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        device = torch.device(device)
+        self.params = params
+        self._generator = _make_generator(params, device)
+        self._stops = StopChecker(params.stop)
+        self._detok = detokenizer
+        self._on_text = on_text
+        self._eos_ids = eos_ids
+        self._eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+        # only the repetition penalty reads the tokens seen so far
+        self._seen = (
+            torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
+            if params.repetition_penalty != 1.0 else None
+        )
+        self._parts: list[str] = []
+        self.count = 0
+        self.token = -1  # the last sampled token: the next step's input while the sequence goes on
+        self.finish_reason: str | None = None  # set once finished: "stop" | "length" | "cancelled"
+
+    def _release(self, text: str) -> None:
+        if text:
+            self._parts.append(text)
+            if self._on_text is not None:
+                self._on_text(text)
+
+    def push(self, logits: torch.Tensor) -> bool:
+        """Samples the next token from `logits` [vocab] (modified in place); True while the sequence goes on."""
+        params = self.params
+        logits = logits.float()
+        if self.count < params.min_tokens and self._eos.numel():
+            logits[self._eos] = float("-inf")  # min_tokens: eos may not come yet
+        token = sample_next(logits, params, self._generator, self._seen)
+        self.token = token
+        self.count += 1
+        if self._seen is not None:
+            self._seen = torch.cat([self._seen, torch.tensor([token], device=self._seen.device)])
+        if token in self._eos_ids and not params.ignore_eos:
+            return self._end("stop")
+        piece = self._detok.push(token)
+        if self.count <= params.min_tokens:
+            self._release(piece)  # like vLLM, stop strings count only once min_tokens are out
+        else:
+            piece, matched = self._stops.push(piece)
+            self._release(piece)
+            if matched:
+                self.finish_reason = "stop"
+                return False
+        if self.count >= params.max_new_tokens:
+            return self._end("length")
+        return True
+
+    def _end(self, reason: str) -> bool:
+        # the detokenizer's held-back tail (an unfinished character) and text held for a possible stop string
+        piece, matched = self._stops.push(self._detok.flush())
+        self._release(piece if matched else piece + self._stops.flush())
+        self.finish_reason = "stop" if matched else reason
+        return False
+
+    def cancel(self) -> None:
+        """Ends the sequence early (the client left, or the engine stops): nothing more is released."""
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
+    def result(self) -> DecodeResult:
+        return DecodeResult("".join(self._parts), self.finish_reason or "cancelled", self.count)
+
+
 def decode(
     forward: Callable[[torch.Tensor, Any], torch.Tensor],
     new_cache: Callable[[], Any],
@@ -151,60 +245,17 @@ def decode(
     on_text: Callable[[str], None] | None = None,
     device: torch.device | str = "cpu",
 ) -> DecodeResult:
-    """Runs prefill then one forward per token over a KV cache, until eos, a stop string, the limit or cancel.
+    """One sequence alone: prefill, then one forward per token over a KV cache, until it ends or `cancel` is set.
 
-    `forward(input_ids[1, T], cache)` returns the last position's logits [vocab]. The eos token counts as a
-    completion token (as vLLM counts it) but adds no text. `cancel` is checked before every step.
+    `forward(input_ids[1, T], cache)` returns the last position's logits [vocab]. The batched engine
+    (backends/batching.py) must give the same tokens as this loop: it is the reference the tests compare with.
     """
     device = torch.device(device)
-    generator = _make_generator(params, device)
-    stops = StopChecker(params.stop)
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
-    seen = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
-    track_seen = params.repetition_penalty != 1.0
-    parts: list[str] = []
-
-    def release(text: str) -> None:
-        if text:
-            parts.append(text)
-            if on_text is not None:
-                on_text(text)
-
+    sequence = SequenceDecoder(prompt_ids, params, eos_ids, detokenizer, on_text, device)
     cache = new_cache()
-    count, finish, stopped = 0, "length", False
     with torch.inference_mode():
         logits = forward(torch.tensor([list(prompt_ids)], dtype=torch.long, device=device), cache)
-        while True:
-            if cancel.is_set():
-                finish = "cancelled"
-                break
-            logits = logits.float()
-            if count < params.min_tokens and eos.numel():
-                logits[eos] = float("-inf")  # min_tokens: eos may not come yet
-            token = sample_next(logits, params, generator, seen if track_seen else None)
-            count += 1
-            if track_seen:
-                seen = torch.cat([seen, torch.tensor([token], device=device)])
-            if token in eos_ids and not params.ignore_eos:
-                finish = "stop"
-                break
-            piece = detokenizer.push(token)
-            if count <= params.min_tokens:
-                release(piece)  # like vLLM, stop strings count only once min_tokens are out
-                matched = False
-            else:
-                piece, matched = stops.push(piece)
-                release(piece)
-            if matched:
-                finish, stopped = "stop", True
-                break
-            if count >= params.max_new_tokens:
-                break
-            logits = forward(torch.tensor([[token]], dtype=torch.long, device=device), cache)
-    if not stopped:
-        # the detokenizer's held-back tail (an unfinished character) and text held for a possible stop string
-        piece, matched = stops.push(detokenizer.flush())
-        release(piece if matched else piece + stops.flush())
-        if matched and finish != "cancelled":
-            finish = "stop"
-    return DecodeResult("".join(parts), finish, count)
+        while not cancel.is_set() and sequence.push(logits):
+            logits = forward(torch.tensor([[sequence.token]], dtype=torch.long, device=device), cache)
+        sequence.cancel()  # a no-op unless `cancel` ended the loop
+    return sequence.result()

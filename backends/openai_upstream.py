@@ -11,6 +11,7 @@ import httpx
 import msgspec
 
 from backends.http1 import ConnectionPool
+from backends.supervisor import EngineSupervisor, launched_here
 from backends.transport import (
     AiohttpTransport,
     PoolTimeout,
@@ -29,7 +30,7 @@ from protocol.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from protocol.openai import GATEWAY_FIELDS, ChatCompletionRequest, ParsedRequest
+from protocol.openai import GATEWAY_FIELDS, ChatCompletionRequest, ParsedEmbeddings, ParsedRequest
 
 __all__ = ["OpenAIBackend", "Upstream", "open_transport", "translate_transport_error"]
 
@@ -202,10 +203,13 @@ class OpenAIBackend:
         self.upstreams = [Upstream(d, model) for d in deployments]
         self.deployments = [(u.base_url, d.weight) for u, d in zip(self.upstreams, deployments, strict=True)]
         self._polls_metrics = model.backend_kind == "vllm"
+        # `launch:`: the gateway runs the server itself (started by start(), stopped by aclose()), unless the
+        # parent of several workers runs it for them
+        self.supervisor = EngineSupervisor.for_model(model) if launched_here(model) else None
         sent, ours = model.sent_model, model.id
         self._rename = None if sent == ours else (_encode({"model": sent})[1:-1], _encode({"model": ours})[1:-1])
 
-    def _body(self, request: ParsedRequest) -> bytes:
+    def _body(self, request: ParsedRequest | ParsedEmbeddings) -> bytes:
         raw: dict[str, Any] = {k: v for k, v in request.raw.items() if k not in GATEWAY_FIELDS}
         raw["model"] = self.model.sent_model
         return _encode(raw)
@@ -231,13 +235,20 @@ class OpenAIBackend:
         return "/chat/completions" if isinstance(request.body, ChatCompletionRequest) else "/completions"
 
     async def start(self) -> None:
-        return None
+        """With `launch:`, start the engine and wait until it answers (raises EngineStartupError)."""
+        if self.supervisor is not None:
+            await self.supervisor.start()
 
     async def complete(self, request: ParsedRequest, deployment: int = 0,
                        headers: dict[str, str] | None = None) -> bytes:
-        upstream = self.upstreams[deployment]
-        path = self._path(request)
-        content = await upstream.post(path, self._body(request), headers)
+        if self.supervisor is not None:  # a lazy engine starts here; one that is down fails fast (503)
+            await self.supervisor.ensure()
+        return await self._post_object(self.upstreams[deployment], self._path(request), self._body(request), headers)
+
+    async def _post_object(self, upstream: Upstream, path: str, body: bytes,
+                           headers: dict[str, str] | None) -> bytes:
+        """POST and check that the answer is a JSON object, with our model name in it."""
+        content = await upstream.post(path, body, headers)
         try:
             if self._rename is not None:
                 return self._rewrite(content, check=True)
@@ -245,6 +256,14 @@ class OpenAIBackend:
             return content
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise _invalid(upstream.base_url + path, f"a body that is not a JSON object: {exc}") from exc
+
+    async def embeddings(self, request: ParsedEmbeddings, deployment: int = 0,
+                         headers: dict[str, str] | None = None) -> bytes:
+        """POST {base_url}/embeddings: the client's body (its encoding_format and dimensions included) with our
+        model name swapped for the upstream's, and the answer's swapped back; errors relayed as for chat."""
+        if self.supervisor is not None:  # a managed engine starts (or fails fast) as for chat
+            await self.supervisor.ensure()
+        return await self._post_object(self.upstreams[deployment], "/embeddings", self._body(request), headers)
 
     def stream(self, request: ParsedRequest, deployment: int = 0,
                headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
@@ -265,14 +284,30 @@ class OpenAIBackend:
                     raise _invalid(url, f"a stream chunk that is not a JSON object: {exc}") from exc
 
         # the upstream's own generator, rewriting inside it: no extra generator hop per chunk
-        return upstream.post_stream(path, self._body(request), headers, request.body.n, rewrite)
+        chunks = upstream.post_stream(path, self._body(request), headers, request.body.n, rewrite)
+        return chunks if self.supervisor is None else self._supervised(chunks)
+
+    async def _supervised(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """`chunks` once the managed engine is up (started on first use); EngineUnavailable while it is down."""
+        assert self.supervisor is not None
+        try:
+            await self.supervisor.ensure()
+        except BaseException:
+            await chunks.aclose()  # type: ignore[attr-defined]  # never started: closing it sends nothing
+            raise
+        async for chunk in chunks:
+            yield chunk
 
     async def health(self) -> bool:
+        if self.supervisor is not None and not self.supervisor.up:
+            return False
         results = await asyncio.gather(*(u.reachable() for u in self.upstreams))
         return any(results)
 
     async def probe(self, deployment: int) -> tuple[bool, VLLMLoad | None]:
         """An active health check of one deployment; for vLLM also its queue and KV-cache load."""
+        if self.supervisor is not None and not self.supervisor.up:
+            return False, None  # down or restarting: no probe needed to know
         upstream = self.upstreams[deployment]
         healthy = await upstream.reachable()
         if not (healthy and self._polls_metrics):
@@ -281,3 +316,5 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         await asyncio.gather(*(u.aclose() for u in self.upstreams))
+        if self.supervisor is not None:
+            await self.supervisor.stop()

@@ -1,4 +1,4 @@
-"""The `backend: transformers` engine: a local Hugging Face causal LM decoded token by token off the loop."""
+"""The `backend: transformers` engine: a local Hugging Face causal LM serving its requests as one running batch."""
 
 from __future__ import annotations
 
@@ -6,18 +6,16 @@ import asyncio
 import gc
 import os
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from backends.base import EngineStats
 from backends.engine_requests import Plan, check_request
-from backends.weights import resolve_source
 from config.schema import EnginesConfig, TransformersModel
 from protocol.errors import BadRequest, GatewayError, ServiceUnavailable
 from protocol.openai import (
@@ -35,7 +33,8 @@ from protocol.openai import (
 )
 
 if TYPE_CHECKING:  # torch loads only in the worker thread, so importing this module stays cheap
-    from backends.generation import DecodeResult, SamplingParams
+    from backends.batching import Group, Job, Scheduler
+    from backends.generation import DecodeResult, SamplingParams, SequenceDecoder
 
 __all__ = ["TransformersBackend"]
 
@@ -45,42 +44,23 @@ _encoder = msgspec.json.Encoder()
 # ---- the loaded model (used only from the worker thread) ------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Job:
-    index: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    echo: str
-
-
-Emit = Callable[[tuple[Any, ...] | None], None]
-
-
 class _Engine:
-    """Tokenizer + model; every method runs in the backend's single worker thread."""
+    """Tokenizer + model. `prepare` runs in the backend's worker thread; `prefill`, `decode` and `decoder` in
+    its scheduler's thread (the StepModel of backends/batching.py)."""
 
-    def __init__(self, cfg: TransformersModel) -> None:
-        # offline before transformers / huggingface_hub read their settings: weights come from disk only
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    def __init__(self, cfg: TransformersModel, engines: EnginesConfig) -> None:
         import inspect
 
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from backends.model_loader import load_model
 
         # process-wide: the last engine to load sets it
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-        location, gguf = resolve_source(cfg.source, cfg.gguf_file)
-        kwargs: dict[str, Any] = {"local_files_only": True}
-        if gguf:
-            kwargs["gguf_file"] = gguf
-        dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype, None)
-        if not (dtype == "auto" or isinstance(dtype, torch.dtype)):
-            raise ValueError(f"unknown dtype {cfg.dtype!r}")
         self.cfg = cfg
         self.device = torch.device(cfg.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        self.lm = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs).to(self.device).eval()
+        # validated, a GGUF converted once into engines.cache_dir, cast to cfg.dtype, quantized if asked
+        self.tokenizer, self.lm = load_model(cfg, engines)
         params = inspect.signature(self.lm.forward).parameters
         # transformers 5 renamed past_key_values -> cache and num_logits_to_keep -> logits_to_keep
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -91,7 +71,7 @@ class _Engine:
         self.window = cfg.context_window or getattr(config, "max_position_embeddings", None) or 2048
         self.vocab = self.lm.get_input_embeddings().num_embeddings
         self.eos_ids = self._eos_ids()
-        # forward passes so far (one per decoded token, plus prefills), live while a generation runs:
+        # forward passes so far (prefills and batched decode steps), live while generations run:
         # shows how soon an abandoned generation stopped
         self.forward_passes = 0
         gen = self.lm.generation_config
@@ -112,8 +92,10 @@ class _Engine:
 
     # ---- prompts
 
-    def prepare(self, plan: Plan) -> tuple[list[_Job], int]:
+    def prepare(self, plan: Plan) -> tuple[list[Job], int]:
         """Template/tokenize, check the context window, make one job per choice -> (jobs, prompt tokens)."""
+        from backends.batching import Job
+
         if plan.chat:
             prompts: list[list[int]] = [self._chat_ids(plan)]
             echoes = [""]
@@ -126,7 +108,7 @@ class _Engine:
             max_new = self._room(ids, plan, "messages" if plan.chat else "prompt")
             for j in range(plan.n):
                 index = p * plan.n + j
-                jobs.append(_Job(index, ids, self._sampling(plan, max_new, index), echo))
+                jobs.append(Job(index, ids, self._sampling(plan, max_new, index), echo))
         return jobs, sum(len(ids) for ids in prompts)
 
     def _chat_ids(self, plan: Plan) -> list[int]:
@@ -198,42 +180,44 @@ class _Engine:
             seed=None if plan.seed is None else plan.seed + index,  # n choices: seed, seed+1, ...
         )
 
-    # ---- generation
+    # ---- generation (the scheduler's thread)
 
-    def generate(self, jobs: list[_Job], cancel: threading.Event, emit: Emit | None) -> list[DecodeResult]:
-        """Runs the choices one after another; with `emit`, reports start/text/end events as it goes."""
-        from backends.generation import DecodeResult, IncrementalDetokenizer, decode
+    @cached_property
+    def batchable(self) -> bool:
+        """Whether sequences can share a left-padded cache: every layer a plain growing DynamicLayer."""
+        from transformers.cache_utils import DynamicLayer
 
-        results: list[DecodeResult] = []
-        for job in jobs:
-            if cancel.is_set():  # the client left while this request waited in the queue
-                results.append(DecodeResult("", "cancelled", 0))
-                break
-            if emit:
-                emit(("start", job.index, job.echo))
-            on_text = (lambda text, i=job.index: emit(("text", i, text))) if emit else None
-            result = decode(
-                self._forward,
-                self._new_cache,
-                job.prompt_ids,
-                job.params,
-                self.eos_ids,
-                IncrementalDetokenizer(self.tokenizer),
-                cancel,
-                on_text,
-                self.device,
-            )
-            results.append(result)
-            if result.finish_reason == "cancelled":
-                break
-            if emit:
-                emit(("end", job.index, result.finish_reason))
-        return results
+        layers = getattr(self._new_cache(), "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
-    def _forward(self, input_ids: Any, cache: Any) -> Any:
+    def prefill(self, prompts: list[list[int]]) -> tuple[Any, Any, Any]:
+        import torch
+
         self.forward_passes += 1
-        out = self.lm(input_ids=input_ids, use_cache=True, **{self._cache_kw: cache}, **self._keep)
-        return out.logits[0, -1]
+        cache = self._new_cache()
+        width = max(len(p) for p in prompts)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=self.device)
+        padded: dict[str, Any] = {}
+        if not bool(mask.all()):  # left padding: masked, and positions that start at each prompt's first token
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            padded = {"attention_mask": mask.to(self.device), "position_ids": positions.to(self.device)}
+        out = self.lm(input_ids=ids, use_cache=True, **padded, **{self._cache_kw: cache}, **self._keep)
+        return cache, mask, out.logits[:, -1]
+
+    def decode(self, cache: Any, tokens: Any, mask: Any, positions: Any) -> Any:
+        self.forward_passes += 1
+        device = self.device
+        # explicit positions and mask: a row's position is its own length, whatever padding sits to its left
+        out = self.lm(input_ids=tokens[:, None].to(device), attention_mask=mask.to(device),
+                      position_ids=positions[:, None].to(device), use_cache=True, **{self._cache_kw: cache})
+        return out.logits[:, -1]
+
+    def decoder(self, job: Job, on_text: Callable[[str], None] | None) -> SequenceDecoder:
+        from backends.generation import IncrementalDetokenizer, SequenceDecoder
+
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        return SequenceDecoder(job.prompt_ids, job.params, self.eos_ids, detokenizer, on_text, self.device)
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -296,25 +280,38 @@ def _usage(prompt_tokens: int, results: list[DecodeResult]) -> Usage:
 
 
 def _consume(future: asyncio.Future) -> None:
-    # a stream closed early never awaits its generation future; retrieve its outcome so nothing is logged
+    # a load nobody awaits any more; retrieve its outcome so nothing is logged
     if not future.cancelled():
         future.exception()
 
 
-class TransformersBackend:
-    """A local model behind one worker thread: requests queue in order, one at a time.
+def _threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the event loop is gone: nobody is listening
+        pass
 
-    Batching several requests into one forward pass is a later step; until then the single worker keeps
-    torch's threads busy with one sequence and the event loop free.
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class TransformersBackend:
+    """A local model: a worker thread tokenizes, a scheduler thread decodes all running requests as one batch.
+
+    Concurrent requests share forward passes (backends/batching.py): each joins the running batch at the next
+    step boundary and leaves it when it ends or its client goes. Beyond `max_concurrency` sequences and
+    `max_queue` waiting requests, a request gets EngineOverloaded (429) at once.
     """
 
     def __init__(self, model: TransformersModel, engines: EnginesConfig | None = None) -> None:
         self.model = model
         self.engines = engines or EnginesConfig()
         self._engine: _Engine | None = None
+        self._scheduler: Scheduler | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loading: asyncio.Task[None] | None = None
-        self._active: set[threading.Event] = set()
         self._closed = False
 
     # ---- lifecycle
@@ -339,30 +336,45 @@ class TransformersBackend:
     async def _load(self, executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
         try:
-            engine = await loop.run_in_executor(executor, _Engine, self.model)
+            engine, scheduler = await loop.run_in_executor(executor, self._boot)
         except BaseException:
             executor.shutdown(wait=False)
             if self._executor is executor:
                 self._executor = None
             raise
         if self._executor is executor:  # not closed meanwhile
-            self._engine = engine
+            self._engine, self._scheduler = engine, scheduler
+        else:
+            await asyncio.to_thread(scheduler.close)
+
+    def _boot(self) -> tuple[_Engine, Scheduler]:
+        from backends.batching import Scheduler
+
+        engine = _Engine(self.model, self.engines)
+        scheduler = Scheduler(engine, self.model.max_concurrency, self.model.max_queue, name=f"engine-{self.model.id}")
+        return engine, scheduler
 
     async def health(self) -> bool:
         return self._engine is not None
 
     def stats(self) -> EngineStats:
-        """The live load: the single worker runs one request at a time, the others wait behind it."""
-        running = min(1, len(self._active))
-        return EngineStats(running=running, waiting=len(self._active) - running, kv_cache_usage=float(running))
+        """The live load: sequences in the running batch, requests queued, slots in use, measured tokens/s."""
+        scheduler = self._scheduler
+        if scheduler is None:
+            return EngineStats(running=0, waiting=0, kv_cache_usage=0.0)
+        running = scheduler.running
+        return EngineStats(running=running, waiting=scheduler.waiting,
+                           kv_cache_usage=min(1.0, running / scheduler.max_concurrency),
+                           tokens_per_s=scheduler.tokens_per_s)
 
     async def aclose(self) -> None:
-        """Stop in-flight generations (within one token), stop the worker, and drop the weights."""
+        """Stop in-flight generations (within one step), stop the threads, and drop the weights."""
         self._closed = True
-        for cancel in list(self._active):
-            cancel.set()
         executor, self._executor = self._executor, None
+        scheduler, self._scheduler = self._scheduler, None
         self._loading, self._engine = None, None
+        if scheduler is not None:
+            await asyncio.to_thread(scheduler.close)  # what still runs or waits ends as cancelled
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
         gc.collect()
@@ -370,26 +382,19 @@ class TransformersBackend:
         if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the freed weights' memory back to the driver
 
-    async def _ready(self) -> _Engine:
+    def _shut(self) -> ServiceUnavailable:
+        return ServiceUnavailable(f"Model '{self.model.id}' is shut down.")
+
+    async def _ready(self) -> tuple[_Engine, Scheduler]:
         if self._closed:
-            raise ServiceUnavailable(f"Model '{self.model.id}' is shut down.")
+            raise self._shut()
         try:
             await self.start()
         except Exception as exc:
             raise ServiceUnavailable(f"Model '{self.model.id}' failed to load: {exc}") from exc
-        if self._engine is None:
-            raise ServiceUnavailable(f"Model '{self.model.id}' is shut down.")
-        return self._engine
-
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
-        """Queue `fn` on the worker thread (FIFO behind whatever runs now)."""
-        shut = ServiceUnavailable(f"Model '{self.model.id}' is shut down.")
-        if self._executor is None:
-            raise shut
-        try:
-            return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        except RuntimeError:  # shut down under us
-            raise shut from None
+        if self._engine is None or self._scheduler is None:
+            raise self._shut()
+        return self._engine, self._scheduler
 
     async def _outcome(self, future: asyncio.Future) -> Any:
         # the contract says backends raise GatewayErrors: a torch/tokenizer failure becomes a 500
@@ -400,30 +405,66 @@ class TransformersBackend:
         except Exception as exc:
             raise GatewayError(f"Model '{self.model.id}' failed: {exc}") from exc
 
-    async def _prepare(self, request: ParsedRequest) -> tuple[Plan, _Engine, list[_Job], int]:
+    async def _prepare(self, request: ParsedRequest) -> tuple[Plan, Scheduler, list[Job], int]:
         plan = check_request(request)  # 400s come before waiting for the model
-        engine = await self._ready()
-        jobs, prompt_tokens = await self._outcome(self._submit(engine.prepare, plan))
-        return plan, engine, jobs, prompt_tokens
+        engine, scheduler = await self._ready()
+        # a full engine refuses before tokenizing: a flood of 429s costs the worker nothing
+        scheduler.check(plan.n * (1 if plan.chat else len(plan.prompts)))
+        executor = self._executor
+        if executor is None:
+            raise self._shut()
+        try:
+            future = asyncio.get_running_loop().run_in_executor(executor, engine.prepare, plan)
+        except RuntimeError:  # shut down under us
+            raise self._shut() from None
+        jobs, prompt_tokens = await self._outcome(future)
+        return plan, scheduler, jobs, prompt_tokens
 
-    def _check_finished(self, results: list[DecodeResult]) -> None:
+    def _begin(self, scheduler: Scheduler, jobs: list[Job],
+               queue: asyncio.Queue[tuple[str, int, Any] | None] | None) -> tuple[Group, asyncio.Future[None]]:
+        """Hand the jobs to the scheduler; the future resolves when all have ended (events go to `queue`)."""
+        from backends.batching import Group  # loaded with the engine
+
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def on_done() -> None:  # the scheduler's thread
+            if queue is not None:
+                _threadsafe(loop, queue.put_nowait, None)
+            _threadsafe(loop, _resolve, done)
+
+        on_event = None
+        if queue is not None:
+            def on_event(kind: str, index: int, value: Any) -> None:
+                _threadsafe(loop, queue.put_nowait, (kind, index, value))
+
+        group = Group(jobs, on_event, on_done)
+        try:
+            scheduler.submit(group)  # EngineOverloaded when the batch and the queue are full
+        except RuntimeError:  # closed under us
+            raise self._shut() from None
+        return group, done
+
+    def _results(self, group: Group) -> list[DecodeResult]:
+        if group.error is not None:
+            raise GatewayError(f"Model '{self.model.id}' failed: {group.error}") from group.error
+        results = group.ordered_results()
         if any(r.finish_reason == "cancelled" for r in results):
             raise ServiceUnavailable(f"Model '{self.model.id}' shut down during generation.")
+        return results
 
     # ---- requests
 
     async def complete(self, request: ParsedRequest, deployment: int = 0,
                        headers: dict[str, str] | None = None) -> bytes:
-        plan, engine, jobs, prompt_tokens = await self._prepare(request)
-        cancel = threading.Event()
-        future = self._submit(engine.generate, jobs, cancel, None)
-        self._active.add(cancel)
+        plan, scheduler, jobs, prompt_tokens = await self._prepare(request)
+        group, done = self._begin(scheduler, jobs, None)
         try:
-            results = await self._outcome(future)
+            await done
         finally:
-            cancel.set()  # the client left (CancelledError): the worker stops within one token
-            self._active.discard(cancel)
-        self._check_finished(results)
+            if group.left:  # the client left (CancelledError): its sequences leave the batch
+                scheduler.cancel(group)
+        results = self._results(group)
         usage = _usage(prompt_tokens, results)
         head = {"created": int(time.time()), "model": self.model.id, "usage": usage}
         if plan.chat:
@@ -440,38 +481,20 @@ class TransformersBackend:
 
     async def stream(self, request: ParsedRequest, deployment: int = 0,
                      headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
-        # everything that can fail with a 400 happens before the first chunk
-        plan, engine, jobs, prompt_tokens = await self._prepare(request)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
-        cancel = threading.Event()
-
-        def emit(event: tuple[Any, ...] | None) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the event loop is gone: nobody is listening
-                cancel.set()
-
-        def work() -> list[DecodeResult]:
-            try:
-                return engine.generate(jobs, cancel, emit)
-            finally:
-                emit(None)
-
+        # everything that can fail with a 400 (or a 429) happens before the first chunk
+        plan, scheduler, jobs, prompt_tokens = await self._prepare(request)
+        queue: asyncio.Queue[tuple[str, int, Any] | None] = asyncio.Queue()
+        group, _ = self._begin(scheduler, jobs, queue)
         chunks = _Chunks(plan.chat, self.model.id, plan.include_usage)
-        future = self._submit(work)
-        future.add_done_callback(_consume)
-        self._active.add(cancel)
         try:
             while (event := await queue.get()) is not None:
                 kind, index, value = event
                 chunk = getattr(chunks, kind)(index, value)
                 if chunk is not None:
                     yield chunk
-            results = await self._outcome(future)
-            self._check_finished(results)
+            results = self._results(group)
             if plan.include_usage:
                 yield chunks.usage(_usage(prompt_tokens, results))
         finally:
-            cancel.set()  # the consumer stopped iterating (client gone): the worker stops within one token
-            self._active.discard(cancel)
+            if group.left:  # the consumer stopped iterating (client gone): its sequences leave the batch
+                scheduler.cancel(group)

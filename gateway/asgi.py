@@ -16,4 +16,5 @@ __all__ = ["make_app"]
 def make_app() -> Litestar:
     level = os.environ.get("POINTSMAN_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    return create_app(load_config(os.environ.get("POINTSMAN_CONFIG") or None))
+    path = os.environ.get("POINTSMAN_CONFIG") or None
+    return create_app(load_config(path), reload_from=lambda: load_config(path))

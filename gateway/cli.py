@@ -1,4 +1,5 @@
-"""The `pointsman` command: `serve` the gateway (uvicorn, httptools, uvloop) and `check-config` a file."""
+"""The `pointsman` command: `serve` the gateway (uvicorn, httptools, uvloop), serve one model alone as an
+`engine`, and `check-config` a file."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from typing import Any
 
 from config.loader import ConfigError, load_config
 from config.schema import Config
@@ -33,6 +36,18 @@ def _load(path: str | None) -> Config:
     except ConfigError as exc:
         print(f"pointsman: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _refuse_open_bind(host: str, config: Config) -> bool:
+    """True (after saying why) when `host` is reachable from the network and no API key protects it."""
+    if _is_loopback(host) or config.auth.api_keys:
+        return False
+    print(
+        f"pointsman: refusing to bind {host} with no auth.api_keys: anyone on the network could use it. "
+        "Set auth.api_keys (e.g. api_keys: [\"${POINTSMAN_KEY}\"]) or bind 127.0.0.1.",
+        file=sys.stderr,
+    )
+    return True
 
 
 def _announce_when_ready(url: str, config: Config, stop: threading.Event) -> None:
@@ -62,12 +77,7 @@ def serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     workers = args.workers or config.server.workers
-    if not _is_loopback(host) and not config.auth.api_keys:
-        print(
-            f"pointsman: refusing to bind {host} with no auth.api_keys: anyone on the network could use it. "
-            "Set auth.api_keys (e.g. api_keys: [\"${POINTSMAN_KEY}\"]) or bind 127.0.0.1.",
-            file=sys.stderr,
-        )
+    if _refuse_open_bind(host, config):
         return 2
 
     if config.storage.database_url:
@@ -85,6 +95,7 @@ def serve(args: argparse.Namespace) -> int:
             return 2
     # workers import gateway.asgi:make_app, which reads the same file
     os.environ["POINTSMAN_CONFIG"] = os.path.abspath(path) if path else ""
+    engines = _engines_for_workers(config, workers)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     stop = threading.Event()
     threading.Thread(target=_announce_when_ready, args=(url, config, stop), daemon=True).start()
@@ -92,11 +103,65 @@ def serve(args: argparse.Namespace) -> int:
         run_server(config, host, port, workers)
     finally:
         stop.set()
+        if engines is not None:
+            engines.stop()
     return 0
 
 
-def run_server(config: Config, host: str, port: int, workers: int, app: str = "gateway.asgi:make_app") -> None:
-    """Serve `app` (an ASGI app factory, imported by each worker) until SIGINT/SIGTERM, then drain."""
+def _engines_for_workers(config: Config, workers: int) -> Any:
+    """With several workers, the `launch:` engines run once, here in the parent (one per worker would fight
+    over the port); the workers reach them as plain upstreams. None when there is nothing to run here."""
+    launched = [m for m in config.models if getattr(m, "launch", None) is not None]
+    if workers <= 1 or not launched:
+        return None
+    import logging
+
+    from backends.supervisor import ENGINES_IN_PARENT, EngineHost
+
+    logging.basicConfig(level=os.environ.get("POINTSMAN_LOG_LEVEL", "INFO").upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ[ENGINES_IN_PARENT] = "1"
+    host = EngineHost(launched)
+    host.start()
+    return host
+
+
+def engine(args: argparse.Namespace) -> int:
+    """One model of the config (the built-in one without --config) as an OpenAI-compatible server with vLLM's
+    load gauges on /metrics: what a gateway's `launch:` runs, so several workers share one loaded model."""
+    from gateway.engine_server import create_engine_app, engine_config, find_model
+
+    config = _load(args.config)  # not POINTSMAN_CONFIG: a launched engine inherits the gateway's environment
+    model = find_model(config, args.model)
+    if model is None:
+        print(f"pointsman: no model {args.model!r} in the config; it has: {', '.join(m.id for m in config.models)}",
+              file=sys.stderr)
+        return 2
+    config = engine_config(config, model, args.host, args.port)
+    if _refuse_open_bind(args.host, config):
+        return 2
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+
+    def make_app() -> Any:  # one worker: a callable factory, no import string (and no POINTSMAN_CONFIG) needed
+        import logging
+
+        logging.basicConfig(level=os.environ.get("POINTSMAN_LOG_LEVEL", "INFO").upper(),
+                            format="%(levelname)s %(name)s: %(message)s")
+        return create_engine_app(config)
+
+    stop = threading.Event()
+    threading.Thread(target=_announce_when_ready, args=(url, config, stop), daemon=True).start()
+    try:
+        run_server(config, args.host, args.port, 1, app=make_app)
+    finally:
+        stop.set()
+    return 0
+
+
+def run_server(config: Config, host: str, port: int, workers: int,
+               app: str | Callable[[], Any] = "gateway.asgi:make_app") -> None:
+    """Serve `app` (an ASGI app factory: an import string each worker imports, or with one worker a callable)
+    until SIGINT/SIGTERM, then drain."""
     import uvicorn
 
     from gateway.server import http_protocol
@@ -140,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--port", type=int)
     run.add_argument("--workers", type=int)
     run.set_defaults(func=serve)
+    one = commands.add_parser("engine", help="serve one model of the config alone, with /metrics (what launch: runs)")
+    one.add_argument("--model", required=True, help="the model's id or alias")
+    one.add_argument("--config", help="YAML config file; default: the built-in config")
+    one.add_argument("--host", default="127.0.0.1")
+    one.add_argument("--port", type=int, required=True)
+    one.set_defaults(func=engine)
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
     check.set_defaults(func=check_config)

@@ -9,13 +9,24 @@ from typing import Any
 import msgspec
 from litestar.openapi.spec import Components, OpenAPIMediaType, OpenAPIResponse, Operation, RequestBody
 
-from protocol.openai import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse
+from protocol.openai import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    CreateEmbeddingResponse,
+    EmbeddingRequest,
+    ErrorResponse,
+)
 
-__all__ = ["CHAT", "CHAT_OK", "COMPLETION", "COMPLETION_OK", "ROUTE", "add_schemas", "documented"]
+__all__ = ["CHAT", "CHAT_OK", "COMPLETION", "COMPLETION_OK", "EMBEDDINGS", "EMBEDDINGS_ERRORS", "EMBEDDINGS_OK",
+           "ROUTE", "add_schemas", "documented"]
 
 _REF = "#/components/schemas/{name}"
 CHAT = {"$ref": _REF.format(name="ChatCompletionRequest")}
 COMPLETION = {"$ref": _REF.format(name="CompletionRequest")}
+EMBEDDINGS = {"$ref": _REF.format(name="EmbeddingRequest")}
+EMBEDDINGS_OK = {"application/json": {"$ref": _REF.format(name="CreateEmbeddingResponse")}}
 # /v1/route and /models/recommend: a chat request, or just a prompt (model defaults to auto)
 ROUTE = {"anyOf": [CHAT, {"type": "object", "required": ["prompt"],
                           "properties": {"prompt": {"type": "string"}, "model": {"type": "string"}}}]}
@@ -36,13 +47,15 @@ _WHY = {
 }
 GENERATE_ERRORS = (400, 401, 404, 429, 500, 502, 503, 504)
 ROUTE_ERRORS = (400, 401, 404, 500, 503)
+EMBEDDINGS_ERRORS = (400, 401, 404, 429, 500, 502, 503, 504)
 
 
 def add_schemas(components: Components) -> None:
     """Add the JSON Schemas of the request and response Structs and of the error body, as msgspec makes them,
     to the document Litestar built (which replaces the config's components with its own while building)."""
     _, schemas = msgspec.json.schema_components(
-        [ChatCompletionRequest, CompletionRequest, ChatCompletion, Completion, ErrorResponse], ref_template=_REF
+        [ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ChatCompletion, Completion,
+         CreateEmbeddingResponse, ErrorResponse], ref_template=_REF
     )
     components.schemas.update(schemas)
 

@@ -3,6 +3,7 @@ admit -> decide -> approve -> execute (retries, fallbacks) -> settle, carried by
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +25,7 @@ from routing.router import Attempt, Decision
 __all__ = ["Pipeline", "Served", "StreamStart"]
 
 log = logging.getLogger("pointsman")
+_INLINE_SCAN_BYTES = 64 * 1024  # larger bodies are read for their usage in a thread, off the event loop
 T = TypeVar("T")
 
 
@@ -112,6 +114,20 @@ class Pipeline:
             await self.settle(ctx, _outcome_of(exc))
             raise
 
+    async def embed(self, ctx: RequestContext) -> Served:
+        """An embeddings request (ctx.request is a ParsedEmbeddings): decide, then the same retries, fallbacks,
+        leases and breakers as a completion. Policies do not run: each reads a chat or completion request."""
+        request = ctx.request
+        decision = ctx.decision = self.gateway.decide_embeddings(request)  # type: ignore[arg-type]
+        attempt, lease, relayed, body = await self._first_success(
+            ctx, decision, lambda backend, index, headers: backend.embeddings(request, index, headers)  # type: ignore[attr-defined]
+        )
+        # the usage sits after every vector: reading it means scanning them all (~15 MB for 2048 float answers)
+        prompt_tokens, _ = _usage(body) if len(body) <= _INLINE_SCAN_BYTES else await asyncio.to_thread(_usage, body)
+        lease.ok()
+        ctx.record_usage(attempt.model, prompt_tokens, None)
+        return Served(body, route_headers(ctx, attempt, decision, relayed))
+
     async def stream(self, ctx: RequestContext) -> StreamStart | Reply:
         """Open the stream and wait for its first payload, so failures until then can still be retried."""
         request = ctx.request
@@ -152,7 +168,9 @@ class Pipeline:
         gateway = self.gateway
         last: GatewayError | None = None
         for attempt in decision.attempts:
-            backend, pool = gateway.backends[attempt.model.id], gateway.pools[attempt.model.id]
+            backend, pool = gateway.backends.get(attempt.model.id), gateway.pools.get(attempt.model.id)
+            if backend is None or pool is None:
+                continue  # removed by a config reload since the decision
             for index in pool.attempts(gateway.rng):
                 if ctx.deadline is not None and time.monotonic() >= ctx.deadline:
                     raise last or gateway.nothing_to_try(decision)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 __all__ = [
     "AuthenticationError",
     "BadRequest",
     "BudgetExceeded",
+    "EngineOverloaded",
     "GatewayError",
+    "InsufficientMemory",
     "ModelNotFound",
     "NotFound",
     "RateLimited",
@@ -146,3 +150,22 @@ class BudgetExceeded(GatewayError):
     status = 429
     type = "insufficient_quota"
     code = "budget_exceeded"
+
+
+class EngineOverloaded(GatewayError):
+    """A local engine's running batch and its queue are both full: 429 with `retry-after`, nothing was started."""
+
+    status = 429
+    type = "api_error"
+    code = "engine_overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.headers = {"retry-after": str(max(1, math.ceil(retry_after_s)))}
+
+
+class InsufficientMemory(UpstreamError):
+    """A local model cannot be loaded within `engines.memory_budget_gb`: 503, and a fallback chain moves on."""
+
+    status = 503
+    code = "insufficient_memory"

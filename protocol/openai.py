@@ -1,10 +1,10 @@
-"""OpenAI protocol Structs (chat completions, completions, models, errors) and request decoding."""
+"""OpenAI protocol Structs (chat completions, completions, embeddings, models, errors) and request decoding."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -20,19 +20,26 @@ __all__ = [
     "Choice",
     "ChunkChoice",
     "ChunkView",
+    "CreateEmbeddingResponse",
     "Completion",
     "CompletionChoice",
     "CompletionRequest",
     "Delta",
+    "Embedding",
+    "EmbeddingRequest",
+    "EmbeddingUsage",
     "ErrorObject",
     "ErrorResponse",
+    "MAX_EMBEDDING_INPUTS",
     "Message",
     "ModelCard",
     "ModelList",
+    "ParsedEmbeddings",
     "ParsedRequest",
     "RouteRequirements",
     "StreamOptions",
     "Usage",
+    "decode_embedding_request",
     "decode_object",
     "decode_request",
     "chunk_view",
@@ -47,6 +54,7 @@ Temperature = Annotated[float, Meta(ge=0, le=2)]
 Probability = Annotated[float, Meta(ge=0, le=1)]
 Penalty = Annotated[float, Meta(ge=-2, le=2)]
 PositiveInt = Annotated[int, Meta(ge=1)]
+T = TypeVar("T")
 
 
 # ---- requests -------------------------------------------------------------------------------------------
@@ -170,8 +178,13 @@ def decode_request(data: bytes | dict[str, Any], kind: type[ChatCompletionReques
                    ) -> ParsedRequest:
     """Decode and validate a request body; errors become 400 with `param` naming the field."""
     raw = decode_object(data) if isinstance(data, bytes) else data
+    return ParsedRequest(_convert(raw, kind), raw)
+
+
+def _convert(raw: dict[str, Any], kind: type[T]) -> T:
+    """`raw` as the Struct `kind`; errors become 400 with `param` naming the field."""
     try:
-        body = msgspec.convert(raw, kind)
+        return msgspec.convert(raw, kind)
     except RecursionError:
         raise BadRequest("Invalid JSON body: nested too deeply.", code="invalid_json") from None
     except msgspec.ValidationError as exc:
@@ -182,7 +195,64 @@ def decode_request(data: bytes | dict[str, Any], kind: type[ChatCompletionReques
         if not sep and missing in message:
             param = message.split(missing, 1)[1].rstrip("`")
         raise BadRequest(f"Invalid value for '{param}': {problem}" if sep else message, param=param) from None
-    return ParsedRequest(body, raw)
+
+
+# ---- embeddings -----------------------------------------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's cap on the items of one request
+
+
+class EmbeddingRequest(Struct, kw_only=True):
+    """POST /v1/embeddings. `input`: a string, a list of strings, a list of token ids, or a list of such lists."""
+
+    input: str | list[str | int | list[int]]
+    model: NonEmpty
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: PositiveInt | None = None
+    user: str | None = None
+
+
+class ParsedEmbeddings(Struct):
+    """A validated embeddings request, its raw body (what upstreams receive, but for `model`) and its inputs as
+    one list: strings, or token-id lists."""
+
+    body: EmbeddingRequest
+    raw: dict[str, Any]
+    inputs: list[str] | list[list[int]]
+
+
+def decode_embedding_request(data: bytes) -> ParsedEmbeddings:
+    """Decode and validate an embeddings request: OpenAI's rules (no empty input, at most 2048 items, one kind
+    of item per request) checked here, before any model or upstream is asked."""
+    raw = decode_object(data)
+    body = _convert(raw, EmbeddingRequest)
+    return ParsedEmbeddings(body, raw, _embedding_inputs(body.input))
+
+
+def _embedding_inputs(value: str | list[str | int | list[int]]) -> list[str] | list[list[int]]:
+    if isinstance(value, str):
+        value = [value]
+    if not value:
+        raise BadRequest("'input' must not be an empty list.", param="input")
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        raise BadRequest(f"'input' holds {len(value)} items, more than the {MAX_EMBEDDING_INPUTS} allowed.",
+                         param="input")
+    first = value[0]
+    if isinstance(first, int):  # one list of token ids: a single input
+        if not all(type(v) is int for v in value):
+            raise BadRequest("'input' mixes token ids with other items.", param="input")
+        value = [value]  # type: ignore[list-item]
+    kind = type(value[0])
+    for i, item in enumerate(value):
+        if type(item) is not kind:
+            raise BadRequest(f"'input[{i}]': every item must be of one kind (strings, or token-id lists).",
+                             param="input")
+        if not item:
+            raise BadRequest(f"'input[{i}]' is empty: embeddings need at least one character or token.",
+                             param="input")
+        if kind is list and any(t < 0 for t in item):  # type: ignore[union-attr]
+            raise BadRequest(f"'input[{i}]' holds a negative token id.", param="input")
+    return value  # type: ignore[return-value]
 
 
 def message_text(content: str | list[dict[str, Any]] | None) -> str:
@@ -270,6 +340,25 @@ class Completion(Struct, kw_only=True):
     object: str = "text_completion"
 
 
+class Embedding(Struct, kw_only=True):
+    index: int
+    # floats, or with encoding_format base64 the little-endian float32 bytes, base64-encoded
+    embedding: list[float] | str
+    object: Literal["embedding"] = "embedding"
+
+
+class EmbeddingUsage(Struct, kw_only=True):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class CreateEmbeddingResponse(Struct, kw_only=True):
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+    object: Literal["list"] = "list"
+
+
 class ErrorObject(Struct, kw_only=True):
     message: str
     type: str
@@ -288,6 +377,8 @@ class ModelCard(Struct, kw_only=True):
     owned_by: str
     created: int = msgspec.field(default_factory=lambda: int(time.time()))
     object: str = "model"
+    # the gateway's own view (status, backend, aliases, load): an extra field OpenAI clients ignore
+    pointsman: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ModelList(Struct, kw_only=True):

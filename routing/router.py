@@ -6,7 +6,8 @@ import fnmatch
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from config.schema import Config, ModelConfig
+from config.schema import Config, EmbeddingModel, ModelConfig
+from protocol.errors import BadRequest
 from protocol.openai import ChatCompletionRequest, ParsedRequest, message_text
 from routing.classifier import PromptAnalysis
 from routing.live import ModelLive
@@ -82,10 +83,13 @@ def rough_prompt_tokens(request: ParsedRequest) -> int:
 
 
 def auto_excluded(config: Config) -> dict[str, str]:
-    """Models automatic selection may not choose, with the reason: `auto: false`, or outside routing.auto_pool."""
+    """Models automatic selection may not choose, with the reason: an embeddings model, `auto: false`, or outside
+    routing.auto_pool."""
     excluded = {}
     for model in config.models:
-        if not model.auto:
+        if isinstance(model, EmbeddingModel):
+            excluded[model.id] = "an embeddings model: it serves /v1/embeddings only"
+        elif not model.auto:
             excluded[model.id] = "excluded from automatic selection (auto: false)"
         elif not any(fnmatch.fnmatchcase(model.id, p) for p in config.routing.auto_pool):
             excluded[model.id] = "not in routing.auto_pool"
@@ -127,6 +131,9 @@ class Router:
             label = "fallback" if position else ("manual" if element.model is not None else "auto")
             if element.model is not None:
                 model = element.model
+                if isinstance(model, EmbeddingModel):
+                    raise BadRequest(f"The model '{model.id}' is an embeddings model: use POST /v1/embeddings, or "
+                                     "name a chat model.", param="model", code="model_not_supported")
                 window = model.context_window
                 if window is not None:
                     need = need or self._need(request, analysis)

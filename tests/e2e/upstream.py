@@ -9,13 +9,18 @@ to about N bytes, `garbage` answers 200 with a body that is not JSON, `nodone` e
 A directive written `status:503@model-a` applies only on the upstream started with `--name model-a`.
 A request with `continue_final_message` and a final assistant message streams the rest of the echo after it.
 Non-streaming answers carry `x_received` (the body and Authorization header it got) for pass-through checks.
+POST /v1/embeddings answers a vector per input made from the text's sha256 (`dimensions` long, default 8), as
+floats or base64 float32 as asked; a `status:N` directive in an input answers that HTTP error.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import json
+import struct
 import time
 
 from aiohttp import web
@@ -117,6 +122,32 @@ class Upstream:
                   "usage": usage, "x_received": {"body": body, "authorization": request.headers.get("authorization")}}
         return web.json_response(answer, headers={"x-ratelimit-remaining-requests": "99"})
 
+    async def embeddings(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        body = await request.json()
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)) else inputs
+        for item in inputs:
+            if isinstance(item, str) and (status := _directive(item, "status", self.name)) is not None:
+                error = {"message": f"mock error {status}", "type": "mock_error", "param": None,
+                         "code": f"mock_{status}"}
+                return web.json_response({"error": error}, status=int(status), headers={"Retry-After": "7"})
+        dims = int(body.get("dimensions") or 8)
+        data = []
+        for index, item in enumerate(inputs):
+            digest = hashlib.sha256(json.dumps(item).encode()).digest()
+            vector = [digest[i % len(digest)] / 255 - 0.5 for i in range(dims)]
+            if body.get("encoding_format") == "base64":
+                embedding = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+            else:
+                embedding = vector
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = sum(len(i.split()) if isinstance(i, str) else len(i) for i in inputs)
+        answer = {"object": "list", "data": data, "model": body.get("model", self.name),
+                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                  "x_received": {"body": body, "authorization": request.headers.get("authorization")}}
+        return web.json_response(answer, headers={"x-ratelimit-remaining-requests": "99"})
+
     async def _stream(self, request, body, chat, text, model, usage, created, prompt) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream",
                                                "x-ratelimit-remaining-requests": "99"})
@@ -168,6 +199,7 @@ def make_app(name: str = "mock-model") -> web.Application:
     app.router.add_get("/stats", upstream.stats)
     app.router.add_post("/v1/chat/completions", upstream.generate)
     app.router.add_post("/v1/completions", upstream.generate)
+    app.router.add_post("/v1/embeddings", upstream.embeddings)
     return app
 
 
