@@ -22,6 +22,7 @@ class EngineStats:
     waiting: int  # requests queued for a place in it
     kv_cache_usage: float  # 0..1: the share of the engine's sequence slots (or KV-cache budget) in use
     tokens_per_s: float | None = None  # measured aggregate decode rate, None until measured
+    queue_wait_s: float | None = None  # recent time from arrival to a place in the batch (EWMA), None until measured
 
 
 @runtime_checkable

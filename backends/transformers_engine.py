@@ -365,7 +365,7 @@ class TransformersBackend:
         running = scheduler.running
         return EngineStats(running=running, waiting=scheduler.waiting,
                            kv_cache_usage=min(1.0, running / scheduler.max_concurrency),
-                           tokens_per_s=scheduler.tokens_per_s)
+                           tokens_per_s=scheduler.tokens_per_s, queue_wait_s=scheduler.queue_wait_s)
 
     async def aclose(self) -> None:
         """Stop in-flight generations (within one step), stop the threads, and drop the weights."""

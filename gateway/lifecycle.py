@@ -84,6 +84,7 @@ class ManagedBackend:
             "running": figures.running if figures else 0,
             "queue_length": figures.waiting if figures else 0,
             "tokens_per_s": figures.tokens_per_s if figures else None,
+            "queue_wait_s": figures.queue_wait_s if figures else None,
             "load_s": None if self.load_s is None else round(self.load_s, 3),
             "error": self.error,
         }

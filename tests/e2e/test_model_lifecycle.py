@@ -61,7 +61,7 @@ def test_loading_a_model_that_does_not_fit_evicts_the_least_recently_used_idle_o
         assert card["object"] == "model" and card["owned_by"] == "pointsman"
         about = card["pointsman"]
         assert about["backend"] == "transformers" and about["memory_estimate_bytes"] > 0
-        assert about["load_s"] is not None and about["queue_length"] == 0
+        assert about["load_s"] is not None and about["queue_length"] == 0 and about["queue_wait_s"] is not None
     finally:
         gateway.stop()
 
