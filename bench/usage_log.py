@@ -8,8 +8,11 @@ import gc
 import sys
 import tempfile
 import time
+import types
 import uuid
+from collections.abc import Coroutine, Generator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
@@ -18,7 +21,7 @@ import sqlalchemy as sa  # noqa: E402
 from report import stamp, write_section  # noqa: E402
 
 from policies.database import migrate, open_engine  # noqa: E402
-from policies.usage_log import UsageLog, UsageRow  # noqa: E402
+from policies.usage_log import CHUNK_ROWS, UsageLog, UsageRow  # noqa: E402
 
 SECTION = "## Usage log"
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -52,24 +55,81 @@ def add_cost(n: int) -> tuple[float, float]:
     return add_only, with_build
 
 
-async def sustained(url: str, rows: int, batch_size: int, schema: str | None = None) -> tuple[float, float, int]:
-    """Rows/s from the first add to the last row written, the loop's worst stall meanwhile (ms), INSERTs sent."""
+class StallWatch:
+    """The largest delay a 1 ms timer sees until `stop()`: how long a request would wait for the loop."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._done = False
+        self._task = asyncio.create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while not self._done:
+            before = time.perf_counter()
+            await asyncio.sleep(0.001)
+            self.worst = max(self.worst, time.perf_counter() - before - 0.001)
+
+    async def stop(self) -> float:
+        """The worst delay seen, in ms."""
+        self._done = True
+        await self._task
+        return self.worst * 1000
+
+
+@types.coroutine
+def _timed_steps(coro: Coroutine[Any, Any, Any], steps: list[float]) -> Generator[Any, Any, Any]:
+    """Runs `coro`, appending the loop thread's CPU time of each step (from one await to the next) to `steps`."""
+    value, error = None, None
+    while True:
+        cpu = time.thread_time()
+        try:
+            awaited = coro.throw(error) if error is not None else coro.send(value)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            steps.append(time.thread_time() - cpu)
+        try:
+            value, error = (yield awaited), None
+        except BaseException as exc:  # a cancellation goes on into the writer
+            value, error = None, exc
+
+
+def time_writer_steps(loop: asyncio.AbstractEventLoop) -> list[float]:
+    """The seconds each step of a UsageLog writer task started from now on holds `loop`'s thread (CPU time, so
+    waits for a core or the GIL do not count): the writer's own share of any stall."""
+    steps: list[float] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        if getattr(coro, "__qualname__", "") == "UsageLog._run":
+            coro = _timed_steps(coro, steps)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(factory)
+    return steps
+
+
+async def idle_stall(seconds: float) -> float:
+    """The worst delay (ms) of a loop doing nothing else: this machine's floor for the figure below."""
+    gc.collect()
+    watch = StallWatch()
+    await asyncio.sleep(seconds)
+    return await watch.stop()
+
+
+async def sustained(url: str, rows: int, batch_size: int,
+                    schema: str | None = None) -> tuple[float, float, list[float], int]:
+    """Rows/s from the first add to the last row written, the loop's worst stall meanwhile (ms), the writer's
+    steps (s), INSERTs sent."""
     await migrate(url, schema=schema)
     engine = open_engine(url, schema=schema)
     batch = [sample_row(i) for i in range(rows)]
     usage = UsageLog(engine, batch_size=batch_size, max_pending=max(rows, batch_size))
-    worst = 0.0
-    done = False
-
-    async def ticker() -> None:  # how long a request would wait for the loop while batches are prepared
-        nonlocal worst
-        while not done:
-            before = time.perf_counter()
-            await asyncio.sleep(0.001)
-            worst = max(worst, time.perf_counter() - before - 0.001)
-
-    tick = asyncio.create_task(ticker())
+    gc.collect()  # the migration's garbage: a full collection of it inside the timed run is not the writer's
+    loop = asyncio.get_running_loop()
+    steps = time_writer_steps(loop)
+    watch = StallWatch()
     usage.start()
+    loop.set_task_factory(None)
     start = time.perf_counter()
     for i, row in enumerate(batch):  # a steady stream of requests, yielding to the loop as requests do
         usage.add(row)
@@ -78,13 +138,18 @@ async def sustained(url: str, rows: int, batch_size: int, schema: str | None = N
     while usage.written < rows:
         await asyncio.sleep(0.001)
     elapsed = time.perf_counter() - start
-    done = True
-    await tick
+    stall = await watch.stop()
     await usage.aclose()
     async with engine.connect() as connection:
         assert await connection.scalar(sa.select(sa.func.count()).select_from(sa.table("usage_rows"))) == rows
     await engine.dispose()
-    return rows / elapsed, worst * 1000, usage.batches
+    return rows / elapsed, stall, steps, usage.batches
+
+
+def longest(steps: list[float]) -> str:
+    """The longest step and the 99th percentile, in ms."""
+    ordered = sorted(steps)
+    return f"{ordered[-1] * 1000:.1f} ({ordered[int(len(ordered) * 0.99)] * 1000:.1f})"
 
 
 async def pg_schema(sql: str) -> bool:
@@ -100,23 +165,31 @@ async def pg_schema(sql: str) -> bool:
         await engine.dispose()
 
 
-async def writes(rows: int, batch_sizes: list[int]) -> list[str]:
+async def writes(rows: int, batch_sizes: list[int]) -> tuple[float, list[str], str]:
+    """The idle loop's worst stall, the table, and the writer's longest steps per database and batch size."""
+    idle = await idle_stall(2.0)
+    print(f"idle loop, 2 s: worst stall {idle:.1f} ms")
     table = ["| database | batch_size | rows/s | INSERTs | worst loop stall |", "|---|---:|---:|---:|---:|"]
+    writer: dict[str, list[str]] = {"SQLite": [], "PostgreSQL": []}
     for batch_size in batch_sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            rate, stall, inserts = await sustained(f"sqlite+aiosqlite:///{tmp}/usage.db", rows, batch_size)
+            rate, stall, steps, inserts = await sustained(f"sqlite+aiosqlite:///{tmp}/usage.db", rows, batch_size)
         table.append(f"| SQLite (aiosqlite, WAL) | {batch_size} | {rate:,.0f} | {inserts} | {stall:.1f} ms |")
-        print(table[-1])
+        writer["SQLite"].append(longest(steps))
+        print(table[-1], f"writer steps: longest (p99) {writer['SQLite'][-1]} ms")
         schema = f"bench_{uuid.uuid4().hex[:12]}"
         if await pg_schema(f"CREATE SCHEMA {schema}"):
             try:
-                rate, stall, inserts = await sustained(PG_URL, rows, batch_size, schema)
+                rate, stall, steps, inserts = await sustained(PG_URL, rows, batch_size, schema)
             finally:
                 await pg_schema(f"DROP SCHEMA {schema} CASCADE")
             table.append(f"| PostgreSQL (asyncpg, loopback) | {batch_size} | {rate:,.0f} | {inserts} "
                          f"| {stall:.1f} ms |")
-            print(table[-1])
-    return table
+            writer["PostgreSQL"].append(longest(steps))
+            print(table[-1], f"writer steps: longest (p99) {writer['PostgreSQL'][-1]} ms")
+    sizes = " / ".join(map(str, batch_sizes))
+    figures = ", ".join(f"{db} {' / '.join(ms)} ms" for db, ms in writer.items() if ms)
+    return idle, table, f"at batch_size {sizes}: {figures}"
 
 
 def main() -> None:
@@ -129,7 +202,7 @@ def main() -> None:
 
     add_only, with_build = add_cost(args.adds)
     print(f"add(): {add_only:.0f} ns; UsageRow(...) + add(): {with_build:.0f} ns")
-    table = asyncio.run(writes(args.rows, args.batch_sizes))
+    idle, table, steps = asyncio.run(writes(args.rows, args.batch_sizes))
     body = [
         stamp(),
         "",
@@ -137,18 +210,28 @@ def main() -> None:
         f"a `UsageRow` (8 fields set) and adding it costs {with_build:.0f} ns.",
         "",
         f"Sustained writes: {args.rows:,} rows (every column set) added from the loop in steps of 100, timed from",
-        "the first add to the last row committed, one writer task, one INSERT (executemany) per batch. The worst",
-        "loop stall is the largest delay a 1 ms timer saw meanwhile: what a request waits while a batch's",
-        "parameters are prepared on the loop.",
+        "the first add to the last row committed, one writer task, one transaction per batch, written as INSERTs",
+        f"(executemany) of at most {CHUNK_ROWS} rows (the INSERTs column counts them); a full `gc.collect()` before",
+        "each run keeps the migration's garbage out of it. The worst loop stall is the largest delay a 1 ms timer",
+        "saw meanwhile: what a request waits for the loop. On this machine it includes waits for a core (its 2",
+        "cores also run PostgreSQL, aiosqlite's thread and whatever else runs): the same timer on an idle loop for",
+        f"2 s saw {idle:.1f} ms. The writer's own share is its longest step on the loop, from one await to the next in",
+        f"the loop thread's CPU time (the 99th percentile in brackets), {steps}.",
         "",
         *table,
         "",
-        "Reading: the writer holds the loop while SQLAlchemy builds a batch's parameters (and asyncpg encodes them),",
-        "so the worst stall grows with batch_size while the loop time per row stays about the same. At the default",
-        "500 a request can wait ~5-15 ms (noisy) behind a full batch; at 100, ~3-6 ms for ~30% less throughput. A",
-        "prototype that skips SQLAlchemy's parameter processing (`exec_driver_sql`, precompiled positional SQL)",
-        "inserted 500 rows in ~5 ms instead of ~8-10 on SQLite and ~10-12 instead of ~11-13 on PostgreSQL",
-        "(2026-11-25, one run): not adopted yet.",
+        "Reading: the writer sends the INSERT compiled once at startup (`exec_driver_sql`) with positional parameters",
+        "built without SQLAlchemy's per-row processing (only `created_at`, and on SQLite the floats, run their bind",
+        f"processors), {CHUNK_ROWS} rows per INSERT, each awaited, inside the batch's one transaction. Its steps on",
+        "the loop take ~0.5 ms (p99) whatever batch_size is, the longest ~1-2.5 ms (the first connection to",
+        "PostgreSQL, a rare outlier), so the worst stall no longer grows with batch_size. What is left of it, a few",
+        "ms varying from run to run, is the loop's thread waiting for a core: the idle loop sees it too, and the",
+        "database writing the rows (PostgreSQL's backend, aiosqlite's thread) shares the 2 cores. Before, one INSERT",
+        "of SQLAlchemy-built parameters per batch held the loop ~10 us a row: longest steps ~1.6 / 3 / 9.5 ms at",
+        "batch_size 100 / 500 / 2000, worst stalls 5.5 ms (SQLite) and 11.9 ms (PostgreSQL) at 500, ~37 ms at 2000",
+        "(2026-11-25). Throughput rose rather than fell, by a quarter to a half at 500 in interleaved runs of both",
+        "versions. Chunks of 50 rows lost ~10-20% throughput for no clear gain in stall; building the parameters in a",
+        "worker thread (`asyncio.to_thread`) did no better on the stall: the thread holds the GIL the loop needs.",
     ]
     if not args.no_write:
         write_section(SECTION, body)

@@ -7,15 +7,19 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
+from operator import attrgetter
+from typing import Any
 
 import msgspec
 import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from policies.database import usage_rows
 
-__all__ = ["UsageLog", "UsageRow"]
+__all__ = ["CHUNK_ROWS", "UsageLog", "UsageRow"]
 
 log = logging.getLogger("pointsman.usage")
 
@@ -60,12 +64,49 @@ class UsageRow(msgspec.Struct, kw_only=True):
 
 _FIELDS = UsageRow.__struct_fields__
 
+# Rows per INSERT (executemany) inside a batch's transaction: the writer holds the loop for one chunk at a time
+# (~0.5 ms for 100 rows, the driver's part included), so a request never waits behind a whole batch, however large
+# batch_size is. Smaller chunks cost throughput (more round trips) for little gain.
+CHUNK_ROWS = 100
+
+
+class _CompiledInsert:
+    """The usage_rows INSERT compiled once for a dialect, and its positional parameters built cheaply.
+
+    Executing the Core statement, SQLAlchemy builds each row's parameters on the loop at about 10 us a row. Here
+    the SQL text is the dialect's own (sent with `exec_driver_sql`) and only the columns whose types have a bind
+    processor run it, a column at a time: the UTC datetime (stored on SQLite as text in SQLAlchemy's format)
+    and, on SQLite, the floats. The stored values are the same as through the Core statement.
+    """
+
+    __slots__ = ("sql", "_values", "_processors")
+
+    def __init__(self, dialect: Dialect) -> None:
+        compiled = usage_rows.insert().compile(dialect=dialect, column_keys=list(_FIELDS), for_executemany=True)
+        if not compiled.positiontup:  # aiosqlite (qmark) and asyncpg ($1) are; config accepts only those two
+            raise ValueError(f"usage log: needs a positional paramstyle, not {dialect.paramstyle}")
+        columns = compiled.positiontup
+        self.sql = str(compiled)
+        self._values = attrgetter(*columns)
+        self._processors: list[tuple[int, Callable[[Any], Any]]] = []
+        for i, name in enumerate(columns):
+            type_ = usage_rows.c[name].type
+            if (process := type_.dialect_impl(dialect).bind_processor(dialect)) is not None:
+                self._processors.append((i, process))
+
+    def params(self, rows: list[UsageRow]) -> list[tuple[Any, ...]]:
+        columns: list[Any] = list(zip(*map(self._values, rows), strict=True))
+        for i, process in self._processors:
+            columns[i] = map(process, columns[i])  # processors take None as well: SQLAlchemy calls them on it
+        return list(zip(*columns, strict=True))
+
 
 class UsageLog:
     """Queues usage rows and writes them in batches from one background task, off the request path.
 
     `add(row)` is a plain O(1) call that never awaits, blocks or raises. The writer wakes every
-    `flush_interval_s`, or as soon as `batch_size` rows wait, and writes each batch as one executemany INSERT.
+    `flush_interval_s`, or as soon as `batch_size` rows wait, and writes each batch in one transaction, as
+    executemany INSERTs of `CHUNK_ROWS` rows at most, so that its work on the loop comes in short steps.
 
     Durability: while the database is unreachable the rows stay in memory and the writer retries with
     exponential backoff (`retry_initial_s` doubling up to `retry_max_s`), logging one warning when the outage
@@ -76,7 +117,7 @@ class UsageLog:
     if the database stays unreachable for `close_timeout_s` it gives up and logs the rows lost.
     """
 
-    __slots__ = ("_engine", "_pending", "_wake", "_task", "_closing", "flush_interval_s", "batch_size",
+    __slots__ = ("_engine", "_statement", "_pending", "_wake", "_task", "_closing", "flush_interval_s", "batch_size",
                  "max_pending", "retry_initial_s", "retry_max_s", "close_timeout_s", "written", "dropped",
                  "refused", "batches", "_dropped_logged", "_outage_since")
 
@@ -86,6 +127,7 @@ class UsageLog:
         if batch_size < 1 or max_pending < batch_size:
             raise ValueError("need 1 <= batch_size <= max_pending")
         self._engine = engine
+        self._statement = _CompiledInsert(engine.dialect)  # at startup, not in the first batch
         self.flush_interval_s = flush_interval_s
         self.batch_size = batch_size
         self.max_pending = max_pending
@@ -99,7 +141,7 @@ class UsageLog:
         self.written = 0  # rows the database accepted
         self.dropped = 0  # rows given up on: the oldest beyond max_pending, or left unwritten at close
         self.refused = 0  # rows the database refused for their content
-        self.batches = 0  # INSERT statements that succeeded
+        self.batches = 0  # INSERT statements committed (a batch takes one per CHUNK_ROWS rows)
         self._dropped_logged = 0
         self._outage_since: float | None = None
 
@@ -207,15 +249,18 @@ class UsageLog:
         self.written += len(batch)
 
     async def _insert(self, batch: list[UsageRow]) -> None:
-        params = [{name: getattr(row, name) for name in _FIELDS} for row in batch]
+        statement = self._statement
+        chunks = range(0, len(batch), CHUNK_ROWS)
         try:
-            async with self._engine.begin() as connection:
-                await connection.execute(usage_rows.insert(), params)
+            async with self._engine.begin() as connection:  # one transaction: a batch is written whole or not at all
+                for start in chunks:  # each await gives the loop back while the driver works
+                    params = statement.params(batch[start:start + CHUNK_ROWS])
+                    await connection.exec_driver_sql(statement.sql, params)
         except sa.exc.DBAPIError as exc:
             if _refused(exc):
                 raise _RowRefused(str(exc.orig)) from exc
             raise
-        self.batches += 1
+        self.batches += len(chunks)
 
     async def _insert_each(self, batch: list[UsageRow]) -> None:
         # The database answered but refused the batch: find the bad rows by writing one at a time.

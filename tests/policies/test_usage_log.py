@@ -1,4 +1,5 @@
-"""UsageLog on real databases: batching, every column round-trips, nothing lost at close or across an outage."""
+"""UsageLog on real databases: batching in chunks, every column round-trips as SQLAlchemy would store it, nothing
+lost at close or across an outage."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from policies.database import migrate, open_engine
-from policies.usage_log import UsageLog, UsageRow
+from policies.database import migrate, open_engine, usage_rows
+from policies.usage_log import CHUNK_ROWS, UsageLog, UsageRow
 from tests.conftest import free_port
 from tests.policies.conftest import PG_HOST, PG_PORT, PG_URL, eventually, new_schema, pg
 
@@ -42,14 +43,18 @@ async def engine(request, tmp_path) -> AsyncIterator[AsyncEngine]:
         await pg(f"DROP SCHEMA {schema} CASCADE")
 
 
-def count_inserts(engine: AsyncEngine) -> list[int]:
-    """Row counts of each INSERT INTO usage_rows the engine sends."""
-    inserts: list[int] = []
+def count_inserts(engine: AsyncEngine) -> list[int | str]:
+    """Row counts of each INSERT INTO usage_rows the engine sends, and "commit" where a transaction ends."""
+    inserts: list[int | str] = []
 
     @sa.event.listens_for(engine.sync_engine, "before_cursor_execute")
     def record(conn, cursor, statement, parameters, context, executemany) -> None:
         if statement.lstrip().upper().startswith("INSERT INTO USAGE_ROWS"):
             inserts.append(len(parameters) if executemany else 1)
+
+    @sa.event.listens_for(engine.sync_engine, "commit")
+    def committed(conn) -> None:
+        inserts.append("commit")
 
     return inserts
 
@@ -63,19 +68,29 @@ async def test_add_is_a_plain_function() -> None:
     assert not inspect.isgeneratorfunction(UsageLog.add)
 
 
+async def test_a_named_paramstyle_is_refused_at_construction() -> None:
+    engine = open_engine("sqlite+aiosqlite://", paramstyle="named")  # the writer builds positional parameters
+    with pytest.raises(ValueError, match="positional paramstyle, not named"):
+        UsageLog(engine)
+    await engine.dispose()
+
+
 async def test_rows_are_written_in_batches(engine: AsyncEngine) -> None:
     inserts = count_inserts(engine)
-    usage = UsageLog(engine, flush_interval_s=60.0, batch_size=500)
+    batch_size = 2 * CHUNK_ROWS + CHUNK_ROWS // 2
+    usage = UsageLog(engine, flush_interval_s=60.0, batch_size=batch_size)
     usage.start()
-    for i in range(1000):
+    for i in range(2 * batch_size):
         usage.add(row(i))
-    await eventually_15s(lambda: usage.written == 1000)  # batch_size reached: no waiting for the interval
-    assert inserts == [500, 500]
-    for i in range(1000, 1010):
+    await eventually_15s(lambda: usage.written == 2 * batch_size)  # batch_size reached: no waiting for the interval
+    batch = [CHUNK_ROWS, CHUNK_ROWS, CHUNK_ROWS // 2, "commit"]  # one transaction, INSERTs of CHUNK_ROWS at most
+    assert inserts == batch * 2
+    for i in range(2 * batch_size, 2 * batch_size + 10):
         usage.add(row(i))
     await usage.aclose()
-    assert inserts == [500, 500, 10]
-    assert [r.request_id for r in await usage.rows(limit=2000)] == [f"req-{i}" for i in range(1010)]
+    assert inserts == [*batch, *batch, 10, "commit"]
+    assert usage.batches == 7
+    assert [r.request_id for r in await usage.rows(limit=2000)] == [f"req-{i}" for i in range(2 * batch_size + 10)]
 
 
 async def test_interval_writes_a_partial_batch(engine: AsyncEngine) -> None:
@@ -85,7 +100,7 @@ async def test_interval_writes_a_partial_batch(engine: AsyncEngine) -> None:
     for i in range(10):
         usage.add(row(i))
     await eventually_15s(lambda: usage.written == 10)
-    assert inserts == [10]
+    assert inserts == [10, "commit"]
     await usage.aclose()
 
 
@@ -108,6 +123,34 @@ async def test_every_column_round_trips(engine: AsyncEngine) -> None:
     assert second == bare
     assert [r.request_id for r in await usage.rows(key_id="key-1")] == ["a" * 64]
     assert [r.request_id for r in await usage.rows(since=bare.created_at)] == ["b"]
+
+
+async def test_rows_are_stored_as_sqlalchemy_stores_them(engine: AsyncEngine) -> None:
+    # The writer sends precompiled SQL with parameters of its own making: the stored values, read back raw
+    # (on SQLite created_at is text, compared as text by `since`), must be those of SQLAlchemy's own INSERT.
+    cases = [
+        UsageRow(request_id="aware", status="ok",
+                 created_at=datetime(2025, 11, 26, 23, 30, 15, 123456, tzinfo=timezone(timedelta(hours=-5))),
+                 cost_usd=1e-12, latency_ms=0.1, ttft_ms=-0.0, prompt_tokens=0, completion_tokens=2**31 - 1),
+        UsageRow(request_id="naive-is-utc", status="ok",
+                 created_at=datetime(2025, 1, 2, 3, 4, 5),  # no offset, no microseconds
+                 cost_usd=0, latency_ms=1234567.891),  # an int where a float belongs
+        UsageRow(request_id="bare", status="cancelled"),  # every optional column None
+    ]
+    async with engine.begin() as connection:
+        await connection.execute(usage_rows.insert(), [{f: getattr(r, f) for f in UsageRow.__struct_fields__}
+                                                       for r in cases])
+    usage = UsageLog(engine)
+    for r in cases:
+        usage.add(r)
+    await usage.aclose()
+    columns = ", ".join(f'"{f}"' for f in UsageRow.__struct_fields__)
+    async with engine.connect() as connection:
+        stored = (await connection.exec_driver_sql(f"SELECT {columns} FROM usage_rows ORDER BY id")).all()
+    assert stored[3:] == stored[:3]
+    assert [r.created_at for r in await usage.rows()][3:] == [
+        datetime(2025, 11, 27, 4, 30, 15, 123456, tzinfo=UTC), datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC),
+        cases[2].created_at]
 
 
 async def test_aclose_writes_rows_added_just_before(engine: AsyncEngine) -> None:
@@ -239,5 +282,24 @@ async def test_a_refused_row_does_not_hold_back_the_others(pg_schema: str, caplo
         assert [r.request_id for r in await usage.rows()] == ["req-0", "req-2"]
         assert usage.refused == 1 and usage.written == 2
         assert any("refused row" in r.getMessage() for r in caplog.records)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_refused_row_in_a_later_chunk_rolls_back_its_whole_batch(pg_schema: str) -> None:
+    # The chunks already sent for the batch are rolled back with it: every good row is written exactly once
+    await migrate(PG_URL, schema=pg_schema)
+    engine = open_engine(PG_URL, schema=pg_schema)
+    inserts = count_inserts(engine)
+    n, bad = 2 * CHUNK_ROWS + 10, CHUNK_ROWS + 5
+    usage = UsageLog(engine, batch_size=n, **FAST)
+    try:
+        for i in range(n):
+            usage.add(UsageRow(request_id="x" * 65, status="ok") if i == bad else row(i))
+        await usage.aclose()
+        assert [r.request_id for r in await usage.rows(limit=1000)] == [f"req-{i}" for i in range(n) if i != bad]
+        assert usage.refused == 1 and usage.written == n - 1
+        assert inserts[:2] == [CHUNK_ROWS, CHUNK_ROWS]  # the first chunk went through before the second failed
+        assert "commit" not in inserts[:3] and inserts.count(1) == n  # then each row alone
     finally:
         await engine.dispose()
