@@ -71,6 +71,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline = 0.0  # 0.0: the current phase's clock has not started yet
         self._header_bytes = 0  # raw bytes of earlier reads that ended inside this request's head
         self._read_len = 0
+        self._held_for_app = False  # the last timeout found the app not yet asking for an Expect: 100 body
 
     # connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -174,6 +175,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self.transport.close()
                 return
         elif self.flow.read_paused or cycle.waiting_for_100_continue:  # the client waits on the app, not we on it
+            self._deadline = now + self._body_timeout
+            self._held_for_app = cycle.waiting_for_100_continue
+        elif self._held_for_app:  # the app asked since (100 Continue sent): the client gets a whole gap to answer
+            self._held_for_app = False
             self._deadline = now + self._body_timeout
         if now < self._deadline:  # a later read pushed the deadline out: sleep again instead of resetting per read
             self._timer = self.loop.call_at(self._deadline, self._on_read_timeout)
