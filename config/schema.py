@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Annotated, Literal
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 import msgspec
 import msgspec.structs
@@ -22,9 +23,15 @@ __all__ = [
     "Deployment",
     "EmbeddingModel",
     "EnginesConfig",
+    "EXPERIMENT_METRICS",
+    "ExperimentConfig",
+    "ExperimentTemplate",
+    "ExperimentVariant",
+    "check_experiments",
     "FREE",
     "LaunchConfig",
     "ModelConfig",
+    "ModelVersion",
     "OpenAIModel",
     "Pricing",
     "Profile",
@@ -32,7 +39,12 @@ __all__ = [
     "ServerConfig",
     "StorageConfig",
     "TLSConfig",
+    "TemplateConfig",
+    "TemplateMessage",
+    "TemplateVariable",
+    "TemplateVersionConfig",
     "TransformersModel",
+    "VERSION_STAGES",
     "VLLMModel",
 ]
 
@@ -122,6 +134,8 @@ class _ModelBase(_Frozen, tag_field="backend", kw_only=True):
     load: Literal["eager", "lazy"] = "eager"
     # overrides routing.load_balancing for this model's deployments
     load_balancing: str | None = None
+    # semver versions served as `id@version`; `id` serves the production one (see ModelVersion)
+    versions: list[ModelVersion] = []
 
     @property
     def eager(self) -> bool:
@@ -136,6 +150,22 @@ class _ModelBase(_Frozen, tag_field="backend", kw_only=True):
     def known_pricing(self) -> Pricing | None:
         """The price to score and bill at: declared, else free for a local engine, else unknown (None)."""
         return self.pricing
+
+    def at_version(self, version: ModelVersion) -> ModelConfig:
+        """This model as `version` runs it: id `id@version`, no aliases, the version's overrides applied; an
+        upstream still gets the model's own upstream name unless the version sets another. Raises ValueError
+        (msgspec.ValidationError) when an override does not fit this backend."""
+        data = msgspec.to_builtins(self)
+        data.update(id=f"{self.id}@{version.version}", aliases=[], versions=[])
+        overrides = version.overrides()
+        if "upstream_model" in data:
+            data["upstream_model"] = data["upstream_model"] or self.id
+            if "deployments" in overrides:
+                data["base_url"] = None  # one or the other
+            elif "base_url" in overrides:
+                data["deployments"] = []
+        data.update(overrides)
+        return msgspec.convert(data, ModelConfig)  # type: ignore[arg-type]
 
 
 class TransformersModel(_ModelBase, tag="transformers", kw_only=True):
@@ -235,6 +265,40 @@ class EmbeddingModel(_ModelBase, tag="embeddings", kw_only=True):
 
 
 ModelConfig = TransformersModel | OpenAIModel | VLLMModel | EmbeddingModel
+
+# ---- model versions (lifecycle: dev -> staging -> production -> deprecated -> archived)
+VERSION_STAGES = ("dev", "staging", "production", "deprecated", "archived")
+Stage = Literal["dev", "staging", "production", "deprecated", "archived"]
+_SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$"
+SemVer = Annotated[str, Meta(pattern=_SEMVER)]
+_NOT_OVERRIDES = ("version", "stage", "sunset")
+
+
+class ModelVersion(_Frozen, kw_only=True):
+    """One version of a model: its stage (the initial one: the database keeps it afterwards) and what it changes
+    from the model's own settings; anything left out is the model's."""
+
+    version: SemVer
+    stage: Stage = "dev"
+    # announced as the Sunset header (RFC 8594) while the version is deprecated
+    sunset: datetime | None = None
+    # openai / vllm models
+    upstream_model: str | None = None
+    base_url: URL | None = None
+    api_key: str | None = None
+    deployments: list[Deployment] | None = None
+    # transformers / embeddings models
+    source: Annotated[str, Meta(min_length=1)] | None = None
+    gguf_file: str | None = None
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
+    # any model
+    pricing: Pricing | None = None
+    quality: Unit | None = None
+    context_window: Annotated[int, Meta(ge=1)] | None = None
+
+    def overrides(self) -> dict:
+        """The settings this version changes, as plain values."""
+        return {k: v for k, v in msgspec.to_builtins(self).items() if k not in _NOT_OVERRIDES and v is not None}
 
 Weight = Annotated[float, Meta(ge=0)]
 
@@ -366,6 +430,130 @@ class EnginesConfig(_Frozen, kw_only=True):
     cache_dir: str = "~/.cache/pointsman"
 
 
+# ---- experiments (A/B tests on live traffic) ----------------------------------------------------------------
+
+EXPERIMENT_METRICS = ("latency_s", "ttft_s", "cost_usd", "completion_tokens", "error_rate")
+ExperimentName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class ExperimentTemplate(_Frozen, kw_only=True):
+    """A prompt template version a variant renders (handed on as the request's `template` field)."""
+
+    name: Annotated[str, Meta(min_length=1)]
+    version: str | None = None
+
+
+class ExperimentVariant(_Frozen, kw_only=True):
+    """One arm: the model it routes to, its share of the experiment's units, optional parameter overrides."""
+
+    name: ExperimentName
+    model: Annotated[str, Meta(min_length=1)]
+    weight: Annotated[float, Meta(ge=0)] = 1.0
+    params: dict[str, Any] = {}  # request fields set on this arm's requests (temperature, max_tokens...)
+    template: ExperimentTemplate | None = None
+
+
+class ExperimentConfig(_Frozen, kw_only=True):
+    """An A/B experiment on the requests for `target`; the first variant is the control."""
+
+    name: ExperimentName
+    target: Annotated[str, Meta(min_length=1)]  # the model name clients send (`auto` included)
+    traffic: Unit = 1.0  # share of the target's units that enter the experiment
+    status: Literal["draft", "running", "paused", "stopped"] = "running"
+    primary_metric: str = "latency_s"  # one of EXPERIMENT_METRICS or feedback:<metric>
+    alpha: Annotated[float, Meta(gt=0, lt=0.5)] = 0.05
+    min_samples: Annotated[int, Meta(ge=2)] = 200  # per arm, before a winner may be declared
+    auto_promote: bool = False  # a declared winner gets all the weight and the experiment stops
+    variants: Annotated[list[ExperimentVariant], Meta(min_length=2)]
+
+    def __post_init__(self) -> None:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment {self.name!r}: variant names must be unique, got {names}")
+        if sum(v.weight for v in self.variants) <= 0:
+            raise ValueError(f"experiment {self.name!r}: the variants' weights must sum to more than 0")
+        metric = self.primary_metric
+        if metric not in EXPERIMENT_METRICS and not (metric.startswith("feedback:") and len(metric) > 9):
+            raise ValueError(f"experiment {self.name!r}: primary_metric {metric!r}: expected one of "
+                             f"{', '.join(EXPERIMENT_METRICS)} or feedback:<metric>")
+
+    @property
+    def control(self) -> ExperimentVariant:
+        return self.variants[0]
+
+
+def check_experiments(experiments: list[ExperimentConfig]) -> None:
+    """Unique names, and at most one running experiment per target (a request can enter only one)."""
+    names: set[str] = set()
+    targets: dict[str, str] = {}
+    for i, experiment in enumerate(experiments):
+        if experiment.name in names:
+            raise ValueError(f"experiments[{i}]: name {experiment.name!r} is used twice")
+        names.add(experiment.name)
+        if experiment.status == "running":
+            if experiment.target in targets:
+                raise ValueError(f"experiments[{i}]: target {experiment.target!r} already has a running "
+                                 f"experiment, {targets[experiment.target]!r}")
+            targets[experiment.target] = experiment.name
+
+
+# ---- prompt templates (policies/templates.py renders them) ------------------------------------------------
+
+TEMPLATE_VERSION = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$"  # semver
+TemplateVersion = Annotated[str, Meta(pattern=TEMPLATE_VERSION)]
+TemplateStage = Literal["dev", "staging", "production", "deprecated", "archived"]
+VariableType = Literal["string", "integer", "number", "boolean", "array", "object"]
+TemplateName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+VariableName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+
+
+class TemplateVariable(_Frozen, kw_only=True):
+    """A declared variable: its JSON type, and whether a request must give it (left out: required unless it has
+    a default)."""
+
+    type: VariableType = "string"
+    required: bool | None = None
+    default: Any = None
+
+    @property
+    def is_required(self) -> bool:
+        return self.required if self.required is not None else self.default is None
+
+
+class TemplateMessage(_Frozen, kw_only=True):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[str, Meta(max_length=65536)]  # a Jinja2 template
+
+
+class TemplateVersionConfig(_Frozen, kw_only=True):
+    """One immutable version: messages put before the request's own, rendered with the declared variables."""
+
+    version: TemplateVersion
+    stage: TemplateStage = "production"
+    messages: Annotated[list[TemplateMessage], Meta(min_length=1, max_length=64)]
+    variables: dict[VariableName, TemplateVariable] = {}
+
+
+class TemplateConfig(_Frozen, kw_only=True):
+    """A named prompt template and its versions (seeded into the database, which keeps later changes)."""
+
+    name: TemplateName
+    versions: Annotated[list[TemplateVersionConfig], Meta(min_length=1)]
+
+    def __post_init__(self) -> None:
+        seen = [v.version for v in self.versions]
+        if len(set(seen)) != len(seen):
+            raise ValueError(f"template {self.name!r}: a version is listed twice")
+        if sum(v.stage == "production" for v in self.versions) > 1:
+            raise ValueError(f"template {self.name!r}: at most one version may be in production")
+
+
+def check_templates(templates: list[TemplateConfig]) -> None:
+    names = [t.name for t in templates]
+    if len(set(names)) != len(names):
+        raise ValueError(f"templates: a name is listed twice in {names}")
+
+
 class Config(_Frozen, kw_only=True):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
@@ -374,14 +562,19 @@ class Config(_Frozen, kw_only=True):
     storage: StorageConfig = StorageConfig()
     policies: PoliciesConfig = PoliciesConfig()
     engines: EnginesConfig = EnginesConfig()
+    templates: list[TemplateConfig] = []
+    experiments: list[ExperimentConfig] = []
 
     def __post_init__(self) -> None:
+        check_templates(self.templates)
+        check_experiments(self.experiments)
         seen: dict[str, str] = {}
         for i, model in enumerate(self.models):
             for name in (model.id, *model.aliases):
                 if name in seen:
                     raise ValueError(f"models[{i}]: name {name!r} is already used by model {seen[name]!r}")
                 seen[name] = model.id
+            _check_versions(i, model, seen)
             if model.load_balancing is not None and model.load_balancing not in STRATEGY_NAMES:
                 raise ValueError(f"models[{i}].load_balancing: unknown strategy {model.load_balancing!r}, "
                                  f"expected one of {', '.join(STRATEGY_NAMES)}")
@@ -395,3 +588,19 @@ class Config(_Frozen, kw_only=True):
         if self.routing.default_profile not in self.routing.all_profiles:
             raise ValueError(f"routing.default_profile: unknown profile {self.routing.default_profile!r}, "
                              f"expected one of {', '.join(self.routing.all_profiles)}")
+
+
+def _check_versions(i: int, model: ModelConfig, names: dict[str, str]) -> None:
+    """A model's versions: distinct, at most one in production, each override fitting the backend."""
+    seen: set[str] = set()
+    for version in model.versions:
+        if version.version in seen:
+            raise ValueError(f"models[{i}].versions: {version.version!r} is listed twice")
+        seen.add(version.version)
+        try:
+            model.at_version(version)
+        except (msgspec.ValidationError, ValueError) as exc:
+            raise ValueError(f"models[{i}].versions[{version.version}]: {exc}") from exc
+        names[f"{model.id}@{version.version}"] = model.id
+    if sum(v.stage == "production" for v in model.versions) > 1:
+        raise ValueError(f"models[{i}].versions: at most one version can be in production")

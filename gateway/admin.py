@@ -1,4 +1,5 @@
-"""The admin API: load and unload local models, reload the config. Loopback callers or the static keys only."""
+"""The admin API: load and unload local models, reload the config, model versions' stages. Loopback callers or
+the static keys only."""
 
 from __future__ import annotations
 
@@ -6,14 +7,17 @@ import asyncio
 import ipaddress
 import logging
 
-from litestar import Request, Router, post
+import msgspec
+from litestar import Request, Router, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 from litestar.params import FromPath
 
-from gateway.auth import KeyCheck
+from config.schema import ModelConfig, ModelVersion
+from gateway.auth import PRINCIPAL, KeyCheck, principal_of
 from gateway.lifecycle import ManagedBackend
 from gateway.service import Gateway
+from policies.model_versions import Step, VersionRegistry
 from protocol.errors import AuthenticationError, BadRequest, GatewayError
 
 __all__ = ["admin_router"]
@@ -42,9 +46,11 @@ def admin_guard(keys: KeyCheck):  # noqa: ANN201 - a Litestar guard
     """Until roles exist: callers on this machine, or callers with one of the static keys."""
 
     def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-        if _loopback(connection):
+        principal = keys.principal(connection.headers.get("authorization")) if keys.enabled else None
+        if principal is not None:  # recorded as who did it (a version's stage transitions)
+            connection.scope[PRINCIPAL] = principal  # type: ignore[literal-required]
             return
-        if keys.enabled and keys.allows(connection.headers.get("authorization")):
+        if _loopback(connection):
             return
         raise AuthenticationError("The admin API answers callers on this machine, or with a static API key "
                                   "sent as 'Authorization: Bearer <key>'.")
@@ -88,6 +94,85 @@ async def reload_config(request: Request) -> dict:
     return await request.app.state.reload()
 
 
+# ---- model versions
+
+
+class _StageChange(msgspec.Struct, forbid_unknown_fields=True):
+    stage: str
+    force: bool = False
+
+
+def _versioned(request: Request, model_id: str) -> tuple[Gateway, VersionRegistry, ModelConfig]:
+    gateway: Gateway = request.app.state.gateway
+    model = next((m for m in gateway.config.models if m.id == model_id), None)
+    if model is None:
+        raise gateway.table.not_found(model_id)
+    return gateway, request.app.state.versions, model
+
+
+def _decode(body: bytes, kind: type, what: str):  # noqa: ANN202 - the Struct asked for
+    try:
+        return msgspec.json.decode(body or b"{}", type=kind)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"Invalid {what}: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"The body is not valid JSON: {exc}") from exc
+
+
+def _versions_of(gateway: Gateway, model_id: str) -> dict:
+    states = gateway.version_states.get(model_id, {})
+    return {
+        "object": "list",
+        "model": model_id,
+        "serving": gateway.table.resolve(model_id),  # what `model_id` resolves to now
+        "data": [{"version": v, "id": f"{model_id}@{v}", "stage": s.stage,
+                  "since": s.since.isoformat() if s.since else None, "settings": s.spec.overrides(),
+                  "sunset": s.spec.sunset.isoformat() if s.spec.sunset else None} for v, s in states.items()],
+    }
+
+
+def _moved(gateway: Gateway, model_id: str, steps: list[Step]) -> dict:
+    return {**_versions_of(gateway, model_id),
+            "transitions": [{"version": s.version, "from": s.from_stage, "to": s.to_stage, "reason": s.reason}
+                            for s in steps]}
+
+
+@get("/models/{model_id:str}/versions", summary="A model's versions, their stages and every transition")
+async def list_versions(request: Request, model_id: FromPath[str]) -> dict:
+    gateway, registry, model = _versioned(request, model_id)
+    return {**_versions_of(gateway, model.id), "transitions": await registry.history(model.id)}
+
+
+@post("/models/{model_id:str}/versions", status_code=201, summary="Add a version (dev or staging)")
+async def add_version(request: Request, model_id: FromPath[str]) -> dict:
+    gateway, registry, model = _versioned(request, model_id)
+    spec: ModelVersion = _decode(await request.body(), ModelVersion, "version")
+    try:
+        model.at_version(spec)  # its overrides must fit this model's backend
+    except ValueError as exc:
+        raise BadRequest(f"Version {spec.version} does not fit the model '{model.id}': {exc}") from exc
+    step = await registry.add(model.id, spec, principal_of(request.scope).key_id)
+    return _moved(gateway, model.id, [step])
+
+
+@post("/models/{model_id:str}/versions/{version:str}/stage", status_code=200,
+      summary="Move a version to a stage: production promotes it (the current production becomes deprecated)")
+async def change_stage(request: Request, model_id: FromPath[str], version: FromPath[str]) -> dict:
+    gateway, registry, model = _versioned(request, model_id)
+    change: _StageChange = _decode(await request.body(), _StageChange, "stage change")
+    steps = await registry.move(model.id, version, change.stage, force=change.force,
+                                key_id=principal_of(request.scope).key_id)
+    return _moved(gateway, model.id, steps)
+
+
+@post("/models/{model_id:str}/rollback", status_code=200, summary="Back to the previous production version")
+async def rollback(request: Request, model_id: FromPath[str]) -> dict:
+    gateway, registry, model = _versioned(request, model_id)
+    steps = await registry.rollback(model.id, key_id=principal_of(request.scope).key_id)
+    return _moved(gateway, model.id, steps)
+
+
 def admin_router(keys: KeyCheck, middleware: list) -> Router:
-    return Router(path="/admin", route_handlers=[load_model, unload_model, reload_config],
+    return Router(path="/admin", route_handlers=[load_model, unload_model, reload_config, list_versions,
+                                                 add_version, change_stage, rollback],
                   guards=[admin_guard(keys)], middleware=middleware)

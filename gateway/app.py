@@ -19,7 +19,9 @@ from litestar.types import ASGIApp
 
 from backends.base import Backend
 from config.schema import Config
-from gateway.admin import admin_router
+from gateway.admin import admin_guard, admin_router
+from gateway.admin_experiments import experiments_router
+from gateway.admin_templates import templates_router
 from gateway.auth import KeyCheck, principal_of
 from gateway.openapi import (
     CHAT,
@@ -42,6 +44,8 @@ from gateway.service import Gateway
 from gateway.storage import Storage
 from policies.base import Policy, PolicyChain
 from policies.context import Outcome, Reply, RequestContext
+from policies.experiments import add_feedback, decode_feedback
+from policies.model_versions import VersionRegistry
 from protocol.errors import BadRequest, GatewayError, error_body
 from protocol.openai import (
     ChatCompletionRequest,
@@ -105,6 +109,9 @@ async def _generate(request: Request, kind: type[ChatCompletionRequest] | type[C
             return nothing
         raise
     answered = isinstance(result, Reply)
+    deprecated = state.gateway.deprecations  # a deprecated version answers with Deprecation (and Sunset)
+    if deprecated and not answered and (extra := deprecated.get(result.headers.get("x-pointsman-model", ""))):
+        result.headers.update(extra)
     settle = pipeline.settle if pipeline.has_policies else None
     if stream:
         first, rest = (None, replay(result.chunks)) if answered else (result.first, result.rest)
@@ -135,9 +142,14 @@ async def completions(request: Request) -> ASGIApp:
 async def embeddings(request: Request) -> ASGIApp:
     parsed = decode_embedding_request(await request.body())
     scope = request.scope
-    ctx = RequestContext(parsed, principal_of(scope), request_id_of(scope), parsed.body.user)  # type: ignore[arg-type]
-    served = await request.app.state.pipeline.embed(ctx)
-    return JSONBody(served.body, served.headers)
+    user = parsed.body.user or request.headers.get("x-pointsman-user")
+    ctx = RequestContext(parsed, principal_of(scope), request_id_of(scope), user)  # type: ignore[arg-type]
+    pipeline: Pipeline = request.app.state.pipeline
+    served = await pipeline.embed(ctx)
+    if not pipeline.embedding_policies:
+        return JSONBody(served.body, served.headers)
+    return JSONBody(served.body, served.headers,
+                    after=lambda: pipeline.settle_embedding(ctx, Outcome("ok", body=served.body)))
 
 
 async def _explain(request: Request) -> dict:
@@ -157,7 +169,7 @@ async def _explain(request: Request) -> dict:
     if budgets is not None:  # models whose budgets this request would overrun are not tried: say so
         spent = await budgets.spent(_context(request, parsed, True), [a.model for a in decision.attempts])
         decision.exclude(spent)
-    return decision.explain()
+    return _gateway(request).explain(decision)
 
 
 @post("/route", status_code=200, summary="Explain the routing decision for a chat request, without calling a model",
@@ -199,6 +211,24 @@ async def usage(request: Request) -> dict:
     user = request.headers.get("x-pointsman-user")
     ctx = RequestContext(parsed, principal_of(request.scope), request_id_of(request.scope), user)
     return {"object": "usage", "budgets": await storage.budgets.remaining(ctx)}
+
+
+@post("/feedback", status_code=201, summary="Attach a score to an answer, by its completion id (experiments)")
+async def feedback(request: Request) -> dict:
+    storage: Storage = request.app.state.storage
+    if storage.engine is None:
+        raise BadRequest("Feedback is kept in the database: set storage.database_url.")
+    score = decode_feedback(await request.body())
+    return await add_feedback(storage.engine, score, storage.usage.flush if storage.usage is not None else None)
+
+
+def _routable(gateway: Gateway, name: str) -> bool:
+    """Whether `name` routes on its own (a model, alias, profile or chain), so an experiment may leave it be."""
+    try:
+        gateway.table.plan(name)
+    except GatewayError:
+        return False
+    return True
 
 
 @get("/models", summary="List the served models")
@@ -260,6 +290,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     and SIGHUP (its models are reloaded; see Gateway.reload)."""
     gateway = Gateway(config, backends)
     storage = Storage(config.storage)
+    versions = VersionRegistry(storage.engine, storage.state, {m.id: m.versions for m in config.models})
     keys = KeyCheck(config.auth.api_keys)
 
     async def reload() -> dict:
@@ -269,7 +300,9 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
             fresh = await asyncio.to_thread(reload_from)  # reads and validates the file off the loop
         except Exception as exc:
             raise BadRequest(f"The config cannot be reloaded, nothing changed: {exc}") from exc
-        return {"object": "reload", **gateway.reload(fresh)}
+        summary = gateway.reload(fresh)
+        await versions.reconfigure({m.id: m.versions for m in fresh.models})
+        return {"object": "reload", **summary}
 
     def on_sighup() -> None:
         task = asyncio.get_running_loop().create_task(reload())
@@ -278,6 +311,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await storage.start()
+        await versions.start(gateway.apply_versions)  # the stages the database keeps, then followed
         gateway.start()
         if reload_from is not None:
             with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):  # main thread, POSIX only
@@ -289,20 +323,23 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
         try:
             yield
         finally:
+            await versions.aclose()
             await gateway.aclose()
             await storage.aclose()  # after the last request: its usage row is written too
 
     guards = [keys] if keys.enabled else []
     # the completion routes add x-request-id themselves; Litestar's own responses get it from the middleware
     hot = Router(path="/v1", route_handlers=[chat_completions, completions, embeddings], guards=guards)
-    v1 = Router(path="/v1", route_handlers=[explain_route, recommend, list_models, retrieve_model, usage],
+    v1 = Router(path="/v1", route_handlers=[explain_route, recommend, list_models, retrieve_model, usage, feedback],
                 guards=guards, middleware=[request_ids])
     # the earlier prototype served /models/recommend without the /v1 prefix; keep that path working
     legacy = Router(path="/", route_handlers=[recommend], guards=guards, middleware=[request_ids])
     probes = Router(path="/", route_handlers=[health, ready], middleware=[request_ids])
     admin = admin_router(keys, [request_ids])
+    experiments_admin = experiments_router(admin_guard(keys), [request_ids])
+    templates_admin = templates_router(admin_guard(keys), keys, [request_ids])
     app = Litestar(
-        route_handlers=[hot, v1, legacy, probes, admin],
+        route_handlers=[hot, v1, legacy, probes, admin, experiments_admin, templates_admin],
         lifespan=[lifespan],
         exception_handlers={
             GatewayError: _render_gateway_error,
@@ -317,8 +354,11 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     app.state.gateway = gateway
     app.state.storage = storage
     app.state.reload = reload
+    app.state.versions = versions
     # through the gateway: a reload replaces its model table
     own = storage.policies(config.policies, lambda name: gateway.table.resolve(name))
+    own += storage.template_policy(config.templates)
+    own += storage.experiment_policy(config.experiments, lambda name: _routable(gateway, name))
     app.state.pipeline = Pipeline(gateway, PolicyChain([*policies, *own]))
     app.state.watches = Watches()
     return app

@@ -79,6 +79,7 @@ class Pipeline:
         self.gateway = gateway
         self.policies = policies
         self.has_policies = bool(policies)  # read on every request: a plain attribute, not a __bool__ call
+        self.embedding_policies = policies.for_endpoint("embeddings")  # rate limits, budgets, usage rows
 
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
         if self.has_policies:
@@ -115,18 +116,35 @@ class Pipeline:
             raise
 
     async def embed(self, ctx: RequestContext) -> Served:
-        """An embeddings request (ctx.request is a ParsedEmbeddings): decide, then the same retries, fallbacks,
-        leases and breakers as a completion. Policies do not run: each reads a chat or completion request."""
+        """An embeddings request (ctx.request is a ParsedEmbeddings): the policies that understand it (see
+        Policy.endpoints: rate limits, budgets, the usage row) around the same retries, fallbacks, leases and
+        breakers as a completion. The caller settles a success with `settle_embedding` once it is written."""
+        policies = self.embedding_policies
         request = ctx.request
-        decision = ctx.decision = self.gateway.decide_embeddings(request)  # type: ignore[arg-type]
-        attempt, lease, relayed, body = await self._first_success(
-            ctx, decision, lambda backend, index, headers: backend.embeddings(request, index, headers)  # type: ignore[attr-defined]
-        )
-        # the usage sits after every vector: reading it means scanning them all (~15 MB for 2048 float answers)
-        prompt_tokens, _ = _usage(body) if len(body) <= _INLINE_SCAN_BYTES else await asyncio.to_thread(_usage, body)
-        lease.ok()
-        ctx.record_usage(attempt.model, prompt_tokens, None)
-        return Served(body, route_headers(ctx, attempt, decision, relayed))
+        try:
+            if policies:
+                await policies.admit(ctx)  # no policy answers an embeddings request itself (no cache here)
+            decision = ctx.decision = self.gateway.decide_embeddings(request)  # type: ignore[arg-type]
+            if policies:
+                await policies.approve(ctx, decision)
+            attempt, lease, relayed, body = await self._first_success(
+                ctx, decision,
+                lambda backend, index, headers: backend.embeddings(request, index, headers),  # type: ignore[attr-defined]
+            )
+            # the usage sits after every vector: reading it means scanning them all (~15 MB for 2048 float answers)
+            prompt_tokens, _ = (_usage(body) if len(body) <= _INLINE_SCAN_BYTES
+                                else await asyncio.to_thread(_usage, body))
+            lease.ok()
+            ctx.record_usage(attempt.model, prompt_tokens, None)
+            return Served(body, route_headers(ctx, attempt, decision, relayed))
+        except BaseException as exc:
+            if policies:
+                await policies.settle(ctx, _outcome_of(exc))
+            raise
+
+    async def settle_embedding(self, ctx: RequestContext, outcome: Outcome) -> None:
+        if self.embedding_policies:
+            await self.embedding_policies.settle(ctx, outcome)
 
     async def stream(self, ctx: RequestContext) -> StreamStart | Reply:
         """Open the stream and wait for its first payload, so failures until then can still be retried."""

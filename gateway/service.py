@@ -1,4 +1,5 @@
-"""The gateway's models at run time: backends, deployment pools, the router and classifier; decides routes."""
+"""The gateway's models at run time: backends, deployment pools, model versions, the router and classifier;
+decides routes."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ import logging
 import random
 import time
 from collections.abc import Mapping
+from datetime import UTC
+from email.utils import format_datetime
 
 from backends.base import Backend, build_backend
 from config.schema import Config, ModelConfig
 from gateway.deployments import DeploymentPool
 from gateway.lifecycle import LocalModels, ManagedBackend
+from policies.model_versions import Snapshot, VersionState, configured_states
 from protocol.errors import BadRequest, GatewayError, ServiceUnavailable
 from protocol.openai import ModelCard, ModelList, ParsedEmbeddings, ParsedRequest
 from routing.classifier import PromptAnalysis, TaskClassifier, request_text
-from routing.resolve import ModelTable
+from routing.resolve import ModelTable, Versions
 from routing.router import Attempt, Decision, Router
 
 __all__ = ["Gateway"]
@@ -33,11 +37,15 @@ class Gateway:
     def __init__(self, config: Config, backends: Mapping[str, Backend] | None = None) -> None:
         self.config = config
         self.local = LocalModels(config.engines)
-        self.table = ModelTable(config)
-        self.backends: dict[str, Backend] = dict(backends or {m.id: self._build(m, config) for m in config.models})
-        self.pools = {m.id: DeploymentPool(m, self.backends[m.id], config) for m in config.models}
-        self.router = Router(config, self.table, {k: p.live for k, p in self.pools.items()},
-                             lambda model_id: self.pools[model_id].available())
+        # every model id served: the config's models and their versions (id@version) that are not archived
+        self.version_states: Snapshot = configured_states({m.id: m.versions for m in config.models})
+        self.models = _expand(config, self.version_states)
+        given = backends or {}
+        self.backends: dict[str, Backend] = {i: given[i] if i in given else self._build(m, config)
+                                             for i, m in self.models.items()}
+        self.pools = {i: DeploymentPool(m, self.backends[i], config) for i, m in self.models.items()}
+        self.table, self.version_of, self.deprecations = _routing(config, self.models, self.version_states)
+        self.router = self._router(config, self.table, self.pools)
         self.classifier = TaskClassifier.load()
         self.created: dict[str, int] = {}  # when each model id was first served: the cards' `created`
         # seeded from the OS per process: workers must not all draw the same sequence (power-of-two choices)
@@ -60,7 +68,7 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self._read_engine_stats(), name="pointsman-engine-stats"))
 
     async def _load_eager(self) -> None:
-        await self._start_all([self.backends[m.id] for m in self.config.models if m.eager])
+        await self._start_all([self.backends[i] for i, m in self.models.items() if m.eager])
 
     async def _read_engine_stats(self) -> None:
         """Local engines' own load (running, waiting, slots in use) into their live state, as vLLM's /metrics
@@ -96,38 +104,71 @@ class Gateway:
                     elif state.has_signals:
                         state.clear_signals()  # stale load figures would mislead the balancer
 
+    def _router(self, config: Config, table: ModelTable, pools: Mapping[str, DeploymentPool]) -> Router:
+        router = Router(config, table, {k: p.live for k, p in pools.items()},
+                        lambda model_id: self.pools[model_id].available())
+        # a model kept out of automatic selection stays out whichever version serves it
+        for base, served in zip(table.base_ids, table.models, strict=True):
+            if served.id != base and base in router.excluded:
+                router.excluded[served.id] = router.excluded[base]
+        return router
+
     def reload(self, config: Config) -> dict[str, list[str]]:
         """Switch to `config`'s models without dropping a request: unchanged models keep their backend, pool
         and loaded weights; added and changed ones get new ones (eager ones start loading now); removed and
         replaced ones finish their requests in flight, then close. Routing settings come from the new config;
-        policies and storage are not reloaded."""
-        old = {m.id: m for m in self.config.models}
-        kept = {m.id for m in config.models if old.get(m.id) == m}
+        versions keep their stages (the config's settings, and its stage for a version new to it); policies
+        and storage are not reloaded."""
+        states: Snapshot = {}
+        for model in config.models:
+            known = self.version_states.get(model.id, {})
+            mine = {v.version: VersionState(v, known[v.version].stage, known[v.version].since)
+                    if v.version in known else VersionState(v, v.stage) for v in model.versions}
+            states[model.id] = {**known, **mine}
+        summary = self._switch(config, states)
+        log.warning("config reloaded: %s", ", ".join(f"{k} {v}" for k, v in summary.items() if v) or "no change")
+        return summary
+
+    def apply_versions(self, states: Snapshot) -> None:
+        """The versions' new stages (from the registry): build what a new version needs, then switch what `id`
+        resolves to in one step. Requests in flight finish on the version they started with."""
+        before = {base: self.table.resolve(base) for base in self.table.base_ids}
+        self._switch(self.config, states)
+        for base, served in before.items():
+            now = self.table.resolve(base)
+            if now != served:
+                log.warning("model versions: '%s' now serves %s (was %s)", base, now, served)
+
+    def _switch(self, config: Config, states: Snapshot) -> dict[str, list[str]]:
+        models = _expand(config, states)
+        old = self.models
+        kept = {i for i, m in models.items() if old.get(i) == m}
         if config.routing != self.config.routing or config.engines != self.config.engines:
             kept = set()  # pools and managed engines hold those settings: every model gets new ones
         retired = [(self.backends[i], self.pools[i]) for i in old if i not in kept]
         self.local.forget(i for i in old if i not in kept)
-        self.local.budget = LocalModels(config.engines).budget
-        backends = {m.id: self.backends[m.id] if m.id in kept else self._build(m, config) for m in config.models}
-        pools = {m.id: self.pools[m.id] if m.id in kept else DeploymentPool(m, backends[m.id], config)
-                 for m in config.models}
+        if config is not self.config:
+            self.local.budget = LocalModels(config.engines).budget
+        backends = {i: self.backends[i] if i in kept else self._build(m, config) for i, m in models.items()}
+        pools = {i: self.pools[i] if i in kept else DeploymentPool(m, backends[i], config) for i, m in models.items()}
+        table, version_of, deprecations = _routing(config, models, states)
+        router = self._router(config, table, pools)
         # one synchronous swap: a request decides and dispatches against one consistent set
-        self.config, self.table, self.backends, self.pools = config, ModelTable(config), backends, pools
-        self.router = Router(config, self.table, {k: p.live for k, p in pools.items()},
-                             lambda model_id: self.pools[model_id].available())
+        (self.config, self.models, self.version_states, self.backends, self.pools, self.table, self.version_of,
+         self.deprecations, self.router) = (config, models, states, backends, pools, table, version_of,
+                                            deprecations, router)
         for backend, pool in retired:
             self._tasks.append(asyncio.create_task(_retire(backend, pool), name=f"pointsman-retire-{pool.model_id}"))
-        fresh = [backends[m.id] for m in config.models if m.id not in kept and m.eager]
-        self._tasks.append(asyncio.create_task(self._start_all(fresh), name="pointsman-reload-load"))
+        fresh = [backends[i] for i, m in models.items() if i not in kept and m.eager]
+        if fresh:
+            self._tasks.append(asyncio.create_task(self._start_all(fresh), name="pointsman-reload-load"))
         self.local.start()
-        summary = {
-            "added": [m.id for m in config.models if m.id not in old],
-            "changed": [m.id for m in config.models if m.id in old and m.id not in kept],
+        return {
+            "added": [i for i in models if i not in old],
+            "changed": [i for i in models if i in old and i not in kept],
             "removed": [i for i in old if i not in backends],
             "kept": sorted(kept),
         }
-        log.warning("config reloaded: %s", ", ".join(f"{k} {v}" for k, v in summary.items() if v) or "no change")
-        return summary
 
     async def _start_all(self, backends: list[Backend]) -> None:
         results = await asyncio.gather(*(b.start() for b in backends), return_exceptions=True)
@@ -136,7 +177,7 @@ class Gateway:
                 log.error("model %s failed to load: %s", backend.model.id, result)
 
     async def ready(self) -> dict[str, bool]:
-        eager = [m.id for m in self.config.models if m.eager]
+        eager = [m.id for m in self.table.models if m.eager]  # what each id serves (its production version)
         states = await asyncio.gather(*(self.backends[i].health() for i in eager))
         return dict(zip(eager, states, strict=True))
 
@@ -149,14 +190,15 @@ class Gateway:
     # ---- decisions
 
     def model_list(self) -> ModelList:
-        return ModelList(data=[self._card(m) for m in self.config.models])
+        return ModelList(data=[self._card(self.table.get(base), base) for base in self.table.base_ids])
 
     def model_card(self, name: str) -> ModelCard:
-        return self._card(self.table.get(name))
+        model = self.table.get(name)
+        return self._card(model, model.id if name == model.id else self.version_of.get(model.id, (model.id,))[0])
 
-    def _card(self, model: ModelConfig) -> ModelCard:
+    def _card(self, model: ModelConfig, card_id: str) -> ModelCard:
         """OpenAI's fields, and a `pointsman` object: a local engine's status, load and footprint; a remote
-        model's availability and deployments."""
+        model's availability and deployments; a versioned model's versions and the one it serves."""
         backend, pool = self.backends[model.id], self.pools[model.id]
         if isinstance(backend, ManagedBackend):
             about = backend.describe()
@@ -164,8 +206,22 @@ class Gateway:
             about = {"status": "available" if pool.available() else "unavailable", "backend": model.backend_kind,
                      "aliases": list(model.aliases), "deployments": len(pool.states),
                      "in_flight": sum(state.in_flight for state in pool.states)}
-        created = self.created.setdefault(model.id, int(time.time()))
-        return ModelCard(id=model.id, owned_by="pointsman", created=created, pointsman=about)
+        base, version = self.version_of.get(model.id, (model.id, None))
+        versions = self.table.versions.get(base)
+        if versions is not None:
+            about = {**about, "version": version, "versions": [{"version": v, "stage": s}
+                                                               for v, s in versions.stages.items()]}
+        created = self.created.setdefault(card_id, int(time.time()))
+        return ModelCard(id=card_id, owned_by="pointsman", created=created, pointsman=about)
+
+    def explain(self, decision: Decision) -> dict:
+        """The decision explained, with the version the first model resolved to (a versioned model's)."""
+        explanation = decision.explain()
+        base, version = self.version_of.get(explanation["model"], (explanation["model"], None))
+        if version is not None:
+            explanation["version"] = {"model": base, "version": version,
+                                      "stage": self.table.versions[base].stages[version]}
+        return explanation
 
     async def analyse(self, request: ParsedRequest) -> PromptAnalysis:
         text = request_text(request.body)
@@ -215,6 +271,56 @@ class Gateway:
             f"No deployment of {names} can take requests now: their circuit breakers are open after repeated "
             "failures; retry after the cooldown."
         )
+
+
+def _expand(config: Config, states: Snapshot) -> dict[str, ModelConfig]:
+    """Every model id to serve: the config's models, and each version that is not archived as `id@version`.
+    A stored version whose settings no longer fit its model is left out, loudly."""
+    models: dict[str, ModelConfig] = {}
+    for model in config.models:
+        models[model.id] = model
+        for version, state in states.get(model.id, {}).items():
+            if state.stage == "archived":
+                continue
+            try:
+                models[f"{model.id}@{version}"] = model.at_version(state.spec)
+            except ValueError as exc:  # msgspec.ValidationError is one
+                log.error("model %s version %s cannot be served: %s", model.id, version, exc)
+    return models
+
+
+def _routing(config: Config, models: Mapping[str, ModelConfig], states: Snapshot,
+             ) -> tuple[ModelTable, dict[str, tuple[str, str]], dict[str, dict[str, str]]]:
+    """The model table for these stages, each version id's (model, version), and the response headers of each
+    deprecated version: `Deprecation: @<epoch seconds>` (RFC 9745; `true` while the date is not recorded) and
+    `Sunset` (RFC 8594) when the version names one."""
+    versions: dict[str, Versions] = {}
+    version_of: dict[str, tuple[str, str]] = {}
+    deprecations: dict[str, dict[str, str]] = {}
+    for model in config.models:
+        mine = states.get(model.id)
+        if not mine:
+            continue
+        configs = {}
+        for version, state in mine.items():
+            version_id = f"{model.id}@{version}"
+            version_of[version_id] = (model.id, version)
+            if version_id in models:
+                configs[version] = models[version_id]
+            if state.stage == "deprecated":
+                deprecations[version_id] = _deprecation_headers(state)
+        serving = next((v for v, s in mine.items() if s.stage == "production" and v in configs), None)
+        versions[model.id] = Versions({v: s.stage for v, s in mine.items()}, configs, serving)
+    return ModelTable(config, versions), version_of, deprecations
+
+
+def _deprecation_headers(state: VersionState) -> dict[str, str]:
+    headers = {"deprecation": f"@{int(state.since.timestamp())}" if state.since is not None else "true"}
+    sunset = state.spec.sunset
+    if sunset is not None:
+        headers["sunset"] = format_datetime(sunset.astimezone(UTC) if sunset.tzinfo else sunset.replace(tzinfo=UTC),
+                                            usegmt=True)
+    return headers
 
 
 async def _retire(backend: Backend, pool: DeploymentPool, drain_s: float = 600.0) -> None:

@@ -6,16 +6,18 @@ import logging
 from collections.abc import Callable
 
 from backends.embedder import Embedder
-from config.schema import PoliciesConfig, StorageConfig
+from config.schema import ExperimentConfig, PoliciesConfig, StorageConfig, TemplateConfig
 from policies.alerts import BudgetAlerts
 from policies.base import Policy
 from policies.budget import BudgetPolicy
 from policies.cache import ExactCache
 from policies.database import migrate, open_engine
+from policies.experiments import ExperimentPolicy, ExperimentStore
 from policies.rate_limit import RateLimitPolicy
 from policies.redis_state import RedisStore
 from policies.semantic_cache import SemanticCache
 from policies.state import LocalStore, StateStore
+from policies.templates import TemplatePolicy
 from policies.usage import UsagePolicy
 from policies.usage_log import UsageLog
 
@@ -36,6 +38,8 @@ class Storage:
         self.budgets: BudgetPolicy | None = None  # for /v1/usage, once the config has budgets
         self.alerts: BudgetAlerts | None = None
         self.embedder: Embedder | None = None  # loaded on first use, only when the semantic cache is on
+        self.experiments: ExperimentStore | None = None  # with a database: the experiments' rows and snapshot
+        self.templates: TemplatePolicy | None = None  # prompt templates; experiments render through it too
 
     def policies(self, config: PoliciesConfig, resolve: Callable[[str], str]) -> list[Policy]:
         """The policies the config asks for, on this storage; `resolve` maps a model name to its id."""
@@ -55,13 +59,41 @@ class Storage:
             policies.append(UsagePolicy(self.usage))
         return policies
 
+    def experiment_policy(self, experiments: list[ExperimentConfig], routable: Callable[[str], bool],
+                          ) -> list[Policy]:
+        """The experiment policy, whenever there is a database (experiments may also be created through the
+        admin API); `routable` says whether a name is a model, alias or chain of its own."""
+        if self.engine is None:
+            if experiments:
+                raise ValueError("experiments need storage.database_url: they are kept in the database")
+            return []
+        self.experiments = ExperimentStore(self.engine, self.state, experiments)
+        render = self.templates.render_into if self.templates is not None else None  # built just before
+        return [ExperimentPolicy(self.experiments, routable, render)]
+
+    def template_policy(self, templates: list[TemplateConfig]) -> list[Policy]:
+        """The template policy: with a database always (templates may be added through the admin API), else
+        only for the config's templates."""
+        if self.engine is None and not templates:
+            return []
+        self.templates = TemplatePolicy(templates, self.engine, self.state)  # compiles them: errors stop startup
+        return [self.templates]
+
     async def start(self) -> None:
         if self.engine is not None and self.usage is not None:
             await migrate(self.engine)  # a no-op at the newest revision; replicas starting together take turns
             self.usage.start()
+        if self.templates is not None:
+            await self.templates.start()  # seeds the config's versions, loads them all, follows changes
+        if self.experiments is not None:
+            await self.experiments.start()  # writes the config's experiments, loads them all
 
     async def aclose(self) -> None:
         """Write every usage row still queued, then close the connections."""
+        if self.templates is not None:
+            await self.templates.aclose()
+        if self.experiments is not None:
+            await self.experiments.aclose()
         if self.usage is not None:
             await self.usage.aclose()
             log.info("usage log closed: %d rows written, %d dropped", self.usage.written, self.usage.dropped)

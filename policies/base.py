@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from policies.context import Outcome, Reply, RequestContext
 
-__all__ = ["STAGES", "Policy", "PolicyChain"]
+__all__ = ["COMPLETIONS", "STAGES", "Policy", "PolicyChain"]
 
 log = logging.getLogger("pointsman.policies")
 
@@ -25,6 +25,10 @@ STAGES: dict[str, int] = {
 }
 
 
+# the endpoints a policy runs on unless it says otherwise (`endpoints`): the ones whose requests every policy reads
+COMPLETIONS = frozenset({"chat", "completion"})
+
+
 @runtime_checkable
 class Policy(Protocol):
     """One policy. Every hook may raise a GatewayError to refuse the request (a 429, a 402...).
@@ -34,6 +38,9 @@ class Policy(Protocol):
     - `approve(ctx, decision)` runs after routing, before any model runs (reserve budget at the chosen price).
     - `settle(ctx, outcome)` runs exactly once per request however it ended: after a plain response, after a
       stream's last chunk, when the client left, when it failed, and when an earlier hook refused it.
+
+    A policy runs on chat and text completions; one that also understands other requests lists every endpoint
+    it runs on in a class attribute `endpoints` (e.g. `COMPLETIONS | {"embeddings"}`).
     """
 
     name: ClassVar[str]
@@ -56,6 +63,10 @@ class PolicyChain:
 
     def __bool__(self) -> bool:
         return bool(self.policies)
+
+    def for_endpoint(self, endpoint: str) -> PolicyChain:
+        """The policies that run on `endpoint` (see Policy), in the same order."""
+        return PolicyChain(p for p in self.policies if endpoint in getattr(p, "endpoints", COMPLETIONS))
 
     async def admit(self, ctx: RequestContext) -> Reply | None:
         for policy in self.policies:

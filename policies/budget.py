@@ -14,11 +14,11 @@ from typing import Any, ClassVar, Literal
 
 from config.schema import BudgetConfig, ModelConfig, Period, TransformersModel
 from policies.alerts import BudgetAlerts
-from policies.base import STAGES
-from policies.context import Outcome, Reply, RequestContext, scope_member
+from policies.base import COMPLETIONS, STAGES
+from policies.context import Outcome, Reply, RequestContext, embedding_tokens, scope_member
 from policies.state import Reservation, StateStore, StoreUnavailable
 from protocol.errors import BudgetExceeded, ServiceUnavailable
-from protocol.openai import ChatCompletionRequest, ParsedRequest, message_text
+from protocol.openai import ChatCompletionRequest, ParsedEmbeddings, ParsedRequest, message_text
 
 __all__ = ["DEFAULT_NEW_TOKENS", "BudgetPolicy", "estimate_prompt_tokens", "period_window", "reset_iso",
            "worst_case_tokens"]
@@ -64,11 +64,14 @@ def estimate_prompt_tokens(request: ParsedRequest) -> int:
     return sum(len(p) // 4 if isinstance(p, str) else 1 if isinstance(p, int) else len(p) for p in body.prompt)
 
 
-def worst_case_tokens(request: ParsedRequest, model: ModelConfig) -> tuple[int, int]:
+def worst_case_tokens(request: ParsedRequest | ParsedEmbeddings, model: ModelConfig) -> tuple[int, int]:
     """(prompt, completion) tokens a request may cost at most on `model`: the estimated prompt, and its
     `max_tokens` (or `max_completion_tokens`) for each choice (`n`, or `best_of` for a completion). Without a
     limit a transformers model generates its `max_new_tokens_default`; any other model is assumed to stop
-    within DEFAULT_NEW_TOKENS (256), which an upstream's own default may exceed: settle then charges the rest."""
+    within DEFAULT_NEW_TOKENS (256), which an upstream's own default may exceed: settle then charges the rest.
+    An embeddings request generates nothing: its input is all it costs."""
+    if isinstance(request, ParsedEmbeddings):
+        return embedding_tokens(request), 0
     body = request.body
     new = request.max_new_tokens
     if new is None:
@@ -139,6 +142,7 @@ class BudgetPolicy:
 
     name: ClassVar[str] = "budget"
     stage: ClassVar[int] = STAGES["budget"]
+    endpoints: ClassVar[frozenset[str]] = COMPLETIONS | {"embeddings"}
 
     def __init__(self, budgets: Sequence[BudgetConfig], store: StateStore,
                  clock: Callable[[], float] = time.time, alerts: BudgetAlerts | None = None) -> None:

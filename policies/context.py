@@ -9,9 +9,10 @@ from typing import Any, Literal
 
 from config.schema import ModelConfig
 from protocol.errors import GatewayError
-from protocol.openai import ParsedRequest
+from protocol.openai import ParsedEmbeddings, ParsedRequest
 
-__all__ = ["ANONYMOUS", "AttemptRecord", "Outcome", "Principal", "Reply", "RequestContext", "scope_member"]
+__all__ = ["ANONYMOUS", "AttemptRecord", "Outcome", "Principal", "Reply", "RequestContext", "embedding_tokens",
+           "scope_member"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,3 +128,8 @@ def scope_member(scope: str, match: str | None, ctx: RequestContext, model: str 
     if member is None or (match is not None and member != match):
         return None
     return member
+
+
+def embedding_tokens(request: ParsedEmbeddings) -> int:
+    """An embeddings request's input in tokens: text at 4 characters a token, token ids one each."""
+    return sum(len(item) // 4 + 1 if isinstance(item, str) else len(item) for item in request.inputs)

@@ -13,8 +13,9 @@ from alembic.config import Config
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-__all__ = ["DEFAULT_URL", "MIGRATIONS", "UtcDateTime", "alembic_config", "metadata", "migrate", "open_engine",
-           "usage_rows"]
+__all__ = ["DEFAULT_URL", "MIGRATIONS", "UtcDateTime", "alembic_config", "experiments", "feedback", "metadata",
+           "migrate", "model_version_transitions", "model_versions", "open_engine", "template_transitions",
+           "template_versions", "templates", "usage_rows"]
 
 DEFAULT_URL = "sqlite+aiosqlite:///pointsman.db"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -67,8 +68,105 @@ usage_rows = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),  # ok | answered | error | cancelled
     sa.Column("http_status", sa.Integer(), nullable=True),
     sa.Column("error_code", sa.String(), nullable=True),
+    # experiments (revision 0002): the arm the request was in, and the answer's id that feedback refers to
+    sa.Column("experiment", sa.String(64), nullable=True),
+    sa.Column("variant", sa.String(64), nullable=True),
+    sa.Column("completion_id", sa.String(128), nullable=True),
     sa.Index("ix_usage_rows_created_at", "created_at"),
     sa.Index("ix_usage_rows_key_id_created_at", "key_id", "created_at"),
+    sa.Index("ix_usage_rows_experiment_id", "experiment", "id"),
+    sa.Index("ix_usage_rows_completion_id", "completion_id"),
+)
+
+# ---- experiments (revision 0002) ----
+# one row per experiment: its definition as JSON (an ExperimentConfig), edited by the admin API; `seeded` is the
+# definition the config file last wrote, so a restart overwrites admin edits only when the file itself changed
+experiments = sa.Table(
+    "experiments",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("spec", sa.Text(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("promoted", sa.String(64), nullable=True),  # the variant auto-promotion or an admin made the winner
+    sa.Column("seeded", sa.Text(), nullable=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+)
+
+# scores attached to answers by POST /v1/feedback, one per (answer, metric)
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("completion_id", sa.String(128), nullable=False),
+    sa.Column("metric", sa.String(64), nullable=False),
+    sa.Column("score", sa.Float(), nullable=False),
+    sa.Column("request_id", sa.String(64), nullable=False),
+    sa.Column("experiment", sa.String(64), nullable=True),
+    sa.Column("variant", sa.String(64), nullable=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.UniqueConstraint("completion_id", "metric", name="uq_feedback_completion_metric"),
+    sa.Index("ix_feedback_experiment_id", "experiment", "id"),
+)
+
+
+# model versions (revision 0004): each version's stage, and every transition between stages
+model_versions = sa.Table(
+    "model_versions",
+    metadata,
+    sa.Column("model_id", sa.String(200), primary_key=True),
+    sa.Column("version", sa.String(64), primary_key=True),
+    sa.Column("stage", sa.String(16), nullable=False),  # dev | staging | production | deprecated | archived
+    sa.Column("spec", sa.Text(), nullable=False),  # the version's settings (config.schema.ModelVersion) as JSON
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("stage_since", UtcDateTime(), nullable=False),  # when it entered its stage (the Deprecation date)
+)
+model_version_transitions = sa.Table(
+    "model_version_transitions",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("model_id", sa.String(200), nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("from_stage", sa.String(16), nullable=True),  # None: the version was added
+    sa.Column("to_stage", sa.String(16), nullable=False),
+    sa.Column("at", UtcDateTime(), nullable=False),
+    sa.Column("key_id", sa.String(), nullable=True),  # the caller's key id; None for the config or no auth
+    sa.Column("forced", sa.Boolean(), nullable=False),
+    sa.Column("reason", sa.String(32), nullable=False),  # added | config | stage | promoted | replaced | rollback
+    sa.Index("ix_model_version_transitions_model_id", "model_id", "id"),
+)
+
+
+# prompt templates (revision 0003): each version's messages and variables (immutable), its stage, and every
+# transition between stages (who moved it, when)
+templates = sa.Table(
+    "templates",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+)
+template_versions = sa.Table(
+    "template_versions",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("version", sa.String(64), primary_key=True),
+    sa.Column("stage", sa.String(16), nullable=False),  # dev | staging | production | deprecated | archived
+    sa.Column("spec", sa.Text(), nullable=False),  # messages and variables (config.schema.TemplateVersionConfig)
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("created_by", sa.String(), nullable=True),  # the admin key, or "config"
+)
+template_transitions = sa.Table(
+    "template_transitions",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("from_stage", sa.String(16), nullable=True),  # None: the version was created
+    sa.Column("to_stage", sa.String(16), nullable=False),
+    sa.Column("at", UtcDateTime(), nullable=False),
+    sa.Column("by_key", sa.String(), nullable=True),
+    sa.Column("forced", sa.Boolean(), nullable=False),
+    sa.Index("ix_template_transitions_name_version", "name", "version"),
 )
 
 

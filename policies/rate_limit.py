@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from config.schema import RateLimitConfig
-from policies.base import STAGES
-from policies.context import Outcome, Reply, RequestContext, scope_member
+from policies.base import COMPLETIONS, STAGES
+from policies.context import Outcome, Reply, RequestContext, embedding_tokens, scope_member
 from policies.state import RateCharge, RateResult, StateStore, StoreUnavailable
 from protocol.errors import RateLimited, ServiceUnavailable
-from protocol.openai import ChatCompletionRequest, ParsedRequest, message_text
+from protocol.openai import ChatCompletionRequest, ParsedEmbeddings, ParsedRequest, message_text
 
 __all__ = ["RateLimitPolicy", "estimate_tokens", "reset_text"]
 
@@ -45,9 +45,11 @@ class _Charged:
     buckets: tuple[_Bucket, ...]
 
 
-def estimate_tokens(request: ParsedRequest) -> int:
+def estimate_tokens(request: ParsedRequest | ParsedEmbeddings) -> int:
     """A cheap estimate of what a request will cost in tokens: its text at 4 characters a token (token ids
     count one each) plus what it may generate (`max_tokens` per choice, 0 when unset)."""
+    if isinstance(request, ParsedEmbeddings):
+        return embedding_tokens(request)
     body = request.body
     if isinstance(body, ChatCompletionRequest):
         prompt = sum(len(message_text(m.content)) for m in body.messages) // 4
@@ -92,6 +94,7 @@ class RateLimitPolicy:
 
     name: ClassVar[str] = "rate_limit"
     stage: ClassVar[int] = STAGES["rate_limit"]
+    endpoints: ClassVar[frozenset[str]] = COMPLETIONS | {"embeddings"}
 
     def __init__(self, limits: Sequence[RateLimitConfig], store: StateStore) -> None:
         self.limits = tuple(limits)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar
 
-from policies.base import STAGES
+import msgspec
+
+from policies.base import COMPLETIONS, STAGES
 from policies.context import Outcome, Reply, RequestContext
 from policies.usage_log import UsageLog, UsageRow
 
@@ -21,6 +23,7 @@ class UsagePolicy:
 
     name: ClassVar[str] = "usage"
     stage: ClassVar[int] = STAGES["observe"]
+    endpoints: ClassVar[frozenset[str]] = COMPLETIONS | {"embeddings"}
 
     def __init__(self, log: UsageLog) -> None:
         self.log = log
@@ -38,6 +41,7 @@ class UsagePolicy:
 def row_of(ctx: RequestContext, outcome: Outcome) -> UsageRow:
     error = outcome.error
     attempt = ctx.attempts[-1] if ctx.attempts else None
+    experiment, _, variant = ctx.experiment.partition("=") if ctx.experiment else (None, "", None)
     return UsageRow(
         request_id=ctx.request_id,
         status=outcome.status,
@@ -56,4 +60,28 @@ def row_of(ctx: RequestContext, outcome: Outcome) -> UsageRow:
         cache=ctx.cache,
         http_status=None if outcome.status == "cancelled" else (error.status if error is not None else 200),
         error_code=error.code if error is not None else None,
+        experiment=experiment,
+        variant=variant,
+        completion_id=_completion_id(ctx, outcome, experiment),
     )
+
+
+class _IdView(msgspec.Struct):
+    id: str | None = None
+
+
+_id_view = msgspec.json.Decoder(_IdView).decode
+
+
+def _completion_id(ctx: RequestContext, outcome: Outcome, experiment: str | None) -> str | None:
+    """The answer's id, for feedback. A plain answer's is read from its body (every other field skipped); a
+    stream's answer is put together only for experiment requests, where feedback is what the results need."""
+    if outcome.status != "ok" or (getattr(ctx.request.body, "stream", False) and experiment is None):
+        return None
+    body = outcome.body
+    if not body:
+        return None
+    try:
+        return _id_view(body).id
+    except msgspec.DecodeError:
+        return None

@@ -60,6 +60,9 @@ class UsageRow(msgspec.Struct, kw_only=True):
     cache: str | None = None
     http_status: int | None = None
     error_code: str | None = None
+    experiment: str | None = None  # the experiment the request entered, and its variant there
+    variant: str | None = None
+    completion_id: str | None = None  # the answer's `id`, which POST /v1/feedback refers to
 
 
 _FIELDS = UsageRow.__struct_fields__

@@ -38,6 +38,7 @@ __all__ = [
     "ParsedRequest",
     "RouteRequirements",
     "StreamOptions",
+    "TemplateRef",
     "Usage",
     "decode_embedding_request",
     "decode_object",
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 # the gateway's own request fields (routing); consumed by pointsman, never sent upstream
-GATEWAY_FIELDS = frozenset({"route", "auto_select", "preferred_model", "fallback_mode", "models"})
+GATEWAY_FIELDS = frozenset({"route", "auto_select", "preferred_model", "fallback_mode", "models", "template"})
 
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 Probability = Annotated[float, Meta(ge=0, le=1)]
@@ -108,14 +109,25 @@ class _Sampling(Struct, kw_only=True):
     logprobs: Any = None
 
 
+class TemplateRef(Struct, kw_only=True, forbid_unknown_fields=True):
+    """The gateway's `template` field: a prompt template whose rendered messages go before the request's own
+    (policies/templates.py); `version` left out is the production version."""
+
+    name: NonEmpty
+    version: NonEmpty | None = None
+    variables: dict[str, Any] = {}
+
+
 class ChatCompletionRequest(_Sampling, kw_only=True):
-    messages: Annotated[list[Message], Meta(min_length=1)]
+    # may be empty only when a `template` gives the messages
+    messages: list[Message]
     max_completion_tokens: PositiveInt | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    template: TemplateRef | None = None  # a gateway field (GATEWAY_FIELDS): rendered by the template policy
 
 
 class CompletionRequest(_Sampling, kw_only=True):
@@ -178,7 +190,11 @@ def decode_request(data: bytes | dict[str, Any], kind: type[ChatCompletionReques
                    ) -> ParsedRequest:
     """Decode and validate a request body; errors become 400 with `param` naming the field."""
     raw = decode_object(data) if isinstance(data, bytes) else data
-    return ParsedRequest(_convert(raw, kind), raw)
+    body = _convert(raw, kind)
+    if type(body) is ChatCompletionRequest and not body.messages and body.template is None:
+        raise BadRequest("Invalid value for 'messages': expected at least one message (or a 'template').",
+                         param="messages")
+    return ParsedRequest(body, raw)
 
 
 def _convert(raw: dict[str, Any], kind: type[T]) -> T:

@@ -1,14 +1,34 @@
-"""Resolve the `model` field: an id or alias (manual), a profile (`auto`, `auto-fast`...), or an `a:b:c` chain."""
+"""Resolve the `model` field: an id or alias (manual), `id@version`, a profile (`auto`, `auto-fast`...), or an
+`a:b:c` chain of them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from config.schema import Config, ModelConfig, Profile
-from protocol.errors import BadRequest, ModelNotFound
+from protocol.errors import BadRequest, GatewayError, ModelNotFound
 from protocol.openai import ChatCompletionRequest, CompletionRequest
 
-__all__ = ["Element", "ModelTable", "Plan", "requested_chain"]
+__all__ = ["Element", "ModelArchived", "ModelTable", "Plan", "Versions", "requested_chain"]
+
+
+class ModelArchived(GatewayError):
+    """`id@version` names a version that was archived: gone for good (410)."""
+
+    status = 410
+    type = "invalid_request_error"
+    code = "model_archived"
+
+
+@dataclass(frozen=True, slots=True)
+class Versions:
+    """A model's versions as routing sees them: every version's stage, the served ones' configs (id@version),
+    and the version `id` resolves to (None: no version is in production, `id` serves the model's own config)."""
+
+    stages: Mapping[str, str]
+    configs: Mapping[str, ModelConfig] = field(default_factory=dict)
+    serving: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +52,11 @@ class Plan:
 class ModelTable:
     """Every routable name, built once from the config: ids, aliases, `auto` and `auto-<profile>`."""
 
-    def __init__(self, config: Config) -> None:
-        self.models: tuple[ModelConfig, ...] = tuple(config.models)
+    def __init__(self, config: Config, versions: Mapping[str, Versions] | None = None) -> None:
+        self.versions: Mapping[str, Versions] = versions or {}
+        # what each id serves: its production version's config, else its own
+        self.models: tuple[ModelConfig, ...] = tuple(self._served(m) for m in config.models)
+        self.base_ids: tuple[str, ...] = tuple(m.id for m in config.models)
         self.profiles: dict[str, Profile] = config.routing.all_profiles
         self.by_name: dict[str, Element] = {}
         for name in self.profiles:
@@ -41,16 +64,23 @@ class ModelTable:
             self.by_name[routable] = Element(routable, profile=name)
         self.by_name["auto"] = Element("auto", profile=config.routing.default_profile)
         # models last: a configured id or alias always wins over a profile name
-        for model in self.models:
-            for name in (model.id, *model.aliases):
+        for base, model in zip(config.models, self.models, strict=True):
+            for name in (base.id, *base.aliases):
                 self.by_name[name] = Element(name, model=model)
+            versions = self.versions.get(base.id)
+            for version_config in versions.configs.values() if versions else ():
+                self.by_name[version_config.id] = Element(version_config.id, model=version_config)
         # longest first, so an id that itself contains ':' matches before its prefix does
         self._names = sorted(self.by_name, key=len, reverse=True)
         self._plans: dict[str, Plan] = {name: Plan((e,)) for name, e in self.by_name.items()}
 
+    def _served(self, model: ModelConfig) -> ModelConfig:
+        versions = self.versions.get(model.id)
+        return versions.configs[versions.serving] if versions and versions.serving else model
+
     @property
     def ids(self) -> list[str]:
-        return [m.id for m in self.models]
+        return list(self.base_ids)
 
     def get(self, name: str) -> ModelConfig:
         element = self.by_name.get(name)
@@ -89,7 +119,16 @@ class ModelTable:
             return self.plan(body.model)  # the hot path: one `model` name
         return Plan(tuple(e for name in requested_chain(body) for e in self.plan(name).chain))
 
-    def not_found(self, name: str) -> ModelNotFound:
+    def not_found(self, name: str) -> GatewayError:
+        base, at, version = name.rpartition("@")
+        versions = self.versions.get(base) if at else None
+        if versions is not None:  # id@version, neither served nor known: say which
+            if versions.stages.get(version) == "archived":
+                return ModelArchived(f"Version {version} of the model '{base}' is archived: it no longer serves. "
+                                     f"Send '{base}' for its production version.", param="model")
+            known = ", ".join(f"{v} ({s})" for v, s in versions.stages.items() if s != "archived")
+            return ModelNotFound(f"The model '{base}' has no version '{version}'. Versions: {known or 'none'}.",
+                                 param="model", code="model_not_found")
         return ModelNotFound(
             f"The model '{name}' does not exist. Available models: {', '.join(self.ids)} "
             f"(or auto, {', '.join(n for n, e in self.by_name.items() if e.profile and n != 'auto')}).",

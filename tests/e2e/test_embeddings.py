@@ -152,3 +152,41 @@ def test_models_lists_it_and_auth_guards_it(server) -> None:
     assert status == 200 and "all-minilm-l6-v2" in [m["id"] for m in json.loads(raw)["data"]]
     status, _, raw = http("POST", server.url + "/v1/embeddings", {"model": "minilm", "input": "hi"})
     assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"
+
+
+def test_rate_limits_budgets_and_usage_rows_apply_to_embeddings(upstream, tmp_path) -> None:
+    """Relayed embeddings pass through the policies that understand them: a rate limit (headers, then 429), a
+    budget (its worst case is the input), and one usage row per request."""
+    import sqlite3
+
+    db = tmp_path / "usage.db"
+    config = f"""
+models:
+  - {{id: remote-embed, backend: openai, base_url: "{upstream.url}", upstream_model: mock-embedder}}
+storage: {{database_url: 'sqlite+aiosqlite:///{db}'}}
+policies:
+  rate_limits: [{{scope: user, rpm: 2}}]
+  budgets: [{{scope: user, match: thrifty, period: day, max_tokens: 5}}]
+"""
+    gateway = start_gateway(tmp_path, config)
+    try:
+        def embed(user: str, text: str = "hello") -> tuple[int, dict, dict]:
+            status, headers, raw = http("POST", gateway.url + "/v1/embeddings",
+                                        {"model": "remote-embed", "input": text, "user": user})
+            return status, {k.lower(): v for k, v in headers.items()}, json.loads(raw)
+
+        status, headers, _ = embed("alice")
+        assert status == 200 and headers["x-ratelimit-limit-requests"] == "2"
+        assert embed("alice")[0] == 200
+        status, headers, body = embed("alice")
+        assert status == 429 and body["error"]["code"] == "rate_limit_exceeded" and "retry-after" in headers
+        status, _, body = embed("thrifty", "a rather long input that cannot fit a five token budget")
+        assert status == 429 and body["error"]["code"] == "budget_exceeded"
+    finally:
+        gateway.stop()
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT user, status, model_served, prompt_tokens, http_status FROM usage_rows "
+                            "ORDER BY id").fetchall()
+    assert [(r[0], r[1], r[4]) for r in rows] == [("alice", "ok", 200), ("alice", "ok", 200),
+                                                   ("alice", "error", 429), ("thrifty", "error", 429)]
+    assert rows[0][2] == "remote-embed" and rows[0][3] is not None

@@ -8,15 +8,20 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from policies.database import metadata, migrate, open_engine
+from policies.database import alembic_config, metadata, migrate, open_engine
 from tests.policies.conftest import PG_URL
 
 COLUMNS = {"id", "request_id", "created_at", "key_id", "user", "team", "model_requested", "model_served", "route",
            "task", "prompt_tokens", "completion_tokens", "cost_usd", "latency_ms", "ttft_ms", "cache", "status",
-           "http_status", "error_code"}
-INDEXES = {"ix_usage_rows_created_at": ["created_at"], "ix_usage_rows_key_id_created_at": ["key_id", "created_at"]}
+           "http_status", "error_code", "experiment", "variant", "completion_id"}
+INDEXES = {"ix_usage_rows_created_at": ["created_at"], "ix_usage_rows_key_id_created_at": ["key_id", "created_at"],
+           "ix_usage_rows_experiment_id": ["experiment", "id"], "ix_usage_rows_completion_id": ["completion_id"]}
+TABLES = {"usage_rows", "alembic_version", "experiments", "feedback", "templates", "template_versions",
+          "template_transitions", "model_versions", "model_version_transitions"}
+HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()  # the newest revision
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # fixtures and tests share one loop
 
@@ -50,15 +55,15 @@ async def _check_migrate_twice(engine: AsyncEngine, schema: str | None) -> None:
     await migrate(engine, schema=schema)
     assert any("usage_rows" in s for s in ddl)
     tables, columns, indexes, versions = await _inspect(engine, schema)
-    assert {"usage_rows", "alembic_version"} <= tables
+    assert tables == TABLES
     assert columns == COLUMNS
     assert indexes == INDEXES
-    assert versions == ["0001"]
+    assert versions == [HEAD]
 
     ddl.clear()
     await migrate(engine, schema=schema)  # at head already: nothing to do
     assert ddl == []
-    assert (await _inspect(engine, schema))[3] == ["0001"]
+    assert (await _inspect(engine, schema))[3] == [HEAD]
 
     def diff(connection: sa.Connection) -> list:  # the revisions and the app's table metadata agree
         return compare_metadata(MigrationContext.configure(connection), metadata)
@@ -96,7 +101,7 @@ async def test_concurrent_migrations_on_postgresql_serialize(pg_schema: str) -> 
     await asyncio.gather(*(migrate(PG_URL, schema=pg_schema) for _ in range(4)))
     engine = open_engine(PG_URL, schema=pg_schema)
     try:
-        assert (await _inspect(engine, pg_schema))[3] == ["0001"]
+        assert (await _inspect(engine, pg_schema))[3] == [HEAD]
     finally:
         await engine.dispose()
 
