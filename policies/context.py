@@ -114,7 +114,7 @@ class RequestContext:
 def scope_member(scope: str, match: str | None, ctx: RequestContext, model: str | None) -> str | None:
     """Who in a budget's or a limit's scope (global, key, user, team, model) this request counts against: "*"
     for global, the caller's key ("anonymous" without one), user, team, or `model`; None when the scope does not
-    apply to it (no user, no team, no model) or `match` names someone else."""
+    apply to it (no user, no team, no model) or `match` names someone else. A model's versions are the model."""
     if scope == "global":
         return "*"
     if scope == "key":
@@ -123,8 +123,8 @@ def scope_member(scope: str, match: str | None, ctx: RequestContext, model: str 
         member = ctx.user
     elif scope == "team":
         member = ctx.principal.team
-    else:
-        member = model
+    else:  # every version of a model (id@1.2.0) counts as the model
+        member = model.partition("@")[0] if model else model
     if member is None or (match is not None and member != match):
         return None
     return member

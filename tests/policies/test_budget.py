@@ -13,7 +13,7 @@ import pytest
 from config.loader import parse_config
 from config.schema import BudgetConfig, ModelConfig
 from policies.budget import BudgetPolicy, estimate_prompt_tokens, period_window, worst_case_tokens
-from policies.context import Outcome, Principal, RequestContext
+from policies.context import Outcome, Principal, RequestContext, scope_member
 from policies.redis_state import RedisStore
 from policies.state import StateStore
 from protocol.errors import BudgetExceeded, ServiceUnavailable
@@ -335,3 +335,11 @@ async def test_remaining_lists_the_callers_budgets(store: StateStore) -> None:
     ]
     with pytest.raises(BudgetExceeded):  # the model budget of 10 is not listed but is enforced
         await p.approve(ctx(user="bob"), decision("big"))
+
+
+async def test_a_model_scope_counts_every_version_as_the_model() -> None:
+    ctx = RequestContext(decode_request(b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}]}',
+                                        ChatCompletionRequest))
+    assert scope_member("model", "chat", ctx, "chat@2.0.0") == "chat"
+    assert scope_member("model", None, ctx, "chat@2.0.0") == "chat"
+    assert scope_member("model", "chat", ctx, "other") is None
