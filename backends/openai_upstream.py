@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,11 +33,14 @@ from protocol.errors import (
 )
 from protocol.openai import GATEWAY_FIELDS, ChatCompletionRequest, ParsedEmbeddings, ParsedRequest
 
-__all__ = ["OpenAIBackend", "Upstream", "open_transport", "translate_transport_error"]
+__all__ = ["OUTGOING_HEADERS", "OpenAIBackend", "Upstream", "open_transport", "translate_transport_error"]
 
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
 _PROBE_TIMEOUT_S = 2.0
+# extra headers for this task's next upstream request (W3C traceparent, set by gateway/tracing.py around one
+# attempt); None, the default, when tracing is off: the request then goes out with the transport's own headers
+OUTGOING_HEADERS: ContextVar[dict[str, str] | None] = ContextVar("pointsman_outgoing_headers", default=None)
 
 
 class _AnyObject(msgspec.Struct):
@@ -117,7 +121,7 @@ class Upstream:
         """The whole response body of a 2xx; raises UpstreamStatusError (status, body, headers) for >= 400."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                response = await self.transport.request("POST", path, body, None, self.timeout_s)
+                response = await self.transport.request("POST", path, body, OUTGOING_HEADERS.get(), self.timeout_s)
                 found = self._relay(response.relayed_headers(), relay)
                 content = await response.body()
         except (TimeoutError, TransportError) as exc:
@@ -135,7 +139,7 @@ class Upstream:
         url = self.base_url + path
         finished: set[int] = set()
         try:
-            response = await self.transport.request("POST", path, body, None, self.timeout_s)
+            response = await self.transport.request("POST", path, body, OUTGOING_HEADERS.get(), self.timeout_s)
             found = self._relay(response.relayed_headers(), relay)
             if response.status >= 400:
                 raise UpstreamStatusError(response.status, await response.body(), headers=found)

@@ -30,6 +30,8 @@ __all__ = [
     "check_experiments",
     "FREE",
     "LaunchConfig",
+    "LoggingConfig",
+    "MetricsConfig",
     "ModelConfig",
     "ModelVersion",
     "OpenAIModel",
@@ -43,6 +45,7 @@ __all__ = [
     "TemplateMessage",
     "TemplateVariable",
     "TemplateVersionConfig",
+    "TracingConfig",
     "TransformersModel",
     "VERSION_STAGES",
     "VLLMModel",
@@ -548,6 +551,29 @@ class TemplateConfig(_Frozen, kw_only=True):
             raise ValueError(f"template {self.name!r}: at most one version may be in production")
 
 
+class TracingConfig(_Frozen, kw_only=True):
+    """OpenTelemetry traces (gateway/tracing.py): off by default, and then the request path makes no spans."""
+
+    enabled: bool = False
+    exporter: Literal["otlp", "none"] = "otlp"  # none: spans are made and sampled but sent nowhere (benchmarks)
+    endpoint: URL = "http://127.0.0.1:4318/v1/traces"  # OTLP over HTTP (protobuf)
+    service_name: str = "pointsman"
+    sample_ratio: Unit = 1.0  # of root traces; a client's sampled traceparent is followed (parent-based)
+
+
+class MetricsConfig(_Frozen, kw_only=True):
+    """Prometheus `GET /metrics` and the per-request series (policies/metrics.py): off by default, so a chain
+    with no policies stays free."""
+
+    enabled: bool = False
+
+
+class LoggingConfig(_Frozen, kw_only=True):
+    """`requests: true`: one JSON line per request on the `pointsman.requests` logger (stderr); off by default."""
+
+    requests: bool = False
+
+
 def check_templates(templates: list[TemplateConfig]) -> None:
     names = [t.name for t in templates]
     if len(set(names)) != len(names):
@@ -564,6 +590,9 @@ class Config(_Frozen, kw_only=True):
     engines: EnginesConfig = EnginesConfig()
     templates: list[TemplateConfig] = []
     experiments: list[ExperimentConfig] = []
+    tracing: TracingConfig = TracingConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     def __post_init__(self) -> None:
         check_templates(self.templates)

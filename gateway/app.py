@@ -9,6 +9,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, Router, get, post
@@ -23,6 +24,7 @@ from gateway.admin import admin_guard, admin_router
 from gateway.admin_experiments import experiments_router
 from gateway.admin_templates import templates_router
 from gateway.auth import KeyCheck, principal_of
+from gateway.metrics import CONTENT_TYPE_LATEST, Metrics, observe_policies
 from gateway.openapi import (
     CHAT,
     CHAT_OK,
@@ -42,6 +44,7 @@ from gateway.request_id import request_id_of, request_ids
 from gateway.responses import JSONBody, SSEStream, Watches, nothing, replay
 from gateway.service import Gateway
 from gateway.storage import Storage
+from gateway.websocket import websocket_router
 from policies.base import Policy, PolicyChain
 from policies.context import Outcome, Reply, RequestContext
 from policies.experiments import add_feedback, decode_feedback
@@ -57,6 +60,9 @@ from protocol.openai import (
     decode_object,
     decode_request,
 )
+
+if TYPE_CHECKING:
+    from gateway.tracing import Tracing  # imported (with OpenTelemetry) only when tracing is enabled
 
 __all__ = ["create_app"]
 
@@ -99,6 +105,8 @@ async def _generate(request: Request, kind: type[ChatCompletionRequest] | type[C
     state = request.app.state
     pipeline: Pipeline = state.pipeline
     ctx = _context(request, decode_request(await request.body(), kind), pipeline.has_policies)
+    if pipeline.tracing is not None:  # the client's traceparent: the request span becomes its child
+        pipeline.tracing.accept(ctx, request.scope["headers"])
     stream = ctx.request.body.stream
     watch = state.watches.watch(request.receive)
     try:
@@ -246,6 +254,16 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@get("/metrics", summary="Prometheus metrics (metrics.enabled)", include_in_schema=False)
+async def metrics_page(request: Request) -> Response:
+    metrics: Metrics | None = request.app.state.metrics
+    extra: Callable[[], bytes] | None = request.app.state.extra_metrics  # `pointsman engine`'s load gauges
+    if metrics is None and extra is None:
+        raise HTTPException(status_code=404, detail="Metrics are off: set metrics.enabled in the config.")
+    page = await metrics.render() if metrics is not None else b""
+    return Response(page + (extra() if extra is not None else b""), media_type=CONTENT_TYPE_LATEST)
+
+
 @get("/ready", summary="Readiness: every eager model loaded or its upstream reachable")
 async def ready(request: Request) -> Response:
     states = await _gateway(request).ready()
@@ -284,10 +302,16 @@ def _render_unexpected(request: Request, exc: Exception) -> Response:
 
 
 def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
-               policies: Iterable[Policy] = (), reload_from: Callable[[], Config] | None = None) -> Litestar:
+               policies: Iterable[Policy] = (), reload_from: Callable[[], Config] | None = None,
+               tracing: Tracing | None = None, extra_metrics: Callable[[], bytes] | None = None) -> Litestar:
     """The app for one config. `backends` replaces the ones the config would build; `policies` run on every
     completion request in their fixed stage order; `reload_from` reads the config again for POST /admin/reload
-    and SIGHUP (its models are reloaded; see Gateway.reload)."""
+    and SIGHUP (its models are reloaded; see Gateway.reload). `tracing` replaces the one `config.tracing` would
+    build (tests hand one with an in-memory exporter)."""
+    if tracing is None and config.tracing.enabled:
+        from gateway.tracing import Tracing
+
+        tracing = Tracing(config.tracing)
     gateway = Gateway(config, backends)
     storage = Storage(config.storage)
     versions = VersionRegistry(storage.engine, storage.state, {m.id: m.versions for m in config.models})
@@ -326,6 +350,8 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
             await versions.aclose()
             await gateway.aclose()
             await storage.aclose()  # after the last request: its usage row is written too
+            if tracing is not None:
+                await asyncio.to_thread(tracing.shutdown)  # flushes the spans still batched
 
     guards = [keys] if keys.enabled else []
     # the completion routes add x-request-id themselves; Litestar's own responses get it from the middleware
@@ -335,11 +361,14 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     # the earlier prototype served /models/recommend without the /v1 prefix; keep that path working
     legacy = Router(path="/", route_handlers=[recommend], guards=guards, middleware=[request_ids])
     probes = Router(path="/", route_handlers=[health, ready], middleware=[request_ids])
+    # /metrics asks for a key whenever keys are on
+    scrape = Router(path="/", route_handlers=[metrics_page], guards=guards, middleware=[request_ids])
     admin = admin_router(keys, [request_ids])
     experiments_admin = experiments_router(admin_guard(keys), [request_ids])
     templates_admin = templates_router(admin_guard(keys), keys, [request_ids])
     app = Litestar(
-        route_handlers=[hot, v1, legacy, probes, admin, experiments_admin, templates_admin],
+        route_handlers=[hot, v1, legacy, probes, scrape, admin, experiments_admin, templates_admin,
+                        websocket_router(guards)],  # /v1/chat/completions/ws, on the /v1 guards
         lifespan=[lifespan],
         exception_handlers={
             GatewayError: _render_gateway_error,
@@ -359,7 +388,10 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     own = storage.policies(config.policies, lambda name: gateway.table.resolve(name))
     own += storage.template_policy(config.templates)
     own += storage.experiment_policy(config.experiments, lambda name: _routable(gateway, name))
-    app.state.pipeline = Pipeline(gateway, PolicyChain([*policies, *own]))
+    app.state.metrics, observing = observe_policies(config, gateway)  # metrics and JSON request lines
+    app.state.extra_metrics = extra_metrics
+    own += observing
+    app.state.pipeline = Pipeline(gateway, PolicyChain([*policies, *own]), tracing)
     app.state.watches = Watches()
     return app
 

@@ -7,8 +7,10 @@ import argparse
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -99,13 +101,27 @@ def serve(args: argparse.Namespace) -> int:
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     stop = threading.Event()
     threading.Thread(target=_announce_when_ready, args=(url, config, stop), daemon=True).start()
+    metrics_dir = _metrics_dir(config, workers)
     try:
         run_server(config, host, port, workers)
     finally:
         stop.set()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         if engines is not None:
             engines.stop()
     return 0
+
+
+def _metrics_dir(config: Config, workers: int) -> str | None:
+    """With several workers and metrics on, a fresh directory for prometheus-client's multiprocess mode (set
+    before the workers import it; removed on exit), so any worker's /metrics counts every worker's requests.
+    None when there is nothing to make, or the operator set PROMETHEUS_MULTIPROC_DIR (theirs to clean)."""
+    if workers <= 1 or not config.metrics.enabled or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    path = tempfile.mkdtemp(prefix="pointsman-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
 
 
 def _engines_for_workers(config: Config, workers: int) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import msgspec.structs
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar
 
 from backends.base import EngineStats
 from config.schema import Config, ModelConfig, PoliciesConfig, RoutingConfig, StorageConfig
@@ -17,7 +17,6 @@ _GAUGES = (
     ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", "waiting"),
     ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", "kv_cache_usage"),
 )
-_PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def find_model(config: Config, name: str) -> ModelConfig | None:
@@ -53,20 +52,17 @@ def render_metrics(model_name: str, stats: EngineStats | None) -> bytes:
     return ("\n".join(lines) + "\n").encode() if lines else b""
 
 
-@get("/metrics", summary="Load gauges in Prometheus text format, named as vLLM names them", include_in_schema=False)
-async def metrics(request: Request) -> Response:
-    model: ModelConfig = request.app.state.engine_model
-    stats = getattr(request.app.state.gateway.backends[model.id], "stats", None)
-    return Response(render_metrics(model.id, stats() if stats is not None else None), media_type=_PROMETHEUS_TEXT)
-
-
 def create_engine_app(config: Config) -> Litestar:
     """The gateway app for a one-model config, plus /metrics; the model loads before the port opens (uvicorn
     binds after the startup hooks), so a supervisor's /health probe means "ready", as with `vllm serve`."""
-    app = create_app(config)
     model = config.models[0]
+
+    def load_gauges() -> bytes:
+        stats = getattr(app.state.gateway.backends[model.id], "stats", None)
+        return render_metrics(model.id, stats() if stats is not None else None)
+
+    app = create_app(config, extra_metrics=load_gauges)  # /metrics: these, and the gateway's own when enabled
     app.state.engine_model = model
-    app.register(metrics)
 
     async def load_model() -> None:
         await app.state.gateway.backends[model.id].start()

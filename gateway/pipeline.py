@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 
@@ -21,6 +21,9 @@ from policies.context import Outcome, Reply, RequestContext
 from protocol.errors import GatewayError, UpstreamError
 from protocol.openai import chunk_view
 from routing.router import Attempt, Decision
+
+if TYPE_CHECKING:
+    from gateway.tracing import Tracing
 
 __all__ = ["Pipeline", "Served", "StreamStart"]
 
@@ -75,11 +78,20 @@ class Pipeline:
     """Runs requests through the policy chain and the gateway's models. `settle` is the caller's to run on
     success (after the response is written); every other ending is settled here."""
 
-    def __init__(self, gateway: Gateway, policies: PolicyChain) -> None:
+    def __init__(self, gateway: Gateway, policies: PolicyChain, tracing: Tracing | None = None) -> None:
         self.gateway = gateway
         self.policies = policies
         self.has_policies = bool(policies)  # read on every request: a plain attribute, not a __bool__ call
         self.embedding_policies = policies.for_endpoint("embeddings")  # rate limits, budgets, usage rows
+        self._decide = gateway.decide
+        # tracing: None when off, and then the request path is exactly the untraced one (one `is None` per
+        # attempt); when on, traced wrappers shadow the entry points, the decision and the policy chain
+        self.tracing = tracing
+        if tracing is not None:
+            self.policies = tracing.policies(policies)  # type: ignore[assignment]
+            self._decide = tracing.decide(gateway.decide)
+            self.complete = lambda ctx: tracing.complete(ctx, lambda: Pipeline.complete(self, ctx))  # type: ignore[method-assign]
+            self.stream = lambda ctx: tracing.stream(ctx, lambda: Pipeline.stream(self, ctx))  # type: ignore[method-assign]
 
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
         if self.has_policies:
@@ -91,7 +103,7 @@ class Pipeline:
         reply = await policies.admit(ctx)
         if reply is not None:
             return reply
-        decision = ctx.decision = await self.gateway.decide(ctx.request)
+        decision = ctx.decision = await self._decide(ctx.request)
         await policies.approve(ctx, decision)
         return decision
 
@@ -102,7 +114,7 @@ class Pipeline:
                 if isinstance(prepared, Reply):
                     return prepared
             else:  # no policies: straight to the decision (one coroutine fewer on the hottest path)
-                prepared = ctx.decision = await self.gateway.decide(ctx.request)
+                prepared = ctx.decision = await self._decide(ctx.request)
             request = ctx.request
             attempt, lease, relayed, body = await self._first_success(
                 ctx, prepared, lambda backend, index, headers: backend.complete(request, index, headers)
@@ -167,7 +179,7 @@ class Pipeline:
                 if isinstance(prepared, Reply):
                     return prepared
             else:
-                prepared = ctx.decision = await self.gateway.decide(ctx.request)
+                prepared = ctx.decision = await self._decide(ctx.request)
             attempt, lease, relayed, (first, rest) = await self._first_success(ctx, prepared, open_stream)
         except BaseException as exc:
             await self.settle(ctx, _outcome_of(exc))
@@ -183,7 +195,7 @@ class Pipeline:
         """Try the decision's models in order and each one's deployments in the balancer's order, until `call`
         succeeds: retryable failures (connect, timeout, 5xx, 429) move on, anything else ends the request.
         Returns the attempt, its lease, the upstream headers to relay (Retry-After, x-ratelimit-*) and the result."""
-        gateway = self.gateway
+        gateway, tracing = self.gateway, self.tracing
         last: GatewayError | None = None
         for attempt in decision.attempts:
             backend, pool = gateway.backends.get(attempt.model.id), gateway.pools.get(attempt.model.id)
@@ -196,7 +208,10 @@ class Pipeline:
                 ctx.attempts.append(lease.record)
                 relayed: dict[str, str] = {}
                 try:
-                    result = await call(backend, index, relayed)
+                    if tracing is None:
+                        result = await call(backend, index, relayed)
+                    else:  # a client span per attempt, its id sent upstream as the traceparent
+                        result = await tracing.attempt(ctx, attempt, backend, index, call, relayed)
                 except UpstreamError as exc:
                     lease.fail(exc)
                     if not exc.retryable:

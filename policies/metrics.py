@@ -85,7 +85,8 @@ class MetricsPolicy:
         self.metrics = metrics
         self.log = logging.getLogger(REQUEST_LOG) if log_requests else None
         self._series: dict[tuple[str, str, str], _Series] = {}
-        self._cache = {} if metrics is None else {r: metrics.cache.labels(r) for r in ("hit", "semantic-hit", "miss", "bypass")}
+        results = ("hit", "semantic-hit", "miss", "bypass")
+        self._cache = {} if metrics is None else {r: metrics.cache.labels(r) for r in results}
         self._encode = msgspec.json.Encoder().encode
 
     async def admit(self, ctx: RequestContext) -> Reply | None:

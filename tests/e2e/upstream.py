@@ -8,7 +8,8 @@ to about N bytes, `garbage` answers 200 with a body that is not JSON, `nodone` e
 `x-ratelimit-remaining-requests: 99`.
 A directive written `status:503@model-a` applies only on the upstream started with `--name model-a`.
 A request with `continue_final_message` and a final assistant message streams the rest of the echo after it.
-Non-streaming answers carry `x_received` (the body and Authorization header it got) for pass-through checks.
+Non-streaming answers carry `x_received` (the body, Authorization and traceparent headers it got) for
+pass-through checks.
 POST /v1/embeddings answers a vector per input made from the text's sha256 (`dimensions` long, default 8), as
 floats or base64 float32 as asked; a `status:N` directive in an input answers that HTTP error.
 """
@@ -119,7 +120,8 @@ class Upstream:
             choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
             obj = "text_completion"
         answer = {"id": "mock-1", "object": obj, "created": created, "model": model, "choices": [choice],
-                  "usage": usage, "x_received": {"body": body, "authorization": request.headers.get("authorization")}}
+                  "usage": usage, "x_received": {"body": body, "authorization": request.headers.get("authorization"),
+                                 "traceparent": request.headers.get("traceparent")}}
         return web.json_response(answer, headers={"x-ratelimit-remaining-requests": "99"})
 
     async def embeddings(self, request: web.Request) -> web.Response:
@@ -145,7 +147,8 @@ class Upstream:
         tokens = sum(len(i.split()) if isinstance(i, str) else len(i) for i in inputs)
         answer = {"object": "list", "data": data, "model": body.get("model", self.name),
                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-                  "x_received": {"body": body, "authorization": request.headers.get("authorization")}}
+                  "x_received": {"body": body, "authorization": request.headers.get("authorization"),
+                                 "traceparent": request.headers.get("traceparent")}}
         return web.json_response(answer, headers={"x-ratelimit-remaining-requests": "99"})
 
     async def _stream(self, request, body, chat, text, model, usage, created, prompt) -> web.StreamResponse:

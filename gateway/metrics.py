@@ -1,0 +1,90 @@
+"""GET /metrics: the metrics policy's series plus gauges read from the gateway's pools at scrape time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from config.schema import Config
+from gateway.service import Gateway
+from policies.base import Policy
+from policies.metrics import REQUEST_LOG, MetricsPolicy, RequestMetrics
+
+__all__ = ["CONTENT_TYPE_LATEST", "MULTIPROC_ENV", "GatewayCollector", "Metrics", "observe_policies"]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by `pointsman serve` with several workers (gateway/cli.py)
+_BREAKER = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+
+
+class GatewayCollector:
+    """Gauges nobody needs to update per request: read from the live pools when scraped (reloads included)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily("pointsman_upstream_in_flight", "Attempts waiting on a model now",
+                                      labels=["model"])
+        breakers = GaugeMetricFamily("pointsman_circuit_breaker_state",
+                                     "Circuit breaker per deployment: 0 closed, 1 half_open, 2 open",
+                                     labels=["model", "deployment"])
+        for model_id, pool in list(self.gateway.pools.items()):
+            in_flight.add_metric([model_id], sum(state.in_flight for state in pool.states))
+            for state, breaker in zip(pool.states, pool.breakers, strict=True):
+                breakers.add_metric([model_id, state.key], _BREAKER.get(breaker.state, 0.0))
+        yield in_flight
+        yield breakers
+
+
+class Metrics:
+    """The app's metrics. One worker: one registry holds everything. Several workers (PROMETHEUS_MULTIPROC_DIR
+    set before the workers import prometheus_client): counters and histograms live in the shared directory and
+    any worker's scrape sums them all; the gauges are the answering worker's own pools (each worker has its own
+    breakers and in-flight counts)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = RequestMetrics(self.registry)
+        self.gauges = GatewayCollector(gateway)
+        if self.multiprocess:
+            self.exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.exposed)
+        else:
+            self.exposed = self.registry
+        self.exposed.register(self.gauges)
+
+    async def render(self) -> bytes:
+        """The Prometheus text page; several workers' files are read off the event loop."""
+        if self.multiprocess:
+            return await asyncio.to_thread(generate_latest, self.exposed)
+        return generate_latest(self.exposed)
+
+
+def observe_policies(config: Config, gateway: Gateway) -> tuple[Metrics | None, list[Policy]]:
+    """The metrics (when `metrics.enabled`) and the policy that feeds them and writes the JSON request lines
+    (when `logging.requests`); no policy at all when both are off, so the chain stays free."""
+    metrics = Metrics(gateway) if config.metrics.enabled else None
+    if config.logging.requests:
+        _json_lines()
+    if metrics is None and not config.logging.requests:
+        return None, []
+    return metrics, [MetricsPolicy(metrics.requests if metrics is not None else None, config.logging.requests)]
+
+
+def _json_lines() -> None:
+    """The request logger writes bare JSON lines to stderr, whatever format the root logger has."""
+    logger = logging.getLogger(REQUEST_LOG)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if not any(getattr(h, "_pointsman_json", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._pointsman_json = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)

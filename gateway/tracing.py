@@ -1,0 +1,232 @@
+"""OpenTelemetry traces of the request path: a GenAI-convention span per request, child spans per step."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Span, SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from backends.openai_upstream import OUTGOING_HEADERS
+from config.schema import TracingConfig
+from policies.base import PolicyChain
+from policies.context import Outcome, Reply, RequestContext
+from protocol.errors import GatewayError, UpstreamStatusError
+from protocol.openai import ChatCompletionRequest, chunk_view
+
+if TYPE_CHECKING:
+    from routing.router import Attempt
+
+__all__ = ["TracedPolicies", "Tracing"]
+
+T = TypeVar("T")
+_PROPAGATOR = TraceContextTextMapPropagator()
+_SPAN = "trace_span"  # ctx.state key: the request's span, parent of every step's span (settle runs after it ends)
+_PARENT = "trace_parent"  # ctx.state key: the client's traceparent/tracestate, when it sent one
+
+
+def _error_type(exc: BaseException) -> str:
+    code = getattr(exc, "code", None) if isinstance(exc, GatewayError) else None
+    return code or type(exc).__name__
+
+
+def _fail(span: Span, exc: BaseException) -> None:
+    span.set_attribute("error.type", _error_type(exc))
+    if isinstance(exc, UpstreamStatusError):
+        span.set_attribute("http.response.status_code", exc.status)
+    span.set_status(StatusCode.ERROR, str(exc)[:200])
+
+
+class Tracing:
+    """Built only when `tracing.enabled`: the pipeline holds None otherwise and makes no span and no context.
+    Spans are parented explicitly through the request context, so a step that runs in another task (settle
+    after the body is written, the rest of a stream) still joins its request's trace."""
+
+    def __init__(self, config: TracingConfig, processor: SpanProcessor | None = None) -> None:
+        self.provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}),
+                                       sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
+        if processor is None and config.exporter == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            # batched, exported from the processor's own thread: never on the event loop
+            processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=config.endpoint))
+        if processor is not None:
+            self.provider.add_span_processor(processor)
+        self.tracer = self.provider.get_tracer("pointsman")
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporter (blocking: call it from a thread)."""
+        self.provider.shutdown()
+
+    @staticmethod
+    def accept(ctx: RequestContext, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """Keep the client's W3C trace context (traceparent, tracestate) for the request span."""
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers
+                   if k == b"traceparent" or k == b"tracestate"}
+        if carrier:
+            ctx.state[_PARENT] = carrier
+
+    def _child_context(self, ctx: RequestContext) -> Context | None:
+        span = ctx.state.get(_SPAN)
+        return trace.set_span_in_context(span) if span is not None else None
+
+    def _start_request(self, ctx: RequestContext) -> Span:
+        body = ctx.request.body
+        operation = "chat" if isinstance(body, ChatCompletionRequest) else "text_completion"
+        attributes: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.request.model": body.model,
+                                      "pointsman.request_id": ctx.request_id}
+        if (max_tokens := ctx.request.max_new_tokens) is not None:
+            attributes["gen_ai.request.max_tokens"] = max_tokens
+        if body.temperature is not None:
+            attributes["gen_ai.request.temperature"] = body.temperature
+        if body.top_p is not None:
+            attributes["gen_ai.request.top_p"] = body.top_p
+        carrier = ctx.state.get(_PARENT)
+        parent = _PROPAGATOR.extract(carrier) if carrier else None
+        span = self.tracer.start_span(f"{operation} {body.model}", context=parent, kind=SpanKind.SERVER,
+                                      attributes=attributes)
+        ctx.state[_SPAN] = span
+        return span
+
+    @staticmethod
+    def _end_request(ctx: RequestContext, span: Span, body: bytes | None = None) -> None:
+        if ctx.model is not None:
+            span.set_attribute("gen_ai.response.model", ctx.model)
+        if ctx.route is not None:
+            span.set_attribute("pointsman.route", ctx.route)
+        if ctx.prompt_tokens is not None:
+            span.set_attribute("gen_ai.usage.input_tokens", ctx.prompt_tokens)
+        if ctx.completion_tokens is not None:
+            span.set_attribute("gen_ai.usage.output_tokens", ctx.completion_tokens)
+        if ctx.cache is not None:
+            span.set_attribute("pointsman.cache", ctx.cache)
+        if body is not None and span.is_recording():
+            try:  # skips everything but the choices' finish_reason: one cheap decode, only while traced
+                reasons = [c.finish_reason for c in chunk_view(body).choices if c.finish_reason]
+            except msgspec.DecodeError:
+                reasons = []
+            if reasons:
+                span.set_attribute("gen_ai.response.finish_reasons", reasons)
+        span.end()
+
+    async def complete(self, ctx: RequestContext, run: Callable[[], Awaitable[T]]) -> T:
+        """Run a plain request's steps under its span; the span ends with the answer (settle joins it later)."""
+        span = self._start_request(ctx)
+        with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+            try:
+                result = await run()
+            except BaseException as exc:
+                _fail(span, exc)
+                self._end_request(ctx, span)
+                raise
+        self._end_request(ctx, span, None if isinstance(result, Reply) else getattr(result, "body", None))
+        return result
+
+    async def stream(self, ctx: RequestContext, run: Callable[[], Awaitable[T]]) -> T:
+        """As `complete`, but a stream's span ends when its last chunk has gone (or it broke, or the client left)."""
+        span = self._start_request(ctx)
+        with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+            try:
+                result = await run()
+            except BaseException as exc:
+                _fail(span, exc)
+                self._end_request(ctx, span)
+                raise
+        if isinstance(result, Reply):
+            self._end_request(ctx, span)
+        else:
+            result.rest = self._until_end(ctx, span, result.rest)  # type: ignore[attr-defined]
+        return result
+
+    async def _until_end(self, ctx: RequestContext, span: Span, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in rest:
+                yield chunk
+        except BaseException as exc:
+            _fail(span, exc)
+            raise
+        finally:
+            await rest.aclose()  # type: ignore[attr-defined]
+            self._end_request(ctx, span)
+
+    def decide(self, decide: Callable[[Any], Awaitable[T]]) -> Callable[[Any], Awaitable[T]]:
+        """Gateway.decide under a `route` span (a child of the current request span)."""
+        tracer = self.tracer
+
+        async def traced(request: Any) -> T:
+            with tracer.start_as_current_span("route") as span:
+                decision = await decide(request)
+                span.set_attribute("pointsman.chain", [a.model.id for a in getattr(decision, "attempts", ())])
+                return decision
+
+        return traced
+
+    async def attempt(self, ctx: RequestContext, attempt: Attempt, backend: Any, index: int,
+                      call: Callable[[Any, int, dict[str, str]], Awaitable[T]], relayed: dict[str, str]) -> T:
+        """One try of one deployment, as a client span whose id goes upstream in the `traceparent` header."""
+        attributes: dict[str, Any] = {"gen_ai.request.model": attempt.model.id, "pointsman.deployment": index,
+                                      "pointsman.route": attempt.route}
+        upstreams = getattr(backend, "upstreams", None)
+        if upstreams is not None and index < len(upstreams):
+            url = urlsplit(upstreams[index].base_url)
+            attributes["server.address"] = url.hostname or ""
+            if url.port is not None:
+                attributes["server.port"] = url.port
+        span = self.tracer.start_span(f"upstream {attempt.model.id}", context=self._child_context(ctx),
+                                      kind=SpanKind.CLIENT, attributes=attributes)
+        outgoing: dict[str, str] = {}
+        _PROPAGATOR.inject(outgoing, context=trace.set_span_in_context(span))
+        token = OUTGOING_HEADERS.set(outgoing)
+        try:
+            return await call(backend, index, relayed)
+        except BaseException as exc:
+            _fail(span, exc)
+            raise
+        finally:
+            OUTGOING_HEADERS.reset(token)
+            span.end()
+
+    def policies(self, chain: PolicyChain) -> TracedPolicies:
+        return TracedPolicies(self, chain)
+
+
+class TracedPolicies:
+    """A PolicyChain whose three phases each run under a span: `policies.admit`, `.approve`, `.settle`."""
+
+    __slots__ = ("chain", "tracing")
+
+    def __init__(self, tracing: Tracing, chain: PolicyChain) -> None:
+        self.tracing, self.chain = tracing, chain
+
+    def __bool__(self) -> bool:
+        return bool(self.chain)
+
+    def for_endpoint(self, endpoint: str) -> PolicyChain:
+        return self.chain.for_endpoint(endpoint)
+
+    def _span(self, ctx: RequestContext, name: str):
+        return self.tracing.tracer.start_as_current_span(name, context=self.tracing._child_context(ctx))
+
+    async def admit(self, ctx: RequestContext) -> Reply | None:
+        with self._span(ctx, "policies.admit") as span:
+            reply = await self.chain.admit(ctx)
+            span.set_attribute("pointsman.answered", reply is not None)
+            return reply
+
+    async def approve(self, ctx: RequestContext, decision: Any) -> None:
+        with self._span(ctx, "policies.approve"):
+            await self.chain.approve(ctx, decision)
+
+    async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
+        with self._span(ctx, "policies.settle") as span:
+            span.set_attribute("pointsman.outcome", outcome.status)
+            await self.chain.settle(ctx, outcome)

@@ -1,0 +1,192 @@
+"""Chat completions over a WebSocket (/v1/chat/completions/ws): JSON requests in, the SSE stream's chunks out."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Sequence
+
+import msgspec
+from litestar import Router, WebSocket, websocket
+from litestar.exceptions import WebSocketDisconnect
+
+from gateway.auth import principal_of
+from gateway.pipeline import Pipeline
+from gateway.request_id import request_id_of
+from policies.context import Outcome, Principal, Reply, RequestContext
+from protocol.errors import GatewayError, error_body
+from protocol.openai import ChatCompletionRequest, decode_object, decode_request
+
+__all__ = ["MAX_PENDING", "websocket_router"]
+
+log = logging.getLogger("pointsman")
+
+# requests a client may send ahead of the one being answered; past that its reads wait (TCP backpressure)
+MAX_PENDING = 16
+_DONE_KEY = "done"
+_POLICY_HEADERS = frozenset({b"cache-control", b"x-pointsman-cache-ttl"})  # as on the HTTP routes
+_GONE = (OSError, WebSocketDisconnect)  # uvicorn's ClientDisconnected is an OSError
+
+
+def _fresh_request_id() -> str:
+    """A new id per request on the connection (the upgrade's x-request-id, if any, names the first)."""
+    return request_id_of({"headers": ()})
+
+
+class _Connection:
+    """One accepted socket: its requests are answered one after another, in the order they arrive; a reader task
+    queues them and, when the client leaves, cancels the request being streamed (settled as `cancelled`)."""
+
+    __slots__ = ("gone", "pipeline", "policy_headers", "principal", "socket", "task", "user")
+
+    def __init__(self, socket: WebSocket, pipeline: Pipeline, principal: Principal) -> None:
+        self.socket, self.pipeline, self.principal = socket, pipeline, principal
+        self.user: str | None = None
+        self.policy_headers: dict[str, str] = {}
+        for key, value in socket.scope["headers"]:
+            if key == b"x-pointsman-user":
+                self.user = value.decode("latin-1")
+            elif key in _POLICY_HEADERS:
+                self.policy_headers[key.decode("latin-1")] = value.decode("latin-1")
+        self.gone = False
+        self.task: asyncio.Task | None = None
+
+    async def run(self) -> None:
+        self.task = asyncio.current_task()
+        inbox: asyncio.Queue[bytes] = asyncio.Queue(MAX_PENDING)
+        reader = asyncio.get_running_loop().create_task(self._read(inbox))
+        first = True
+        try:
+            while True:
+                message = await inbox.get()
+                rid = request_id_of(self.socket.scope) if first else _fresh_request_id()
+                first = False
+                await self._answer(message, rid)
+        except asyncio.CancelledError:
+            if not self.gone:
+                raise
+            self.task.uncancel()  # the client left: the connection just ends
+        except _GONE:
+            pass
+        finally:
+            reader.cancel()
+
+    async def _read(self, inbox: asyncio.Queue[bytes]) -> None:
+        receive = self.socket.receive
+        try:
+            while True:
+                message = await receive()
+                if message["type"] != "websocket.receive":
+                    break  # websocket.disconnect
+                text = message.get("text")
+                await inbox.put(text.encode() if text is not None else message.get("bytes") or b"")
+        except _GONE:
+            pass
+        self.gone = True
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _send(self, payload: bytes | str) -> None:
+        text = payload if isinstance(payload, str) else payload.decode()
+        await self.socket.send({"type": "websocket.send", "text": text})
+
+    def _context(self, data: bytes, rid: str) -> RequestContext:
+        raw = decode_object(data)
+        raw["stream"] = True  # implied: a socket only streams
+        parsed = decode_request(raw, ChatCompletionRequest)
+        ctx = RequestContext(parsed, self.principal, rid, parsed.body.user or self.user)
+        if self.policy_headers and self.pipeline.has_policies:
+            ctx.state["request_headers"] = dict(self.policy_headers)
+        return ctx
+
+    async def _answer(self, data: bytes, rid: str) -> None:
+        """One request: its chunks, one per message, then `{"done": true}`; an error is one message and the
+        connection stays open. Settled exactly once, as over SSE."""
+        pipeline = self.pipeline
+        try:
+            ctx = self._context(data, rid)
+            result = await pipeline.stream(ctx)  # settles itself when it fails or is cancelled
+        except GatewayError as exc:
+            await self._send(exc.body())
+            return
+        if isinstance(result, Reply):  # a policy answered (a cache hit)
+            for chunk in result.chunks:
+                await self._send(chunk)
+            try:
+                await self._send(msgspec.json.encode({_DONE_KEY: True, "request_id": rid}))
+            finally:
+                await pipeline.settle(ctx, Outcome("answered"))
+            return
+        outcome = Outcome("ok", body=result.assembled)
+        tail = None
+        try:
+            if result.first is not None:
+                await self._send(result.first)
+            async for payload in result.rest:
+                await self._send(payload)
+        except GatewayError as exc:
+            outcome, tail = Outcome("error", error=exc), exc.body()
+        except Exception as exc:
+            if isinstance(exc, _GONE):
+                await self._cancelled(ctx, result.rest)
+                raise
+            log.exception("websocket stream failed")
+            failure = GatewayError(f"The stream failed inside the gateway: {type(exc).__name__}")
+            body = error_body("The stream failed inside the gateway.", "api_error", "internal_error")
+            outcome, tail = Outcome("error", error=failure), body
+        except BaseException:  # cancelled: the client left, or the server is stopping
+            await self._cancelled(ctx, result.rest)
+            raise
+        await result.rest.aclose()  # type: ignore[attr-defined]  # books the lease
+        try:
+            await self._send(tail if tail is not None else msgspec.json.encode({_DONE_KEY: True, "request_id": rid}))
+        finally:  # the answer was served even if the client left before its last message
+            await pipeline.settle(ctx, outcome)
+
+    async def _cancelled(self, ctx: RequestContext, rest) -> None:
+        # closing the relay's iterator stops the upstream and books its lease
+        await rest.aclose()
+        await self.pipeline.settle(ctx, Outcome("cancelled"))
+
+
+async def _authorize(socket: WebSocket, guards: Sequence) -> GatewayError | None:
+    """The /v1 guards, run here so a refusal is an HTTP answer to the upgrade, not a close code 4500."""
+    try:
+        for guard in guards:
+            result = guard(socket, socket.route_handler)
+            if inspect.isawaitable(result):
+                await result
+    except GatewayError as exc:
+        return exc
+    return None
+
+
+async def _refuse(socket: WebSocket, exc: GatewayError) -> None:
+    """Answer the upgrade with the error's status and OpenAI JSON where the server can (the ASGI WebSocket
+    denial extension), else close it with 1008 (policy violation) before accepting."""
+    if "websocket.http.response" in (socket.scope.get("extensions") or {}):
+        body = exc.body()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                   *((k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())]
+        await socket.send({"type": "websocket.http.response.start", "status": exc.status, "headers": headers})
+        await socket.send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await socket.send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
+
+
+def websocket_router(guards: Sequence) -> Router:
+    """The /v1/chat/completions/ws route, behind the same guards as the other /v1 routes."""
+
+    @websocket("/chat/completions/ws", name="chat_completions_ws")
+    async def chat_completions_ws(socket: WebSocket) -> None:
+        refused = await _authorize(socket, guards)
+        if refused is not None:
+            await _refuse(socket, refused)
+            return
+        pipeline: Pipeline = socket.app.state.pipeline
+        await socket.accept()
+        await _Connection(socket, pipeline, principal_of(socket.scope)).run()
+
+    return Router(path="/v1", route_handlers=[chat_completions_ws])
+

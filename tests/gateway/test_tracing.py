@@ -1,0 +1,107 @@
+"""OpenTelemetry traces: GenAI spans per request, child spans per step, traceparent accepted and sent upstream."""
+
+from __future__ import annotations
+
+import httpx
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from config.loader import parse_config
+from gateway.app import create_app
+from gateway.tracing import Tracing
+from tests.gateway.live import serve, wait_for
+
+CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CLIENT_SPAN = "b7ad6b7169203331"
+
+
+def _config(upstream_url: str, tmp_path, enabled: bool):
+    return parse_config(f"""
+models:
+  - id: remote-a
+    backend: openai
+    base_url: {upstream_url}
+    upstream_model: mock-model
+storage:
+  database_url: sqlite+aiosqlite:///{tmp_path}/usage.db
+tracing:
+  enabled: {str(enabled).lower()}
+  exporter: none
+""")
+
+
+def test_request_trace_with_genai_attributes_and_propagated_traceparent(upstream, tmp_path):
+    exporter = InMemorySpanExporter()
+    config = _config(upstream.url, tmp_path, True)
+    app = create_app(config, tracing=Tracing(config.tracing, SimpleSpanProcessor(exporter)))
+    with serve(app) as url:
+        response = httpx.post(url + "/v1/chat/completions", timeout=10, json={
+            "model": "remote-a", "max_tokens": 7, "temperature": 0.5,
+            "messages": [{"role": "user", "content": "hello"}],
+        }, headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"})
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        # settle (the usage row) runs after the body is written: its span follows
+        spans = wait_for(lambda: (s := exporter.get_finished_spans()) and
+                         any(x.name == "policies.settle" for x in s) and s, what="the settle span")
+    by_name = {s.name: s for s in spans}
+    request = by_name["chat remote-a"]
+    assert request.context.trace_id == int(CLIENT_TRACE, 16)
+    assert request.parent is not None and request.parent.span_id == int(CLIENT_SPAN, 16)
+    attrs = request.attributes
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.request.model"] == "remote-a"
+    assert attrs["gen_ai.response.model"] == "remote-a"
+    assert attrs["gen_ai.request.max_tokens"] == 7
+    assert attrs["gen_ai.request.temperature"] == 0.5
+    assert attrs["gen_ai.usage.input_tokens"] == answer["usage"]["prompt_tokens"]
+    assert attrs["gen_ai.usage.output_tokens"] == answer["usage"]["completion_tokens"]
+    assert list(attrs["gen_ai.response.finish_reasons"]) == [answer["choices"][0]["finish_reason"]]
+    for child in ("route", "policies.admit", "policies.approve", "policies.settle", "upstream remote-a"):
+        assert by_name[child].parent.span_id == request.context.span_id, child
+        assert by_name[child].context.trace_id == request.context.trace_id
+    call = by_name["upstream remote-a"]
+    assert call.attributes["server.address"] == "127.0.0.1"
+    # the upstream saw a traceparent naming the attempt's span, in the client's trace
+    assert answer["x_received"]["traceparent"] == f"00-{CLIENT_TRACE}-{call.context.span_id:016x}-01"
+
+
+def test_stream_span_ends_with_the_stream_and_failures_are_marked(upstream, tmp_path):
+    exporter = InMemorySpanExporter()
+    config = _config(upstream.url, tmp_path, True)
+    app = create_app(config, tracing=Tracing(config.tracing, SimpleSpanProcessor(exporter)))
+    with serve(app) as url:
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=10, json={
+            "model": "remote-a", "stream": True, "messages": [{"role": "user", "content": "hi there"}],
+        }) as response:
+            assert response.status_code == 200
+            assert "[DONE]" in response.read().decode()
+        failed = httpx.post(url + "/v1/chat/completions", timeout=10, json={
+            "model": "remote-a", "messages": [{"role": "user", "content": "status:400"}]})
+        assert failed.status_code == 400
+        spans = wait_for(lambda: (s := exporter.get_finished_spans()) and
+                         sum(x.name == "chat remote-a" for x in s) == 2 and s, what="both request spans")
+    requests = [s for s in spans if s.name == "chat remote-a"]
+    streamed, errored = sorted(requests, key=lambda s: s.start_time)
+    assert streamed.parent is None  # no client traceparent: a root span
+    assert streamed.attributes["gen_ai.response.model"] == "remote-a"
+    assert streamed.status.is_ok
+    assert not errored.status.is_ok
+    attempt = next(s for s in spans if s.name == "upstream remote-a" and s.context.trace_id == errored.context.trace_id)
+    assert attempt.attributes["http.response.status_code"] == 400
+    assert attempt.attributes["error.type"]
+
+
+def test_tracing_off_makes_no_span_and_sends_no_traceparent(upstream, tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(Tracing, "__init__", lambda self, *a, **k: started.append(a))
+    app = create_app(_config(upstream.url, tmp_path, False))
+    pipeline = app.state.pipeline
+    assert pipeline.tracing is None and not started
+    assert "complete" not in vars(pipeline) and "stream" not in vars(pipeline)  # the plain entry points
+    with serve(app) as url:
+        response = httpx.post(url + "/v1/chat/completions", timeout=10, json={
+            "model": "remote-a", "messages": [{"role": "user", "content": "hello"}],
+        }, headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"})
+    assert response.status_code == 200
+    assert response.json()["x_received"]["traceparent"] is None  # the client's is not forwarded either
