@@ -3,7 +3,6 @@ the static keys only."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 
@@ -15,7 +14,7 @@ from litestar.params import FromPath
 
 from config.schema import ModelConfig, ModelVersion
 from gateway.auth import PRINCIPAL, KeyCheck, principal_of
-from gateway.lifecycle import ManagedBackend
+from gateway.lifecycle import ManagedBackend, drained
 from gateway.service import Gateway
 from policies.model_versions import Step, VersionRegistry
 from protocol.errors import AuthenticationError, BadRequest, GatewayError
@@ -78,11 +77,7 @@ async def load_model(request: Request, model_id: FromPath[str]) -> dict:
 @post("/models/{model_id:str}/unload", status_code=200, summary="Unload a local model once its requests finish")
 async def unload_model(request: Request, model_id: FromPath[str]) -> dict:
     managed = _managed(request, model_id)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + _DRAIN_S
-    while managed.in_flight and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    if managed.in_flight:
+    if not await drained(lambda: managed.in_flight, _DRAIN_S):
         raise Conflict(f"The model '{managed.model.id}' still has {managed.in_flight} requests in flight after "
                        f"{_DRAIN_S:g} s; try again later.")
     await request.app.state.gateway.local.unload(managed, "asked by the admin API")

@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Literal
 
 from backends.base import Backend
 from backends.model_loader import estimate_bytes
-from config.schema import EnginesConfig, ModelConfig, TransformersModel
+from config.schema import EnginesConfig, TransformersModel
 from protocol.errors import InsufficientMemory, ServiceUnavailable
 from protocol.openai import ParsedRequest
 
-__all__ = ["LocalModels", "ManagedBackend", "Status"]
+__all__ = ["LocalModels", "ManagedBackend", "Status", "drained"]
 
 log = logging.getLogger("pointsman.engines")
 
@@ -29,7 +29,7 @@ class ManagedBackend:
 
     def __init__(self, inner: Backend, models: LocalModels) -> None:
         self.inner = inner
-        self.model: ModelConfig = inner.model
+        self.model: TransformersModel = inner.model  # type: ignore[assignment]  # only local engines are managed
         self._models = models
         self.status: Status = "unloaded"
         self.error: str | None = None
@@ -107,10 +107,15 @@ class LocalModels:
     `idle_unload_s` are unloaded after that long without a request."""
 
     def __init__(self, engines: EnginesConfig) -> None:
-        self.budget = None if engines.memory_budget_gb is None else int(engines.memory_budget_gb * _GIB)
+        self.budget: int | None = None
+        self.configure(engines)
         self.managed: dict[str, ManagedBackend] = {}
         self._load_lock = asyncio.Lock()
         self._idle_task: asyncio.Task[None] | None = None
+
+    def configure(self, engines: EnginesConfig) -> None:
+        """Take the memory budget from `engines` (at start and on a config reload)."""
+        self.budget = None if engines.memory_budget_gb is None else int(engines.memory_budget_gb * _GIB)
 
     def wrap(self, backend: Backend) -> ManagedBackend:
         managed = ManagedBackend(backend, self)
@@ -180,7 +185,9 @@ class LocalModels:
     # ---- idle unloading
 
     def start(self) -> None:
-        if any(m.model.idle_unload_s for m in self.managed.values()):  # type: ignore[union-attr]
+        """Watch for idle models when one has `idle_unload_s`; again after a reload, never twice."""
+        running = self._idle_task is not None and not self._idle_task.done()
+        if not running and any(m.model.idle_unload_s for m in self.managed.values()):
             self._idle_task = asyncio.create_task(self._unload_idle(), name="pointsman-idle-unload")
 
     async def aclose(self) -> None:
@@ -189,12 +196,11 @@ class LocalModels:
 
     async def _unload_idle(self) -> None:
         while True:
-            limits = [m.model.idle_unload_s for m in self.managed.values()  # type: ignore[union-attr]
-                      if getattr(m.model, "idle_unload_s", None)]
-            await asyncio.sleep(min([*limits, 60.0]) / 4 if limits else 60.0)
+            limits = [m.model.idle_unload_s for m in self.managed.values() if m.model.idle_unload_s]
+            await asyncio.sleep(min([*limits, 60.0]) / 4)
             now = time.monotonic()
             for managed in list(self.managed.values()):
-                idle_s = getattr(managed.model, "idle_unload_s", None)
+                idle_s = managed.model.idle_unload_s
                 if (idle_s and managed.status == "loaded" and managed.in_flight == 0
                         and now - managed.last_used >= idle_s):
                     try:
@@ -213,3 +219,12 @@ def _estimate(backend: Backend) -> int:
     except Exception as exc:  # an unreadable source fails later, when loading says why
         log.warning("model %s: no memory estimate (%s)", model.id, exc)
         return 0
+
+
+async def drained(busy: Callable[[], int], within_s: float, every_s: float = 0.05) -> bool:
+    """Wait until `busy()` (requests in flight) is 0, at most `within_s`; True when it got there."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while busy() and loop.time() < deadline:
+        await asyncio.sleep(every_s)
+    return not busy()

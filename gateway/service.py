@@ -14,7 +14,7 @@ from email.utils import format_datetime
 from backends.base import Backend, build_backend
 from config.schema import Config, ModelConfig
 from gateway.deployments import DeploymentPool
-from gateway.lifecycle import LocalModels, ManagedBackend
+from gateway.lifecycle import LocalModels, ManagedBackend, drained
 from policies.model_versions import Snapshot, VersionState, configured_states
 from protocol.errors import BadRequest, GatewayError, ServiceUnavailable
 from protocol.openai import ModelCard, ModelList, ParsedEmbeddings, ParsedRequest
@@ -148,7 +148,7 @@ class Gateway:
         retired = [(self.backends[i], self.pools[i]) for i in old if i not in kept]
         self.local.forget(i for i in old if i not in kept)
         if config is not self.config:
-            self.local.budget = LocalModels(config.engines).budget
+            self.local.configure(config.engines)
         backends = {i: self.backends[i] if i in kept else self._build(m, config) for i, m in models.items()}
         pools = {i: self.pools[i] if i in kept else DeploymentPool(m, backends[i], config) for i, m in models.items()}
         table, version_of, deprecations = _routing(config, models, states)
@@ -325,10 +325,7 @@ def _deprecation_headers(state: VersionState) -> dict[str, str]:
 
 async def _retire(backend: Backend, pool: DeploymentPool, drain_s: float = 600.0) -> None:
     """Close a model taken out by a reload once its requests in flight have finished (at most `drain_s`)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + drain_s
-    while any(state.in_flight for state in pool.states) and loop.time() < deadline:
-        await asyncio.sleep(0.1)
+    await drained(lambda: sum(state.in_flight for state in pool.states), drain_s, every_s=0.1)
     try:
         await backend.aclose()
     except Exception:

@@ -120,32 +120,29 @@ class Tracing:
 
     async def complete(self, ctx: RequestContext, run: Callable[[], Awaitable[T]]) -> T:
         """Run a plain request's steps under its span; the span ends with the answer (settle joins it later)."""
-        span = self._start_request(ctx)
-        with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
-            try:
-                result = await run()
-            except BaseException as exc:
-                _fail(span, exc)
-                self._end_request(ctx, span)
-                raise
+        span, result = await self._under_span(ctx, run)
         self._end_request(ctx, span, None if isinstance(result, Reply) else getattr(result, "body", None))
         return result
 
     async def stream(self, ctx: RequestContext, run: Callable[[], Awaitable[T]]) -> T:
         """As `complete`, but a stream's span ends when its last chunk has gone (or it broke, or the client left)."""
-        span = self._start_request(ctx)
-        with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
-            try:
-                result = await run()
-            except BaseException as exc:
-                _fail(span, exc)
-                self._end_request(ctx, span)
-                raise
+        span, result = await self._under_span(ctx, run)
         if isinstance(result, Reply):
             self._end_request(ctx, span)
         else:
             result.rest = self._until_end(ctx, span, result.rest)  # type: ignore[attr-defined]
         return result
+
+    async def _under_span(self, ctx: RequestContext, run: Callable[[], Awaitable[T]]) -> tuple[Span, T]:
+        """Start the request's span and run `run` in it; a failure marks and ends the span, and is raised."""
+        span = self._start_request(ctx)
+        with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+            try:
+                return span, await run()
+            except BaseException as exc:
+                _fail(span, exc)
+                self._end_request(ctx, span)
+                raise
 
     async def _until_end(self, ctx: RequestContext, span: Span, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         try:

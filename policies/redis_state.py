@@ -137,6 +137,11 @@ return {total, redis.call('LRANGE', KEYS[1], from, -1)}
 _TOTAL = "#total"  # the suffix of a log's total counter
 
 
+def _ms(ttl_s: float) -> int:
+    """A TTL in whole milliseconds, at least 1 (PX 0 is an error; rounding up never expires a key early)."""
+    return max(1, math.ceil(ttl_s * 1000))
+
+
 class RedisStore:
     """The StateStore on Redis (redis-py asyncio, every key and channel under `prefix`).
 
@@ -180,10 +185,8 @@ class RedisStore:
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         check_ttl(ttl_s)
-        if ttl_s is None:
-            await self._call(self._pipe.call("SET", self.prefix + key, value))
-        else:
-            await self._call(self._pipe.call("SET", self.prefix + key, value, "PX", max(1, math.ceil(ttl_s * 1000))))
+        expiry = () if ttl_s is None else ("PX", _ms(ttl_s))
+        await self._call(self._pipe.call("SET", self.prefix + key, value, *expiry))
 
     async def delete(self, key: str) -> None:
         await self._call(self._pipe.call("DEL", self.prefix + key, self.prefix + key + _TOTAL))
@@ -195,7 +198,7 @@ class RedisStore:
         """A bounded log (see StateStore): a list and its total counter (`KEY#total`), one Lua script."""
         check_ttl(ttl_s)
         check_keep(keep)
-        ttl_ms = 0 if ttl_s is None else max(1, math.ceil(ttl_s * 1000))
+        ttl_ms = 0 if ttl_s is None else _ms(ttl_s)
         args = [int(value is not None), b"" if value is None else value, keep or 0, ttl_ms, since]
         keys = [self.prefix + key, self.prefix + key + _TOTAL]
         total, values = await self._call(self._pipe.evalsha(self._append, keys, args))
@@ -207,7 +210,7 @@ class RedisStore:
         args: list[str | int] = []
         for item in items:
             check_ttl(item.ttl_s)
-            ttl_ms = 0 if item.ttl_s is None else max(1, math.ceil(item.ttl_s * 1000))
+            ttl_ms = 0 if item.ttl_s is None else _ms(item.ttl_s)
             args += [repr(float(item.amount)), repr(float(item.limit)), ttl_ms]
         keys = [self.prefix + item.key for item in items]
         failed, *current = await self._call(self._pipe.evalsha(self._reserve, keys, args))

@@ -22,6 +22,16 @@ PYTHON = sys.executable
 POINTSMAN = [PYTHON, "-m", "gateway.cli"]
 
 
+def require_redis(url: str) -> None:
+    """Skip the calling test, loudly, when the Redis its gateways are to share does not answer."""
+    import redis  # only the tests that share Redis need it
+
+    try:
+        redis.Redis.from_url(url, socket_timeout=1).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"Redis not reachable at {url}: {exc}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

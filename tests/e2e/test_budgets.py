@@ -9,9 +9,8 @@ import uuid
 import aiohttp
 import httpx
 import pytest
-import redis
 
-from tests.conftest import start_gateway
+from tests.conftest import require_redis, start_gateway
 
 REDIS = "redis://127.0.0.1:6379/14"
 LIMIT = 300  # tokens; each answer below uses 3 (1 prompt word, 2 answer words) and may reserve 9
@@ -19,10 +18,7 @@ LIMIT = 300  # tokens; each answer below uses 3 (1 prompt word, 2 answer words) 
 
 @pytest.fixture(scope="module")
 def replicas(upstream, tmp_path_factory):
-    try:
-        redis.Redis.from_url(REDIS, socket_timeout=1).ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"Redis not reachable at 127.0.0.1:6379: {exc}")
+    require_redis(REDIS)
     tmp = tmp_path_factory.mktemp("budgets")
     user = uuid.uuid4().hex  # counters of this run's own
     config = f"""

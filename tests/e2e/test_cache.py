@@ -9,9 +9,8 @@ import uuid
 import httpx
 import openai
 import pytest
-import redis
 
-from tests.conftest import start_gateway
+from tests.conftest import require_redis, start_gateway
 from tests.spec.openai import validate
 
 REDIS = "redis://127.0.0.1:6379/14"
@@ -19,10 +18,7 @@ REDIS = "redis://127.0.0.1:6379/14"
 
 @pytest.fixture(scope="module")
 def replicas(upstream, tmp_path_factory):
-    try:
-        redis.Redis.from_url(REDIS, socket_timeout=1).ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"Redis not reachable at 127.0.0.1:6379: {exc}")
+    require_redis(REDIS)
     tmp = tmp_path_factory.mktemp("cache")
     config = f"""
 auth: {{api_keys: [key-a, key-b]}}
@@ -117,10 +113,7 @@ def test_a_streamed_answer_is_stored_and_served_plain(replicas):
 
 @pytest.fixture(scope="module")
 def semantic_replicas(upstream, tmp_path_factory):
-    try:
-        redis.Redis.from_url(REDIS, socket_timeout=1).ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"Redis not reachable at 127.0.0.1:6379: {exc}")
+    require_redis(REDIS)
     tmp = tmp_path_factory.mktemp("semantic")
     config = f"""
 models:

@@ -8,19 +8,15 @@ import uuid
 
 import httpx
 import pytest
-import redis
 
-from tests.conftest import start_gateway
+from tests.conftest import require_redis, start_gateway
 
 REDIS = "redis://127.0.0.1:6379/14"
 
 
 @pytest.fixture(scope="module")
 def replicas(upstream, tmp_path_factory):
-    try:
-        redis.Redis.from_url(REDIS, socket_timeout=1).ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"Redis not reachable at 127.0.0.1:6379: {exc}")
+    require_redis(REDIS)
     tmp = tmp_path_factory.mktemp("experiments")
     name = f"exp-{uuid.uuid4().hex[:8]}"
     config = f"""

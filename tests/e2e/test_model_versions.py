@@ -11,9 +11,8 @@ import uuid
 import aiohttp
 import httpx
 import pytest
-import redis
 
-from tests.conftest import start_gateway, start_upstream
+from tests.conftest import require_redis, start_gateway, start_upstream
 
 REDIS = "redis://127.0.0.1:6379/14"
 
@@ -163,10 +162,7 @@ def _until(check, within_s: float = 10.0) -> None:
 
 
 def test_two_replicas_sharing_redis_and_postgresql_agree_on_the_stage(upstreams, tmp_path, pg_database):
-    try:
-        redis.Redis.from_url(REDIS, socket_timeout=1).ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"Redis not reachable at 127.0.0.1:6379: {exc}")
+    require_redis(REDIS)
     config = _config(upstreams, f'{{redis_url: "{REDIS}", database_url: "{pg_database}"}}')
     first, second = start_gateway(tmp_path, config), start_gateway(tmp_path, config)
     try:
