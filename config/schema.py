@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -79,11 +80,25 @@ class ServerConfig(_Frozen, kw_only=True):
 
 
 class AuthConfig(_Frozen, kw_only=True):
-    # static Bearer keys; an empty string (an unset ${VAR}) is dropped, so `["${KEY}"]` is optional
+    """Who may call. Auth is on when any static or bootstrap key is set: then every route but the probes and the
+    dashboard page asks for a key, and the keys created through /admin/keys (kept in the database) work too."""
+
+    # static Bearer keys, each an admin; an empty string (an unset ${VAR}) is dropped, so `["${KEY}"]` is optional
     api_keys: list[str] = []
+    # the bootstrap admin key; left out, the POINTSMAN_ADMIN_KEY environment variable (if set) is it
+    admin_key: str | None = None
+    # how long a database key's check is cached in process; a revocation reaches every replica at once through
+    # the state store's pub/sub (Redis), and otherwise within this time
+    cache_ttl_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
 
     def __post_init__(self) -> None:
         msgspec.structs.force_setattr(self, "api_keys", [k for k in self.api_keys if k])
+        if self.admin_key is None:
+            msgspec.structs.force_setattr(self, "admin_key", os.environ.get("POINTSMAN_ADMIN_KEY") or None)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_key)
 
 
 class Pricing(_Frozen, kw_only=True):
@@ -566,6 +581,8 @@ class MetricsConfig(_Frozen, kw_only=True):
     with no policies stays free."""
 
     enabled: bool = False
+    # key and user members as labels of the budget gauges (unbounded: one series per key or user charged)
+    member_labels: bool = False
 
 
 class LoggingConfig(_Frozen, kw_only=True):

@@ -1,23 +1,22 @@
-"""The admin API: load and unload local models, reload the config, model versions' stages. Loopback callers or
-the static keys only."""
+"""The admin API: load and unload local models, reload the config, model versions' stages. Admin keys only
+(callers on this machine when auth is off)."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
+from collections.abc import Callable
 
 import msgspec
 from litestar import Request, Router, get, post
-from litestar.connection import ASGIConnection
-from litestar.handlers import BaseRouteHandler
 from litestar.params import FromPath
 
 from config.schema import ModelConfig, ModelVersion
-from gateway.auth import PRINCIPAL, KeyCheck, principal_of
+from gateway.auth import principal_of
 from gateway.lifecycle import ManagedBackend, drained
 from gateway.service import Gateway
 from policies.model_versions import Step, VersionRegistry
-from protocol.errors import AuthenticationError, BadRequest, GatewayError
+from protocol.errors import BadRequest, GatewayError
+from protocol.openai import decode_struct
 
 __all__ = ["admin_router"]
 
@@ -29,32 +28,6 @@ class Conflict(GatewayError):
     status = 409
     type = "invalid_request_error"
     code = "conflict"
-
-
-def _loopback(connection: ASGIConnection) -> bool:
-    client = connection.scope.get("client")
-    if not client:
-        return False
-    try:
-        return ipaddress.ip_address(client[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def admin_guard(keys: KeyCheck):  # noqa: ANN201 - a Litestar guard
-    """Until roles exist: callers on this machine, or callers with one of the static keys."""
-
-    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-        principal = keys.principal(connection.headers.get("authorization")) if keys.enabled else None
-        if principal is not None:  # recorded as who did it (a version's stage transitions)
-            connection.scope[PRINCIPAL] = principal  # type: ignore[literal-required]
-            return
-        if _loopback(connection):
-            return
-        raise AuthenticationError("The admin API answers callers on this machine, or with a static API key "
-                                  "sent as 'Authorization: Bearer <key>'.")
-
-    return guard
 
 
 def _managed(request: Request, model_id: str) -> ManagedBackend:
@@ -105,15 +78,6 @@ def _versioned(request: Request, model_id: str) -> tuple[Gateway, VersionRegistr
     return gateway, request.app.state.versions, model
 
 
-def _decode(body: bytes, kind: type, what: str):  # noqa: ANN202 - the Struct asked for
-    try:
-        return msgspec.json.decode(body or b"{}", type=kind)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"Invalid {what}: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"The body is not valid JSON: {exc}") from exc
-
-
 def _versions_of(gateway: Gateway, model_id: str) -> dict:
     states = gateway.version_states.get(model_id, {})
     return {
@@ -141,7 +105,7 @@ async def list_versions(request: Request, model_id: FromPath[str]) -> dict:
 @post("/models/{model_id:str}/versions", status_code=201, summary="Add a version (dev or staging)")
 async def add_version(request: Request, model_id: FromPath[str]) -> dict:
     gateway, registry, model = _versioned(request, model_id)
-    spec: ModelVersion = _decode(await request.body(), ModelVersion, "version")
+    spec: ModelVersion = decode_struct(await request.body(), ModelVersion)
     try:
         model.at_version(spec)  # its overrides must fit this model's backend
     except ValueError as exc:
@@ -154,7 +118,7 @@ async def add_version(request: Request, model_id: FromPath[str]) -> dict:
       summary="Move a version to a stage: production promotes it (the current production becomes deprecated)")
 async def change_stage(request: Request, model_id: FromPath[str], version: FromPath[str]) -> dict:
     gateway, registry, model = _versioned(request, model_id)
-    change: _StageChange = _decode(await request.body(), _StageChange, "stage change")
+    change: _StageChange = decode_struct(await request.body(), _StageChange)
     steps = await registry.move(model.id, version, change.stage, force=change.force,
                                 key_id=principal_of(request.scope).key_id)
     return _moved(gateway, model.id, steps)
@@ -167,7 +131,7 @@ async def rollback(request: Request, model_id: FromPath[str]) -> dict:
     return _moved(gateway, model.id, steps)
 
 
-def admin_router(keys: KeyCheck, middleware: list) -> Router:
+def admin_router(guard: Callable, middleware: list) -> Router:
     return Router(path="/admin", route_handlers=[load_model, unload_model, reload_config, list_versions,
                                                  add_version, change_stage, rollback],
-                  guards=[admin_guard(keys)], middleware=middleware)
+                  guards=[guard], middleware=middleware)

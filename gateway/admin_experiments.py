@@ -90,7 +90,7 @@ async def experiment_results(request: Request, name: FromPath[str]) -> dict:
 
 
 def experiments_router(guard: Any, middleware: list) -> Router:
-    """Guarded by gateway.admin.admin_guard, as the other admin routes."""
+    """Guarded by the admin guard (gateway.auth.Authenticator.admin_guard), as the other admin routes."""
     return Router(path="/admin", route_handlers=[list_experiments, create_experiment, get_experiment,
                                                  update_experiment, pause_experiment, stop_experiment,
                                                  promote_experiment, experiment_results],

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import msgspec
 from litestar import Request, Router, get, post
 from litestar.params import FromPath
 
 from config.schema import TemplateName, TemplateStage, TemplateVersionConfig
-from gateway.auth import KeyCheck
+from gateway.auth import principal_of
 from policies.templates import TemplatePolicy
 from protocol.errors import BadRequest
-from protocol.openai import decode_object
+from protocol.openai import decode_struct
 
 __all__ = ["templates_router"]
 
@@ -31,15 +30,6 @@ class StageChange(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     force: bool = False  # dev -> production without staging
 
 
-def _decode(data: bytes, kind: type[Any]) -> Any:
-    try:
-        return msgspec.convert(decode_object(data), kind)
-    except msgspec.ValidationError as exc:
-        problem, sep, where = str(exc).rpartition(" - at ")
-        param = where.strip("`").removeprefix("$.") if sep else None
-        raise BadRequest(f"Invalid value for '{param}': {problem}" if sep else str(exc), param=param) from None
-
-
 def _policy(request: Request) -> TemplatePolicy:
     templates = request.app.state.storage.templates
     if templates is None:
@@ -47,12 +37,11 @@ def _policy(request: Request) -> TemplatePolicy:
     return templates
 
 
-def templates_router(guard: Callable[..., None], keys: KeyCheck, middleware: list) -> Router:
+def templates_router(guard: Callable, middleware: list) -> Router:
     """Mounted at /admin/templates behind the admin guard; transitions record the caller's key (or `loopback`)."""
 
     def caller(request: Request) -> str:
-        principal = keys.principal(request.headers.get("authorization")) if keys.enabled else None
-        return principal.key_id or "anonymous" if principal is not None else "loopback"
+        return principal_of(request.scope).key_id or "loopback"
 
     @get("/", summary="List prompt templates and their versions")
     async def list_templates(request: Request) -> dict:
@@ -61,7 +50,7 @@ def templates_router(guard: Callable[..., None], keys: KeyCheck, middleware: lis
     @post("/", status_code=201, summary="Add a template version (and the template with its first one)")
     async def create_version(request: Request) -> dict:
         policy = _policy(request)
-        new = _decode(await request.body(), NewVersion)
+        new = decode_struct(await request.body(), NewVersion)
         spec = TemplateVersionConfig(version=new.version, stage=new.stage, messages=new.messages,
                                      variables=new.variables)
         return await policy.create(new.name, spec, caller(request), force=new.force)
@@ -69,7 +58,7 @@ def templates_router(guard: Callable[..., None], keys: KeyCheck, middleware: lis
     @post("/{name:str}/versions/{version:str}/stage", status_code=200,
           summary="Move a template version to another stage (validated; promoting deprecates the old production)")
     async def move_version(request: Request, name: FromPath[str], version: FromPath[str]) -> dict:
-        change = _decode(await request.body(), StageChange)
+        change = decode_struct(await request.body(), StageChange)
         return await _policy(request).move(name, version, change.stage, caller(request), force=change.force)
 
     @get("/{name:str}/history", summary="Every stage transition of a template's versions")

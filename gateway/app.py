@@ -20,10 +20,12 @@ from litestar.types import ASGIApp
 
 from backends.base import Backend
 from config.schema import Config
-from gateway.admin import admin_guard, admin_router
+from gateway.admin import admin_router
+from gateway.admin_analytics import analytics_router
 from gateway.admin_experiments import experiments_router
+from gateway.admin_keys import keys_router
 from gateway.admin_templates import templates_router
-from gateway.auth import KeyCheck, principal_of
+from gateway.auth import ANALYTICS, READ, USE, Authenticator, principal_of
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics, observe_policies
 from gateway.openapi import (
     CHAT,
@@ -45,6 +47,7 @@ from gateway.responses import JSONBody, SSEStream, Watches, nothing, replay
 from gateway.service import Gateway
 from gateway.storage import Storage
 from gateway.websocket import websocket_router
+from policies.api_keys import KeyStore
 from policies.base import Policy, PolicyChain
 from policies.context import Outcome, Reply, RequestContext
 from policies.experiments import add_feedback, decode_feedback
@@ -172,7 +175,7 @@ async def _explain(request: Request) -> dict:
     if not any(k in raw for k in ("model", "auto_select", "preferred_model", "models")):
         raw["model"] = "auto"
     parsed = decode_request(raw, ChatCompletionRequest)
-    decision = await _gateway(request).decide(parsed, explain=True)
+    decision = await _gateway(request).decide(parsed, True, principal_of(request.scope))
     budgets = request.app.state.storage.budgets
     if budgets is not None:  # models whose budgets this request would overrun are not tried: say so
         spent = await budgets.spent(_context(request, parsed, True), [a.model for a in decision.attempts])
@@ -241,12 +244,12 @@ def _routable(gateway: Gateway, name: str) -> bool:
 
 @get("/models", summary="List the served models")
 async def list_models(request: Request) -> ModelList:
-    return _gateway(request).model_list()
+    return _gateway(request).model_list(principal_of(request.scope))
 
 
 @get("/models/{model_id:path}", summary="Retrieve one model (ids may contain '/')")
 async def retrieve_model(request: Request, model_id: FromPath[str]) -> ModelCard:
-    return _gateway(request).model_card(model_id.lstrip("/"))
+    return _gateway(request).model_card(model_id.lstrip("/"), principal_of(request.scope))
 
 
 @get("/health", summary="Liveness: the process answers")
@@ -315,7 +318,8 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     gateway = Gateway(config, backends)
     storage = Storage(config.storage)
     versions = VersionRegistry(storage.engine, storage.state, {m.id: m.versions for m in config.models})
-    keys = KeyCheck(config.auth.api_keys)
+    auth = Authenticator(config.auth, KeyStore(storage.engine) if storage.engine is not None else None,
+                         storage.state)
 
     async def reload() -> dict:
         if reload_from is None:
@@ -336,6 +340,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await storage.start()
         await versions.start(gateway.apply_versions)  # the stages the database keeps, then followed
+        auth.start()  # hears revocations from the other replicas
         gateway.start()
         if reload_from is not None:
             with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):  # main thread, POSIX only
@@ -347,28 +352,35 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
         try:
             yield
         finally:
+            await auth.aclose()
             await versions.aclose()
             await gateway.aclose()
             await storage.aclose()  # after the last request: its usage row is written too
             if tracing is not None:
                 await asyncio.to_thread(tracing.shutdown)  # flushes the spans still batched
 
-    guards = [keys] if keys.enabled else []
+    # each family of routes admits its roles (gateway/auth.py); with auth off the public ones carry no guard
+    use, read = auth.guards(USE), auth.guards(READ)
     # the completion routes add x-request-id themselves; Litestar's own responses get it from the middleware
-    hot = Router(path="/v1", route_handlers=[chat_completions, completions, embeddings], guards=guards)
-    v1 = Router(path="/v1", route_handlers=[explain_route, recommend, list_models, retrieve_model, usage, feedback],
-                guards=guards, middleware=[request_ids])
+    hot = Router(path="/v1", route_handlers=[chat_completions, completions, embeddings], guards=use)
+    v1_use = Router(path="/v1", route_handlers=[explain_route, recommend, feedback], guards=use,
+                    middleware=[request_ids])
+    v1_read = Router(path="/v1", route_handlers=[list_models, retrieve_model, usage], guards=read,
+                     middleware=[request_ids])
     # the earlier prototype served /models/recommend without the /v1 prefix; keep that path working
-    legacy = Router(path="/", route_handlers=[recommend], guards=guards, middleware=[request_ids])
+    legacy = Router(path="/", route_handlers=[recommend], guards=use, middleware=[request_ids])
     probes = Router(path="/", route_handlers=[health, ready], middleware=[request_ids])
-    # /metrics asks for a key whenever keys are on
-    scrape = Router(path="/", route_handlers=[metrics_page], guards=guards, middleware=[request_ids])
-    admin = admin_router(keys, [request_ids])
-    experiments_admin = experiments_router(admin_guard(keys), [request_ids])
-    templates_admin = templates_router(admin_guard(keys), keys, [request_ids])
+    scrape = Router(path="/", route_handlers=[metrics_page], guards=auth.guards(ANALYTICS), middleware=[request_ids])
+    admin = admin_router(auth.admin_guard(), [request_ids])
+    experiments_admin = experiments_router(auth.admin_guard(), [request_ids])
+    templates_admin = templates_router(auth.admin_guard(), [request_ids])
+    keys_admin = keys_router(auth.admin_guard(), [request_ids])
+    # aggregates for admin and readonly keys, the rows themselves for admins only
+    analytics_admin = analytics_router(auth.admin_guard(ANALYTICS), auth.admin_guard(), [request_ids])
     app = Litestar(
-        route_handlers=[hot, v1, legacy, probes, scrape, admin, experiments_admin, templates_admin,
-                        websocket_router(guards)],  # /v1/chat/completions/ws, on the /v1 guards
+        route_handlers=[hot, v1_use, v1_read, legacy, probes, scrape, admin, experiments_admin, templates_admin,
+                        keys_admin, analytics_admin,
+                        websocket_router(use)],  # /v1/chat/completions/ws, as the completions
         lifespan=[lifespan],
         exception_handlers={
             GatewayError: _render_gateway_error,
@@ -382,13 +394,15 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     add_schemas(app.openapi_schema.components)
     app.state.gateway = gateway
     app.state.storage = storage
+    app.state.auth = auth
     app.state.reload = reload
     app.state.versions = versions
     # through the gateway: a reload replaces its model table
-    own = storage.policies(config.policies, lambda name: gateway.table.resolve(name))
+    keyed = auth.enabled and auth.keys is not None  # database keys, each with its own budget and rate limit
+    own = storage.policies(config.policies, lambda name: gateway.table.resolve(name), keyed)
     own += storage.template_policy(config.templates)
     own += storage.experiment_policy(config.experiments, lambda name: _routable(gateway, name))
-    app.state.metrics, observing = observe_policies(config, gateway)  # metrics and JSON request lines
+    app.state.metrics, observing = observe_policies(config, gateway, storage.budgets)  # metrics and JSON request lines
     app.state.extra_metrics = extra_metrics
     own += observing
     app.state.pipeline = Pipeline(gateway, PolicyChain([*policies, *own]), tracing)

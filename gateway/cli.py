@@ -1,5 +1,5 @@
 """The `pointsman` command: `serve` the gateway (uvicorn, httptools, uvloop), serve one model alone as an
-`engine`, and `check-config` a file."""
+`engine`, `check-config` a file, and `admin` a running gateway (gateway/admin_cli.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Any
 
 from config.loader import ConfigError, load_config
 from config.schema import Config
+from gateway.admin_cli import add_admin_parser
 
 __all__ = ["main", "run_server"]
 
@@ -42,11 +43,11 @@ def _load(path: str | None) -> Config:
 
 def _refuse_open_bind(host: str, config: Config) -> bool:
     """True (after saying why) when `host` is reachable from the network and no API key protects it."""
-    if _is_loopback(host) or config.auth.api_keys:
+    if _is_loopback(host) or config.auth.enabled:
         return False
     print(
         f"pointsman: refusing to bind {host} with no auth.api_keys: anyone on the network could use it. "
-        "Set auth.api_keys (e.g. api_keys: [\"${POINTSMAN_KEY}\"]) or bind 127.0.0.1.",
+        "Set auth.api_keys (e.g. api_keys: [\"${POINTSMAN_KEY}\"]) or POINTSMAN_ADMIN_KEY, or bind 127.0.0.1.",
         file=sys.stderr,
     )
     return True
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
     check.set_defaults(func=check_config)
+    add_admin_parser(commands)  # `pointsman admin ...`: a running gateway's admin API
     args = parser.parse_args(argv)
     return args.func(args)
 

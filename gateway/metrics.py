@@ -14,11 +14,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from config.schema import Config
 from gateway.service import Gateway
 from policies.base import Policy
+from policies.budget import BudgetPolicy
 from policies.metrics import REQUEST_LOG, MetricsPolicy, RequestMetrics
+from policies.state import StoreUnavailable
 
-__all__ = ["CONTENT_TYPE_LATEST", "MULTIPROC_ENV", "GatewayCollector", "Metrics", "observe_policies"]
+__all__ = ["CONTENT_TYPE_LATEST", "MULTIPROC_ENV", "BudgetCollector", "GatewayCollector", "Metrics", "observe_policies"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by `pointsman serve` with several workers (gateway/cli.py)
+log = logging.getLogger("pointsman")
 _BREAKER = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 
 
@@ -42,13 +45,41 @@ class GatewayCollector:
         yield breakers
 
 
+class BudgetCollector:
+    """`pointsman_budget_remaining` and `pointsman_budget_limit` per budget, scope, member and kind (tokens, usd),
+    from the counters read just before the scrape (`refresh`): the state store is async, a collector is not."""
+
+    def __init__(self, budgets: BudgetPolicy, members: bool) -> None:
+        self.budgets, self.members = budgets, members
+        self.levels: list = []
+
+    async def refresh(self) -> None:
+        try:
+            self.levels = await self.budgets.levels(self.members)
+        except StoreUnavailable as exc:  # the page still answers, without the budget gauges
+            log.warning("metrics: budget gauges left out, the state store cannot be read: %s", exc)
+            self.levels = []
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["budget", "scope", "member", "kind", "period"]
+        remaining = GaugeMetricFamily("pointsman_budget_remaining", "What is left of a budget in its current "
+                                      "period (tokens or USD)", labels=labels)
+        limit = GaugeMetricFamily("pointsman_budget_limit", "A budget's limit per period", labels=labels)
+        for counter, used in self.levels:
+            values = [str(counter.index), counter.budget.scope, counter.member, counter.kind, counter.budget.period]
+            remaining.add_metric(values, max(0.0, counter.limit - used))
+            limit.add_metric(values, counter.limit)
+        yield remaining
+        yield limit
+
+
 class Metrics:
     """The app's metrics. One worker: one registry holds everything. Several workers (PROMETHEUS_MULTIPROC_DIR
     set before the workers import prometheus_client): counters and histograms live in the shared directory and
     any worker's scrape sums them all; the gauges are the answering worker's own pools (each worker has its own
     breakers and in-flight counts)."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, budgets: BudgetPolicy | None = None, members: bool = False) -> None:
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = RequestMetrics(self.registry)
@@ -59,18 +90,25 @@ class Metrics:
         else:
             self.exposed = self.registry
         self.exposed.register(self.gauges)
+        self.budgets = BudgetCollector(budgets, members) if budgets is not None else None
+        if self.budgets is not None:
+            self.exposed.register(self.budgets)
 
     async def render(self) -> bytes:
         """The Prometheus text page; several workers' files are read off the event loop."""
+        if self.budgets is not None:
+            await self.budgets.refresh()
         if self.multiprocess:
             return await asyncio.to_thread(generate_latest, self.exposed)
         return generate_latest(self.exposed)
 
 
-def observe_policies(config: Config, gateway: Gateway) -> tuple[Metrics | None, list[Policy]]:
-    """The metrics (when `metrics.enabled`) and the policy that feeds them and writes the JSON request lines
-    (when `logging.requests`); no policy at all when both are off, so the chain stays free."""
-    metrics = Metrics(gateway) if config.metrics.enabled else None
+def observe_policies(config: Config, gateway: Gateway, budgets: BudgetPolicy | None = None,
+                     ) -> tuple[Metrics | None, list[Policy]]:
+    """The metrics (when `metrics.enabled`; `budgets` adds the budget gauges) and the policy that feeds them and
+    writes the JSON request lines (when `logging.requests`); no policy at all when both are off, so the chain
+    stays free."""
+    metrics = Metrics(gateway, budgets, config.metrics.member_labels) if config.metrics.enabled else None
     if config.logging.requests:
         _json_lines()
     if metrics is None and not config.logging.requests:

@@ -103,7 +103,7 @@ class Pipeline:
         reply = await policies.admit(ctx)
         if reply is not None:
             return reply
-        decision = ctx.decision = await self._decide(ctx.request)
+        decision = ctx.decision = await self._decide(ctx.request, False, ctx.principal)
         await policies.approve(ctx, decision)
         return decision
 
@@ -114,7 +114,7 @@ class Pipeline:
                 if isinstance(prepared, Reply):
                     return prepared
             else:  # no policies: straight to the decision (one coroutine fewer on the hottest path)
-                prepared = ctx.decision = await self._decide(ctx.request)
+                prepared = ctx.decision = await self._decide(ctx.request, False, ctx.principal)
             request = ctx.request
             attempt, lease, relayed, body = await self._first_success(
                 ctx, prepared, lambda backend, index, headers: backend.complete(request, index, headers)
@@ -136,7 +136,7 @@ class Pipeline:
         try:
             if policies:
                 await policies.admit(ctx)  # no policy answers an embeddings request itself (no cache here)
-            decision = ctx.decision = self.gateway.decide_embeddings(request)  # type: ignore[arg-type]
+            decision = ctx.decision = self.gateway.decide_embeddings(request, ctx.principal)  # type: ignore[arg-type]
             if policies:
                 await policies.approve(ctx, decision)
             attempt, lease, relayed, body = await self._first_success(
@@ -179,7 +179,7 @@ class Pipeline:
                 if isinstance(prepared, Reply):
                     return prepared
             else:
-                prepared = ctx.decision = await self._decide(ctx.request)
+                prepared = ctx.decision = await self._decide(ctx.request, False, ctx.principal)
             attempt, lease, relayed, (first, rest) = await self._first_success(ctx, prepared, open_stream)
         except BaseException as exc:
             await self.settle(ctx, _outcome_of(exc))

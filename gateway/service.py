@@ -15,8 +15,9 @@ from backends.base import Backend, build_backend
 from config.schema import Config, ModelConfig
 from gateway.deployments import DeploymentPool
 from gateway.lifecycle import LocalModels, ManagedBackend, drained
+from policies.context import ANONYMOUS, Principal
 from policies.model_versions import Snapshot, VersionState, configured_states
-from protocol.errors import BadRequest, GatewayError, ServiceUnavailable
+from protocol.errors import BadRequest, GatewayError, PermissionDenied, ServiceUnavailable
 from protocol.openai import ModelCard, ModelList, ParsedEmbeddings, ParsedRequest
 from routing.classifier import PromptAnalysis, TaskClassifier, request_text
 from routing.resolve import ModelTable, Versions
@@ -189,11 +190,15 @@ class Gateway:
 
     # ---- decisions
 
-    def model_list(self) -> ModelList:
-        return ModelList(data=[self._card(self.table.get(base), base) for base in self.table.base_ids])
+    def model_list(self, principal: Principal = ANONYMOUS) -> ModelList:
+        """The served models, but for those the caller's key may not use."""
+        return ModelList(data=[self._card(self.table.get(base), base) for base in self.table.base_ids
+                               if principal.may_use(base)])
 
-    def model_card(self, name: str) -> ModelCard:
+    def model_card(self, name: str, principal: Principal = ANONYMOUS) -> ModelCard:
         model = self.table.get(name)
+        if not principal.may_use(model.id):
+            raise self.table.not_found(name)  # as OpenAI: a model the key cannot use does not exist for it
         return self._card(model, model.id if name == model.id else self.version_of.get(model.id, (model.id,))[0])
 
     def _card(self, model: ModelConfig, card_id: str) -> ModelCard:
@@ -229,15 +234,18 @@ class Gateway:
             return self.classifier.classify(text)
         return await asyncio.to_thread(self.classifier.classify, text)
 
-    async def decide(self, request: ParsedRequest, explain: bool = False) -> Decision:
+    async def decide(self, request: ParsedRequest, explain: bool = False, principal: Principal = ANONYMOUS
+                     ) -> Decision:
         plan = self.table.plan_request(request.body)
         analysis = await self.analyse(request) if plan.automatic or explain else None
         decision = self.router.decide(plan, request, analysis)
+        if principal.restricted:
+            _restrict(decision, principal, explain)
         if explain:
             decision.deployments = {a.model.id: self.pools[a.model.id].describe() for a in decision.attempts}
         return decision
 
-    def decide_embeddings(self, request: ParsedEmbeddings) -> Decision:
+    def decide_embeddings(self, request: ParsedEmbeddings, principal: Principal = ANONYMOUS) -> Decision:
         """The models to try for an embeddings request: `model` is an id, an alias or an `a:b` chain of them
         (tried in order); automatic selection picks chat models, so a profile in it is refused, and so is a model
         that cannot embed (a local chat engine), by name."""
@@ -253,6 +261,8 @@ class Gateway:
                                  param="model", code="model_not_supported")
             if all(a.model.id != model.id for a in decision.attempts):
                 decision.attempts.append(Attempt(model, "fallback" if position else "manual"))
+        if principal.restricted:
+            _restrict(decision, principal, False)
         return decision
 
     @staticmethod
@@ -271,6 +281,22 @@ class Gateway:
             f"No deployment of {names} can take requests now: their circuit breakers are open after repeated "
             "failures; retry after the cooldown."
         )
+
+
+def _restrict(decision: Decision, principal: Principal, explain: bool) -> None:
+    """Take the models the caller's key may not use out of the decision (ineligible, with the reason), so that
+    neither automatic routing nor a fallback reaches them; nothing left to try is a 403 (an explanation just
+    shows it)."""
+    models = ", ".join(principal.allowed_models)
+    reason = f"not allowed for this API key (its models: {models})"
+    named = {a.model.id for a in decision.attempts} | {c.model for c in decision.candidates if c.eligible}
+    refused = {model_id: reason for model_id in named if not principal.may_use(model_id)}
+    if not refused:
+        return
+    decision.exclude(refused)
+    if not decision.attempts and not explain:
+        raise PermissionDenied(f"This API key may not use {', '.join(sorted(refused))}; its models: {models}.",
+                               param="model")
 
 
 def _expand(config: Config, states: Snapshot) -> dict[str, ModelConfig]:

@@ -41,17 +41,19 @@ class Storage:
         self.experiments: ExperimentStore | None = None  # with a database: the experiments' rows and snapshot
         self.templates: TemplatePolicy | None = None  # prompt templates; experiments render through it too
 
-    def policies(self, config: PoliciesConfig, resolve: Callable[[str], str]) -> list[Policy]:
-        """The policies the config asks for, on this storage; `resolve` maps a model name to its id."""
+    def policies(self, config: PoliciesConfig, resolve: Callable[[str], str], keyed: bool = False) -> list[Policy]:
+        """The policies the config asks for, on this storage; `resolve` maps a model name to its id. `keyed`: API
+        keys from the database are in use, and each may carry its own budget and rate limit, so both policies run
+        even when the config sets none."""
         policies: list[Policy] = []
-        if config.rate_limits:
+        if config.rate_limits or keyed:
             policies.append(RateLimitPolicy(config.rate_limits, self.state))
         if config.cache is not None and config.cache.mode != "off":
             policies.append(ExactCache(config.cache, self.state, resolve))
             if config.cache.semantic.enabled:
                 self.embedder = Embedder()
                 policies.append(SemanticCache(config.cache, self.state, self.embedder.embed, resolve))
-        if config.budgets:
+        if config.budgets or keyed:
             self.alerts = BudgetAlerts(config.alert_webhook, self.state)
             self.budgets = BudgetPolicy(config.budgets, self.state, alerts=self.alerts)
             policies.append(self.budgets)

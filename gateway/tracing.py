@@ -155,13 +155,13 @@ class Tracing:
             await rest.aclose()  # type: ignore[attr-defined]
             self._end_request(ctx, span)
 
-    def decide(self, decide: Callable[[Any], Awaitable[T]]) -> Callable[[Any], Awaitable[T]]:
+    def decide(self, decide: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         """Gateway.decide under a `route` span (a child of the current request span)."""
         tracer = self.tracer
 
-        async def traced(request: Any) -> T:
+        async def traced(*args: Any) -> T:
             with tracer.start_as_current_span("route") as span:
-                decision = await decide(request)
+                decision = await decide(*args)
                 span.set_attribute("pointsman.chain", [a.model.id for a in getattr(decision, "attempts", ())])
                 return decision
 

@@ -52,7 +52,7 @@ class BudgetAlerts:
         self._tasks: set[asyncio.Task[None]] = set()  # webhook deliveries in flight, held until done
         self._taken: dict[str, None] = {}  # marks known taken, oldest first
 
-    async def crossed(self, budget_index: int, member: str, period_start: int, kind: str, used_before: float,
+    async def crossed(self, budget_index: int | str, member: str, period_start: int, kind: str, used_before: float,
                       used_after: float, limit: float, thresholds: Sequence[float], resets_at: float | None
                       ) -> None:
         """Alert for each threshold t <= used_after/limit (fractions; those above used_before/limit are the ones

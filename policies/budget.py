@@ -20,7 +20,7 @@ from policies.state import Reservation, StateStore, StoreUnavailable
 from protocol.errors import BudgetExceeded, ServiceUnavailable
 from protocol.openai import ChatCompletionRequest, ParsedEmbeddings, ParsedRequest, message_text
 
-__all__ = ["DEFAULT_NEW_TOKENS", "BudgetPolicy", "estimate_prompt_tokens", "period_window", "reset_iso",
+__all__ = ["DEFAULT_NEW_TOKENS", "BudgetPolicy", "counter_key", "estimate_prompt_tokens", "period_window", "reset_iso",
            "worst_case_tokens"]
 
 log = logging.getLogger("pointsman.policies")
@@ -84,7 +84,7 @@ def worst_case_tokens(request: ParsedRequest | ParsedEmbeddings, model: ModelCon
 class _Counter:
     """One counter a request is charged to: `kind` of budget number `index`, for one member in one period."""
 
-    index: int
+    index: int | str  # the config's budget number, or "key" for an API key's own budget
     budget: BudgetConfig
     member: str
     kind: Kind
@@ -136,9 +136,11 @@ class BudgetPolicy:
     A store that cannot be reached refuses requests with a 503 naming the budget under `on_store_error: deny` (the
     default) and lets them through unreserved under `allow` (a warning once per outage). A settle that cannot
     reach the store leaves the worst case counted.
+
+    An API key's own budget (`Principal.budget`, scope `key`) applies beside the config's, as budget "key".
     """
 
-    __slots__ = ("_counter_cache", "_down", "_unpriced", "alerts", "budgets", "clock", "store")
+    __slots__ = ("_counter_cache", "_down", "_numbered", "_unpriced", "alerts", "budgets", "clock", "store")
 
     name: ClassVar[str] = "budget"
     stage: ClassVar[int] = STAGES["budget"]
@@ -153,13 +155,14 @@ class BudgetPolicy:
         self._down = False  # the store failed and has not answered since: warned once already
         self._unpriced: set[str] = set()  # models already warned about for unknown pricing
         # (budget index, member, period start) -> its counters: the same few are built for request after request
-        self._counter_cache: dict[tuple[int, str, int], tuple[_Counter, ...]] = {}
+        self._counter_cache: dict[tuple[int | str, str, int], tuple[_Counter, ...]] = {}
+        self._numbered: tuple[tuple[int | str, BudgetConfig], ...] = tuple(enumerate(self.budgets))
 
     async def admit(self, ctx: RequestContext) -> Reply | None:
         return None
 
     async def approve(self, ctx: RequestContext, decision: Any) -> None:
-        if not self.budgets:
+        if not self.budgets and ctx.principal.budget is None:
             return
         now = self.clock()
         attempts = list(decision.attempts)
@@ -244,7 +247,7 @@ class BudgetPolicy:
         cannot be reached."""
         now = self.clock()
         rows: list[dict[str, Any]] = []
-        for index, budget in enumerate(self.budgets):
+        for index, budget in self._applying(ctx):
             if budget.scope == "model":
                 continue
             member = scope_member(budget.scope, budget.match, ctx, None)
@@ -257,7 +260,7 @@ class BudgetPolicy:
                 if limit is None:
                     continue
                 try:
-                    used = await self.store.counter(_key(index, member, kind, start))
+                    used = await self.store.counter(counter_key(index, member, kind, start))
                 except StoreUnavailable as exc:
                     self._store_failed(exc)
                     raise ServiceUnavailable("budget usage is unavailable: the state store cannot be reached; "
@@ -274,25 +277,56 @@ class BudgetPolicy:
         failed reservation naming a model counter means every other counter fitted)."""
         first: list[_Counter] = []
         last: list[_Counter] = []
-        for index, budget in enumerate(self.budgets):
+        for index, budget in self._applying(ctx):
             if models_only and budget.scope != "model":
                 continue
             member = scope_member(budget.scope, budget.match, ctx, model)
             if member is None:
                 continue
-            start, end = period_window(budget.period, now)
             into = last if budget.scope == "model" else first
-            cached = self._counter_cache.get((index, member, start))
-            if cached is None:
-                cached = tuple(_Counter(index, budget, member, kind, _key(index, member, kind, start), float(limit),
-                                        start, end)
-                               for kind, limit in (("tokens", budget.max_tokens), ("usd", budget.max_cost_usd))
-                               if limit is not None)
-                if len(self._counter_cache) >= _COUNTER_CACHE:
-                    self._counter_cache.clear()  # old periods and departed members: cheaper than an LRU
-                self._counter_cache[(index, member, start)] = cached
-            into.extend(cached)
+            into.extend(self._member_counters(index, budget, member, now))
         return first + last
+
+    def _member_counters(self, index: int | str, budget: BudgetConfig, member: str, now: float
+                         ) -> tuple[_Counter, ...]:
+        """One member's counters of one budget in the period `now` falls in, built once per period."""
+        start, end = period_window(budget.period, now)
+        cached = self._counter_cache.get((index, member, start))
+        if cached is None:
+            cached = tuple(_Counter(index, budget, member, kind, counter_key(index, member, kind, start), float(limit),
+                                    start, end)
+                           for kind, limit in (("tokens", budget.max_tokens), ("usd", budget.max_cost_usd))
+                           if limit is not None)
+            if len(self._counter_cache) >= _COUNTER_CACHE:
+                self._counter_cache.clear()  # old periods and departed members: cheaper than an LRU
+            self._counter_cache[(index, member, start)] = cached
+        return cached
+
+    async def levels(self, members: bool = False) -> list[tuple[_Counter, float]]:
+        """Each current counter with what is used of it, for the budget gauges: the one member of a global or
+        `match` budget, and the members this process has charged in the current period (team and model members
+        are bounded by the config; key and user members, and API keys' own budgets, only when `members`).
+        Raises StoreUnavailable when the store cannot be read."""
+        now = self.clock()
+        counters: dict[str, _Counter] = {}
+        for index, budget in self._numbered:
+            if budget.scope == "global" or budget.match is not None:
+                member = "*" if budget.scope == "global" else budget.match
+                counters.update((c.key, c) for c in self._member_counters(index, budget, member, now))
+        for cached in list(self._counter_cache.values()):
+            for counter in cached:
+                unbounded = counter.budget.scope in ("key", "user")
+                current = period_window(counter.budget.period, now)[0] == counter.start
+                if current and (members or not unbounded):
+                    counters[counter.key] = counter
+        chosen = sorted(counters.values(), key=lambda c: (str(c.index), c.member, c.kind))
+        used = await asyncio.gather(*(self.store.counter(c.key) for c in chosen))
+        return list(zip(chosen, used, strict=True))
+
+    def _applying(self, ctx: RequestContext) -> Sequence[tuple[int | str, BudgetConfig]]:
+        """The config's budgets by number, and the caller's API key's own budget (as "key") when it has one."""
+        own = ctx.principal.budget
+        return self._numbered if own is None else [*self._numbered, ("key", own)]
 
     def _worst_case(self, ctx: RequestContext, model: ModelConfig) -> tuple[float, float]:
         """(tokens, USD) the request may cost at most on `model`; USD is 0 when its pricing is unknown."""
@@ -376,7 +410,7 @@ class BudgetPolicy:
         for counter, amount, value in watched:
             after = next(read) if value is None else value
             if isinstance(after, BaseException):
-                log.warning("budget: alerts for budget #%d skipped: %s", counter.index, after)
+                log.warning("budget: alerts for budget #%s skipped: %s", counter.index, after)
                 continue
             await alerts.crossed(counter.index, counter.member, counter.start, counter.kind, after - amount, after,
                                  counter.limit, counter.budget.alert_at, counter.end)
@@ -396,7 +430,7 @@ class BudgetPolicy:
 _COUNTER_CACHE = 10_000
 
 
-def _key(index: int, member: str, kind: str, start: int) -> str:
+def counter_key(index: int | str, member: str, kind: str, start: int) -> str:
     return f"budget:{index}:{member}:{kind}:{start}"
 
 

@@ -2,27 +2,50 @@
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from config.schema import ModelConfig
+from config.schema import BudgetConfig, ModelConfig, RateLimitConfig
 from protocol.errors import GatewayError
 from protocol.openai import ParsedEmbeddings, ParsedRequest
 
-__all__ = ["ANONYMOUS", "AttemptRecord", "Outcome", "Principal", "Reply", "RequestContext", "embedding_tokens",
-           "scope_member"]
+__all__ = ["ANONYMOUS", "AttemptRecord", "Outcome", "Principal", "Reply", "RequestContext", "Role",
+           "embedding_tokens", "scope_member"]
+
+
+Role = Literal["admin", "user", "readonly"]
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling. Static `auth.api_keys` map to admin principals; with auth off everyone is ANONYMOUS."""
+    """Who is calling: built once per API key and cached. The static `auth.api_keys` and POINTSMAN_ADMIN_KEY map
+    to admin principals; with auth off everyone is ANONYMOUS. `budget` and `rate_limit` are the key's own (scope
+    `key`, matching its id), applied beside the config's."""
 
     key_id: str | None
-    role: Literal["admin", "user", "readonly"] = "admin"
+    role: Role = "admin"
     team: str | None = None
     allowed_models: tuple[str, ...] = ("*",)
+    budget: BudgetConfig | None = None
+    rate_limit: RateLimitConfig | None = None
+
+    @property
+    def restricted(self) -> bool:
+        """Whether some models are off limits to this caller."""
+        return "*" not in self.allowed_models
+
+    def may_use(self, model_id: str) -> bool:
+        """Whether the key's model globs allow `model_id` (a version, `id@1.2.0`, counts as its model)."""
+        return "*" in self.allowed_models or _allowed(self.allowed_models, model_id.partition("@")[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _allowed(patterns: tuple[str, ...], model_id: str) -> bool:
+    return any(fnmatch.fnmatchcase(model_id, p) for p in patterns)
 
 
 ANONYMOUS = Principal(key_id=None)

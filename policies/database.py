@@ -13,9 +13,9 @@ from alembic.config import Config
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-__all__ = ["DEFAULT_URL", "MIGRATIONS", "UtcDateTime", "alembic_config", "experiments", "feedback", "metadata",
-           "migrate", "model_version_transitions", "model_versions", "open_engine", "template_transitions",
-           "template_versions", "templates", "usage_rows"]
+__all__ = ["DEFAULT_URL", "MIGRATIONS", "UtcDateTime", "alembic_config", "api_keys", "experiments", "feedback",
+           "metadata", "migrate", "model_version_transitions", "model_versions", "open_engine",
+           "template_transitions", "template_versions", "templates", "usage_rows"]
 
 DEFAULT_URL = "sqlite+aiosqlite:///pointsman.db"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -167,6 +167,27 @@ template_transitions = sa.Table(
     sa.Column("by_key", sa.String(), nullable=True),
     sa.Column("forced", sa.Boolean(), nullable=False),
     sa.Index("ix_template_transitions_name_version", "name", "version"),
+)
+
+# API keys (revision 0005): only the secret's SHA-256 is kept; `hint` is its first and last characters, to tell
+# keys apart in a list
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("hint", sa.String(16), nullable=False),
+    sa.Column("name", sa.String(200), nullable=True),
+    sa.Column("role", sa.String(16), nullable=False),  # admin | user | readonly
+    sa.Column("team", sa.String(200), nullable=True),
+    sa.Column("models", sa.Text(), nullable=False),  # JSON list of globs
+    sa.Column("budget", sa.Text(), nullable=True),  # JSON: the key's own budget (policies.api_keys.KeyBudget)
+    sa.Column("rate_limit", sa.Text(), nullable=True),  # JSON: its own rate limit (KeyRateLimit)
+    sa.Column("expires_at", UtcDateTime(), nullable=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("created_by", sa.String(), nullable=True),
+    sa.Column("revoked_at", UtcDateTime(), nullable=True),
+    sa.Index("ux_api_keys_digest", "digest", unique=True),
 )
 
 

@@ -88,9 +88,11 @@ class RateLimitPolicy:
 
     A store that cannot be reached lets requests through under `on_store_error: allow` (a warning once per
     outage) and refuses them with a 503 under `deny`.
+
+    An API key's own limit (`Principal.rate_limit`, scope `key`) applies beside the config's, as bucket "key".
     """
 
-    __slots__ = ("_down", "limits", "store")
+    __slots__ = ("_down", "_numbered", "limits", "store")
 
     name: ClassVar[str] = "rate_limit"
     stage: ClassVar[int] = STAGES["rate_limit"]
@@ -98,6 +100,7 @@ class RateLimitPolicy:
 
     def __init__(self, limits: Sequence[RateLimitConfig], store: StateStore) -> None:
         self.limits = tuple(limits)
+        self._numbered: tuple[tuple[int | str, RateLimitConfig], ...] = tuple(enumerate(self.limits))
         self.store = store
         self._down = False  # the store failed and has not answered since: warned once already
 
@@ -151,7 +154,8 @@ class RateLimitPolicy:
     def _buckets(self, ctx: RequestContext) -> list[_Bucket]:
         buckets: list[_Bucket] = []
         estimate: int | None = None
-        for index, limit in enumerate(self.limits):
+        own = ctx.principal.rate_limit  # the API key's own limit, beside the config's
+        for index, limit in (self._numbered if own is None else (*self._numbered, ("key", own))):
             # model scope: the model asked for; a request that names none (automatic routing) is not counted
             member = scope_member(limit.scope, limit.match, ctx, ctx.request.body.model)
             if member is None:

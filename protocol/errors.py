@@ -15,6 +15,7 @@ __all__ = [
     "InsufficientMemory",
     "ModelNotFound",
     "NotFound",
+    "PermissionDenied",
     "RateLimited",
     "ServiceUnavailable",
     "UnsupportedParameter",
@@ -61,6 +62,14 @@ class AuthenticationError(GatewayError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    """A valid key whose role or allowed models do not cover what it asked for."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
 
 
 class NotFound(GatewayError):

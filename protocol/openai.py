@@ -43,6 +43,7 @@ __all__ = [
     "decode_embedding_request",
     "decode_object",
     "decode_request",
+    "decode_struct",
     "chunk_view",
     "message_text",
     "new_id",
@@ -184,6 +185,16 @@ def decode_object(data: bytes) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_request")
     return raw
+
+
+def decode_struct(data: bytes, kind: type[T]) -> T:
+    """An admin body (an empty one is `{}`) as `kind`, or a 400 whose `param` names the field at fault."""
+    try:
+        return msgspec.convert(decode_object(data or b"{}"), kind)
+    except msgspec.ValidationError as exc:
+        problem, sep, where = str(exc).rpartition(" - at ")
+        param = where.strip("`").removeprefix("$.") if sep else None
+        raise BadRequest(f"Invalid value for '{param}': {problem}" if sep else str(exc), param=param) from None
 
 
 def decode_request(data: bytes | dict[str, Any], kind: type[ChatCompletionRequest] | type[CompletionRequest],

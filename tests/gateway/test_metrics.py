@@ -76,6 +76,10 @@ models:
     load: lazy
 metrics: {{enabled: true}}
 logging: {{requests: true}}
+policies:
+  budgets:
+    - {{scope: global, period: day, max_tokens: 1000000}}
+    - {{scope: model, period: month, max_cost_usd: 100000000}}
 """
 
 
@@ -116,6 +120,15 @@ def test_metrics_after_known_traffic(upstream, tmp_path, workers: int) -> None:
         assert got[("pointsman_upstream_in_flight", (("model", "remote-a"),))] == 0
         breakers = {k[1]: v for k, v in got.items() if k[0] == "pointsman_circuit_breaker_state"}
         assert {dict(labels)["model"] for labels in breakers} == {"remote-a", "dead"} and set(breakers.values()) == {0}
+        # the budget gauges: the global budget, and the model budget's member charged in this period
+        spent = 4 * (usage["prompt_tokens"] + usage["completion_tokens"])
+        tokens = (("budget", "0"), ("kind", "tokens"), ("member", "*"), ("period", "day"), ("scope", "global"))
+        assert got[("pointsman_budget_limit", tokens)] == 1_000_000
+        assert got[("pointsman_budget_remaining", tokens)] <= 1_000_000 - (spent if workers == 1 else 0)
+        if workers == 1:  # a worker shows the members it has charged itself: with two, the other may have all
+            usd = (("budget", "1"), ("kind", "usd"), ("member", "remote-a"), ("period", "month"), ("scope", "model"))
+            assert got[("pointsman_budget_limit", usd)] == 100_000_000
+            assert got[("pointsman_budget_remaining", usd)] < 100_000_000
         lines = [json.loads(line) for line in server.output().splitlines() if line.startswith('{"request_id"')]
         assert len(lines) == 6 and {line["model"] for line in lines} == {"remote-a", "none"}
     finally:

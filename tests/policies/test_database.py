@@ -20,7 +20,7 @@ COLUMNS = {"id", "request_id", "created_at", "key_id", "user", "team", "model_re
 INDEXES = {"ix_usage_rows_created_at": ["created_at"], "ix_usage_rows_key_id_created_at": ["key_id", "created_at"],
            "ix_usage_rows_experiment_id": ["experiment", "id"], "ix_usage_rows_completion_id": ["completion_id"]}
 TABLES = {"usage_rows", "alembic_version", "experiments", "feedback", "templates", "template_versions",
-          "template_transitions", "model_versions", "model_version_transitions"}
+          "template_transitions", "model_versions", "model_version_transitions", "api_keys"}
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()  # the newest revision
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # fixtures and tests share one loop
