@@ -26,6 +26,7 @@ from gateway.admin_experiments import experiments_router
 from gateway.admin_keys import keys_router
 from gateway.admin_templates import templates_router
 from gateway.auth import ANALYTICS, READ, USE, Authenticator, principal_of
+from gateway.dashboard import dashboard_router
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics, observe_policies
 from gateway.openapi import (
     CHAT,
@@ -380,7 +381,8 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     app = Litestar(
         route_handlers=[hot, v1_use, v1_read, legacy, probes, scrape, admin, experiments_admin, templates_admin,
                         keys_admin, analytics_admin,
-                        websocket_router(use)],  # /v1/chat/completions/ws, as the completions
+                        websocket_router(use),  # /v1/chat/completions/ws, as the completions
+                        dashboard_router([request_ids])],  # /dashboard: the page asks no key, its script sends one
         lifespan=[lifespan],
         exception_handlers={
             GatewayError: _render_gateway_error,
