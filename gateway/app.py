@@ -27,6 +27,7 @@ from gateway.admin_keys import keys_router
 from gateway.admin_templates import templates_router
 from gateway.auth import ANALYTICS, READ, USE, Authenticator, principal_of
 from gateway.dashboard import dashboard_router
+from gateway.generate import generate, request_context
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics, observe_policies
 from gateway.openapi import (
     CHAT,
@@ -42,15 +43,15 @@ from gateway.openapi import (
     add_schemas,
     documented,
 )
-from gateway.pipeline import Pipeline, StreamStart
+from gateway.pipeline import Pipeline
 from gateway.request_id import request_id_of, request_ids
-from gateway.responses import JSONBody, SSEStream, Watches, nothing, replay
+from gateway.responses import JSONBody, Watches
 from gateway.service import Gateway
 from gateway.storage import Storage
 from gateway.websocket import websocket_router
 from policies.api_keys import KeyStore
 from policies.base import Policy, PolicyChain
-from policies.context import Outcome, Reply, RequestContext
+from policies.context import Outcome, RequestContext
 from policies.experiments import add_feedback, decode_feedback
 from policies.model_versions import VersionRegistry
 from protocol.errors import BadRequest, GatewayError, error_body
@@ -77,76 +78,16 @@ def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-# request headers policies read (the cache's controls), handed to them in ctx.state["request_headers"]
-_POLICY_HEADERS = frozenset({b"cache-control", b"x-pointsman-cache-ttl"})
-
-
-def _context(request: Request, parsed: ParsedRequest, policies: bool) -> RequestContext:
-    scope = request.scope
-    user = parsed.body.user
-    wanted: dict[str, str] = {}
-    for key, value in scope["headers"]:
-        if key == b"x-pointsman-user" and user is None:
-            user = value.decode("latin-1")
-        elif policies and key in _POLICY_HEADERS:
-            wanted[key.decode("latin-1")] = value.decode("latin-1")
-    ctx = RequestContext(parsed, principal_of(scope), request_id_of(scope), user)
-    if wanted:
-        ctx.state["request_headers"] = wanted
-    return ctx
-
-
-def _stream_outcome(result: StreamStart | Reply, answered: bool, outcome: Outcome) -> Outcome:
-    """How a stream ended, for settle: a policy's reply, or a finished stream with the answer it put together."""
-    if outcome.status != "ok":
-        return outcome
-    if answered:
-        return Outcome("answered")
-    return Outcome("ok", body=result.assembled)  # type: ignore[union-attr]  # put together only if read
-
-
-async def _generate(request: Request, kind: type[ChatCompletionRequest] | type[CompletionRequest]) -> ASGIApp:
-    state = request.app.state
-    pipeline: Pipeline = state.pipeline
-    ctx = _context(request, decode_request(await request.body(), kind), pipeline.has_policies)
-    if pipeline.tracing is not None:  # the client's traceparent: the request span becomes its child
-        pipeline.tracing.accept(ctx, request.scope["headers"])
-    stream = ctx.request.body.stream
-    watch = state.watches.watch(request.receive)
-    try:
-        result = await (pipeline.stream(ctx) if stream else pipeline.complete(ctx))
-    except BaseException as exc:
-        watch.stop()
-        if watch.absorb(exc):
-            return nothing
-        raise
-    answered = isinstance(result, Reply)
-    deprecated = state.gateway.deprecations  # a deprecated version answers with Deprecation (and Sunset)
-    if deprecated and not answered and (extra := deprecated.get(result.headers.get("x-pointsman-model", ""))):
-        result.headers.update(extra)
-    settle = pipeline.settle if pipeline.has_policies else None
-    if stream:
-        first, rest = (None, replay(result.chunks)) if answered else (result.first, result.rest)
-        on_end = None if settle is None else lambda outcome: settle(ctx, _stream_outcome(result, answered, outcome))
-        headers = {**ctx.headers, **result.headers, "x-request-id": ctx.request_id} if answered else result.headers
-        return SSEStream(first, rest, headers, watch, on_end)
-    watch.stop()
-    after = None if settle is None else lambda: settle(
-        ctx, Outcome("answered") if answered else Outcome("ok", body=result.body))
-    headers = {**ctx.headers, **result.headers, "x-request-id": ctx.request_id} if answered else result.headers
-    return JSONBody(result.body, headers, after=after)
-
-
 @post("/chat/completions", status_code=200, summary="Create a chat completion (OpenAI)",
       operation_class=documented(CHAT, GENERATE_ERRORS, CHAT_OK))
 async def chat_completions(request: Request) -> ASGIApp:
-    return await _generate(request, ChatCompletionRequest)
+    return await generate(request, decode_request(await request.body(), ChatCompletionRequest))
 
 
 @post("/completions", status_code=200, summary="Create a text completion (OpenAI, legacy)",
       operation_class=documented(COMPLETION, GENERATE_ERRORS, COMPLETION_OK))
 async def completions(request: Request) -> ASGIApp:
-    return await _generate(request, CompletionRequest)
+    return await generate(request, decode_request(await request.body(), CompletionRequest))
 
 
 @post("/embeddings", status_code=200, summary="Create embeddings (OpenAI)",
@@ -179,7 +120,7 @@ async def _explain(request: Request) -> dict:
     decision = await _gateway(request).decide(parsed, True, principal_of(request.scope))
     budgets = request.app.state.storage.budgets
     if budgets is not None:  # models whose budgets this request would overrun are not tried: say so
-        spent = await budgets.spent(_context(request, parsed, True), [a.model for a in decision.attempts])
+        spent = await budgets.spent(request_context(request, parsed, True), [a.model for a in decision.attempts])
         decision.exclude(spent)
     return _gateway(request).explain(decision)
 

@@ -20,7 +20,7 @@ from policies.context import ANONYMOUS, Principal, Role
 from policies.state import StateStore
 from protocol.errors import AuthenticationError, PermissionDenied
 
-__all__ = ["ADMIN", "ANALYTICS", "PRINCIPAL", "READ", "USE", "Authenticator", "principal_of"]
+__all__ = ["ADMIN", "ANALYTICS", "PRINCIPAL", "READ", "USE", "Authenticator", "credentials", "principal_of"]
 
 log = logging.getLogger("pointsman.auth")
 
@@ -43,6 +43,15 @@ Guard = Callable[[ASGIConnection, BaseRouteHandler], Awaitable[None]]
 
 def principal_of(scope: dict) -> Principal:
     return scope.get(PRINCIPAL, ANONYMOUS)
+
+
+def credentials(connection: ASGIConnection) -> str | None:
+    """The `Authorization` header, or Anthropic's `x-api-key` as a Bearer one (the anthropic SDK sends that)."""
+    headers = connection.headers
+    header = headers.get("authorization")
+    if header is None and (key := headers.get("x-api-key")):
+        header = f"Bearer {key}"
+    return header
 
 
 def _loopback(connection: ASGIConnection) -> bool:
@@ -131,7 +140,7 @@ class Authenticator:
         what = _WHAT.get(roles, "this endpoint")
 
         async def check(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-            principal = await self.principal(connection.headers.get("authorization"))
+            principal = await self.principal(credentials(connection))
             if principal.role not in roles:
                 raise PermissionDenied(f"A key with the role '{principal.role}' may not use {what}; it needs "
                                        f"one of: {', '.join(sorted(roles))}.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from litestar.types import Receive, Scope, Send
 
@@ -126,16 +127,19 @@ class JSONBody:
 class SSEStream:
     """Server-sent events: payloads are framed and written as they arrive. An error after the start becomes one
     error event and `[DONE]`; a client that leaves ends the stream (and its upstream) at once. `settle` runs
-    exactly once, however the stream ends."""
+    exactly once, however the stream ends. With a `dialect` (gateway/generate.py), the chat chunks are handed to
+    it and the frames it makes are written instead, its own error events too."""
 
-    __slots__ = ("first", "headers", "rest", "settle", "watch")
+    __slots__ = ("dialect", "first", "headers", "rest", "settle", "watch")
 
     def __init__(self, first: bytes | None, rest: AsyncIterator[bytes], headers: dict[str, str],
-                 watch: DisconnectWatch, settle: Settle | None) -> None:
-        self.first, self.rest, self.watch, self.settle = first, rest, watch, settle
+                 watch: DisconnectWatch, settle: Settle | None, dialect: Any = None) -> None:
+        self.first, self.rest, self.watch, self.settle, self.dialect = first, rest, watch, settle, dialect
         self.headers = _SSE_HEADERS + _encode_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.dialect is not None:
+            return await self._translated(send)
         outcome, tail = Outcome("ok"), DONE
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
@@ -146,15 +150,39 @@ class SSEStream:
         except GatewayError as exc:
             outcome, tail = Outcome("error", error=exc), b"data: " + exc.body() + b"\n\n" + DONE
         except Exception as exc:
-            log.exception("stream failed")
-            failure = GatewayError(f"The stream failed inside the gateway: {type(exc).__name__}")
-            body = error_body("The stream failed inside the gateway.", "api_error", "internal_error")
-            outcome, tail = Outcome("error", error=failure), b"data: " + body + b"\n\n" + DONE
+            outcome, failure = Outcome("error", error=_failure(exc)), _FAILED
+            tail = b"data: " + failure + b"\n\n" + DONE
         except BaseException as exc:  # cancelled: the client left, or the server is stopping
             await self._close(Outcome("cancelled"))
             if self.watch.absorb(exc):
                 return
             raise
+        await self._close(None)
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        if self.settle is not None:
+            await self.settle(outcome)
+
+    async def _translated(self, send: Send) -> None:
+        """The same, with the dialect's frames: it ends the stream itself (no `[DONE]`)."""
+        outcome, tail = Outcome("ok"), b""
+        joined = _joined(self.first, self.rest)
+        frames = self.dialect.stream(joined)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            async for frame in frames:
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+        except GatewayError as exc:
+            outcome, tail = Outcome("error", error=exc), self.dialect.stream_error(exc)
+        except Exception as exc:
+            failure = _failure(exc)
+            outcome, tail = Outcome("error", error=failure), self.dialect.stream_error(failure)
+        except BaseException as exc:
+            await _closed(frames, joined)
+            await self._close(Outcome("cancelled"))
+            if self.watch.absorb(exc):
+                return
+            raise
+        await _closed(frames, joined)
         await self._close(None)
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         if self.settle is not None:
@@ -166,6 +194,26 @@ class SSEStream:
         await self.rest.aclose()  # type: ignore[attr-defined]
         if cancelled is not None and self.settle is not None:
             await self.settle(cancelled)
+
+
+_FAILED = error_body("The stream failed inside the gateway.", "api_error", "internal_error")
+
+
+def _failure(exc: Exception) -> GatewayError:
+    log.exception("stream failed", exc_info=exc)
+    return GatewayError(f"The stream failed inside the gateway: {type(exc).__name__}")
+
+
+async def _closed(*iterators: AsyncIterator[bytes]) -> None:
+    for iterator in iterators:
+        await iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def _joined(first: bytes | None, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first is not None:
+        yield first
+    async for payload in rest:
+        yield payload
 
 
 async def replay(chunks: tuple[bytes, ...]) -> AsyncIterator[bytes]:

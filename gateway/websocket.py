@@ -12,6 +12,7 @@ from litestar import Router, WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 
 from gateway.auth import principal_of
+from gateway.generate import POLICY_HEADERS
 from gateway.pipeline import Pipeline
 from gateway.request_id import request_id_of
 from policies.context import Outcome, Principal, Reply, RequestContext
@@ -25,7 +26,6 @@ log = logging.getLogger("pointsman")
 # requests a client may send ahead of the one being answered; past that its reads wait (TCP backpressure)
 MAX_PENDING = 16
 _DONE_KEY = "done"
-_POLICY_HEADERS = frozenset({b"cache-control", b"x-pointsman-cache-ttl"})  # as on the HTTP routes
 _GONE = (OSError, WebSocketDisconnect)  # uvicorn's ClientDisconnected is an OSError
 
 
@@ -47,7 +47,7 @@ class _Connection:
         for key, value in socket.scope["headers"]:
             if key == b"x-pointsman-user":
                 self.user = value.decode("latin-1")
-            elif key in _POLICY_HEADERS:
+            elif key in POLICY_HEADERS:  # as on the HTTP routes
                 self.policy_headers[key.decode("latin-1")] = value.decode("latin-1")
         self.gone = False
         self.task: asyncio.Task | None = None

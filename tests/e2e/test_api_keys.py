@@ -126,6 +126,8 @@ def test_missing_wrong_and_static_keys(replicas):
     assert httpx.post(path, json=body).json()["error"]["code"] == "invalid_api_key"
     wrong = httpx.post(path, json=body, headers=_auth("pm-" + "x" * 43))
     assert wrong.status_code == 401 and wrong.json()["error"]["message"] == "Incorrect API key provided."
+    # Anthropic's x-api-key header is taken as the key too
+    assert httpx.get(first.url + "/v1/models", headers={"x-api-key": STATIC}).status_code == 200
     # the static keys of the config are admins, and so is the bootstrap key
     for key in (STATIC, ADMIN):
         assert httpx.get(first.url + "/admin/keys", headers=_auth(key)).status_code == 200

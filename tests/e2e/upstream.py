@@ -4,7 +4,9 @@ Run: python tests/e2e/upstream.py --port N [--name NAME]. The last user message 
 `status:429` answers that HTTP error, `sleep:2.5` waits before answering, `break:3` streams 3 chunks and
 drops the connection, `gap:0.2` waits between stream chunks, `pad:N` pads a plain answer (or the error message)
 to about N bytes, `garbage` answers 200 with a body that is not JSON, `nodone` ends a finished stream without
-`[DONE]`; anything else is echoed back word by word. Errors carry `Retry-After: 7`, answers
+`[DONE]`, `tool:NAME` (with `tools` in the request) calls the function NAME with arguments
+`{"text": <the prompt>}` (the tool results of later turns are echoed: `tool result: ...`); anything else is
+echoed back word by word. Errors carry `Retry-After: 7`, answers
 `x-ratelimit-remaining-requests: 99`.
 A directive written `status:503@model-a` applies only on the upstream started with `--name model-a`.
 A request with `continue_final_message` and a final assistant message streams the rest of the echo after it.
@@ -58,6 +60,18 @@ def _continued_prefix(body: dict) -> str | None:
     return None
 
 
+def _tool_call(body: dict, prompt: str, upstream: str) -> dict | None:
+    """The `tool:NAME` directive's call, when the request offers a function NAME."""
+    name = _directive(prompt, "tool", upstream)
+    offered = {t.get("function", {}).get("name") for t in body.get("tools") or [] if isinstance(t, dict)}
+    messages = body.get("messages") or []
+    answered = bool(messages) and messages[-1].get("role") == "tool"  # the call's result came back: answer it
+    if name is None or name not in offered or answered:
+        return None
+    return {"id": "call_mock1", "type": "function",
+            "function": {"name": name, "arguments": json.dumps({"text": prompt})}}
+
+
 def _answer(prompt: str) -> str:
     return FIXED if prompt in ("", "fixed") else f"echo: {prompt}"
 
@@ -101,7 +115,11 @@ class Upstream:
             return web.Response(body=b"<html>502 Bad Gateway</html>", content_type="application/json")
         if (delay := _directive(prompt, "sleep", self.name)) is not None:
             await asyncio.sleep(float(delay))
-        text = _answer(prompt)
+        call = _tool_call(body, prompt, self.name)
+        if call is not None and chat:
+            return await self._call_tool(request, body, call, prompt)
+        results = [m.get("content") for m in body.get("messages") or [] if m.get("role") == "tool"]
+        text = f"tool result: {results[-1]}" if results and not isinstance(results[-1], list) else _answer(prompt)
         prefix = _continued_prefix(body)
         if prefix is not None:  # vLLM's continue_final_message: finish the assistant's partial answer
             text = text[len(prefix):] if text.startswith(prefix) else text
@@ -150,6 +168,39 @@ class Upstream:
                   "x_received": {"body": body, "authorization": request.headers.get("authorization"),
                                  "traceparent": request.headers.get("traceparent")}}
         return web.json_response(answer, headers={"x-ratelimit-remaining-requests": "99"})
+
+    async def _call_tool(self, request: web.Request, body: dict, call: dict, prompt: str) -> web.StreamResponse:
+        """The answer is one call of a requested function: plain, or streamed as OpenAI streams tool calls."""
+        model, created = body.get("model", self.name), int(time.time())
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": 5, "total_tokens": len(prompt.split()) + 5}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
+            choice = {"index": 0, "message": message, "finish_reason": "tool_calls", "logprobs": None}
+            return web.json_response({"id": "mock-1", "object": "chat.completion", "created": created,
+                                      "model": model, "choices": [choice], "usage": usage})
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        arguments = call["function"]["arguments"]
+        half = len(arguments) // 2
+        deltas = [
+            {"role": "assistant", "content": None},
+            {"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                             "function": {"name": call["function"]["name"], "arguments": ""}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": arguments[:half]}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": arguments[half:]}}]},
+        ]
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        for delta, finish in [*((d, None) for d in deltas), ({}, "tool_calls")]:
+            data = {"id": "mock-1", "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            await response.write(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
+        if include_usage:
+            final = {"id": "mock-1", "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": [], "usage": usage}
+            await response.write(b"data: " + json.dumps(final, separators=(",", ":")).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     async def _stream(self, request, body, chat, text, model, usage, created, prompt) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream",

@@ -1,0 +1,106 @@
+"""One generation request over HTTP, whatever its wire format: chat completions and completions as they are, and
+other formats (the Responses API, Anthropic Messages) translated onto a chat request at the edge by a Dialect,
+so that one routing and policy core serves them all."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from litestar import Request
+from litestar.types import ASGIApp
+
+from gateway.auth import principal_of
+from gateway.pipeline import Pipeline, StreamStart
+from gateway.request_id import request_id_of
+from gateway.responses import JSONBody, SSEStream, nothing, replay
+from policies.context import Outcome, Reply, RequestContext
+from protocol.errors import GatewayError
+from protocol.openai import ParsedRequest
+
+__all__ = ["POLICY_HEADERS", "Dialect", "generate", "request_context"]
+
+# request headers policies read (the cache's controls), handed to them in ctx.state["request_headers"]
+POLICY_HEADERS = frozenset({b"cache-control", b"x-pointsman-cache-ttl"})
+
+
+class Dialect(Protocol):
+    """A wire format served through chat completions: it translates the answers back (the request it translated
+    before calling `generate`). Errors raised before an answer starts are rendered by the format's own
+    exception handler; `stream_error` frames one that breaks a stream already under way."""
+
+    def plain(self, body: bytes) -> bytes:
+        """A `chat.completion` body as this format's answer body."""
+        ...
+
+    def stream(self, payloads: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """`chat.completion.chunk` payloads (unframed JSON) as this format's SSE bytes, framed, closing events
+        included."""
+        ...
+
+    def stream_error(self, exc: GatewayError) -> bytes:
+        """An error after the stream started, framed as this format's SSE event(s)."""
+        ...
+
+
+def request_context(request: Request, parsed: ParsedRequest, policies: bool) -> RequestContext:
+    """The context a request carries: its caller, id and user (`user`, else `x-pointsman-user`), and the cache
+    control headers when policies run."""
+    scope = request.scope
+    user = parsed.body.user
+    wanted: dict[str, str] = {}
+    for key, value in scope["headers"]:
+        if key == b"x-pointsman-user" and user is None:
+            user = value.decode("latin-1")
+        elif policies and key in POLICY_HEADERS:
+            wanted[key.decode("latin-1")] = value.decode("latin-1")
+    ctx = RequestContext(parsed, principal_of(scope), request_id_of(scope), user)
+    if wanted:
+        ctx.state["request_headers"] = wanted
+    return ctx
+
+
+def _stream_outcome(result: StreamStart | Reply, answered: bool, outcome: Outcome) -> Outcome:
+    """How a stream ended, for settle: a policy's reply, or a finished stream with the answer it put together."""
+    if outcome.status != "ok":
+        return outcome
+    if answered:
+        return Outcome("answered")
+    return Outcome("ok", body=result.assembled)  # type: ignore[union-attr]  # put together only if read
+
+
+async def generate(request: Request, parsed: ParsedRequest, dialect: Dialect | None = None,
+                   headers: dict[str, str] | None = None) -> ASGIApp:
+    """Run `parsed` through the pipeline and answer it: JSON or SSE, in `dialect`'s format when one is given.
+    Policies settle once the answer is out (or however it ended); a client that leaves cancels it."""
+    state = request.app.state
+    pipeline: Pipeline = state.pipeline
+    ctx = request_context(request, parsed, pipeline.has_policies)
+    if pipeline.tracing is not None:  # the client's traceparent: the request span becomes its child
+        pipeline.tracing.accept(ctx, request.scope["headers"])
+    stream = ctx.request.body.stream
+    watch = state.watches.watch(request.receive)
+    try:
+        result = await (pipeline.stream(ctx) if stream else pipeline.complete(ctx))
+    except BaseException as exc:
+        watch.stop()
+        if watch.absorb(exc):
+            return nothing
+        raise
+    answered = isinstance(result, Reply)
+    deprecated = state.gateway.deprecations  # a deprecated version answers with Deprecation (and Sunset)
+    if deprecated and not answered and (extra := deprecated.get(result.headers.get("x-pointsman-model", ""))):
+        result.headers.update(extra)
+    reply_headers = {**ctx.headers, **result.headers, "x-request-id": ctx.request_id} if answered else result.headers
+    if headers:
+        reply_headers = {**reply_headers, **headers}
+    settle = pipeline.settle if pipeline.has_policies else None
+    if stream:
+        first, rest = (None, replay(result.chunks)) if answered else (result.first, result.rest)
+        on_end = None if settle is None else lambda outcome: settle(ctx, _stream_outcome(result, answered, outcome))
+        return SSEStream(first, rest, reply_headers, watch, on_end, dialect)
+    watch.stop()
+    after = None if settle is None else lambda: settle(
+        ctx, Outcome("answered") if answered else Outcome("ok", body=result.body))
+    body = result.body if dialect is None else dialect.plain(result.body)
+    return JSONBody(body, reply_headers, after=after)
