@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -32,6 +33,13 @@ T = TypeVar("T")
 _PROPAGATOR = TraceContextTextMapPropagator()
 _SPAN = "trace_span"  # ctx.state key: the request's span, parent of every step's span (settle runs after it ends)
 _PARENT = "trace_parent"  # ctx.state key: the client's traceparent/tracestate, when it sent one
+
+
+@functools.lru_cache(maxsize=256)
+def _server(base_url: str) -> dict[str, Any]:
+    """An upstream's server.address and server.port attributes, worked out once per URL."""
+    url = urlsplit(base_url)
+    return {"server.address": url.hostname or ""} | ({"server.port": url.port} if url.port is not None else {})
 
 
 def _error_type(exc: BaseException) -> str:
@@ -99,23 +107,28 @@ class Tracing:
 
     @staticmethod
     def _end_request(ctx: RequestContext, span: Span, body: bytes | None = None) -> None:
+        if not span.is_recording():  # not sampled: nothing to describe
+            span.end()
+            return
+        attributes: dict[str, Any] = {}
         if ctx.model is not None:
-            span.set_attribute("gen_ai.response.model", ctx.model)
+            attributes["gen_ai.response.model"] = ctx.model
         if ctx.route is not None:
-            span.set_attribute("pointsman.route", ctx.route)
+            attributes["pointsman.route"] = ctx.route
         if ctx.prompt_tokens is not None:
-            span.set_attribute("gen_ai.usage.input_tokens", ctx.prompt_tokens)
+            attributes["gen_ai.usage.input_tokens"] = ctx.prompt_tokens
         if ctx.completion_tokens is not None:
-            span.set_attribute("gen_ai.usage.output_tokens", ctx.completion_tokens)
+            attributes["gen_ai.usage.output_tokens"] = ctx.completion_tokens
         if ctx.cache is not None:
-            span.set_attribute("pointsman.cache", ctx.cache)
-        if body is not None and span.is_recording():
+            attributes["pointsman.cache"] = ctx.cache
+        if body is not None:
             try:  # skips everything but the choices' finish_reason: one cheap decode, only while traced
                 reasons = [c.finish_reason for c in chunk_view(body).choices if c.finish_reason]
             except msgspec.DecodeError:
                 reasons = []
             if reasons:
-                span.set_attribute("gen_ai.response.finish_reasons", reasons)
+                attributes["gen_ai.response.finish_reasons"] = reasons
+        span.set_attributes(attributes)  # one lock for all of them, not one per attribute
         span.end()
 
     async def complete(self, ctx: RequestContext, run: Callable[[], Awaitable[T]]) -> T:
@@ -160,6 +173,8 @@ class Tracing:
         tracer = self.tracer
 
         async def traced(*args: Any) -> T:
+            if not trace.get_current_span().is_recording():  # the request is not sampled: no child spans
+                return await decide(*args)
             with tracer.start_as_current_span("route") as span:
                 decision = await decide(*args)
                 span.set_attribute("pointsman.chain", [a.model.id for a in getattr(decision, "attempts", ())])
@@ -169,18 +184,26 @@ class Tracing:
 
     async def attempt(self, ctx: RequestContext, attempt: Attempt, backend: Any, index: int,
                       call: Callable[[Any, int, dict[str, str]], Awaitable[T]], relayed: dict[str, str]) -> T:
-        """One try of one deployment, as a client span whose id goes upstream in the `traceparent` header."""
+        """One try of one deployment, as a client span whose id goes upstream in the `traceparent` header (an
+        unsampled request sends its own span's, flagged unsampled, and makes no span here)."""
+        parent = ctx.state.get(_SPAN)
+        if not _sampled(ctx):
+            outgoing: dict[str, str] = {}
+            if parent is not None:
+                _PROPAGATOR.inject(outgoing, context=trace.set_span_in_context(parent))
+            token = OUTGOING_HEADERS.set(outgoing)
+            try:
+                return await call(backend, index, relayed)
+            finally:
+                OUTGOING_HEADERS.reset(token)
         attributes: dict[str, Any] = {"gen_ai.request.model": attempt.model.id, "pointsman.deployment": index,
                                       "pointsman.route": attempt.route}
         upstreams = getattr(backend, "upstreams", None)
         if upstreams is not None and index < len(upstreams):
-            url = urlsplit(upstreams[index].base_url)
-            attributes["server.address"] = url.hostname or ""
-            if url.port is not None:
-                attributes["server.port"] = url.port
+            attributes.update(_server(upstreams[index].base_url))
         span = self.tracer.start_span(f"upstream {attempt.model.id}", context=self._child_context(ctx),
                                       kind=SpanKind.CLIENT, attributes=attributes)
-        outgoing: dict[str, str] = {}
+        outgoing = {}
         _PROPAGATOR.inject(outgoing, context=trace.set_span_in_context(span))
         token = OUTGOING_HEADERS.set(outgoing)
         try:
@@ -214,16 +237,28 @@ class TracedPolicies:
         return self.tracing.tracer.start_as_current_span(name, context=self.tracing._child_context(ctx))
 
     async def admit(self, ctx: RequestContext) -> Reply | None:
+        if not _sampled(ctx):
+            return await self.chain.admit(ctx)
         with self._span(ctx, "policies.admit") as span:
             reply = await self.chain.admit(ctx)
             span.set_attribute("pointsman.answered", reply is not None)
             return reply
 
     async def approve(self, ctx: RequestContext, decision: Any) -> None:
+        if not _sampled(ctx):
+            return await self.chain.approve(ctx, decision)
         with self._span(ctx, "policies.approve"):
             await self.chain.approve(ctx, decision)
 
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
+        if not _sampled(ctx):
+            return await self.chain.settle(ctx, outcome)
         with self._span(ctx, "policies.settle") as span:
             span.set_attribute("pointsman.outcome", outcome.status)
             await self.chain.settle(ctx, outcome)
+
+
+def _sampled(ctx: RequestContext) -> bool:
+    """Whether the request's span records: an unsampled request makes no child spans at all."""
+    span = ctx.state.get(_SPAN)  # ended already when settle runs: its context still says whether it was sampled
+    return span is not None and span.get_span_context().trace_flags.sampled

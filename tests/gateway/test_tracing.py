@@ -105,3 +105,28 @@ def test_tracing_off_makes_no_span_and_sends_no_traceparent(upstream, tmp_path, 
         }, headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"})
     assert response.status_code == 200
     assert response.json()["x_received"]["traceparent"] is None  # the client's is not forwarded either
+
+
+def test_unsampled_requests_make_no_spans_but_pass_the_trace_on(upstream, tmp_path):
+    exporter = InMemorySpanExporter()
+    config = parse_config(f"""
+models:
+  - {{id: remote-a, backend: openai, base_url: "{upstream.url}", upstream_model: mock-model}}
+storage: {{database_url: "sqlite+aiosqlite:///{tmp_path}/usage.db"}}
+tracing: {{enabled: true, exporter: none, sample_ratio: 0.0}}
+""")
+    app = create_app(config, tracing=Tracing(config.tracing, SimpleSpanProcessor(exporter)))
+    chat = {"model": "remote-a", "messages": [{"role": "user", "content": "hello"}]}
+    with serve(app) as url:
+        # a root request at ratio 0: no span at all, and the upstream is told the trace is not sampled
+        unsampled = httpx.post(url + "/v1/chat/completions", timeout=10, json=chat).json()
+        version, trace_id, _, flags = unsampled["x_received"]["traceparent"].split("-")
+        assert version == "00" and not int(flags, 16) & 1 and int(trace_id, 16) != 0  # the sampled bit is clear
+        # a client's sampled traceparent is followed (parent-based): this one is traced in full
+        followed = httpx.post(url + "/v1/chat/completions", timeout=10, json=chat,
+                              headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}).json()
+        spans = wait_for(lambda: (s := exporter.get_finished_spans()) and
+                         any(x.name == "policies.settle" for x in s) and s, what="the settle span")
+    assert {s.context.trace_id for s in spans} == {int(CLIENT_TRACE, 16)}  # nothing from the unsampled one
+    assert {s.name for s in spans} >= {"chat remote-a", "route", "policies.admit", "upstream remote-a"}
+    assert int(followed["x_received"]["traceparent"].rsplit("-", 1)[1], 16) & 1
