@@ -27,6 +27,7 @@ from gateway.admin_keys import keys_router
 from gateway.admin_templates import templates_router
 from gateway.auth import ANALYTICS, READ, USE, Authenticator, principal_of
 from gateway.dashboard import dashboard_router
+from gateway.drain import Drain
 from gateway.generate import generate, request_context
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics, observe_policies
 from gateway.openapi import (
@@ -211,6 +212,8 @@ async def metrics_page(request: Request) -> Response:
 
 @get("/ready", summary="Readiness: every eager model loaded or its upstream reachable")
 async def ready(request: Request) -> Response:
+    if request.app.state.drain.draining:  # SIGTERM: out of the load balancer first, then shut down
+        return Response({"ready": False, "draining": True}, status_code=503)
     states = await _gateway(request).ready()
     status = 200 if all(states.values()) else 503
     return Response({"ready": status == 200, "models": states}, status_code=status)
@@ -260,6 +263,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     gateway = Gateway(config, backends)
     storage = Storage(config.storage)
     versions = VersionRegistry(storage.engine, storage.state, {m.id: m.versions for m in config.models})
+    drain = Drain(config.server.drain_s)
     auth = Authenticator(config.auth, KeyStore(storage.engine) if storage.engine is not None else None,
                          storage.state)
 
@@ -283,6 +287,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
         await storage.start()
         await versions.start(gateway.apply_versions)  # the stages the database keeps, then followed
         auth.start()  # hears revocations from the other replicas
+        drain.install()  # SIGTERM: /ready 503, then the server's shutdown after server.drain_s
         gateway.start()
         if reload_from is not None:
             with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):  # main thread, POSIX only
@@ -294,6 +299,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
         try:
             yield
         finally:
+            drain.uninstall()
             await auth.aclose()
             await versions.aclose()
             await gateway.aclose()
@@ -338,6 +344,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     app.state.gateway = gateway
     app.state.storage = storage
     app.state.auth = auth
+    app.state.drain = drain
     app.state.reload = reload
     app.state.versions = versions
     # through the gateway: a reload replaces its model table
