@@ -39,6 +39,7 @@ class StreamRelay:
         self.pool = gateway.pools[attempt.model.id]
         self.lease, self.ttft = lease, ttft
         self.text: list[str] = []
+        self.tool_calls: dict[int, dict] = {}  # by the deltas' index: id, type, name, arguments so far
         self.finished = False
         self.finish_reason: str | None = None
         self.chunk_id: str | None = None
@@ -56,13 +57,32 @@ class StreamRelay:
         if view.usage is not None:
             self.prompt_tokens, self.usage_tokens = view.usage.prompt_tokens, view.usage.completion_tokens
         for choice in view.choices:
-            piece = choice.delta.content if choice.delta is not None else choice.text
+            delta = choice.delta
+            piece = delta.content if delta is not None else choice.text
             if piece:
                 self.text.append(piece)
                 self.tokens += 1
+            if delta is not None and delta.tool_calls:
+                self._merge(delta.tool_calls)
             if choice.finish_reason is not None:
                 self.finished = True
                 self.finish_reason = choice.finish_reason
+
+    def _merge(self, deltas: list[dict]) -> None:
+        """Put tool-call deltas together as OpenAI streams them: id, type and name first, arguments in pieces."""
+        for delta in deltas:
+            call = self.tool_calls.setdefault(delta.get("index", 0), {"id": None, "type": "function",
+                                                                       "function": {"name": "", "arguments": ""}})
+            if delta.get("id"):
+                call["id"] = delta["id"]
+            if delta.get("type"):
+                call["type"] = delta["type"]
+            function = delta.get("function") or {}
+            if function.get("name"):
+                call["function"]["name"] += function["name"]
+            if function.get("arguments"):
+                call["function"]["arguments"] += function["arguments"]
+        self.tokens += 1
 
     @property
     def completion_tokens(self) -> int:
@@ -75,6 +95,7 @@ class StreamRelay:
             and body.n == 1
             and not self.finished
             and bool(self.text)
+            and not self.tool_calls  # a call half streamed cannot be continued as text
             and len(self.pool.states) > 1
         )
 
@@ -128,8 +149,11 @@ class StreamRelay:
             return None
         text = "".join(self.text)
         if isinstance(body, ChatCompletionRequest):
-            choice: dict = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                            "finish_reason": self.finish_reason, "logprobs": None}
+            message: dict = {"role": "assistant", "content": text or (None if self.tool_calls else ""),
+                             "refusal": None}
+            if self.tool_calls:
+                message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+            choice: dict = {"index": 0, "message": message, "finish_reason": self.finish_reason, "logprobs": None}
             kind = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "finish_reason": self.finish_reason, "logprobs": None}

@@ -441,3 +441,4 @@ class ChunkView(Struct):
 
 
 chunk_view = msgspec.json.Decoder(ChunkView).decode
+    tool_calls: list[dict[str, Any]] | None = None  # decoded only when a chunk carries them

@@ -114,3 +114,32 @@ async def test_nothing_to_continue_from_is_an_error(breaks_after):
     gateway, _, ctx = _setup(breaks_after)
     with pytest.raises(UpstreamUnavailable):
         await _collect(Pipeline(gateway, PolicyChain()), ctx)
+
+
+class ToolCallBackend(ScriptedBackend):
+    """Streams one tool call as OpenAI does: id, type and name first, the arguments in two pieces."""
+
+    async def stream(self, request: ParsedRequest, deployment: int = 0, headers=None) -> AsyncIterator[bytes]:
+        yield chunk("call", {"role": "assistant", "content": None})
+        yield chunk("call", {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                             "function": {"name": "get_weather", "arguments": ""}}]})
+        yield chunk("call", {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]})
+        yield chunk("call", {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]})
+        yield chunk("call", {}, "tool_calls")
+
+
+async def test_a_streamed_tool_call_is_put_together_as_the_plain_answer():
+    config = parse_config(CONFIG)
+    gateway = Gateway(config, {"m": ToolCallBackend(config.models[0], 0)})
+    request = decode_request({"model": "m", "stream": True, "messages": [{"role": "user", "content": "weather?"}],
+                              "tools": [{"type": "function", "function": {"name": "get_weather"}}]},
+                             ChatCompletionRequest)
+    ctx = RequestContext(request, request_id="r2")
+    started = await Pipeline(gateway, PolicyChain()).stream(ctx)
+    async for _ in started.rest:
+        pass
+    answer = json.loads(started.assembled())  # what the cache stores, and replays to a plain request
+    message = answer["choices"][0]["message"]
+    assert message["content"] is None and answer["choices"][0]["finish_reason"] == "tool_calls"
+    assert message["tool_calls"] == [{"id": "call_1", "type": "function",
+                                      "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
