@@ -70,10 +70,10 @@ class ServerConfig(_Frozen, kw_only=True):
     workers: Annotated[int, Meta(ge=1, le=64)] = 1
     # in-flight requests get this long to finish after SIGINT/SIGTERM
     shutdown_grace_s: Annotated[float, Meta(ge=0)] = 10.0
-    # a request's line and headers must arrive within this long (from connect, or from the request's first byte),
     # on SIGTERM /ready answers 503 at once, and the listener keeps accepting for this long before it closes, so a
     # load balancer stops sending new requests first (a Kubernetes preStop in the gateway); then shutdown_grace_s
     drain_s: Annotated[float, Meta(ge=0, le=300)] = 0.0
+    # a request's line and headers must arrive within this long (from connect, or from the request's first byte),
     # else 408 and close: slow-header clients cannot hold connections open
     header_timeout_s: PositiveFloat = 10.0
     # the longest gap between pieces of a request body while the gateway waits for it, else close (408 if unanswered)

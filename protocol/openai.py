@@ -418,6 +418,7 @@ class ModelList(Struct, kw_only=True):
 
 class _DeltaView(Struct):
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # decoded only when a chunk carries them
 
 
 class _ChoiceView(Struct):
@@ -441,4 +442,3 @@ class ChunkView(Struct):
 
 
 chunk_view = msgspec.json.Decoder(ChunkView).decode
-    tool_calls: list[dict[str, Any]] | None = None  # decoded only when a chunk carries them
