@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from backends.generation import DecodeResult, SamplingParams, SequenceDecoder
+from backends.generation import DecodeResult, OnText, SamplingParams, SequenceDecoder
 from protocol.errors import EngineOverloaded
 
 __all__ = ["Group", "Job", "KVBatch", "Scheduler", "StepModel"]
@@ -31,6 +31,8 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     echo: str
+    grammar: Any = None  # a compiled grammar (backends/constrained.py): each sequence gets its own matcher
+    grammar_prefix: str = ""  # text the grammar has already seen (continue_final_message's assistant prefix)
 
 
 class StepModel(Protocol):
@@ -44,7 +46,7 @@ class StepModel(Protocol):
     def decode(self, cache: Any, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per row: tokens [B], mask [B, L+1], positions [B] -> logits [B, vocab]."""
 
-    def decoder(self, job: Job, on_text: Callable[[str], None] | None) -> SequenceDecoder: ...
+    def decoder(self, job: Job, on_text: OnText | None) -> SequenceDecoder: ...
 
 
 class KVBatch:
@@ -120,9 +122,10 @@ def _pad_left(tensor: torch.Tensor, pad: int) -> torch.Tensor:
 class Group:
     """One request's sequences and how the scheduler reports back.
 
-    `on_event(kind, index, value)` gets ("start", i, echo), ("text", i, text), ("end", i, finish_reason) from
-    the scheduler thread; `on_done()` is called there once, after every sequence ended, was cancelled or failed
-    (`error` then says why). `cancelled` is set from the event loop and read by the thread before each step.
+    `on_event(kind, index, value)` gets ("start", i, echo), ("text", i, (text, logprobs)), ("end", i,
+    finish_reason) from the scheduler thread; `on_done()` is called there once, after every sequence ended, was
+    cancelled or failed (`error` then says why). `cancelled` is set from the event loop and read by the thread
+    before each step.
     """
 
     __slots__ = ("cancelled", "error", "jobs", "left", "on_done", "on_event", "queued", "results", "submitted")
@@ -156,8 +159,8 @@ class _Seq:
 class Scheduler:
     """Continuous batching over one model: sequences join and leave the running batch at step boundaries.
 
-    Each step (in one thread): admit waiting sequences while the batch has room (prefill each alone, sample its
-    first token, pad its cache into the batch), drop cancelled rows, then one batched decode forward for all
+    Each step (in one thread): admit waiting sequences while the batch has room (prefill them, sample their
+    first tokens, pad their caches into the batch), drop cancelled rows, then one batched decode forward for all
     running rows, each sampled with its own parameters; finished rows leave at once. At most `max_concurrency`
     sequences run; up to `max_queue` requests wait beyond that, and the next one gets EngineOverloaded (429).
     Counters (`running`, `waiting`) change under the lock and are read without it from the event loop.
@@ -277,11 +280,12 @@ class Scheduler:
                 self._end(seq, cancelled=True)
                 continue
             seq.group.event("start", seq.job.index, seq.job.echo)
-            on_text = (lambda text, s=seq: s.group.event("text", s.job.index, text)) if seq.group.on_event else None
+            on_text = ((lambda text, logprobs, s=seq: s.group.event("text", s.job.index, (text, logprobs)))
+                       if seq.group.on_event else None)
             seq.decoder = self.model.decoder(seq.job, on_text)
             newcomers.append(seq)
         for part in _prefill_parts(newcomers):
-            cache, mask, logits = self.model.prefill([seq.job.prompt_ids for seq in part])
+            cache, mask, logits = self._prefill(part)
             produced += len(part)
             first = len(self._rows)
             self._rows.extend(part)
@@ -298,6 +302,20 @@ class Scheduler:
         elapsed = time.perf_counter() - started
         if produced and elapsed > 0:
             self.tokens_per_s = _ewma(self.tokens_per_s, produced / elapsed)
+
+    def _prefill(self, part: list[_Seq]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """One forward for the part's prompts -> (cache, mask, logits), a row per sequence; a prompt that several
+        sequences share (a request's n choices) is computed once and its row copied."""
+        unique: dict[tuple[int, ...], int] = {}
+        rows = [unique.setdefault(tuple(seq.job.prompt_ids), len(unique)) for seq in part]
+        cache, mask, logits = self.model.prefill([list(prompt) for prompt in unique])
+        if len(unique) == len(part):
+            return cache, mask, logits
+        index = torch.tensor(rows, dtype=torch.long)
+        for layer in cache.layers:
+            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
+            layer.values = layer.values.index_select(0, index.to(layer.values.device))
+        return cache, mask.index_select(0, index), logits.index_select(0, index.to(logits.device))
 
     def _leave(self, rows: list[int], cancelled: bool = False) -> None:
         if not rows:

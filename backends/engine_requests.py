@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from backends.constrained import grammar_spec
+from backends.tool_format import ToolPlan, check_tools
 from protocol.errors import BadRequest, UnsupportedParameter
 from protocol.openai import ChatCompletionRequest, ParsedRequest, message_text
 
@@ -16,6 +18,7 @@ _CHAT_EXTRAS = {"continue_final_message", "add_generation_prompt"}
 # standard OpenAI fields that msgspec's request Structs do not declare but that change nothing here
 _HARMLESS_EXTRAS = {"metadata", "store", "service_tier"}
 _BOOL_EXTRAS = {"ignore_eos", "continue_final_message", "add_generation_prompt"}
+_MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit (chat's top_logprobs, at most 20, is checked when decoding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +26,9 @@ class Plan:
     """What a validated request asks for; the tokenizer-dependent parts are resolved in the worker."""
 
     chat: bool
-    messages: list[dict[str, str]]  # chat
+    # chat: {role, content}, plus `tool_calls` [{id, name, arguments}] on assistant turns and `tool_call_id` on
+    # tool results (backends/tool_format.py renders them for the template)
+    messages: list[dict[str, Any]]
     prompts: list[str | list[int]]  # completions: one entry per prompt
     n: int
     max_new_tokens: int | None
@@ -39,6 +44,9 @@ class Plan:
     add_generation_prompt: bool
     continue_final_message: bool
     include_usage: bool
+    tools: ToolPlan | None = None
+    grammar: str | None = None  # backends/constrained.py's grammar_spec: what the output is held to
+    logprobs: int | None = None  # None: off; k: logprobs of each token with the k most likely alternatives
 
 
 def _unsupported(param: str, detail: str = "") -> UnsupportedParameter:
@@ -56,6 +64,11 @@ def check_request(request: ParsedRequest) -> Plan:
     body = request.body
     chat = isinstance(body, ChatCompletionRequest)
     _reject_standard(body, chat)
+    tools = check_tools(body.tools, body.tool_choice) if chat else None
+    response_format = _response_format(body.response_format) if chat else None
+    logprobs = _logprobs(body, chat)
+    if logprobs is not None and tools is not None and tools.calls:
+        raise _unsupported("logprobs", " together with tool calling (use tool_choice 'none')")
     extras = _check_extras(request, chat)
     continue_final = extras.get("continue_final_message") or False
     add_prompt = extras.get("add_generation_prompt")
@@ -64,6 +77,8 @@ def check_request(request: ParsedRequest) -> Plan:
             "Cannot set both 'continue_final_message' and 'add_generation_prompt' to true.",
             param="add_generation_prompt",
         )
+    if continue_final and tools is not None and tools.calls:
+        raise _unsupported("continue_final_message", " together with tool calling")
     messages = _chat_messages(body.messages, continue_final) if chat else []
     max_new = request.max_new_tokens
     min_tokens = extras.get("min_tokens") or 0
@@ -87,31 +102,61 @@ def check_request(request: ParsedRequest) -> Plan:
         add_generation_prompt=not continue_final if add_prompt is None else add_prompt,
         continue_final_message=continue_final,
         include_usage=request.include_usage,
+        tools=tools,
+        grammar=grammar_spec(response_format, tools),
+        logprobs=logprobs,
     )
 
 
 def _reject_standard(body: Any, chat: bool) -> None:
-    if body.logprobs:
-        raise _unsupported("logprobs")
     if body.logit_bias:
         raise _unsupported("logit_bias")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name):
             raise _unsupported(name, " (use 'repetition_penalty')")
-    if chat:
-        if body.tools:
-            raise _unsupported("tools", " (no tool calling)")
-        if body.tool_choice not in (None, "none"):
-            raise _unsupported("tool_choice", " (no tool calling)")
-        if body.top_logprobs:
-            raise _unsupported("top_logprobs")
-        if body.response_format is not None and body.response_format != {"type": "text"}:
-            raise _unsupported("response_format", " (only {'type': 'text'})")
-    else:
+    if not chat:
         if body.suffix:
             raise _unsupported("suffix")
         if body.best_of is not None and body.best_of > 1:
             raise _unsupported("best_of")
+
+
+def _logprobs(body: Any, chat: bool) -> int | None:
+    """Chat: `logprobs: true` with `top_logprobs` 0-20; completions: `logprobs` 0-5 -> alternatives per token."""
+    value = body.logprobs
+    if chat:
+        if value is not None and not isinstance(value, bool):
+            raise _invalid("logprobs", "a boolean")
+        if body.top_logprobs is not None and not value:
+            raise BadRequest("'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs")
+        return (body.top_logprobs or 0) if value else None
+    if value is None:
+        return None
+    if not (_is_int(value) and 0 <= value <= _MAX_COMPLETION_LOGPROBS):
+        raise _invalid("logprobs", f"an integer from 0 to {_MAX_COMPLETION_LOGPROBS}")
+    if body.echo:
+        raise _unsupported("logprobs", " with 'echo' (the prompt's logprobs)")
+    return value
+
+
+def _response_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`text` (or none) -> None; `json_object`; `json_schema` with its `json_schema: {name, schema, strict}`."""
+    kind = None if value is None else value.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return value
+    if kind != "json_schema":
+        raise _unsupported("response_format", f" (type {kind!r}; 'text', 'json_object' and 'json_schema' are)")
+    spec = value.get("json_schema")  # type: ignore[union-attr]
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise BadRequest("'response_format.json_schema' must be an object with a 'name'.",
+                         param="response_format.json_schema")
+    if not isinstance(spec.get("schema", {}), dict):
+        raise _invalid("response_format.json_schema.schema", "a JSON schema object")
+    if not isinstance(spec.get("strict", False), bool | None):
+        raise _invalid("response_format.json_schema.strict", "a boolean")
+    return value
 
 
 def _check_extras(request: ParsedRequest, chat: bool) -> dict[str, Any]:
@@ -144,22 +189,41 @@ def _check_extra(key: str, value: Any) -> Any:
     return value
 
 
-def _chat_messages(messages: list[Any], continue_final: bool) -> list[dict[str, str]]:
-    out = []
+def _chat_messages(messages: list[Any], continue_final: bool) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
-        if message.role in ("tool", "function"):
-            raise _unsupported(f"messages[{i}].role", f" ('{message.role}' messages need tool calling)")
-        if message.tool_calls:
-            raise _unsupported(f"messages[{i}].tool_calls", " (no tool calling)")
+        if message.role == "function":
+            raise _unsupported(f"messages[{i}].role", " ('function' messages: use 'tool' messages)")
         if isinstance(message.content, list):
             for part in message.content:
                 if part.get("type") != "text":
                     raise _unsupported(f"messages[{i}].content", f" (content part {part.get('type')!r})")
         role = "system" if message.role == "developer" else message.role
-        out.append({"role": role, "content": message_text(message.content)})
+        entry: dict[str, Any] = {"role": role, "content": message_text(message.content)}
+        if message.tool_calls:
+            if role != "assistant":
+                raise BadRequest(f"Only assistant messages carry 'tool_calls' (messages[{i}]).",
+                                 param=f"messages[{i}].tool_calls")
+            entry["tool_calls"] = [_past_call(call, f"messages[{i}].tool_calls[{j}]")
+                                   for j, call in enumerate(message.tool_calls)]
+        if role == "tool":
+            entry["tool_call_id"] = message.tool_call_id or ""
+        out.append(entry)
     if continue_final and out[-1]["role"] != "assistant":
         raise BadRequest("'continue_final_message' needs an assistant message last.", param="messages")
     return out
+
+
+def _past_call(call: Any, where: str) -> dict[str, str]:
+    """An earlier assistant turn's call, as OpenAI sends it back -> {id, name, arguments}."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise BadRequest(f"'{where}' must be {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}.",
+                         param=where)
+    arguments = function.get("arguments", "{}")
+    if not isinstance(arguments, str):
+        raise _invalid(f"{where}.function.arguments", "a JSON string")
+    return {"id": str(call.get("id") or ""), "name": function["name"], "arguments": arguments}
 
 
 def _completion_prompts(prompt: Any) -> list[str | list[int]]:

@@ -1,20 +1,24 @@
-"""Per-sequence decoding: sampling, stop strings, incremental detokenization, and a one-sequence decode loop."""
+"""Per-sequence decoding: sampling, grammar masks, logprobs, stop strings, incremental detokenization, and a
+one-sequence decode loop."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 __all__ = [
     "DecodeResult",
     "IncrementalDetokenizer",
+    "OnText",
+    "SampledLogprob",
     "SamplingParams",
     "SequenceDecoder",
     "StopChecker",
+    "TokenConstraint",
     "decode",
     "sample_next",
 ]
@@ -31,6 +35,34 @@ class SamplingParams:
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None: off; k: each sampled token's logprob and the k most likely (0-20)
+
+
+@dataclass(frozen=True, slots=True)
+class SampledLogprob:
+    """A sampled token's log-probability and the `top` (token id, logprob) alternatives, most likely first.
+
+    These are the model's own distribution (log-softmax of its logits), before temperature, penalties and
+    grammar masks change what is sampled from: the figures OpenAI and vLLM (`raw_logprobs`) report."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+# gets each piece of released text with the logprobs of the tokens that made it (empty when not asked for)
+OnText = Callable[[str, list[SampledLogprob]], None]
+
+
+class TokenConstraint(Protocol):
+    """A grammar holding one sequence's tokens (backends/constrained.py's Constraint)."""
+
+    def mask(self, logits: torch.Tensor) -> None: ...
+
+    def accept(self, token: int) -> None: ...
+
+    @property
+    def done(self) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -38,6 +70,7 @@ class DecodeResult:
     text: str
     finish_reason: str  # "stop" | "length" | "cancelled"
     completion_tokens: int
+    logprobs: list[SampledLogprob] | None = None  # when asked for: every sampled token but a final eos
 
 
 class IncrementalDetokenizer:
@@ -151,13 +184,14 @@ def _make_generator(params: SamplingParams, device: torch.device) -> torch.Gener
 class SequenceDecoder:
     """One sequence's decoding state: fed one row of logits per step, it samples, detokenizes and checks stops.
 
-    It owns everything per sequence (sampling parameters, its torch.Generator, stop strings, detokenizer), so
-    sequences decoded together in one batch stay independent. The eos token counts as a completion token (as
-    vLLM counts it) but adds no text.
+    It owns everything per sequence (sampling parameters, its torch.Generator, stop strings, detokenizer, its
+    grammar constraint), so sequences decoded together in one batch stay independent. The eos token counts as
+    a completion token (as vLLM counts it) but adds no text. Under a grammar the grammar decides when eos may
+    come: `min_tokens` and `ignore_eos` give way to it.
     """
 
-    __slots__ = ("_detok", "_eos", "_eos_ids", "_generator", "_on_text", "_parts", "_seen", "_stops",
-                 "count", "finish_reason", "params", "token")
+    __slots__ = ("_constraint", "_detok", "_eos", "_eos_ids", "_generator", "_logprobs", "_on_text", "_parts",
+                 "_pending", "_seen", "_stops", "count", "finish_reason", "params", "token")
 
     def __init__(
         self,
@@ -165,8 +199,9 @@ class SequenceDecoder:
         params: SamplingParams,
         eos_ids: frozenset[int],
         detokenizer: IncrementalDetokenizer,
-        on_text: Callable[[str], None] | None = None,
+        on_text: OnText | None = None,
         device: torch.device | str = "cpu",
+        constraint: TokenConstraint | None = None,
     ) -> None:
         device = torch.device(device)
         self.params = params
@@ -174,6 +209,7 @@ class SequenceDecoder:
         self._stops = StopChecker(params.stop)
         self._detok = detokenizer
         self._on_text = on_text
+        self._constraint = constraint
         self._eos_ids = eos_ids
         self._eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
         # only the repetition penalty reads the tokens seen so far
@@ -182,35 +218,48 @@ class SequenceDecoder:
             if params.repetition_penalty != 1.0 else None
         )
         self._parts: list[str] = []
+        self._logprobs: list[SampledLogprob] | None = [] if params.logprobs is not None else None
+        self._pending: list[SampledLogprob] = []  # logprobs of tokens whose text is not released yet
         self.count = 0
         self.token = -1  # the last sampled token: the next step's input while the sequence goes on
         self.finish_reason: str | None = None  # set once finished: "stop" | "length" | "cancelled"
 
-    def _release(self, text: str) -> None:
-        if text:
+    def _release(self, text: str, final: bool = False) -> None:
+        # logprobs go out with the text of their tokens; at the end, whatever is left goes with the last piece
+        if text or (final and self._pending):
             self._parts.append(text)
+            pending, self._pending = self._pending, []
+            if self._logprobs is not None:
+                self._logprobs.extend(pending)
             if self._on_text is not None:
-                self._on_text(text)
+                self._on_text(text, pending)
 
     def push(self, logits: torch.Tensor) -> bool:
         """Samples the next token from `logits` [vocab] (modified in place); True while the sequence goes on."""
         params = self.params
         logits = logits.float()
-        if self.count < params.min_tokens and self._eos.numel():
+        raw = torch.log_softmax(logits, dim=-1) if params.logprobs is not None else None
+        if self._constraint is not None:
+            self._constraint.mask(logits)
+        elif self.count < params.min_tokens and self._eos.numel():
             logits[self._eos] = float("-inf")  # min_tokens: eos may not come yet
         token = sample_next(logits, params, self._generator, self._seen)
+        if self._constraint is not None:
+            self._constraint.accept(token)
         self.token = token
         self.count += 1
         if self._seen is not None:
             self._seen = torch.cat([self._seen, torch.tensor([token], device=self._seen.device)])
-        if token in self._eos_ids and not params.ignore_eos:
+        if token in self._eos_ids and (not params.ignore_eos or self._constraint is not None):
             return self._end("stop")
+        if raw is not None:
+            self._pending.append(_logprob(raw, token, params.logprobs or 0))
         piece = self._detok.push(token)
         if self.count <= params.min_tokens:
             self._release(piece)  # like vLLM, stop strings count only once min_tokens are out
         else:
             piece, matched = self._stops.push(piece)
-            self._release(piece)
+            self._release(piece, final=matched)
             if matched:
                 self.finish_reason = "stop"
                 return False
@@ -221,7 +270,7 @@ class SequenceDecoder:
     def _end(self, reason: str) -> bool:
         # the detokenizer's held-back tail (an unfinished character) and text held for a possible stop string
         piece, matched = self._stops.push(self._detok.flush())
-        self._release(piece if matched else piece + self._stops.flush())
+        self._release(piece if matched else piece + self._stops.flush(), final=True)
         self.finish_reason = "stop" if matched else reason
         return False
 
@@ -231,7 +280,14 @@ class SequenceDecoder:
             self.finish_reason = "cancelled"
 
     def result(self) -> DecodeResult:
-        return DecodeResult("".join(self._parts), self.finish_reason or "cancelled", self.count)
+        return DecodeResult("".join(self._parts), self.finish_reason or "cancelled", self.count, self._logprobs)
+
+
+def _logprob(raw: torch.Tensor, token: int, top: int) -> SampledLogprob:
+    if top <= 0:
+        return SampledLogprob(token, float(raw[token]), ())
+    values, ids = torch.topk(raw, top)
+    return SampledLogprob(token, float(raw[token]), tuple(zip(ids.tolist(), values.tolist(), strict=True)))
 
 
 def decode(
@@ -242,8 +298,9 @@ def decode(
     eos_ids: frozenset[int],
     detokenizer: IncrementalDetokenizer,
     cancel: threading.Event,
-    on_text: Callable[[str], None] | None = None,
+    on_text: OnText | None = None,
     device: torch.device | str = "cpu",
+    constraint: TokenConstraint | None = None,
 ) -> DecodeResult:
     """One sequence alone: prefill, then one forward per token over a KV cache, until it ends or `cancel` is set.
 
@@ -251,7 +308,7 @@ def decode(
     (backends/batching.py) must give the same tokens as this loop: it is the reference the tests compare with.
     """
     device = torch.device(device)
-    sequence = SequenceDecoder(prompt_ids, params, eos_ids, detokenizer, on_text, device)
+    sequence = SequenceDecoder(prompt_ids, params, eos_ids, detokenizer, on_text, device, constraint)
     cache = new_cache()
     with torch.inference_mode():
         logits = forward(torch.tensor([list(prompt_ids)], dtype=torch.long, device=device), cache)

@@ -214,7 +214,10 @@ class OpenAIBackend:
         self._rename = None if sent == ours else (_encode({"model": sent})[1:-1], _encode({"model": ours})[1:-1])
 
     def _body(self, request: ParsedRequest | ParsedEmbeddings) -> bytes:
-        raw: dict[str, Any] = {k: v for k, v in request.raw.items() if k not in GATEWAY_FIELDS}
+        return self._encoded(request.raw)
+
+    def _encoded(self, body: dict[str, Any]) -> bytes:
+        raw: dict[str, Any] = {k: v for k, v in body.items() if k not in GATEWAY_FIELDS}
         raw["model"] = self.model.sent_model
         return _encode(raw)
 
@@ -273,22 +276,41 @@ class OpenAIBackend:
                headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
         upstream = self.upstreams[deployment]
         path = self._path(request)
-        rewrite = None
-        if self._rename is not None:
-            url = upstream.base_url + path
-
-            old, ours = self._rename
-
-            def rewrite(payload: bytes) -> bytes:
-                if old in payload:  # compact JSON, as vLLM and OpenAI send it: the fast path of _rewrite
-                    return payload.replace(old, ours, 1)
-                try:
-                    return self._rewrite(payload, check=False)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    raise _invalid(url, f"a stream chunk that is not a JSON object: {exc}") from exc
-
         # the upstream's own generator, rewriting inside it: no extra generator hop per chunk
-        chunks = upstream.post_stream(path, self._body(request), headers, request.body.n, rewrite)
+        chunks = upstream.post_stream(path, self._body(request), headers, request.body.n,
+                                      self._renamer(upstream.base_url + path))
+        return chunks if self.supervisor is None else self._supervised(chunks)
+
+    def _renamer(self, url: str) -> Callable[[bytes], bytes] | None:
+        """What puts our model name into each streamed payload from `url`; None when the names are the same."""
+        if self._rename is None:
+            return None
+        old, ours = self._rename
+
+        def rewrite(payload: bytes) -> bytes:
+            if old in payload:  # compact JSON, as vLLM and OpenAI send it: the fast path of _rewrite
+                return payload.replace(old, ours, 1)
+            try:
+                return self._rewrite(payload, check=False)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise _invalid(url, f"a stream chunk that is not a JSON object: {exc}") from exc
+
+        return rewrite
+
+    async def responses(self, body: dict[str, Any], deployment: int = 0,
+                        headers: dict[str, str] | None = None) -> bytes:
+        """POST {base_url}/responses (the Responses API, for upstreams that serve it): the client's body as it is
+        but for `model`, and the answer (a Response object) with our model name; errors relayed as for chat."""
+        if self.supervisor is not None:
+            await self.supervisor.ensure()
+        return await self._post_object(self.upstreams[deployment], "/responses", self._encoded(body), headers)
+
+    def responses_stream(self, body: dict[str, Any], deployment: int = 0,
+                         headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
+        """The same, streamed: each event's `data:` payload as it arrives, until the upstream ends the stream."""
+        upstream = self.upstreams[deployment]
+        chunks = upstream.post_stream("/responses", self._encoded(body), headers, 0,
+                                      self._renamer(upstream.base_url + "/responses"))
         return chunks if self.supervisor is None else self._supervised(chunks)
 
     async def _supervised(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

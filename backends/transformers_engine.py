@@ -16,25 +16,16 @@ import msgspec
 
 from backends.base import EngineStats
 from backends.engine_requests import Plan, check_request
+from backends.engine_responses import StreamChunks, chat_choice, completion_choice
+from backends.tool_format import template_messages
 from config.schema import EnginesConfig, TransformersModel
 from protocol.errors import BadRequest, GatewayError, ServiceUnavailable
-from protocol.openai import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatMessage,
-    Choice,
-    ChunkChoice,
-    Completion,
-    CompletionChoice,
-    Delta,
-    ParsedRequest,
-    Usage,
-    new_id,
-)
+from protocol.openai import ChatCompletion, Completion, ParsedRequest, Usage, new_id
 
 if TYPE_CHECKING:  # torch loads only in the worker thread, so importing this module stays cheap
     from backends.batching import Group, Job, Scheduler
-    from backends.generation import DecodeResult, SamplingParams, SequenceDecoder
+    from backends.constrained import Grammars
+    from backends.generation import DecodeResult, OnText, SamplingParams, SequenceDecoder
 
 __all__ = ["TransformersBackend"]
 
@@ -80,6 +71,10 @@ class _Engine:
         self.default_temperature = float(getattr(gen, "temperature", None) or 1.0)
         self.default_top_p = float(getattr(gen, "top_p", None) or 1.0)
         self.default_top_k = int(getattr(gen, "top_k", None) or 0)
+        # a template that knows tools renders them itself; others get them in the system prompt
+        self.native_tools = "tools" in str(getattr(self.tokenizer, "chat_template", None) or "")
+        self._grammars: Grammars | None = None
+        self.token_bytes: list[bytes] | None = None  # each token's bytes, once a request asks for logprobs
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -92,10 +87,27 @@ class _Engine:
 
     # ---- prompts
 
+    @property
+    def grammars(self) -> Grammars:
+        """The grammar compiler, made on first use (the worker thread): plain requests never pay for it."""
+        if self._grammars is None:
+            from backends.constrained import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.vocab, self.eos_ids)
+        return self._grammars
+
     def prepare(self, plan: Plan) -> tuple[list[Job], int]:
-        """Template/tokenize, check the context window, make one job per choice -> (jobs, prompt tokens)."""
+        """Template/tokenize, compile the grammar (cached), check the context window, make one job per choice
+        -> (jobs, prompt tokens)."""
         from backends.batching import Job
 
+        grammar = self.grammars.compile(plan.grammar) if plan.grammar is not None else None
+        prefix = plan.messages[-1]["content"] if plan.continue_final_message else ""
+        if grammar is not None and prefix and not self.grammars.accepts(grammar, prefix):
+            raise BadRequest("The final assistant message does not fit the requested format, so it cannot be "
+                             "continued under it.", param="messages")
+        if plan.logprobs is not None and self.token_bytes is None:
+            self.token_bytes = self.grammars.token_bytes()
         if plan.chat:
             prompts: list[list[int]] = [self._chat_ids(plan)]
             echoes = [""]
@@ -108,15 +120,19 @@ class _Engine:
             max_new = self._room(ids, plan, "messages" if plan.chat else "prompt")
             for j in range(plan.n):
                 index = p * plan.n + j
-                jobs.append(Job(index, ids, self._sampling(plan, max_new, index), echo))
+                jobs.append(Job(index, ids, self._sampling(plan, max_new, index), echo, grammar, prefix))
         return jobs, sum(len(ids) for ids in prompts)
 
     def _chat_ids(self, plan: Plan) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequest("This model has no chat template; use /v1/completions.", param="messages")
+        messages, tools = plan.messages, None
+        if plan.tools is not None or any("tool_calls" in m or m["role"] == "tool" for m in messages):
+            messages, tools = template_messages(messages, plan.tools, self.native_tools)
         try:
             encoded = self.tokenizer.apply_chat_template(
-                plan.messages,
+                messages,
+                tools=tools,
                 add_generation_prompt=plan.add_generation_prompt,
                 continue_final_message=plan.continue_final_message,
                 tokenize=True,
@@ -178,6 +194,7 @@ class _Engine:
             ignore_eos=plan.ignore_eos,
             stop=plan.stop,
             seed=None if plan.seed is None else plan.seed + index,  # n choices: seed, seed+1, ...
+            logprobs=plan.logprobs,
         )
 
     # ---- generation (the scheduler's thread)
@@ -213,11 +230,14 @@ class _Engine:
                       position_ids=positions[:, None].to(device), use_cache=True, **{self._cache_kw: cache})
         return out.logits[:, -1]
 
-    def decoder(self, job: Job, on_text: Callable[[str], None] | None) -> SequenceDecoder:
+    def decoder(self, job: Job, on_text: OnText | None) -> SequenceDecoder:
         from backends.generation import IncrementalDetokenizer, SequenceDecoder
 
         detokenizer = IncrementalDetokenizer(self.tokenizer)
-        return SequenceDecoder(job.prompt_ids, job.params, self.eos_ids, detokenizer, on_text, self.device)
+        # each sequence its own grammar matcher and bitmask, even the n choices of one request
+        constraint = self.grammars.constraint(job.grammar, job.grammar_prefix) if job.grammar is not None else None
+        return SequenceDecoder(job.prompt_ids, job.params, self.eos_ids, detokenizer, on_text, self.device,
+                               constraint)
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -229,49 +249,6 @@ class _Engine:
 
 
 # ---- the backend (event-loop side) ----------------------------------------------------------------------
-
-
-class _Chunks:
-    """Renders one stream's chunks: one id and `created` for all; `usage: null` only if usage is asked for."""
-
-    def __init__(self, chat: bool, model: str, include_usage: bool) -> None:
-        self.chat, self.model, self.include_usage = chat, model, include_usage
-        self.id = new_id("chatcmpl" if chat else "cmpl")
-        self.created = int(time.time())
-
-    def start(self, index: int, echo: str) -> bytes | None:
-        if self.chat:
-            return self._chat(ChunkChoice(index=index, delta=Delta(role="assistant", content="")))
-        return self.text(index, echo) if echo else None
-
-    def text(self, index: int, text: str) -> bytes:
-        if self.chat:
-            return self._chat(ChunkChoice(index=index, delta=Delta(content=text)))
-        return self._completion(CompletionChoice(index=index, text=text, finish_reason=None))
-
-    def end(self, index: int, finish_reason: str) -> bytes:
-        if self.chat:
-            return self._chat(ChunkChoice(index=index, delta=Delta(), finish_reason=finish_reason))
-        return self._completion(CompletionChoice(index=index, text="", finish_reason=finish_reason))
-
-    def usage(self, usage: Usage) -> bytes:
-        cls = ChatCompletionChunk if self.chat else Completion
-        return _encoder.encode(cls(**self._head(), choices=[], usage=usage))
-
-    def _chat(self, choice: ChunkChoice) -> bytes:
-        return self._encode(ChatCompletionChunk(**self._head(), choices=[choice]))
-
-    def _completion(self, choice: CompletionChoice) -> bytes:
-        return self._encode(Completion(**self._head(), choices=[choice]))
-
-    def _head(self) -> dict[str, Any]:
-        return {"id": self.id, "created": self.created, "model": self.model}
-
-    def _encode(self, chunk: Any) -> bytes:
-        data = _encoder.encode(chunk)
-        # OpenAI sends `usage` in chunks only under stream_options.include_usage; JSON escapes quotes inside
-        # strings, so this byte sequence can only be the field itself
-        return data if self.include_usage else data.replace(b',"usage":null', b"", 1)
 
 
 def _usage(prompt_tokens: int, results: list[DecodeResult]) -> Usage:
@@ -405,7 +382,7 @@ class TransformersBackend:
         except Exception as exc:
             raise GatewayError(f"Model '{self.model.id}' failed: {exc}") from exc
 
-    async def _prepare(self, request: ParsedRequest) -> tuple[Plan, Scheduler, list[Job], int]:
+    async def _prepare(self, request: ParsedRequest) -> tuple[Plan, _Engine, Scheduler, list[Job], int]:
         plan = check_request(request)  # 400s come before waiting for the model
         engine, scheduler = await self._ready()
         # a full engine refuses before tokenizing: a flood of 429s costs the worker nothing
@@ -418,7 +395,7 @@ class TransformersBackend:
         except RuntimeError:  # shut down under us
             raise self._shut() from None
         jobs, prompt_tokens = await self._outcome(future)
-        return plan, scheduler, jobs, prompt_tokens
+        return plan, engine, scheduler, jobs, prompt_tokens
 
     def _begin(self, scheduler: Scheduler, jobs: list[Job],
                queue: asyncio.Queue[tuple[str, int, Any] | None] | None) -> tuple[Group, asyncio.Future[None]]:
@@ -457,7 +434,7 @@ class TransformersBackend:
 
     async def complete(self, request: ParsedRequest, deployment: int = 0,
                        headers: dict[str, str] | None = None) -> bytes:
-        plan, scheduler, jobs, prompt_tokens = await self._prepare(request)
+        plan, engine, scheduler, jobs, prompt_tokens = await self._prepare(request)
         group, done = self._begin(scheduler, jobs, None)
         try:
             await done
@@ -467,30 +444,24 @@ class TransformersBackend:
         results = self._results(group)
         usage = _usage(prompt_tokens, results)
         head = {"created": int(time.time()), "model": self.model.id, "usage": usage}
+        vocab = engine.token_bytes if plan.logprobs is not None else None
         if plan.chat:
-            choices = [
-                Choice(index=job.index, message=ChatMessage(content=r.text), finish_reason=r.finish_reason)
-                for job, r in zip(jobs, results, strict=True)
-            ]
+            choices = [chat_choice(plan, job.index, r, vocab) for job, r in zip(jobs, results, strict=True)]
             return _encoder.encode(ChatCompletion(id=new_id("chatcmpl"), choices=choices, **head))
-        text_choices = [
-            CompletionChoice(index=job.index, text=job.echo + r.text, finish_reason=r.finish_reason)
-            for job, r in zip(jobs, results, strict=True)
-        ]
+        text_choices = [completion_choice(job.index, job.echo, r, vocab) for job, r in zip(jobs, results, strict=True)]
         return _encoder.encode(Completion(id=new_id("cmpl"), choices=text_choices, **head))
 
     async def stream(self, request: ParsedRequest, deployment: int = 0,
                      headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
         # everything that can fail with a 400 (or a 429) happens before the first chunk
-        plan, scheduler, jobs, prompt_tokens = await self._prepare(request)
+        plan, engine, scheduler, jobs, prompt_tokens = await self._prepare(request)
         queue: asyncio.Queue[tuple[str, int, Any] | None] = asyncio.Queue()
         group, _ = self._begin(scheduler, jobs, queue)
-        chunks = _Chunks(plan.chat, self.model.id, plan.include_usage)
+        chunks = StreamChunks(plan, self.model.id, engine.token_bytes if plan.logprobs is not None else None)
         try:
             while (event := await queue.get()) is not None:
                 kind, index, value = event
-                chunk = getattr(chunks, kind)(index, value)
-                if chunk is not None:
+                for chunk in getattr(chunks, kind)(index, value):
                     yield chunk
             results = self._results(group)
             if plan.include_usage:

@@ -18,6 +18,7 @@ __all__ = [
     "CacheConfig",
     "PoliciesConfig",
     "RateLimitConfig",
+    "ResponsesConfig",
     "BUILTIN_PROFILES",
     "BreakerConfig",
     "Config",
@@ -243,6 +244,9 @@ class OpenAIModel(_ModelBase, tag="openai", kw_only=True):
     proxy: ProxyURL | None = None
     deployments: list[Deployment] = []
     launch: LaunchConfig | None = None
+    # POST /v1/responses: `translate` serves it through the upstream's chat completions; `native` relays it to the
+    # upstream's own /responses unchanged (OpenAI, and vLLM, which defaults to it)
+    responses: Literal["translate", "native"] = "translate"
 
     def __post_init__(self) -> None:
         if self.launch is not None and self.base_url is None and not self.deployments:
@@ -264,6 +268,8 @@ class OpenAIModel(_ModelBase, tag="openai", kw_only=True):
 
 class VLLMModel(OpenAIModel, tag="vllm", kw_only=True):
     """An OpenAI-compatible `vllm serve`; vLLM specifics (metrics, launch) build on this."""
+
+    responses: Literal["translate", "native"] = "native"  # vLLM serves /v1/responses itself
 
 
 class EmbeddingModel(_ModelBase, tag="embeddings", kw_only=True):
@@ -600,6 +606,13 @@ def check_templates(templates: list[TemplateConfig]) -> None:
         raise ValueError(f"templates: a name is listed twice in {names}")
 
 
+class ResponsesConfig(_Frozen, kw_only=True):
+    """The Responses API (/v1/responses): how long a stored response (`store`, the default) can be continued with
+    `previous_response_id` or read back, in the state store."""
+
+    store_ttl_s: PositiveFloat = 3600.0
+
+
 class Config(_Frozen, kw_only=True):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
@@ -613,6 +626,7 @@ class Config(_Frozen, kw_only=True):
     tracing: TracingConfig = TracingConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    responses: ResponsesConfig = ResponsesConfig()
 
     def __post_init__(self) -> None:
         check_templates(self.templates)

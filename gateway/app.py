@@ -25,6 +25,7 @@ from gateway.admin_analytics import analytics_router
 from gateway.admin_experiments import experiments_router
 from gateway.admin_keys import keys_router
 from gateway.admin_templates import templates_router
+from gateway.anthropic import anthropic_router
 from gateway.auth import ANALYTICS, READ, USE, Authenticator, principal_of
 from gateway.dashboard import dashboard_router
 from gateway.drain import Drain
@@ -47,6 +48,7 @@ from gateway.openapi import (
 from gateway.pipeline import Pipeline
 from gateway.request_id import request_id_of, request_ids
 from gateway.responses import JSONBody, Watches
+from gateway.responses_api import responses_router
 from gateway.service import Gateway
 from gateway.storage import Storage
 from gateway.websocket import websocket_router
@@ -329,6 +331,8 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
         route_handlers=[hot, v1_use, v1_read, legacy, probes, scrape, admin, experiments_admin, templates_admin,
                         keys_admin, analytics_admin,
                         websocket_router(use),  # /v1/chat/completions/ws, as the completions
+                        responses_router(use),  # /v1/responses (OpenAI Responses API), as the completions
+                        anthropic_router(use),  # /v1/messages (Anthropic), as the completions
                         dashboard_router([request_ids])],  # /dashboard: the page asks no key, its script sends one
         lifespan=[lifespan],
         exception_handlers={

@@ -18,11 +18,13 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "Choice",
+    "ChoiceLogprobs",
     "ChunkChoice",
     "ChunkView",
     "CreateEmbeddingResponse",
     "Completion",
     "CompletionChoice",
+    "CompletionLogprobs",
     "CompletionRequest",
     "Delta",
     "Embedding",
@@ -30,6 +32,8 @@ __all__ = [
     "EmbeddingUsage",
     "ErrorObject",
     "ErrorResponse",
+    "FunctionCall",
+    "FunctionCallDelta",
     "MAX_EMBEDDING_INPUTS",
     "Message",
     "ModelCard",
@@ -39,6 +43,10 @@ __all__ = [
     "RouteRequirements",
     "StreamOptions",
     "TemplateRef",
+    "TokenLogprob",
+    "ToolCall",
+    "ToolCallDelta",
+    "TopLogprob",
     "Usage",
     "decode_embedding_request",
     "decode_object",
@@ -308,17 +316,72 @@ class Usage(Struct, kw_only=True):
     total_tokens: int
 
 
+class FunctionCall(Struct, kw_only=True):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(Struct, kw_only=True):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
+class FunctionCallDelta(Struct, kw_only=True, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(Struct, kw_only=True, omit_defaults=True):
+    """One piece of a streamed tool call: the first carries id, type and name, the next ones arguments."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: FunctionCallDelta | None = None
+
+
+class TopLogprob(Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(Struct, kw_only=True):
+    """A chat choice's `logprobs`: one entry per sampled token of the content."""
+
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
+class CompletionLogprobs(Struct, kw_only=True):
+    """A /v1/completions choice's `logprobs`, the legacy shape: parallel lists, one item per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class ChatMessage(Struct, kw_only=True):
     role: str = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET  # absent unless the model called a tool
 
 
 class Choice(Struct, kw_only=True):
     index: int
     message: ChatMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(Struct, kw_only=True):
@@ -332,14 +395,15 @@ class ChatCompletion(Struct, kw_only=True):
 
 class Delta(Struct, kw_only=True, omit_defaults=True):
     role: str | None = None
-    content: str | None = None
+    content: str | None | msgspec.UnsetType = msgspec.UNSET  # None is sent as null (tool-call deltas)
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(Struct, kw_only=True):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(Struct, kw_only=True):
@@ -355,7 +419,7 @@ class CompletionChoice(Struct, kw_only=True):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(Struct, kw_only=True):

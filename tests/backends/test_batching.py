@@ -165,6 +165,26 @@ async def test_streams_in_one_batch_end_independently(backend: TransformersBacke
     assert stats.tokens_per_s is not None and stats.tokens_per_s > 0
 
 
+async def test_the_choices_of_one_prompt_share_its_prefill(backend: TransformersBackend) -> None:
+    engine = backend._engine
+    prefilled: list[int] = []
+    original = engine.prefill
+
+    def spy(prompts: list[list[int]]) -> Any:
+        prefilled.append(len(prompts))
+        return original(prompts)
+
+    engine.prefill = spy
+    try:
+        request = chat("one prompt, three choices", temperature=0.9, seed=4, n=3, max_tokens=10, ignore_eos=True)
+        body = await backend.complete(request)
+    finally:
+        del engine.prefill
+    assert prefilled == [1]  # one row computed, copied for each choice
+    assert choices(body) == [(r.text, r.finish_reason) for r in alone(backend, request)]
+    assert len({text for text, _ in choices(body)}) == 3  # each choice sampled with its own seed
+
+
 # ---- cancellation -----------------------------------------------------------------------------------------
 
 

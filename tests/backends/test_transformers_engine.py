@@ -247,12 +247,9 @@ async def test_prompt_too_long(backend: TransformersBackend) -> None:
 
 # ---- unsupported input: 400 before anything is generated ------------------------------------------------
 
+# tools, response_format and logprobs: tests/backends/test_constrained.py and test_structured_outputs.py
 UNSUPPORTED_CHAT = [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"response_format": {"type": "json_grammar"}}, "response_format"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": -0.5}, "frequency_penalty"),
@@ -279,7 +276,7 @@ async def test_unsupported_chat_fields(backend: TransformersBackend, fields: dic
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 3}, "best_of"),
         ({"continue_final_message": True}, "continue_final_message"),
-        ({"logprobs": 2}, "logprobs"),
+        ({"logprobs": 2, "echo": True}, "logprobs"),
     ],
 )
 async def test_unsupported_completion_fields(fields: dict, param: str) -> None:
@@ -311,8 +308,7 @@ async def test_harmless_fields_pass() -> None:
     ("message", "param"),
     [
         ({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}, "messages[1].content"),
-        ({"role": "tool", "content": "42", "tool_call_id": "t"}, "messages[1].role"),
-        ({"role": "assistant", "tool_calls": [{"id": "t", "type": "function"}]}, "messages[1].tool_calls"),
+        ({"role": "function", "content": "42", "name": "f"}, "messages[1].role"),
     ],
 )
 async def test_unsupported_messages(message: dict, param: str) -> None:

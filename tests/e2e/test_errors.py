@@ -100,9 +100,9 @@ def test_error_after_stream_started_is_one_event_then_done(gateway):
 @pytest.mark.parametrize(
     "extra,param",
     [
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"logprobs": True}, "logprobs"),
+        ({"tools": [{"type": "custom", "custom": {"name": "f"}}]}, "tools[0]"),  # function tools only
+        ({"response_format": {"type": "json_grammar"}}, "response_format"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"guided_json": {"type": "object"}}, "guided_json"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
     ],

@@ -14,6 +14,7 @@ Non-streaming answers carry `x_received` (the body, Authorization and traceparen
 pass-through checks.
 POST /v1/embeddings answers a vector per input made from the text's sha256 (`dimensions` long, default 8), as
 floats or base64 float32 as asked; a `status:N` directive in an input answers that HTTP error.
+POST /v1/responses answers the echo as a Response object or its event stream (Responses API pass-through).
 """
 
 from __future__ import annotations
@@ -169,6 +170,53 @@ class Upstream:
                                  "traceparent": request.headers.get("traceparent")}}
         return web.json_response(answer, headers={"x-ratelimit-remaining-requests": "99"})
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/responses, as an upstream serving the Responses API itself: `echo: <the input's text>` as a
+        Response (with `x_received`) or its events, one delta per word; `status:N` and `break:N` as for chat."""
+        self.requests += 1
+        body = await request.json()
+        given = body.get("input")
+        parts = [given] if isinstance(given, str) else [
+            c if isinstance(c, str) else "".join(p.get("text", "") for p in c if isinstance(p, dict))
+            for c in (i.get("content") for i in given or [] if isinstance(i, dict)) if isinstance(c, str | list)]
+        prompt = " ".join(parts)
+        if (status := _directive(prompt, "status", self.name)) is not None:
+            error = {"message": f"mock error {status}", "type": "mock_error", "param": None, "code": f"mock_{status}"}
+            return web.json_response({"error": error}, status=int(status))
+        text = _answer(prompt)
+        usage = {"input_tokens": len(prompt.split()), "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens": len(text.split()), "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": len(prompt.split()) + len(text.split())}
+        part = {"type": "output_text", "text": text, "annotations": []}
+        item = {"id": "msg_mock1", "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+        answer = {"id": "resp_mock1", "object": "response", "created_at": int(time.time()), "status": "completed",
+                  "model": body.get("model", self.name), "output": [item], "usage": usage,
+                  "previous_response_id": body.get("previous_response_id")}
+        if not body.get("stream"):
+            answer["x_received"] = {"body": body, "authorization": request.headers.get("authorization")}
+            return web.json_response(answer)
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        started = {**answer, "status": "in_progress", "output": [], "usage": None}
+        words = [w if i == 0 else " " + w for i, w in enumerate(text.split(" "))]
+        events = [("response.created", {"response": started}),
+                  ("response.output_item.added", {"output_index": 0, "item": {**item, "content": []}}),
+                  ("response.content_part.added", {"item_id": "msg_mock1", "output_index": 0, "content_index": 0,
+                                                   "part": {**part, "text": ""}}),
+                  *(("response.output_text.delta", {"item_id": "msg_mock1", "output_index": 0, "content_index": 0,
+                                                    "delta": w}) for w in words),
+                  ("response.output_item.done", {"output_index": 0, "item": item}),
+                  ("response.completed", {"response": answer})]
+        breaks = _directive(prompt, "break", self.name)
+        for number, (kind, data) in enumerate(events):
+            if breaks is not None and number >= int(breaks):
+                request.transport.close()  # drop the connection mid-stream
+                return response
+            payload = json.dumps({"type": kind, "sequence_number": number, **data}, separators=(",", ":"))
+            await response.write(f"event: {kind}\ndata: {payload}\n\n".encode())
+        await response.write_eof()
+        return response
+
     async def _call_tool(self, request: web.Request, body: dict, call: dict, prompt: str) -> web.StreamResponse:
         """The answer is one call of a requested function: plain, or streamed as OpenAI streams tool calls."""
         model, created = body.get("model", self.name), int(time.time())
@@ -254,6 +302,7 @@ def make_app(name: str = "mock-model") -> web.Application:
     app.router.add_post("/v1/chat/completions", upstream.generate)
     app.router.add_post("/v1/completions", upstream.generate)
     app.router.add_post("/v1/embeddings", upstream.embeddings)
+    app.router.add_post("/v1/responses", upstream.responses)
     return app
 
 
