@@ -305,3 +305,18 @@ def test_local_model_tool_use_round_trip(gateway):
             "role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 C, sunny"}]}])
     assert answered.content[0].type == "text" and answered.content[0].text.strip()
     assert answered.stop_reason in ("end_turn", "max_tokens") and answered.usage.output_tokens > 0
+
+
+def test_langchain_against_the_local_model(gateway):
+    """ChatAnthropic against the local SmolLM2: invoke, stream, and a forced tool call held to its schema."""
+    llm = ChatAnthropic(model="smollm2-135m-instruct", base_url=gateway.url, api_key="unused", max_retries=0,
+                        max_tokens=12, temperature=0)
+    assert "Paris" in llm.invoke("What is the capital of France?").text
+    assert "Paris" in "".join(chunk.text for chunk in llm.stream("What is the capital of France?"))
+    weather = {"name": "get_weather", "description": "Get the weather of a city.",
+               "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    caller = ChatAnthropic(model="smollm2-135m-instruct", base_url=gateway.url, api_key="unused", max_retries=0,
+                           max_tokens=48, temperature=0)  # room for the whole call
+    called = caller.bind_tools([weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
+    assert [c["name"] for c in called.tool_calls] == ["get_weather"]
+    assert isinstance(called.tool_calls[0]["args"]["city"], str)

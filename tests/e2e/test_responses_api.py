@@ -391,3 +391,11 @@ def test_local_model_function_call_round_trip_and_json_schema(gateway):
                                      temperature=0, text={"format": {"type": "json_schema", "name": "c",
                                                                      "schema": city}})
     assert isinstance(json.loads(shaped.output_text)["city"], str)
+
+
+def test_langchain_responses_api_against_the_local_model(gateway):
+    llm = ChatOpenAI(base_url=gateway.url + "/v1", api_key="unused", model="smollm2-135m-instruct",
+                     use_responses_api=True, max_retries=0, max_tokens=12, temperature=0)
+    answer = llm.invoke("What is the capital of France?")
+    assert "Paris" in answer.text and answer.usage_metadata["output_tokens"] > 0
+    assert "Paris" in "".join(chunk.text for chunk in llm.stream("What is the capital of France?"))
