@@ -197,12 +197,7 @@ def decode_object(data: bytes) -> dict[str, Any]:
 
 def decode_struct(data: bytes, kind: type[T]) -> T:
     """An admin body (an empty one is `{}`) as `kind`, or a 400 whose `param` names the field at fault."""
-    try:
-        return msgspec.convert(decode_object(data or b"{}"), kind)
-    except msgspec.ValidationError as exc:
-        problem, sep, where = str(exc).rpartition(" - at ")
-        param = where.strip("`").removeprefix("$.") if sep else None
-        raise BadRequest(f"Invalid value for '{param}': {problem}" if sep else str(exc), param=param) from None
+    return _convert(decode_object(data or b"{}"), kind)
 
 
 def decode_request(data: bytes | dict[str, Any], kind: type[ChatCompletionRequest] | type[CompletionRequest],
