@@ -7,12 +7,12 @@ from __future__ import annotations
 import signal
 import sqlite3
 import threading
-import time
 
 import httpx
 import pytest
 
 from tests.conftest import start_gateway
+from tests.gateway.live import wait_for
 
 
 def _config(upstream, tmp_path) -> str:
@@ -23,16 +23,6 @@ models:
 routing: {{health_check_s: 0}}
 storage: {{database_url: "sqlite+aiosqlite:///{tmp_path}/usage.db"}}
 """
-
-
-def _until(check, timeout: float, what: str):  # noqa: ANN001, ANN202
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def _refused(url: str) -> bool:
@@ -59,17 +49,17 @@ def test_sigterm_drains_then_stops_without_losing_a_request(upstream, tmp_path, 
     reader = threading.Thread(target=stream)
     reader.start()
     try:
-        _until(lambda: upstream_active(upstream), 10, "the stream to reach the upstream")
+        wait_for(lambda: upstream_active(upstream), 10, "the stream to reach the upstream")
         gateway.proc.send_signal(signal.SIGTERM)
         # out of the load balancer at once (each worker answering /ready has heard it)
-        _until(lambda: httpx.get(gateway.url + "/ready", timeout=2).status_code == 503, 1.5, "/ready 503")
+        wait_for(lambda: httpx.get(gateway.url + "/ready", timeout=2).status_code == 503, 1.5, "/ready 503")
         # still serving while the balancer catches up
         chat = {"model": "remote-a", "messages": [{"role": "user", "content": "during the drain"}]}
         served = [httpx.post(gateway.url + "/v1/chat/completions", json=chat, timeout=10).status_code
                   for _ in range(3)]
         assert served == [200, 200, 200]
         # then the listener closes
-        _until(lambda: _refused(gateway.url), 15, "the listener to close")
+        wait_for(lambda: _refused(gateway.url), 15, "the listener to close")
         reader.join(30)
         assert streamed["status"] == 200 and streamed["text"].rstrip().endswith("data: [DONE]")
         assert "w11" in streamed["text"]  # the whole answer, not cut at the close

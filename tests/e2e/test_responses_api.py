@@ -15,29 +15,13 @@ import redis
 from langchain_openai import ChatOpenAI
 
 from tests.conftest import free_port, http, require_redis, start_gateway
-from tests.spec.openai import validate
+from tests.spec.openai import RESPONSES_EVENT_SCHEMAS, validate
 
 REDIS = "redis://127.0.0.1:6379/14"
 KEY_A, KEY_B = "sk-responses-a", "sk-responses-b"
 TOOL = {"type": "function", "name": "lookup", "description": "Look a text up",
         "parameters": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
         "strict": True}
-EVENT_SCHEMAS = {
-    "response.created": "ResponseCreatedEvent",
-    "response.in_progress": "ResponseInProgressEvent",
-    "response.output_item.added": "ResponseOutputItemAddedEvent",
-    "response.output_item.done": "ResponseOutputItemDoneEvent",
-    "response.content_part.added": "ResponseContentPartAddedEvent",
-    "response.content_part.done": "ResponseContentPartDoneEvent",
-    "response.output_text.delta": "ResponseTextDeltaEvent",
-    "response.output_text.done": "ResponseTextDoneEvent",
-    "response.function_call_arguments.delta": "ResponseFunctionCallArgumentsDeltaEvent",
-    "response.function_call_arguments.done": "ResponseFunctionCallArgumentsDoneEvent",
-    "response.completed": "ResponseCompletedEvent",
-    "response.incomplete": "ResponseIncompleteEvent",
-    "response.failed": "ResponseFailedEvent",
-    "error": "ResponseErrorEvent",
-}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +75,7 @@ def _events(raw: bytes) -> list[dict]:
         name, data = frame.split("\n", 1)
         event = json.loads(data.removeprefix("data: "))
         assert name == f"event: {event['type']}"
-        validate(event, EVENT_SCHEMAS[event["type"]])
+        validate(event, RESPONSES_EVENT_SCHEMAS[event["type"]])
         events.append(event)
     return events
 

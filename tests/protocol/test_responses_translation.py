@@ -21,23 +21,8 @@ from protocol.responses_api import (
     response_usage,
     routing_request,
 )
-from tests.spec.openai import validate
+from tests.spec.openai import RESPONSES_EVENT_SCHEMAS, validate
 
-EVENT_SCHEMAS = {
-    "response.created": "ResponseCreatedEvent",
-    "response.in_progress": "ResponseInProgressEvent",
-    "response.output_item.added": "ResponseOutputItemAddedEvent",
-    "response.output_item.done": "ResponseOutputItemDoneEvent",
-    "response.content_part.added": "ResponseContentPartAddedEvent",
-    "response.content_part.done": "ResponseContentPartDoneEvent",
-    "response.output_text.delta": "ResponseTextDeltaEvent",
-    "response.output_text.done": "ResponseTextDoneEvent",
-    "response.function_call_arguments.delta": "ResponseFunctionCallArgumentsDeltaEvent",
-    "response.function_call_arguments.done": "ResponseFunctionCallArgumentsDoneEvent",
-    "response.completed": "ResponseCompletedEvent",
-    "response.incomplete": "ResponseIncompleteEvent",
-    "response.failed": "ResponseFailedEvent",
-}
 TOOL = {"type": "function", "name": "lookup", "description": "Look it up",
         "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}, "strict": False}
 
@@ -210,7 +195,7 @@ def _chunk(delta: dict | None = None, finish: str | None = None, usage: dict | N
 def _run(translator: StreamTranslator, chunks: list[dict]) -> list[dict]:
     events = [e for c in chunks for e in translator.feed(c)] + translator.finish()
     for event in json.loads(msgspec.json.encode(events)):
-        validate(event, EVENT_SCHEMAS[event["type"]])
+        validate(event, RESPONSES_EVENT_SCHEMAS[event["type"]])
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     return events
 
