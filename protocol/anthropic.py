@@ -6,13 +6,13 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
 from protocol.errors import BadRequest, GatewayError, UpstreamError
-from protocol.openai import GATEWAY_FIELDS, decode_object, message_text
+from protocol.openai import GATEWAY_FIELDS, convert_struct, decode_object, message_text
 
 __all__ = [
     "Base64Source",
@@ -44,7 +44,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("pointsman")
-T = TypeVar("T")
 NonEmpty = Annotated[str, Meta(min_length=1)]
 
 
@@ -169,33 +168,15 @@ class MessagesRequest(CountTokensRequest, kw_only=True):
     stream: bool = False
 
 
-def _convert(raw: dict[str, Any], kind: type[T]) -> T:
-    """`raw` as `kind`, or a 400 whose message and `param` name the field at fault."""
-    try:
-        return msgspec.convert(raw, kind)
-    except RecursionError:
-        raise BadRequest("Invalid JSON body: nested too deeply.", code="invalid_json") from None
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        problem, sep, where = message.rpartition(" - at ")
-        param = where.strip("`").removeprefix("$.").removeprefix("$") if sep else None
-        missing = "missing required field `"
-        if missing in (problem if sep else message):
-            field = (problem if sep else message).split(missing, 1)[1].rstrip("`")
-            param = f"{param}.{field}" if param else field
-            raise BadRequest(f"'{param}': field required.", param=param) from None
-        raise BadRequest(f"Invalid value for '{param}': {problem}" if sep else message, param=param) from None
-
-
 def decode_messages(data: bytes) -> tuple[MessagesRequest, dict[str, Any]]:
     """A /v1/messages body, validated (400 naming the field), with the raw object."""
     raw = decode_object(data)
-    return _convert(raw, MessagesRequest), raw
+    return convert_struct(raw, MessagesRequest), raw
 
 
 def decode_count_tokens(data: bytes) -> tuple[CountTokensRequest, dict[str, Any]]:
     raw = decode_object(data)
-    return _convert(raw, CountTokensRequest), raw
+    return convert_struct(raw, CountTokensRequest), raw
 
 
 # ---- request translation --------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ __all__ = [
     "decode_embedding_request",
     "decode_object",
     "decode_request",
+    "convert_struct",
     "decode_struct",
     "chunk_view",
     "message_text",
@@ -197,34 +198,37 @@ def decode_object(data: bytes) -> dict[str, Any]:
 
 def decode_struct(data: bytes, kind: type[T]) -> T:
     """An admin body (an empty one is `{}`) as `kind`, or a 400 whose `param` names the field at fault."""
-    return _convert(decode_object(data or b"{}"), kind)
+    return convert_struct(decode_object(data or b"{}"), kind)
 
 
 def decode_request(data: bytes | dict[str, Any], kind: type[ChatCompletionRequest] | type[CompletionRequest],
                    ) -> ParsedRequest:
     """Decode and validate a request body; errors become 400 with `param` naming the field."""
     raw = decode_object(data) if isinstance(data, bytes) else data
-    body = _convert(raw, kind)
+    body = convert_struct(raw, kind)
     if type(body) is ChatCompletionRequest and not body.messages and body.template is None:
         raise BadRequest("Invalid value for 'messages': expected at least one message (or a 'template').",
                          param="messages")
     return ParsedRequest(body, raw)
 
 
-def _convert(raw: dict[str, Any], kind: type[T]) -> T:
-    """`raw` as the Struct `kind`; errors become 400 with `param` naming the field."""
+def convert_struct(raw: dict[str, Any], kind: type[T]) -> T:
+    """`raw` as the Struct `kind`; errors become 400 with `param` naming the field at fault (dotted, as OpenAI's)."""
     try:
         return msgspec.convert(raw, kind)
     except RecursionError:
         raise BadRequest("Invalid JSON body: nested too deeply.", code="invalid_json") from None
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        problem, sep, where = message.rpartition(" - at ")
-        param = where.strip("`").removeprefix("$.") if sep else None
+        problem, sep, where = str(exc).rpartition(" - at ")
+        if not sep:
+            problem = str(exc)
+        param = where.strip("`").removeprefix("$.").removeprefix("$") if sep else None
         missing = "missing required field `"
-        if not sep and missing in message:
-            param = message.split(missing, 1)[1].rstrip("`")
-        raise BadRequest(f"Invalid value for '{param}': {problem}" if sep else message, param=param) from None
+        if missing in problem:
+            field = problem.split(missing, 1)[1].rstrip("`")
+            param = f"{param}.{field}" if param else field
+            raise BadRequest(f"Missing required parameter: '{param}'.", param=param) from None
+        raise BadRequest(f"Invalid value for '{param}': {problem}" if sep else problem, param=param) from None
 
 
 # ---- embeddings -----------------------------------------------------------------------------------------
@@ -255,7 +259,7 @@ def decode_embedding_request(data: bytes) -> ParsedEmbeddings:
     """Decode and validate an embeddings request: OpenAI's rules (no empty input, at most 2048 items, one kind
     of item per request) checked here, before any model or upstream is asked."""
     raw = decode_object(data)
-    body = _convert(raw, EmbeddingRequest)
+    body = convert_struct(raw, EmbeddingRequest)
     return ParsedEmbeddings(body, raw, _embedding_inputs(body.input))
 
 

@@ -136,7 +136,7 @@ def test_output_format_becomes_a_json_schema_response_format():
 def test_max_tokens_is_required():
     with pytest.raises(BadRequest) as caught:
         decode_messages(b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}')
-    assert caught.value.param == "max_tokens" and caught.value.message == "'max_tokens': field required."
+    assert caught.value.param == "max_tokens" and caught.value.message == "Missing required parameter: 'max_tokens'."
 
 
 @pytest.mark.parametrize(("body", "param"), [
