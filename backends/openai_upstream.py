@@ -38,6 +38,9 @@ __all__ = ["OUTGOING_HEADERS", "OpenAIBackend", "Upstream", "open_transport", "t
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
 _PROBE_TIMEOUT_S = 2.0
+# an SSE line (one event's payload) longer than this is no answer but a broken or hostile upstream: it ends the
+# stream rather than growing a buffer without bound (OpenAI's largest events, base64 partial images, are a few MB)
+MAX_SSE_LINE = 16 << 20
 # extra headers for this task's next upstream request (W3C traceparent, set by gateway/tracing.py around one
 # attempt); None, the default, when tracing is off: the request then goes out with the transport's own headers
 OUTGOING_HEADERS: ContextVar[dict[str, str] | None] = ContextVar("pointsman_outgoing_headers", default=None)
@@ -138,6 +141,7 @@ class Upstream:
         bounded."""
         url = self.base_url + path
         finished: set[int] = set()
+        first = True
         try:
             response = await self.transport.request("POST", path, body, OUTGOING_HEADERS.get(), self.timeout_s)
             found = self._relay(response.relayed_headers(), relay)
@@ -147,10 +151,14 @@ class Upstream:
             chunks = response.chunks()
             try:
                 async for piece in chunks:
+                    # what the buffer holds has no newline: only the new piece is searched (a long line costs
+                    # linear time, not quadratic)
+                    scanned = len(buffer)
                     buffer = buffer + piece if buffer else piece
-                    start = 0
-                    while (end := buffer.find(b"\n", start)) >= 0:
+                    start, end = 0, buffer.find(b"\n", scanned)
+                    while end >= 0:
                         line, start = buffer[start:end], end + 1
+                        end = buffer.find(b"\n", start)
                         if line.startswith(b"data: ") and not line.endswith(b"\r"):
                             data = line[6:]  # the usual framing: one copy, no strip
                         elif line.startswith(b"data:"):
@@ -159,14 +167,24 @@ class Upstream:
                             continue  # comments, `event:` and blank separator lines
                         if data == b"[DONE]":
                             return
+                        if not data:
+                            continue  # an empty event (a heartbeat): nothing to relay, nor JSON to decode
+                        if first:  # checked once: a stream whose first payload is no JSON object is a 502, not
+                            first = False  # a 200 that breaks (the relay's decode of each chunk checks the rest)
+                            try:
+                                _check_object(data)
+                            except (msgspec.DecodeError, RecursionError) as exc:  # a ValidationError too
+                                raise _invalid(url, f"a stream payload that is not a JSON object: {exc}") from None
                         # skip the decode when every finish_reason in the chunk is null (nearly all chunks)
                         if data.count(b'"finish_reason":null') < data.count(b'"finish_reason"'):
                             try:
                                 finished.update(c.index for c in _chunk_choices(data).choices if c.finish_reason)
-                            except msgspec.DecodeError:
-                                pass  # the payload goes on as it is; whether it is JSON is the client's concern
+                            except (msgspec.DecodeError, RecursionError):
+                                pass  # the payload goes on as it is: the relay's decode of each chunk judges it
                         yield data if rewrite is None else rewrite(data)
                     buffer = buffer[start:]
+                    if len(buffer) > MAX_SSE_LINE:
+                        raise _invalid(url, f"an SSE line over {MAX_SSE_LINE} bytes")
             finally:
                 await chunks.aclose()
         except (TimeoutError, TransportError) as exc:
@@ -261,7 +279,7 @@ class OpenAIBackend:
                 return self._rewrite(content, check=True)
             _check_object(content)
             return content
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deeply to skip
             raise _invalid(upstream.base_url + path, f"a body that is not a JSON object: {exc}") from exc
 
     async def embeddings(self, request: ParsedEmbeddings, deployment: int = 0,
@@ -292,7 +310,7 @@ class OpenAIBackend:
                 return payload.replace(old, ours, 1)
             try:
                 return self._rewrite(payload, check=False)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except (msgspec.DecodeError, RecursionError) as exc:
                 raise _invalid(url, f"a stream chunk that is not a JSON object: {exc}") from exc
 
         return rewrite

@@ -81,6 +81,9 @@ class ServerConfig(_Frozen, kw_only=True):
     body_timeout_s: PositiveFloat = 30.0
     # request line plus headers larger than this get 431 and close
     max_header_bytes: Annotated[int, Meta(gt=0)] = 65536
+    # a request body (or WebSocket message) over this many MiB gets 413 before it is decoded. 32 is Anthropic's own
+    # cap on a Messages request, and holds one image at OpenAI's 20 MB limit once base64 has made it 4/3 larger
+    max_body_mb: Annotated[float, Meta(gt=0, le=1024)] = 32.0
 
 
 class AuthConfig(_Frozen, kw_only=True):

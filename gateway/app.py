@@ -57,7 +57,7 @@ from policies.base import Policy, PolicyChain
 from policies.context import Outcome, RequestContext
 from policies.experiments import add_feedback, decode_feedback
 from policies.model_versions import VersionRegistry
-from protocol.errors import BadRequest, GatewayError, error_body
+from protocol.errors import BadRequest, GatewayError, error_body, http_error_body
 from protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -226,15 +226,11 @@ def _render_gateway_error(request: Request, exc: GatewayError) -> Response:
                     headers={**exc.headers, "x-request-id": request_id_of(request.scope)})
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 401: "invalid_api_key"}
-
-
 def _render_http_error(request: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     message = exc.detail if status != 404 else f"Unknown route: {request.method} {request.url.path}"
-    type_ = "invalid_request_error" if status < 500 else "api_error"
     return Response(
-        error_body(str(message), type_, _HTTP_CODES.get(status)),
+        http_error_body(status, str(message)),
         status_code=status,
         media_type=MediaType.JSON,
         headers={**(getattr(exc, "headers", None) or {}), "x-request-id": request_id_of(request.scope)},
@@ -341,6 +337,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
             Exception: _render_unexpected,
         },
         openapi_config=OpenAPIConfig(title="pointsman", version="0.1.0", path="/openapi"),
+        request_max_body_size=int(config.server.max_body_mb * 2**20),  # 413 past it, sized or chunked
         type_encoders={msgspec.Struct: msgspec.to_builtins},
         logging_config=None,
     )

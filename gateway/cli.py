@@ -200,6 +200,7 @@ def run_server(config: Config, host: str, port: int, workers: int,
             config.server.header_timeout_s, config.server.body_timeout_s, config.server.max_header_bytes
         ),
         lifespan="on",
+        ws_max_size=int(config.server.max_body_mb * 2**20),  # a larger WebSocket message closes the socket (1009)
         access_log=False,
         log_level=os.environ.get("POINTSMAN_LOG_LEVEL", "info").lower(),
         # on SIGINT/SIGTERM: stop accepting, let in-flight requests finish for up to this long

@@ -12,7 +12,7 @@ import msgspec
 
 from gateway.deployments import Lease
 from policies.context import RequestContext
-from protocol.errors import UpstreamError
+from protocol.errors import UpstreamError, UpstreamInvalidResponse
 from protocol.openai import ChatCompletionRequest, ParsedRequest, chunk_view
 from routing.router import Attempt
 
@@ -48,10 +48,16 @@ class StreamRelay:
         self.usage_tokens: int | None = None
 
     def _observe(self, payload: bytes) -> None:
+        """Learn what a payload says (text, calls, finish, usage); one that is no JSON object ends the stream, as
+        an upstream fault, before it reaches the client (the first was checked by the backend)."""
         try:
             view = chunk_view(payload)
-        except Exception:  # not a chunk (an error event, or a vendor's extra event): nothing to learn
+        except msgspec.ValidationError:  # JSON, but not a chunk (an error event, or a vendor's extra event)
+            if payload.lstrip()[:1] != b"{":
+                raise self._invalid() from None
             return
+        except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deeply to skip
+            raise self._invalid() from None
         if self.chunk_id is None:
             self.chunk_id = view.id
         if view.usage is not None:
@@ -67,6 +73,10 @@ class StreamRelay:
             if choice.finish_reason is not None:
                 self.finished = True
                 self.finish_reason = choice.finish_reason
+
+    def _invalid(self) -> UpstreamInvalidResponse:
+        return UpstreamInvalidResponse(f"deployment {self.lease.index} of {self.attempt.model.id} sent a stream "
+                                       "payload that is not a JSON object")
 
     def _merge(self, deltas: list[dict]) -> None:
         """Put tool-call deltas together as OpenAI streams them: id, type and name first, arguments in pieces."""

@@ -12,6 +12,7 @@ __all__ = [
     "BudgetExceeded",
     "EngineOverloaded",
     "GatewayError",
+    "HTTP_ERROR_CODES",
     "InsufficientMemory",
     "ModelNotFound",
     "NotFound",
@@ -25,6 +26,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "error_body",
+    "http_error_body",
 ]
 
 
@@ -135,6 +137,15 @@ class UpstreamStatusError(UpstreamError):
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
     return msgspec.json.encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+# the `code` of an error the web framework raised (no route, a body over server.max_body_mb, ...), by status
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 401: "invalid_api_key"}
+
+
+def http_error_body(status: int, message: str) -> bytes:
+    """OpenAI's error object for an HTTP error the framework raised rather than the gateway."""
+    return error_body(message, "invalid_request_error" if status < 500 else "api_error", HTTP_ERROR_CODES.get(status))
 
 
 class UpstreamInvalidResponse(UpstreamError):

@@ -146,7 +146,8 @@ def input_messages(value: str | list[dict[str, Any]], where: str = "input") -> l
         at = f"{where}[{i}]"
         kind = item.get("type", "message")
         if kind == "message":
-            role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+            role = item.get("role")
+            role = _ROLES.get(role) if isinstance(role, str) else None  # a list or object is no role either
             if role is None:
                 raise BadRequest(f"Invalid '{at}.role': expected one of user, system, developer or assistant.",
                                  param=f"{at}.role")
