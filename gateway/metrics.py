@@ -30,8 +30,12 @@ class GatewayCollector:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.tasks: int | None = None  # the loop's tasks, counted by Metrics.render on the loop before each scrape
 
     def collect(self) -> Iterator[Metric]:
+        if self.tasks is not None:  # a count that keeps growing when idle is a leak (bench/reliability's soak)
+            yield GaugeMetricFamily("pointsman_event_loop_tasks", "asyncio tasks alive on this worker's event loop",
+                                    value=self.tasks)
         in_flight = GaugeMetricFamily("pointsman_upstream_in_flight", "Attempts waiting on a model now",
                                       labels=["model"])
         breakers = GaugeMetricFamily("pointsman_circuit_breaker_state",
@@ -96,6 +100,7 @@ class Metrics:
 
     async def render(self) -> bytes:
         """The Prometheus text page; several workers' files are read off the event loop."""
+        self.gauges.tasks = len(asyncio.all_tasks())  # here, on the loop: the collectors may run in a thread
         if self.budgets is not None:
             await self.budgets.refresh()
         if self.multiprocess:

@@ -104,13 +104,16 @@ class StreamRelay:
             isinstance(body, ChatCompletionRequest)
             and body.n == 1
             and not self.finished
-            and bool(self.text)
             and not self.tool_calls  # a call half streamed cannot be continued as text
             and len(self.pool.states) > 1
         )
 
     def _continuation(self) -> ParsedRequest:
+        """The request again, with the text streamed so far as the assistant's message to continue (none yet: the
+        same request, whose opening role chunk `_continued` drops)."""
         request = self.ctx.request
+        if not self.text:
+            return request
         raw = dict(request.raw)
         raw["messages"] = [*raw["messages"], {"role": "assistant", "content": "".join(self.text)}]
         raw["continue_final_message"] = True

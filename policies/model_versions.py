@@ -291,6 +291,8 @@ class VersionRegistry:
                     await self.refresh()
             except asyncio.CancelledError:
                 raise
+            except (OSError, sa.exc.SQLAlchemyError) as exc:  # the database is away (a restart): the next poll retries
+                log.warning("model versions: could not re-read the database (%s: %s)", type(exc).__name__, exc)
             except Exception:
                 log.exception("model versions: could not re-read the database")
 

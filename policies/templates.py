@@ -444,6 +444,8 @@ class TemplatePolicy:
                         newest = await conn.scalar(sa.select(sa.func.max(template_transitions.c.id)))
                     if newest != self._seen:
                         await self.reload()
+                except (OSError, sa.exc.SQLAlchemyError) as exc:  # the database is away: the next poll retries
+                    log.warning("templates: the periodic check failed (%s: %s)", type(exc).__name__, exc)
                 except Exception:
                     log.exception("templates: the periodic check failed")
         finally:

@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,45 +14,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import redis
 
 from tests.conftest import Process, free_port, start_gateway
+from tests.services import REDIS_SERVER, RedisServer
 
-REDIS_SERVER = "/usr/bin/redis-server"
 BUDGETED, OTHER = "budgeted-user", "other-user"
 CONCURRENCY = 8
 DEADLINE_S = 30.0  # for any one phase to finish
-
-
-class RedisServer:
-    """A redis-server of this test's own on a free 127.0.0.1 port, nothing persisted."""
-
-    def __init__(self, port: int, log: Path) -> None:
-        self.port, self.log = port, log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while not self._pong():
-            assert self.proc.poll() is None, f"redis-server exited:\n{self.log.read_text(errors='replace')}"
-            assert time.monotonic() < deadline, "redis-server not answering after 10 s"
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()  # SIGKILL: no goodbye to the clients
-            self.proc.wait()
-            self.proc = None
-
-    def _pong(self) -> bool:
-        try:
-            return bool(redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.2,
-                                    socket_connect_timeout=0.2).ping())
-        except redis.RedisError:
-            return False
 
 
 @pytest.fixture

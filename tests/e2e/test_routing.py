@@ -134,9 +134,10 @@ def test_deployments_round_robin_and_failover(pair):
     assert after - before == 6
 
 
-def test_broken_stream_continues_on_another_deployment(pair):
+@pytest.mark.parametrize("words", [3, 0])  # 0: the upstream broke after its role chunk, before any text
+def test_broken_stream_continues_on_another_deployment(pair, words):
     gateway, _, _ = pair
-    text = "one two three four five six break:3@model-a"
+    text = f"one two three four five six break:{words}@model-a"
     body = {"model": "pair", "messages": [{"role": "user", "content": text}], "stream": True,
             "stream_options": {"include_usage": True}}
     for _ in range(2):  # round robin: one of the two runs starts on model-a, which breaks after 3 chunks

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.metrics import Metrics
 from policies.context import AttemptRecord, Outcome, RequestContext
 from policies.metrics import REQUEST_LOG, MetricsPolicy, RequestMetrics
 from protocol.errors import BadRequest
@@ -61,6 +64,21 @@ async def test_settle_counts_bounded_series_and_logs_json(caplog) -> None:
         "error": None, "latency_ms": 0, "prompt_tokens": 7, "completion_tokens": 5, "cost_usd": 0.25,
         "cache": "miss"}
     assert lines[2]["http_status"] == 400
+
+
+async def test_event_loop_tasks_gauge_follows_the_loop() -> None:
+    metrics = Metrics(SimpleNamespace(pools={}))  # type: ignore[arg-type]
+
+    async def tasks() -> float:
+        return samples((await metrics.render()).decode())[("pointsman_event_loop_tasks", ())]
+
+    before = await tasks()
+    waiting = [asyncio.ensure_future(asyncio.sleep(3600)) for _ in range(5)]
+    assert await tasks() == before + 5
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert await tasks() == before  # gone again: the gauge counts live tasks, not tasks ever made
 
 
 CONFIG = """

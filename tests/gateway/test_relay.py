@@ -56,7 +56,8 @@ class ScriptedBackend:
                 yield chunk("first", {"content": word})
             raise UpstreamUnavailable("connection reset", code="upstream_stream_broken")
         self.continued.append(request)
-        prefix = request.raw["messages"][-1]["content"]
+        last = request.raw["messages"][-1]
+        prefix = last["content"] if last["role"] == "assistant" else ""
         yield chunk("second", {"role": "assistant", "content": ""})
         for word in WORDS[len(prefix.split()) if prefix else 0:]:
             yield chunk("second", {"content": word})
@@ -109,11 +110,26 @@ async def test_a_stream_closed_by_the_client_books_a_cancellation():
     assert ctx.completion_tokens == 1
 
 
-@pytest.mark.parametrize("breaks_after", [0])
-async def test_nothing_to_continue_from_is_an_error(breaks_after):
-    gateway, _, ctx = _setup(breaks_after)
+async def test_a_stream_broken_before_any_text_is_asked_again_on_the_other_deployment():
+    gateway, backend, ctx = _setup(breaks_after=0)
+    chunks = await _collect(Pipeline(gateway, PolicyChain()), ctx)
+    assert {c["id"] for c in chunks} == {"first"}
+    assert len([c for c in chunks if c["choices"][0]["delta"].get("role")]) == 1
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "".join(WORDS)
+    assert backend.continued[0] is ctx.request  # nothing to continue from: the same request, not a continuation
+    assert [(a.deployment, a.ok) for a in ctx.attempts] == [("d0", False), ("d1", True)]
+
+
+@pytest.mark.parametrize("breaks_after", [0, 2])
+async def test_a_stream_with_no_other_deployment_is_an_error(breaks_after):
+    config = parse_config(CONFIG.replace(', {base_url: "http://127.0.0.1:2/v1"}', ""))
+    backend = ScriptedBackend(config.models[0], breaks_after)
+    backend.deployments = backend.deployments[:1]
+    gateway = Gateway(config, {"m": backend})
+    request = decode_request({"model": "m", "stream": True, "messages": [{"role": "user", "content": "go"}]},
+                             ChatCompletionRequest)
     with pytest.raises(UpstreamUnavailable):
-        await _collect(Pipeline(gateway, PolicyChain()), ctx)
+        await _collect(Pipeline(gateway, PolicyChain()), RequestContext(request, request_id="r1"))
 
 
 class ToolCallBackend(ScriptedBackend):
