@@ -3,11 +3,12 @@ p-value from a mixture sequential probability ratio test (mSPRT)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
-from scipy import stats
 
 __all__ = ["POWER", "TAU", "BURN_IN", "Comparison", "Summary", "always_valid_p", "compare_means",
            "compare_proportions", "hedges_g", "needed_per_arm"]
@@ -21,6 +22,15 @@ TAU = 0.1
 # handful of points it can be near zero by chance, which would inflate the likelihood ratio.
 BURN_IN = 20
 
+
+
+@functools.cache
+def _stats() -> ModuleType:
+    """scipy.stats, imported on first use: it costs ~2.7 s of every gateway start, and only results need it
+    (computed in a worker thread)."""
+    from scipy import stats
+
+    return stats
 
 @dataclass(frozen=True, slots=True)
 class Summary:
@@ -73,7 +83,7 @@ def needed_per_arm(var_sum: float, diff: float, have: int, alpha: float, power: 
     observed one: n = (z_{1-alpha/2} + z_power)^2 * (var_c + var_v) / diff^2, less what the smaller arm has."""
     if not math.isfinite(var_sum) or not math.isfinite(diff) or diff == 0:
         return None
-    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
+    z = _stats().norm.ppf(1 - alpha / 2) + _stats().norm.ppf(power)
     return max(0, math.ceil(z * z * var_sum / (diff * diff)) - have)
 
 
@@ -87,10 +97,10 @@ def compare_means(control: Summary, variant: Summary, alpha: float = 0.05) -> Co
     if se2 <= 0:  # both arms constant: nothing varies, so no test (p=1 only when they agree)
         return Comparison("welch_t", control.mean, variant.mean, diff, 1.0 if diff == 0 else 0.0, (diff, diff),
                           None, None)
-    p = stats.ttest_ind_from_stats(variant.mean, math.sqrt(variant.var), variant.n, control.mean,
+    p = _stats().ttest_ind_from_stats(variant.mean, math.sqrt(variant.var), variant.n, control.mean,
                                    math.sqrt(control.var), control.n, equal_var=False).pvalue
     df = se2 * se2 / (a * a / (control.n - 1) + b * b / (variant.n - 1))
-    half = stats.t.ppf(1 - alpha / 2, df) * math.sqrt(se2)
+    half = _stats().t.ppf(1 - alpha / 2, df) * math.sqrt(se2)
     return Comparison("welch_t", control.mean, variant.mean, diff, float(p), (diff - half, diff + half),
                       hedges_g(control, variant),
                       needed_per_arm(control.var + variant.var, diff, min(control.n, variant.n), alpha))
@@ -105,9 +115,9 @@ def compare_proportions(control_hits: int, control_n: int, variant_hits: int, va
     diff = p2 - p1
     pooled = (control_hits + variant_hits) / (control_n + variant_n)
     se0 = math.sqrt(pooled * (1 - pooled) * (1 / control_n + 1 / variant_n))
-    p = 1.0 if se0 == 0 else float(2 * stats.norm.sf(abs(diff) / se0))
+    p = 1.0 if se0 == 0 else float(2 * _stats().norm.sf(abs(diff) / se0))
     var1, var2 = p1 * (1 - p1), p2 * (1 - p2)
-    half = stats.norm.ppf(1 - alpha / 2) * math.sqrt(var1 / control_n + var2 / variant_n)
+    half = _stats().norm.ppf(1 - alpha / 2) * math.sqrt(var1 / control_n + var2 / variant_n)
     h = 2 * math.asin(math.sqrt(p2)) - 2 * math.asin(math.sqrt(p1))
     return Comparison("two_proportion_z", p1, p2, diff, p, (diff - half, diff + half), h,
                       needed_per_arm(var1 + var2, diff, min(control_n, variant_n), alpha))
