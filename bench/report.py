@@ -26,6 +26,10 @@ def machine() -> str:
 def command() -> str:
     exe = Path(sys.executable)
     python = str(exe.relative_to(ROOT)) if exe.is_relative_to(ROOT) else sys.executable
+    script = Path(sys.argv[0])
+    if script.name == "__main__.py" and script.resolve().is_relative_to(ROOT):  # run with -m: name the package
+        package = ".".join(script.resolve().parent.relative_to(ROOT).parts)
+        return shlex.join([python, "-m", package, *sys.argv[1:]])
     return shlex.join([python, *sys.argv])
 
 
