@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +115,27 @@ def start_gateway(tmp: Path, config: str, *, env: dict | None = None, args: tupl
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: http("GET", url + "/ready", timeout=2)[0] == 200, proc, log, timeout)
     return Process(proc, log, url, port, {"config": path})
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database of this test's own on 127.0.0.1:5432 (its name), dropped afterwards."""
+    asyncpg = pytest.importorskip("asyncpg")
+    name = f"pointsman_e2e_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=3)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(admin(f"CREATE DATABASE {name}"))
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {type(exc).__name__}: {exc}")
+    yield name
+    asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 @pytest.fixture(scope="session")

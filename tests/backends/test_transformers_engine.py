@@ -433,7 +433,7 @@ async def test_event_loop_stays_free(backend: TransformersBackend) -> None:
 
     async def generate() -> dict:
         start = ticks
-        body = await answer(backend, chat("Tell me a story.", max_tokens=64, ignore_eos=True))
+        body = await answer(backend, chat("Tell me a story.", max_tokens=16, ignore_eos=True))
         ticks_during.append(ticks - start)
         return body
 
@@ -443,9 +443,9 @@ async def test_event_loop_stays_free(backend: TransformersBackend) -> None:
     finally:
         done.set()
         await runner
-    assert body["usage"]["completion_tokens"] == 64
-    # a generation on the loop would let the ticker run a handful of times at most; 64 tokens in a thread
-    # leave it thousands of turns
+    assert body["usage"]["completion_tokens"] == 16
+    # a generation on the loop would let the ticker run a handful of times at most; 16 tokens in a thread
+    # leave it thousands of turns (more tokens would only slow the suite: the spinning ticker shares the GIL)
     assert ticks_during[0] > 1000
 
 

@@ -79,10 +79,15 @@ def test_a_model_larger_than_the_budget_is_refused_with_503(tiny, tmp_path):
         gateway.stop()
 
 
-def test_admin_load_and_unload_and_idle_unloading(tiny, tmp_path):
+def test_admin_load_unload_idle_unloading_and_reloads_while_a_stream_runs(tiny, tmp_path):
+    """One gateway (each start costs a process with torch) for three phases in turn: admin load and unload with idle
+    unloading; a reload with a bad config that changes nothing; a reload that adds and removes models while a
+    stream runs. Each phase starts from the config the gateway started with, its models loaded on demand."""
     config = (f"models:\n{_models(tiny, ['tiny-a'])}"
               f"  - {{id: tiny-idle, backend: transformers, source: '{tiny}', load: lazy, idle_unload_s: 0.3}}\n")
     gateway = start_gateway(tmp_path, config)
+    path: Path = gateway.extra["config"]
+    good = path.read_text()
     try:
         loaded = httpx.post(gateway.url + "/admin/models/tiny-a/load", timeout=60)
         assert loaded.status_code == 200 and loaded.json()["pointsman"]["status"] == "loaded"
@@ -92,15 +97,12 @@ def test_admin_load_and_unload_and_idle_unloading(tiny, tmp_path):
         assert _chat(gateway.url, "tiny-idle").status_code == 200
         wait_until(lambda: _status(gateway.url)["tiny-idle"] == "unloaded", gateway.proc, gateway.log, 10)
         assert _chat(gateway.url, "tiny-idle").status_code == 200  # loads again on demand
-    finally:
-        gateway.stop()
 
-
-def test_reload_adds_and_removes_models_while_a_stream_runs(tiny, tmp_path):
-    gateway = start_gateway(tmp_path, f"models:\n{_models(tiny, ['tiny-a'])}")
-    path: Path = gateway.extra["config"]
-    try:
+        path.write_text("models: []\n")
+        response = httpx.post(gateway.url + "/admin/reload", timeout=30)
+        assert response.status_code == 400 and "nothing changed" in response.json()["error"]["message"]
         assert _chat(gateway.url, "tiny-a").status_code == 200
+        path.write_text(good)
         events: list[dict] = []
         started = threading.Event()
 
@@ -132,14 +134,3 @@ def test_reload_adds_and_removes_models_while_a_stream_runs(tiny, tmp_path):
     finally:
         gateway.stop()
 
-
-def test_a_reload_with_a_bad_config_changes_nothing(tiny, tmp_path):
-    gateway = start_gateway(tmp_path, f"models:\n{_models(tiny, ['tiny-a'])}")
-    path: Path = gateway.extra["config"]
-    try:
-        path.write_text("models: []\n")
-        response = httpx.post(gateway.url + "/admin/reload", timeout=30)
-        assert response.status_code == 400 and "nothing changed" in response.json()["error"]["message"]
-        assert _chat(gateway.url, "tiny-a").status_code == 200
-    finally:
-        gateway.stop()

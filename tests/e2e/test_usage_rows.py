@@ -8,7 +8,6 @@ import json
 import signal
 import socket
 import sqlite3
-import uuid
 
 import pytest
 
@@ -77,26 +76,6 @@ def test_usage_rows_on_sqlite_survive_shutdown(upstream, tmp_path):
         conn.row_factory = sqlite3.Row
         rows = {r["request_id"]: dict(r) for r in conn.execute("SELECT * FROM usage_rows")}
     _check(rows)
-
-
-@pytest.fixture
-def pg_database():
-    asyncpg = pytest.importorskip("asyncpg")
-    name = f"pointsman_e2e_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=3)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    try:
-        asyncio.run(admin(f"CREATE DATABASE {name}"))
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {type(exc).__name__}: {exc}")
-    yield name
-    asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 def test_usage_rows_on_postgresql(upstream, tmp_path, pg_database):
