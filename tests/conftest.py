@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -117,9 +118,9 @@ def start_gateway(tmp: Path, config: str, *, env: dict | None = None, args: tupl
     return Process(proc, log, url, port, {"config": path})
 
 
-@pytest.fixture
-def pg_database() -> Iterator[str]:
-    """A fresh PostgreSQL database of this test's own on 127.0.0.1:5432 (its name), dropped afterwards."""
+@contextlib.contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database on 127.0.0.1:5432 (its name), dropped afterwards; skips when none answers."""
     asyncpg = pytest.importorskip("asyncpg")
     name = f"pointsman_e2e_{uuid.uuid4().hex[:10]}"
 
@@ -134,8 +135,17 @@ def pg_database() -> Iterator[str]:
         asyncio.run(admin(f"CREATE DATABASE {name}"))
     except (OSError, asyncpg.PostgresError) as exc:
         pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {type(exc).__name__}: {exc}")
-    yield name
-    asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    try:
+        yield name
+    finally:
+        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database of this test's own (see fresh_pg_database)."""
+    with fresh_pg_database() as name:
+        yield name
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Experiments through two live replicas sharing a database and Redis: the same unit gets the same arm on both,
+"""Experiments through two live replicas sharing PostgreSQL and Redis: the same unit gets the same arm on both,
 the header names it, feedback is stored once, an admin change on one replica reaches the other, results answer."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import require_redis, start_gateway
+from tests.conftest import fresh_pg_database, require_redis, start_gateway
 
 REDIS = "redis://127.0.0.1:6379/14"
 
@@ -17,14 +17,18 @@ REDIS = "redis://127.0.0.1:6379/14"
 @pytest.fixture(scope="module")
 def replicas(upstream, tmp_path_factory):
     require_redis(REDIS)
-    tmp = tmp_path_factory.mktemp("experiments")
+    with fresh_pg_database() as database:
+        yield from _replicas(upstream, tmp_path_factory.mktemp("experiments"), database)
+
+
+def _replicas(upstream, tmp, database):
     name = f"exp-{uuid.uuid4().hex[:8]}"
     config = f"""
 models:
   - {{id: remote-a, backend: openai, base_url: "{upstream.url}", upstream_model: mock-model}}
   - {{id: remote-b, backend: openai, base_url: "{upstream.url}", upstream_model: mock-model}}
 routing: {{health_check_s: 0}}
-storage: {{redis_url: "{REDIS}", database_url: "sqlite+aiosqlite:///{tmp}/shared.db"}}
+storage: {{redis_url: "{REDIS}", database_url: "postgresql+asyncpg://postgres@127.0.0.1:5432/{database}"}}
 experiments:
   - name: {name}
     target: chat-default
@@ -34,10 +38,15 @@ experiments:
       - {{name: control, model: remote-a, weight: 50}}
       - {{name: treatment, model: remote-b, weight: 50, params: {{max_tokens: 3}}}}
 """
-    first, second = start_gateway(tmp, config), start_gateway(tmp, config)
-    yield first, second, name
-    first.stop()
-    second.stop()
+    first = start_gateway(tmp, config)
+    try:
+        second = start_gateway(tmp, config)
+        try:
+            yield first, second, name
+        finally:
+            second.stop()
+    finally:
+        first.stop()
 
 
 def _ask(url: str, user: str) -> httpx.Response:
