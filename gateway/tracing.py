@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -13,8 +14,8 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Span, SpanKind, StatusCode
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from backends.openai_upstream import OUTGOING_HEADERS
@@ -60,8 +61,12 @@ class Tracing:
     after the body is written, the rest of a stream) still joins its request's trace."""
 
     def __init__(self, config: TracingConfig, processor: SpanProcessor | None = None) -> None:
+        # a request without a client's traceparent is sampled here, at sample_ratio (see _start_request), so the
+        # SDK only ever sees the roots to record; spans under a parent follow the parent's sampled flag
+        self.sample_ratio = config.sample_ratio
         self.provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}),
-                                       sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
+                                       sampler=ParentBased(ALWAYS_ON))
+        self._ids = self.provider.id_generator
         if processor is None and config.exporter == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -88,6 +93,14 @@ class Tracing:
         return trace.set_span_in_context(span) if span is not None else None
 
     def _start_request(self, ctx: RequestContext) -> Span:
+        carrier = ctx.state.get(_PARENT)
+        if carrier is None and random.random() >= self.sample_ratio:
+            # an unsampled root: only its ids, for the traceparent sent upstream (the SDK's sampler, span and
+            # context cost ~20 us a request for a span that records nothing)
+            span: Span = NonRecordingSpan(SpanContext(self._ids.generate_trace_id(), self._ids.generate_span_id(),
+                                                      is_remote=False, trace_flags=TraceFlags(TraceFlags.DEFAULT)))
+            ctx.state[_SPAN] = span
+            return span
         body = ctx.request.body
         operation = "chat" if isinstance(body, ChatCompletionRequest) else "text_completion"
         attributes: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.request.model": body.model,
@@ -98,7 +111,6 @@ class Tracing:
             attributes["gen_ai.request.temperature"] = body.temperature
         if body.top_p is not None:
             attributes["gen_ai.request.top_p"] = body.top_p
-        carrier = ctx.state.get(_PARENT)
         parent = _PROPAGATOR.extract(carrier) if carrier else None
         span = self.tracer.start_span(f"{operation} {body.model}", context=parent, kind=SpanKind.SERVER,
                                       attributes=attributes)
@@ -149,6 +161,12 @@ class Tracing:
     async def _under_span(self, ctx: RequestContext, run: Callable[[], Awaitable[T]]) -> tuple[Span, T]:
         """Start the request's span and run `run` in it; a failure marks and ends the span, and is raised."""
         span = self._start_request(ctx)
+        if not span.is_recording():  # nothing below makes a span: no context to set either
+            try:
+                return span, await run()
+            except BaseException:
+                span.end()
+                raise
         with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
             try:
                 return span, await run()
@@ -188,10 +206,7 @@ class Tracing:
         unsampled request sends its own span's, flagged unsampled, and makes no span here)."""
         parent = ctx.state.get(_SPAN)
         if not _sampled(ctx):
-            outgoing: dict[str, str] = {}
-            if parent is not None:
-                _PROPAGATOR.inject(outgoing, context=trace.set_span_in_context(parent))
-            token = OUTGOING_HEADERS.set(outgoing)
+            token = OUTGOING_HEADERS.set(_unsampled_headers(parent) if parent is not None else {})
             try:
                 return await call(backend, index, relayed)
             finally:
@@ -256,6 +271,15 @@ class TracedPolicies:
         with self._span(ctx, "policies.settle") as span:
             span.set_attribute("pointsman.outcome", outcome.status)
             await self.chain.settle(ctx, outcome)
+
+
+def _unsampled_headers(span: Span) -> dict[str, str]:
+    """The W3C headers an unsampled request sends upstream: its own span's ids, the sampled flag clear."""
+    context = span.get_span_context()
+    headers = {"traceparent": f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"}
+    if context.trace_state:
+        headers["tracestate"] = context.trace_state.to_header()
+    return headers
 
 
 def _sampled(ctx: RequestContext) -> bool:

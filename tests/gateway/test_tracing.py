@@ -9,6 +9,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from config.loader import parse_config
 from gateway.app import create_app
 from gateway.tracing import Tracing
+from policies.context import RequestContext
+from protocol.openai import ChatCompletionRequest, decode_request
 from tests.gateway.live import serve, wait_for
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -130,3 +132,29 @@ tracing: {{enabled: true, exporter: none, sample_ratio: 0.0}}
     assert {s.context.trace_id for s in spans} == {int(CLIENT_TRACE, 16)}  # nothing from the unsampled one
     assert {s.name for s in spans} >= {"chat remote-a", "route", "policies.admit", "upstream remote-a"}
     assert int(followed["x_received"]["traceparent"].rsplit("-", 1)[1], 16) & 1
+
+
+def test_roots_are_sampled_at_the_ratio_and_a_clients_flag_is_followed():
+    config = parse_config("""
+models: [{id: m, backend: openai, base_url: "http://127.0.0.1:9/v1"}]
+tracing: {enabled: true, exporter: none, sample_ratio: 0.25}
+""")
+    exporter = InMemorySpanExporter()
+    tracing = Tracing(config.tracing, SimpleSpanProcessor(exporter))
+    request = decode_request({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, ChatCompletionRequest)
+
+    def start(traceparent: str | None = None):
+        ctx = RequestContext(request, request_id="r")
+        if traceparent is not None:
+            Tracing.accept(ctx, [(b"traceparent", traceparent.encode())])
+        span = tracing._start_request(ctx)
+        span.end()
+        return span
+
+    recorded = sum(start().get_span_context().trace_flags.sampled for _ in range(2000))
+    assert 400 < recorded < 600  # 500 expected, sd ~19: this bound fails once in ~10^7 runs
+    assert len(exporter.get_finished_spans()) == recorded
+    for flags, sampled in (("00", False), ("01", True)):  # a client's decision wins over the ratio, both ways
+        spans = [start(f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-{flags}") for _ in range(20)]
+        assert all(s.get_span_context().trace_id == int(CLIENT_TRACE, 16) for s in spans)
+        assert all(s.get_span_context().trace_flags.sampled == sampled for s in spans)
