@@ -25,7 +25,7 @@ from routing.router import Attempt, Decision
 if TYPE_CHECKING:
     from gateway.tracing import Tracing
 
-__all__ = ["Pipeline", "Served", "StreamStart"]
+__all__ = ["Pipeline", "Served", "StreamStart", "first_payload"]
 
 log = logging.getLogger("pointsman")
 _INLINE_SCAN_BYTES = 64 * 1024  # larger bodies are read for their usage in a thread, off the event loop
@@ -164,14 +164,7 @@ class Pipeline:
 
         async def open_stream(backend: Backend, index: int, headers: dict[str, str],
                               ) -> tuple[bytes | None, AsyncIterator[bytes]]:
-            rest = aiter(backend.stream(request, index, headers))
-            try:
-                return await anext(rest), rest
-            except StopAsyncIteration:
-                return None, rest
-            except BaseException:
-                await rest.aclose()  # type: ignore[attr-defined]
-                raise
+            return await first_payload(backend.stream(request, index, headers))
 
         try:
             if self.has_policies:
@@ -224,6 +217,19 @@ class Pipeline:
                     raise
                 return attempt, lease, relayed, result
         raise last or gateway.nothing_to_try(decision)
+
+
+async def first_payload(stream: AsyncIterator[bytes]) -> tuple[bytes | None, AsyncIterator[bytes]]:
+    """A stream's first payload (None when it ends at once) and the rest; a failure before it closes the stream,
+    so the caller can retry elsewhere while nothing has reached the client."""
+    rest = aiter(stream)
+    try:
+        return await anext(rest), rest
+    except StopAsyncIteration:
+        return None, rest
+    except BaseException:
+        await rest.aclose()  # type: ignore[attr-defined]
+        raise
 
 
 def _usage(body: bytes) -> tuple[int | None, int | None]:

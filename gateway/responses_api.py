@@ -20,7 +20,7 @@ from config.schema import ModelConfig
 from gateway.auth import principal_of
 from gateway.deployments import Lease
 from gateway.generate import generate, request_context
-from gateway.pipeline import Pipeline, Served, StreamStart, route_headers
+from gateway.pipeline import Pipeline, Served, StreamStart, first_payload, route_headers
 from gateway.request_id import request_id_of
 from gateway.responses import JSONBody, SSEStream, nothing
 from gateway.service import Gateway
@@ -316,14 +316,7 @@ async def _relay(pipeline: Pipeline, policies: PolicyChain, ctx: RequestContext,
 
         async def open_stream(backend: Any, index: int, headers: dict[str, str]
                               ) -> tuple[bytes | None, AsyncIterator[bytes]]:
-            rest = aiter(backend.responses_stream(raw, index, headers))
-            try:
-                return await anext(rest), rest
-            except StopAsyncIteration:
-                return None, rest
-            except BaseException:
-                await rest.aclose()
-                raise
+            return await first_payload(backend.responses_stream(raw, index, headers))
 
         attempt, lease, relayed, (first, rest) = await pipeline._first_success(ctx, decision, open_stream)
     except BaseException as exc:
