@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.services import pg_admin
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 POINTSMAN = [PYTHON, "-m", "gateway.cli"]
@@ -123,22 +125,14 @@ def fresh_pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database on 127.0.0.1:5432 (its name), dropped afterwards; skips when none answers."""
     asyncpg = pytest.importorskip("asyncpg")
     name = f"pointsman_e2e_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=3)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
     try:
-        asyncio.run(admin(f"CREATE DATABASE {name}"))
+        asyncio.run(pg_admin(f"CREATE DATABASE {name}", timeout=3))
     except (OSError, asyncpg.PostgresError) as exc:
         pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {type(exc).__name__}: {exc}")
     try:
         yield name
     finally:
-        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        asyncio.run(pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", timeout=3))
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Real Redis and PostgreSQL servers of a test's (or a benchmark's) own, on free ports, killable and restartable."""
+"""Real Redis and PostgreSQL servers of a test's (or a benchmark's) own, on free ports, killable and restartable; and
+statements on the shared PostgreSQL's admin database."""
 
 from __future__ import annotations
 
@@ -11,10 +12,22 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["PG_BIN", "REDIS_SERVER", "PostgresServer", "RedisServer"]
+__all__ = ["PG_ADMIN", "PG_BIN", "REDIS_SERVER", "PostgresServer", "RedisServer", "pg_admin"]
 
 REDIS_SERVER = "/usr/bin/redis-server"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"  # the shared server's database for CREATE/DROP DATABASE
+
+
+async def pg_admin(sql: str, timeout: float = 5) -> None:
+    """Run one statement on the shared PostgreSQL's admin database (creating or dropping a test's own)."""
+    import asyncpg  # only the PostgreSQL tests and benches need it
+
+    conn = await asyncpg.connect(PG_ADMIN, timeout=timeout)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
 
 
 class RedisServer:

@@ -23,11 +23,11 @@ if __name__ == "__main__":  # run as a script: the repository root on the path
 from bench.reliability.balancer import Balancer
 from bench.reliability.figures import Figure, table
 from tests.conftest import POINTSMAN, Process, http, spawn, start_upstream, wait_until
+from tests.services import pg_admin
 
-__all__ = ["PG_ADMIN", "REDIS_URL", "RollingCounts", "figures", "pg_admin", "restart_under_load", "run"]
+__all__ = ["REDIS_URL", "RollingCounts", "figures", "restart_under_load", "run"]
 
 REDIS_URL = "redis://127.0.0.1:6379/11"  # database 11: no test or other benchmark uses it
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 LONG_WORDS = " ".join(f"w{i}" for i in range(20))
 
 
@@ -199,17 +199,6 @@ async def _until(condition, timeout: float, what: str) -> None:  # noqa: ANN001
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-async def pg_admin(sql: str) -> None:
-    """Run one statement on the server's `test` database (CREATE or DROP the run's own)."""
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN, timeout=5)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 async def _rows(database: str) -> dict[str, int]:

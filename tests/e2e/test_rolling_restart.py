@@ -11,8 +11,9 @@ import aiohttp
 import pytest
 
 from bench.reliability.balancer import Backend, Balancer
-from bench.reliability.rolling import PG_ADMIN, REDIS_URL, pg_admin, restart_under_load
+from bench.reliability.rolling import REDIS_URL, restart_under_load
 from tests.conftest import free_port, require_redis
+from tests.services import PG_ADMIN, pg_admin
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
 
