@@ -27,6 +27,24 @@ PYTHON = sys.executable
 POINTSMAN = [PYTHON, "-m", "gateway.cli"]
 
 
+# The shared Redis's databases the tests may use, by family (the serial run's database first), one per pytest-xdist
+# worker: gateways started by different test files share key names (the `pointsman:` prefix), so two workers' must
+# never meet in one database. Left out: 0 (a developer's), 11 (bench/reliability/rolling.py's, and
+# tests/e2e/test_rolling_restart.py's through it) and 13 (bench/gateway.py flushes it).
+REDIS_DATABASES = {14: (14, 12, 10, 8, 6, 4, 2), 15: (15, 9, 7, 5, 3, 1)}
+
+
+def redis_url(family: int) -> str:
+    """redis://127.0.0.1:6379/N for this process: database `family` in a serial run or on xdist worker gw0, the
+    family's next one on gw1, and so on."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    databases = REDIS_DATABASES[family]
+    if worker >= len(databases):
+        raise RuntimeError(f"no Redis database of family {family} left for xdist worker gw{worker}: "
+                           f"run at most {len(databases)} workers (pytest -n)")
+    return f"redis://127.0.0.1:6379/{databases[worker]}"
+
+
 def require_redis(url: str) -> None:
     """Skip the calling test, loudly, when the Redis its gateways are to share does not answer."""
     import redis  # only the tests that share Redis need it

@@ -13,9 +13,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import require_redis, start_gateway
+from tests.conftest import redis_url, require_redis, start_gateway
 
-REDIS = "redis://127.0.0.1:6379/14"
+REDIS = redis_url(14)  # a database of this xdist worker's own
 ADMIN = "bootstrap-" + uuid.uuid4().hex
 STATIC = "static-" + uuid.uuid4().hex
 CHAT = {"messages": [{"role": "user", "content": "hello"}]}

@@ -10,9 +10,9 @@ import aiohttp
 import httpx
 import pytest
 
-from tests.conftest import require_redis, start_gateway
+from tests.conftest import redis_url, require_redis, start_gateway
 
-REDIS = "redis://127.0.0.1:6379/14"
+REDIS = redis_url(14)  # a database of this xdist worker's own
 LIMIT = 300  # tokens; each answer below uses 3 (1 prompt word, 2 answer words) and may reserve 9
 
 

@@ -9,9 +9,9 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import fresh_pg_database, require_redis, start_gateway
+from tests.conftest import fresh_pg_database, redis_url, require_redis, start_gateway
 
-REDIS = "redis://127.0.0.1:6379/14"
+REDIS = redis_url(14)  # a database of this xdist worker's own
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ import pytest
 import redis
 from langchain_openai import ChatOpenAI
 
-from tests.conftest import free_port, http, require_redis, start_gateway
+from tests.conftest import free_port, http, redis_url, require_redis, start_gateway
 from tests.spec.openai import RESPONSES_EVENT_SCHEMAS, validate
 
-REDIS = "redis://127.0.0.1:6379/14"
+REDIS = redis_url(14)  # a database of this xdist worker's own
 KEY_A, KEY_B = "sk-responses-a", "sk-responses-b"
 TOOL = {"type": "function", "name": "lookup", "description": "Look a text up",
         "parameters": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},

@@ -17,9 +17,9 @@ from redis.asyncio import Redis
 from policies.database import open_engine
 from policies.redis_state import RedisStore
 from policies.state import LocalStore, StateStore
-from tests.conftest import free_port
+from tests.conftest import free_port, redis_url
 
-REDIS_URL = "redis://127.0.0.1:6379/15"  # database 15: tests never touch what a developer keeps in 0
+REDIS_URL = redis_url(15)  # database 15 (one per xdist worker): tests never touch what a developer keeps in 0
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_URL = f"postgresql+asyncpg://postgres@{PG_HOST}:{PG_PORT}/test"
 
