@@ -171,3 +171,25 @@ tracing: {enabled: true, exporter: none, sample_ratio: 0.25}
             else:  # followed: not traced, the client's trace passed on under a span id of ours, flagged unsampled
                 version, trace_id, span_id, sent_flags = outgoing["traceparent"].split("-")
                 assert span is None and (trace_id, sent_flags) == (CLIENT_TRACE, "00") and span_id != CLIENT_SPAN
+
+
+def test_relayed_responses_are_traced_when_sampled_and_pass_the_trace_on_when_not(upstream, tmp_path):
+    exporter = InMemorySpanExporter()
+    config = parse_config(f"""
+models:
+  - {{id: native-a, backend: openai, responses: native, base_url: "{upstream.url}", upstream_model: mock-model}}
+storage: {{database_url: "sqlite+aiosqlite:///{tmp_path}/usage.db"}}
+tracing: {{enabled: true, exporter: none, sample_ratio: 0.0}}
+""")
+    app = create_app(config, tracing=Tracing(config.tracing, SimpleSpanProcessor(exporter)))
+    ask = {"model": "native-a", "input": "hello"}
+    with serve(app) as url:
+        unsampled = httpx.post(url + "/v1/responses", timeout=10, json=ask).json()
+        assert unsampled["x_received"]["traceparent"].endswith("-00")  # relayed untraced, flagged unsampled
+        followed = httpx.post(url + "/v1/responses", timeout=10, json=ask,
+                              headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}).json()
+        spans = wait_for(lambda: (s := exporter.get_finished_spans()) and
+                         any(x.name == "upstream native-a" for x in s) and s, what="the attempt span")
+    assert {s.context.trace_id for s in spans} == {int(CLIENT_TRACE, 16)}  # nothing from the unsampled one
+    call = next(s for s in spans if s.name == "upstream native-a")
+    assert followed["x_received"]["traceparent"] == f"00-{CLIENT_TRACE}-{call.context.span_id:016x}-01"
