@@ -4,11 +4,12 @@ admit -> decide -> approve -> execute (retries, fallbacks) -> settle, carried by
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -84,14 +85,23 @@ class Pipeline:
         self.has_policies = bool(policies)  # read on every request: a plain attribute, not a __bool__ call
         self.embedding_policies = policies.for_endpoint("embeddings")  # rate limits, budgets, usage rows
         self._decide = gateway.decide
-        # tracing: None when off, and then the request path is exactly the untraced one (one `is None` per
-        # attempt); when on, traced wrappers shadow the entry points, the decision and the policy chain
+        self._attempt: Callable[..., Awaitable[Any]] | None = None  # the traced twin's: a span per attempt
         self.tracing = tracing
+        # tracing: None when off. When on, a request the sampler passes over runs on this pipeline, exactly the
+        # untraced path (Tracing only sends its traceparent upstream); a sampled one runs on `traced`, a twin
+        # whose policy chain, decision and attempts each make a span
+        self.traced = self
         if tracing is not None:
-            self.policies = tracing.policies(policies)  # type: ignore[assignment]
-            self._decide = tracing.decide(gateway.decide)
-            self.complete = lambda ctx: tracing.complete(ctx, lambda: Pipeline.complete(self, ctx))  # type: ignore[method-assign]
-            self.stream = lambda ctx: tracing.stream(ctx, lambda: Pipeline.stream(self, ctx))  # type: ignore[method-assign]
+            traced = self.traced = copy.copy(self)
+            traced.policies = tracing.policies(policies)  # type: ignore[assignment]
+            traced._decide = tracing.decide(gateway.decide)
+            traced._attempt = tracing.attempt
+            self.complete = lambda ctx: tracing.complete(  # type: ignore[method-assign]
+                ctx, lambda: Pipeline.complete(self, ctx), lambda: Pipeline.complete(traced, ctx))
+            self.stream = lambda ctx: tracing.stream(  # type: ignore[method-assign]
+                ctx, lambda: Pipeline.stream(self, ctx), lambda: Pipeline.stream(traced, ctx))
+            self.settle = lambda ctx, outcome: Pipeline.settle(  # type: ignore[method-assign]
+                traced if tracing.sampled(ctx) else self, ctx, outcome)
 
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
         if self.has_policies:
@@ -188,7 +198,7 @@ class Pipeline:
         """Try the decision's models in order and each one's deployments in the balancer's order, until `call`
         succeeds: retryable failures (connect, timeout, 5xx, 429) move on, anything else ends the request.
         Returns the attempt, its lease, the upstream headers to relay (Retry-After, x-ratelimit-*) and the result."""
-        gateway, tracing = self.gateway, self.tracing
+        gateway, traced = self.gateway, self._attempt
         last: GatewayError | None = None
         for attempt in decision.attempts:
             backend, pool = gateway.backends.get(attempt.model.id), gateway.pools.get(attempt.model.id)
@@ -201,10 +211,10 @@ class Pipeline:
                 ctx.attempts.append(lease.record)
                 relayed: dict[str, str] = {}
                 try:
-                    if tracing is None:
+                    if traced is None:
                         result = await call(backend, index, relayed)
                     else:  # a client span per attempt, its id sent upstream as the traceparent
-                        result = await tracing.attempt(ctx, attempt, backend, index, call, relayed)
+                        result = await traced(ctx, attempt, backend, index, call, relayed)
                 except UpstreamError as exc:
                     lease.fail(exc)
                     if not exc.retryable:

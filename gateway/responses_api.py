@@ -341,14 +341,15 @@ async def _relayed(request: Request, body: ResponsesRequest, raw: dict[str, Any]
         tracing.accept(ctx, request.scope["headers"])
     watch = state.watches.watch(request.receive)
 
-    def run() -> Awaitable[Served | StreamStart]:
-        return _relay(pipeline, policies, ctx, raw, body.stream)
+    def run(on: Pipeline = pipeline) -> Awaitable[Served | StreamStart]:
+        return _relay(on, policies, ctx, raw, body.stream)
 
     try:
         if tracing is None:
             result = await run()
-        else:
-            result = await (tracing.stream(ctx, run) if body.stream else tracing.complete(ctx, run))
+        else:  # a sampled request runs on the traced twin (a span per attempt)
+            result = await (tracing.stream if body.stream else tracing.complete)(
+                ctx, run, lambda: run(pipeline.traced))
     except BaseException as exc:
         watch.stop()
         if watch.absorb(exc):

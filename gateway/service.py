@@ -275,6 +275,10 @@ class Gateway:
             )
         if not decision.attempts:
             reasons = "; ".join(f"{c.model}: {c.reason}" for c in decision.candidates)
+            if decision.candidates and all(c.unmet for c in decision.candidates):  # the client asks the impossible
+                unmet = "; ".join(f"{c.model}: {c.unmet}" for c in decision.candidates)
+                return BadRequest(f"No model meets this request's route requirements ({unmet}).", param="route",
+                                  code="no_model_meets_requirements")
             return ServiceUnavailable(f"No model can take this request now ({reasons}).")
         names = ", ".join(a.model.id for a in decision.attempts)
         return ServiceUnavailable(

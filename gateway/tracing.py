@@ -15,7 +15,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, StatusCode, TraceFlags
+from opentelemetry.trace import Span, SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from backends.openai_upstream import OUTGOING_HEADERS
@@ -34,6 +34,8 @@ T = TypeVar("T")
 _PROPAGATOR = TraceContextTextMapPropagator()
 _SPAN = "trace_span"  # ctx.state key: the request's span, parent of every step's span (settle runs after it ends)
 _PARENT = "trace_parent"  # ctx.state key: the client's traceparent/tracestate, when it sent one
+_CHILD = "trace_child"  # ctx.state key: the request span's context, the parent of its step spans
+_OUTGOING = "trace_outgoing"  # ctx.state key: an unsampled request's traceparent (and tracestate) for upstreams
 
 
 @functools.lru_cache(maxsize=256)
@@ -66,7 +68,6 @@ class Tracing:
         self.sample_ratio = config.sample_ratio
         self.provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}),
                                        sampler=ParentBased(ALWAYS_ON))
-        self._ids = self.provider.id_generator
         if processor is None and config.exporter == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -88,19 +89,23 @@ class Tracing:
         if carrier:
             ctx.state[_PARENT] = carrier
 
-    def _child_context(self, ctx: RequestContext) -> Context | None:
-        span = ctx.state.get(_SPAN)
-        return trace.set_span_in_context(span) if span is not None else None
+    @staticmethod
+    def _child_context(ctx: RequestContext) -> Context | None:
+        """The context the request's step spans start in: its span's, made once per request."""
+        context = ctx.state.get(_CHILD)
+        if context is None and (span := ctx.state.get(_SPAN)) is not None:
+            context = ctx.state[_CHILD] = trace.set_span_in_context(span)
+        return context
 
-    def _start_request(self, ctx: RequestContext) -> Span:
+    def _start_request(self, ctx: RequestContext) -> Span | None:
+        """The request's span when it is sampled; None when not, with the traceparent for upstreams noted."""
         carrier = ctx.state.get(_PARENT)
         if carrier is None and random.random() >= self.sample_ratio:
-            # an unsampled root: only its ids, for the traceparent sent upstream (the SDK's sampler, span and
-            # context cost ~20 us a request for a span that records nothing)
-            span: Span = NonRecordingSpan(SpanContext(self._ids.generate_trace_id(), self._ids.generate_span_id(),
-                                                      is_remote=False, trace_flags=TraceFlags(TraceFlags.DEFAULT)))
-            ctx.state[_SPAN] = span
-            return span
+            # an unsampled root: only ids for the traceparent sent upstream (the SDK's sampler, span and context
+            # cost ~20 us a request for a span that records nothing); ids as the SDK's RandomIdGenerator makes them
+            ctx.state[_OUTGOING] = {"traceparent": f"00-{random.getrandbits(128) or 1:032x}-"
+                                                   f"{random.getrandbits(64) or 1:016x}-00"}
+            return None
         body = ctx.request.body
         operation = "chat" if isinstance(body, ChatCompletionRequest) else "text_completion"
         attributes: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.request.model": body.model,
@@ -114,14 +119,19 @@ class Tracing:
         parent = _PROPAGATOR.extract(carrier) if carrier else None
         span = self.tracer.start_span(f"{operation} {body.model}", context=parent, kind=SpanKind.SERVER,
                                       attributes=attributes)
+        if not span.is_recording():  # the client's traceparent says unsampled (parent-based): follow it
+            ctx.state[_OUTGOING] = _unsampled_headers(span)
+            return None
         ctx.state[_SPAN] = span
         return span
 
     @staticmethod
+    def sampled(ctx: RequestContext) -> bool:
+        """Whether the request is traced (its steps run on the pipeline's traced twin)."""
+        return _SPAN in ctx.state
+
+    @staticmethod
     def _end_request(ctx: RequestContext, span: Span, body: bytes | None = None) -> None:
-        if not span.is_recording():  # not sampled: nothing to describe
-            span.end()
-            return
         attributes: dict[str, Any] = {}
         if ctx.model is not None:
             attributes["gen_ai.response.model"] = ctx.model
@@ -143,33 +153,43 @@ class Tracing:
         span.set_attributes(attributes)  # one lock for all of them, not one per attribute
         span.end()
 
-    async def complete(self, ctx: RequestContext, run: Callable[[], Awaitable[T]]) -> T:
-        """Run a plain request's steps under its span; the span ends with the answer (settle joins it later)."""
-        span, result = await self._under_span(ctx, run)
+    async def complete(self, ctx: RequestContext, plain: Callable[[], Awaitable[T]],
+                       traced: Callable[[], Awaitable[T]]) -> T:
+        """A plain request: `traced` under the request's span when it is sampled (the span ends with the answer;
+        settle joins it later), else `plain` with only the traceparent sent upstream."""
+        span = self._start_request(ctx)
+        if span is None:
+            return await self._unsampled(ctx, plain)
+        result = await self._under_span(ctx, span, traced)
         self._end_request(ctx, span, None if isinstance(result, Reply) else getattr(result, "body", None))
         return result
 
-    async def stream(self, ctx: RequestContext, run: Callable[[], Awaitable[T]]) -> T:
+    async def stream(self, ctx: RequestContext, plain: Callable[[], Awaitable[T]],
+                     traced: Callable[[], Awaitable[T]]) -> T:
         """As `complete`, but a stream's span ends when its last chunk has gone (or it broke, or the client left)."""
-        span, result = await self._under_span(ctx, run)
+        span = self._start_request(ctx)
+        if span is None:
+            return await self._unsampled(ctx, plain)
+        result = await self._under_span(ctx, span, traced)
         if isinstance(result, Reply):
             self._end_request(ctx, span)
         else:
             result.rest = self._until_end(ctx, span, result.rest)  # type: ignore[attr-defined]
         return result
 
-    async def _under_span(self, ctx: RequestContext, run: Callable[[], Awaitable[T]]) -> tuple[Span, T]:
-        """Start the request's span and run `run` in it; a failure marks and ends the span, and is raised."""
-        span = self._start_request(ctx)
-        if not span.is_recording():  # nothing below makes a span: no context to set either
-            try:
-                return span, await run()
-            except BaseException:
-                span.end()
-                raise
+    @staticmethod
+    async def _unsampled(ctx: RequestContext, run: Callable[[], Awaitable[T]]) -> T:
+        token = OUTGOING_HEADERS.set(ctx.state[_OUTGOING])
+        try:
+            return await run()
+        finally:
+            OUTGOING_HEADERS.reset(token)
+
+    async def _under_span(self, ctx: RequestContext, span: Span, run: Callable[[], Awaitable[T]]) -> T:
+        """Run `run` in the request's span; a failure marks and ends the span, and is raised."""
         with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
             try:
-                return span, await run()
+                return await run()
             except BaseException as exc:
                 _fail(span, exc)
                 self._end_request(ctx, span)
@@ -191,8 +211,6 @@ class Tracing:
         tracer = self.tracer
 
         async def traced(*args: Any) -> T:
-            if not trace.get_current_span().is_recording():  # the request is not sampled: no child spans
-                return await decide(*args)
             with tracer.start_as_current_span("route") as span:
                 decision = await decide(*args)
                 span.set_attribute("pointsman.chain", [a.model.id for a in getattr(decision, "attempts", ())])
@@ -202,21 +220,14 @@ class Tracing:
 
     async def attempt(self, ctx: RequestContext, attempt: Attempt, backend: Any, index: int,
                       call: Callable[[Any, int, dict[str, str]], Awaitable[T]], relayed: dict[str, str]) -> T:
-        """One try of one deployment, as a client span whose id goes upstream in the `traceparent` header (an
-        unsampled request sends its own span's, flagged unsampled, and makes no span here)."""
-        parent = ctx.state.get(_SPAN)
-        if not _sampled(ctx):
-            token = OUTGOING_HEADERS.set(_unsampled_headers(parent) if parent is not None else {})
-            try:
-                return await call(backend, index, relayed)
-            finally:
-                OUTGOING_HEADERS.reset(token)
+        """One try of one deployment of a sampled request, as a client span whose id goes upstream in the
+        `traceparent` header."""
         attributes: dict[str, Any] = {"gen_ai.request.model": attempt.model.id, "pointsman.deployment": index,
                                       "pointsman.route": attempt.route}
         upstreams = getattr(backend, "upstreams", None)
         if upstreams is not None and index < len(upstreams):
             attributes.update(_server(upstreams[index].base_url))
-        span = self.tracer.start_span(f"upstream {attempt.model.id}", context=self._child_context(ctx),
+        span = self.tracer.start_span(f"upstream {attempt.model.id}", context=Tracing._child_context(ctx),
                                       kind=SpanKind.CLIENT, attributes=attributes)
         outgoing = {}
         _PROPAGATOR.inject(outgoing, context=trace.set_span_in_context(span))
@@ -235,7 +246,8 @@ class Tracing:
 
 
 class TracedPolicies:
-    """A PolicyChain whose three phases each run under a span: `policies.admit`, `.approve`, `.settle`."""
+    """A PolicyChain whose three phases each run under a span (`policies.admit`, `.approve`, `.settle`): the chain
+    of the pipeline's traced twin, which only sampled requests run on."""
 
     __slots__ = ("chain", "tracing")
 
@@ -248,29 +260,45 @@ class TracedPolicies:
     def for_endpoint(self, endpoint: str) -> PolicyChain:
         return self.chain.for_endpoint(endpoint)
 
-    def _span(self, ctx: RequestContext, name: str):
-        return self.tracing.tracer.start_as_current_span(name, context=self.tracing._child_context(ctx))
+    def _span(self, ctx: RequestContext, name: str) -> Span:
+        # started, not made current: nothing below looks the current span up (every step parents explicitly)
+        return self.tracing.tracer.start_span(name, context=Tracing._child_context(ctx))
 
     async def admit(self, ctx: RequestContext) -> Reply | None:
-        if not _sampled(ctx):
-            return await self.chain.admit(ctx)
-        with self._span(ctx, "policies.admit") as span:
+        span = self._span(ctx, "policies.admit")
+        try:
             reply = await self.chain.admit(ctx)
             span.set_attribute("pointsman.answered", reply is not None)
             return reply
+        except BaseException as exc:
+            _phase_failed(span, exc)
+            raise
+        finally:
+            span.end()
 
     async def approve(self, ctx: RequestContext, decision: Any) -> None:
-        if not _sampled(ctx):
-            return await self.chain.approve(ctx, decision)
-        with self._span(ctx, "policies.approve"):
+        span = self._span(ctx, "policies.approve")
+        try:
             await self.chain.approve(ctx, decision)
+        except BaseException as exc:
+            _phase_failed(span, exc)
+            raise
+        finally:
+            span.end()
 
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
-        if not _sampled(ctx):
-            return await self.chain.settle(ctx, outcome)
-        with self._span(ctx, "policies.settle") as span:
-            span.set_attribute("pointsman.outcome", outcome.status)
+        span = self._span(ctx, "policies.settle")
+        span.set_attribute("pointsman.outcome", outcome.status)
+        try:
             await self.chain.settle(ctx, outcome)
+        finally:
+            span.end()
+
+
+def _phase_failed(span: Span, exc: BaseException) -> None:
+    """A policy phase that refused the request (or failed): the exception as an event, the span marked an error."""
+    span.record_exception(exc)
+    _fail(span, exc)
 
 
 def _unsampled_headers(span: Span) -> dict[str, str]:
@@ -281,8 +309,3 @@ def _unsampled_headers(span: Span) -> dict[str, str]:
         headers["tracestate"] = context.trace_state.to_header()
     return headers
 
-
-def _sampled(ctx: RequestContext) -> bool:
-    """Whether the request's span records: an unsampled request makes no child spans at all."""
-    span = ctx.state.get(_SPAN)  # ended already when settle runs: its context still says whether it was sampled
-    return span is not None and span.get_span_context().trace_flags.sampled

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from policies.context import Outcome, Reply, RequestContext
 
-__all__ = ["COMPLETIONS", "STAGES", "Policy", "PolicyChain"]
+__all__ = ["COMPLETIONS", "STAGES", "Policy", "PolicyChain", "no_op"]
 
 log = logging.getLogger("pointsman.policies")
 
@@ -29,6 +29,16 @@ STAGES: dict[str, int] = {
 COMPLETIONS = frozenset({"chat", "completion"})
 
 
+def no_op(hook: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Marks a hook that does nothing, so the chain never calls it (a coroutine less per request and hook)."""
+    hook.no_op = True  # type: ignore[attr-defined]
+    return hook
+
+
+def _uses(policy: Policy, hook: str) -> bool:
+    return not getattr(getattr(type(policy), hook, None), "no_op", False)
+
+
 @runtime_checkable
 class Policy(Protocol):
     """One policy. Every hook may raise a GatewayError to refuse the request (a 429, a 402...).
@@ -39,7 +49,8 @@ class Policy(Protocol):
     - `settle(ctx, outcome)` runs exactly once per request however it ended: after a plain response, after a
       stream's last chunk, when the client left, when it failed, and when an earlier hook refused it.
 
-    A policy runs on chat and text completions; one that also understands other requests lists every endpoint
+    A hook that does nothing is marked `@no_op`: the chain then skips it. A policy runs on chat and text
+    completions; one that also understands other requests lists every endpoint
     it runs on in a class attribute `endpoints` (e.g. `COMPLETIONS | {"embeddings"}`).
     """
 
@@ -54,12 +65,16 @@ class Policy(Protocol):
 
 
 class PolicyChain:
-    """The configured policies sorted by stage (ties keep registration order); empty costs one branch."""
+    """The configured policies sorted by stage (ties keep registration order); empty costs one branch. Each
+    hook runs over the policies that use it (see `no_op`)."""
 
-    __slots__ = ("policies",)
+    __slots__ = ("_admit", "_approve", "_settle", "policies")
 
     def __init__(self, policies: Iterable[Policy] = ()) -> None:
         self.policies: tuple[Policy, ...] = tuple(sorted(policies, key=lambda p: p.stage))
+        self._admit = tuple(p for p in self.policies if _uses(p, "admit"))
+        self._approve = tuple(p for p in self.policies if _uses(p, "approve"))
+        self._settle = tuple(p for p in self.policies if _uses(p, "settle"))
 
     def __bool__(self) -> bool:
         return bool(self.policies)
@@ -69,14 +84,14 @@ class PolicyChain:
         return PolicyChain(p for p in self.policies if endpoint in getattr(p, "endpoints", COMPLETIONS))
 
     async def admit(self, ctx: RequestContext) -> Reply | None:
-        for policy in self.policies:
+        for policy in self._admit:
             reply = await policy.admit(ctx)
             if reply is not None:
                 return reply
         return None
 
     async def approve(self, ctx: RequestContext, decision: Any) -> None:
-        for policy in self.policies:
+        for policy in self._approve:
             await policy.approve(ctx, decision)
 
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
@@ -84,7 +99,7 @@ class PolicyChain:
         if ctx.settled:
             return
         ctx.settled = True
-        for policy in self.policies:
+        for policy in self._settle:
             try:
                 await policy.settle(ctx, outcome)
             except Exception:

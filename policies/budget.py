@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from config.schema import BudgetConfig, ModelConfig, Period, TransformersModel
 from policies.alerts import BudgetAlerts
-from policies.base import COMPLETIONS, STAGES
+from policies.base import COMPLETIONS, STAGES, no_op
 from policies.context import Outcome, Reply, RequestContext, embedding_tokens, scope_member
 from policies.state import Reservation, StateStore, StoreUnavailable
 from protocol.errors import BudgetExceeded, ServiceUnavailable
@@ -158,6 +158,7 @@ class BudgetPolicy:
         self._counter_cache: dict[tuple[int | str, str, int], tuple[_Counter, ...]] = {}
         self._numbered: tuple[tuple[int | str, BudgetConfig], ...] = tuple(enumerate(self.budgets))
 
+    @no_op
     async def admit(self, ctx: RequestContext) -> Reply | None:
         return None
 
@@ -174,7 +175,8 @@ class BudgetPolicy:
                 continue
             counters, amounts = self._charges(ctx, model, now)
             if not counters:
-                await self._drop_spent_fallbacks(ctx, decision, attempts[position + 1:], dropped, now)
+                if position + 1 < len(attempts):
+                    await self._drop_spent_fallbacks(ctx, decision, attempts[position + 1:], dropped, now)
                 break
             try:
                 result = await self.store.reserve([
@@ -194,7 +196,8 @@ class BudgetPolicy:
             self._store_answered()
             if result.ok:
                 ctx.state[self.name] = _Reserved(model.id, tuple(counters), tuple(amounts))
-                await self._drop_spent_fallbacks(ctx, decision, attempts[position + 1:], dropped, now)
+                if position + 1 < len(attempts):  # fallbacks to check
+                    await self._drop_spent_fallbacks(ctx, decision, attempts[position + 1:], dropped, now)
                 break
             failed, needed = counters[result.failed or 0], amounts[result.failed or 0]
             refusal = _refusal(failed, result.current, needed, now)
@@ -204,7 +207,8 @@ class BudgetPolicy:
             dropped.add(model.id)
             decision.skipped[model.id] = f"budget exceeded: {refusal.message}"
             last_refusal = refusal
-        decision.attempts[:] = [a for a in decision.attempts if a.model.id not in dropped]
+        if dropped:
+            decision.attempts[:] = [a for a in decision.attempts if a.model.id not in dropped]
         if not decision.attempts and last_refusal is not None:
             raise last_refusal
 

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from config.schema import CacheConfig
-from policies.base import STAGES
+from policies.base import STAGES, no_op
 from policies.context import Outcome, Principal, Reply, RequestContext
 from policies.state import StateStore, StoreUnavailable
 from protocol.openai import GATEWAY_FIELDS, ChatCompletionRequest, new_id
@@ -145,6 +145,7 @@ class ExactCache:
             return None
         return self._hit(ctx, model, entry)
 
+    @no_op
     async def approve(self, ctx: RequestContext, decision: Any) -> None:
         return None
 

@@ -21,7 +21,7 @@ from msgspec import Meta
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from config.schema import EXPERIMENT_METRICS, ExperimentConfig, ExperimentVariant, check_experiments
-from policies.base import STAGES
+from policies.base import STAGES, no_op
 from policies.context import Outcome, Reply, RequestContext
 from policies.database import experiments as experiments_table
 from policies.database import feedback as feedback_table
@@ -173,6 +173,7 @@ class ExperimentPolicy:
             arm.apply(ctx, self.render)
         return None
 
+    @no_op
     async def approve(self, ctx: RequestContext, decision: Any) -> None:
         return None
 

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from policies.base import COMPLETIONS, STAGES
+from policies.base import COMPLETIONS, STAGES, no_op
 from policies.context import Outcome, Reply, RequestContext
 
 __all__ = ["REQUEST_LOG", "MetricsPolicy", "RequestMetrics", "status_class"]
@@ -89,9 +89,11 @@ class MetricsPolicy:
         self._cache = {} if metrics is None else {r: metrics.cache.labels(r) for r in results}
         self._encode = msgspec.json.Encoder().encode
 
+    @no_op
     async def admit(self, ctx: RequestContext) -> Reply | None:
         return None
 
+    @no_op
     async def approve(self, ctx: RequestContext, decision: Any) -> None:
         return None
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from config.schema import RateLimitConfig
-from policies.base import COMPLETIONS, STAGES
+from policies.base import COMPLETIONS, STAGES, no_op
 from policies.context import Outcome, Reply, RequestContext, embedding_tokens, scope_member
 from policies.state import RateCharge, RateResult, StateStore, StoreUnavailable
 from protocol.errors import RateLimited, ServiceUnavailable
@@ -22,7 +22,7 @@ log = logging.getLogger("pointsman.policies")
 _UNIT = {"rpm": "requests", "tpm": "tokens"}  # OpenAI's names, in its x-ratelimit-*-{unit} headers
 
 
-@dataclass(slots=True)  # not frozen: built on every request, and frozen ones cost 4x to build
+@dataclass(frozen=True, slots=True)  # built once per (limit, member, kind) and kept: see RateLimitPolicy._members
 class _Bucket:
     """One GCRA bucket a request is charged to: `kind` per minute of one limit, for one member of its scope."""
 
@@ -31,7 +31,7 @@ class _Bucket:
     kind: Literal["rpm", "tpm"]
     key: str
     per_minute: int
-    cost: int
+    limit_text: str  # per_minute as the x-ratelimit-limit-* header's value
 
     def charge(self, cost: int, *, partial: bool = False) -> RateCharge:
         return RateCharge(self.key, self.per_minute / 60, self.per_minute, cost, partial)
@@ -43,6 +43,9 @@ class _Charged:
 
     estimate: int
     buckets: tuple[_Bucket, ...]
+
+
+_MEMBERS = 4096  # (limit, member) bucket pairs kept; past that the table starts again (members are open-ended)
 
 
 def estimate_tokens(request: ParsedRequest | ParsedEmbeddings) -> int:
@@ -63,10 +66,19 @@ def estimate_tokens(request: ParsedRequest | ParsedEmbeddings) -> int:
 def reset_text(seconds: float) -> str:
     """A duration in OpenAI's x-ratelimit-reset-* style: "0.5s", "12s", "6m0s", "1h2m3s"."""
     if seconds < 60:
-        return f"{round(max(0.0, seconds), 3):g}s"
+        ms = round(max(0.0, seconds), 3)
+        text = _RESET_TEXT.get(ms)
+        if text is None:
+            if len(_RESET_TEXT) >= 60_000:  # every millisecond of a minute, at most
+                _RESET_TEXT.clear()
+            text = _RESET_TEXT[ms] = f"{ms:g}s"
+        return text
     hours, rest = divmod(round(seconds), 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
+
+
+_RESET_TEXT: dict[float, str] = {}  # reset_text under a minute, by the millisecond: formatted once
 
 
 class RateLimitPolicy:
@@ -92,7 +104,7 @@ class RateLimitPolicy:
     An API key's own limit (`Principal.rate_limit`, scope `key`) applies beside the config's, as bucket "key".
     """
 
-    __slots__ = ("_down", "_numbered", "limits", "store")
+    __slots__ = ("_down", "_members", "_numbered", "limits", "store")
 
     name: ClassVar[str] = "rate_limit"
     stage: ClassVar[int] = STAGES["rate_limit"]
@@ -103,13 +115,24 @@ class RateLimitPolicy:
         self._numbered: tuple[tuple[int | str, RateLimitConfig], ...] = tuple(enumerate(self.limits))
         self.store = store
         self._down = False  # the store failed and has not answered since: warned once already
+        # (limit index, member) -> its rpm and tpm buckets: the same few serve request after request
+        self._members: dict[tuple[int | str, str], tuple[_Bucket, ...]] = {}
 
     async def admit(self, ctx: RequestContext) -> Reply | None:
         buckets = self._buckets(ctx)
         if not buckets:
             return None
+        estimate: int | None = None
+        charges: list[RateCharge] = []
+        for bucket in buckets:  # 1 to each rpm bucket, the request's estimate to each tpm one
+            if bucket.kind == "rpm":
+                charges.append(bucket.charge(1))
+            else:
+                if estimate is None:
+                    estimate = estimate_tokens(ctx.request)
+                charges.append(bucket.charge(estimate))
         try:
-            results = await self.store.rate_many([bucket.charge(bucket.cost) for bucket in buckets])
+            results = await self.store.rate_many(charges)
         except StoreUnavailable as exc:
             self._store_failed(exc)
             denying = next((bucket for bucket in buckets if bucket.limit.on_store_error == "deny"), None)
@@ -124,15 +147,17 @@ class RateLimitPolicy:
             log.warning("rate limits enforced again: the state store answers")
         decided = list(zip(buckets, results, strict=True))
         headers = _headers(decided)
-        refused = [(bucket, result) for bucket, result in decided if not result.allowed]
-        if refused:
-            raise _refusal(*max(refused, key=lambda refusal: refusal[1].retry_after_s), headers)
+        for outcome in results:
+            if not outcome.allowed:  # the refusal of the bucket that frees up last speaks for the request
+                refused = [(bucket, result, charge.cost)
+                           for (bucket, result), charge in zip(decided, charges, strict=True) if not result.allowed]
+                raise _refusal(*max(refused, key=lambda refusal: refusal[1].retry_after_s), headers)
         ctx.headers.update(headers)
-        charged = tuple(bucket for bucket in buckets if bucket.kind == "tpm")
-        if charged:
-            ctx.state[self.name] = _Charged(charged[0].cost, charged)
+        if estimate is not None:
+            ctx.state[self.name] = _Charged(estimate, tuple(bucket for bucket in buckets if bucket.kind == "tpm"))
         return None
 
+    @no_op
     async def approve(self, ctx: RequestContext, decision: Any) -> None:
         return None
 
@@ -153,20 +178,25 @@ class RateLimitPolicy:
 
     def _buckets(self, ctx: RequestContext) -> list[_Bucket]:
         buckets: list[_Bucket] = []
-        estimate: int | None = None
         own = ctx.principal.rate_limit  # the API key's own limit, beside the config's
         for index, limit in (self._numbered if own is None else (*self._numbered, ("key", own))):
             # model scope: the model asked for; a request that names none (automatic routing) is not counted
             member = scope_member(limit.scope, limit.match, ctx, ctx.request.body.model)
             if member is None:
                 continue
-            if limit.rpm is not None:
-                buckets.append(_Bucket(limit, member, "rpm", f"rl:{index}:{member}:rpm", limit.rpm, 1))
-            if limit.tpm is not None:
-                if estimate is None:
-                    estimate = estimate_tokens(ctx.request)
-                buckets.append(_Bucket(limit, member, "tpm", f"rl:{index}:{member}:tpm", limit.tpm, estimate))
+            made = self._members.get((index, member))
+            if made is None or (made and made[0].limit is not limit):  # a key's own limit may have changed since
+                made = self._new_member(index, member, limit)
+            buckets += made
         return buckets
+
+    def _new_member(self, index: int | str, member: str, limit: RateLimitConfig) -> tuple[_Bucket, ...]:
+        if len(self._members) >= _MEMBERS:
+            self._members.clear()
+        made = self._members[(index, member)] = tuple(
+            _Bucket(limit, member, kind, f"rl:{index}:{member}:{kind}", per_minute, str(per_minute))
+            for kind, per_minute in (("rpm", limit.rpm), ("tpm", limit.tpm)) if per_minute is not None)
+        return made
 
     def _store_failed(self, exc: StoreUnavailable) -> None:
         if not self._down:
@@ -184,25 +214,29 @@ def _headers(decided: Sequence[tuple[_Bucket, RateResult]]) -> dict[str, str]:
             tightest[bucket.kind] = (bucket, result)
     headers: dict[str, str] = {}
     for kind, (bucket, result) in tightest.items():
-        unit = _UNIT[kind]
-        headers[f"x-ratelimit-limit-{unit}"] = str(bucket.per_minute)
-        headers[f"x-ratelimit-remaining-{unit}"] = str(result.remaining)
-        headers[f"x-ratelimit-reset-{unit}"] = reset_text(result.reset_s)
+        limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
+        headers[limit_name] = bucket.limit_text
+        headers[remaining_name] = str(result.remaining)
+        headers[reset_name] = reset_text(result.reset_s)
     return headers
 
 
-def _refusal(bucket: _Bucket, result: RateResult, headers: dict[str, str]) -> RateLimited:
+_HEADER_NAMES = {kind: tuple(f"x-ratelimit-{what}-{unit}" for what in ("limit", "remaining", "reset"))
+                 for kind, unit in _UNIT.items()}
+
+
+def _refusal(bucket: _Bucket, result: RateResult, cost: float, headers: dict[str, str]) -> RateLimited:
     unit = _UNIT[bucket.kind]
     who = "global" if bucket.limit.scope == "global" else f"{bucket.limit.scope} {bucket.member!r}"
     if math.isinf(result.retry_after_s):
         error = RateLimited(
             f"Request too large for the {who} rate limit of {bucket.per_minute} tokens per minute: it needs an "
-            f"estimated {bucket.cost} tokens (prompt plus max_tokens); shorten the prompt or lower max_tokens"
+            f"estimated {cost} tokens (prompt plus max_tokens); shorten the prompt or lower max_tokens"
         )
         error.headers = {**headers, "x-should-retry": "false"}
     else:
         retry = max(1, math.ceil(result.retry_after_s))
-        requested = "" if bucket.kind == "rpm" else f" (this request: an estimated {bucket.cost} tokens)"
+        requested = "" if bucket.kind == "rpm" else f" (this request: an estimated {cost} tokens)"
         error = RateLimited(
             f"Rate limit reached for {who}: {bucket.per_minute} {unit} per minute{requested}; "
             f"try again in {retry} s"

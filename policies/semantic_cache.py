@@ -16,7 +16,7 @@ import msgspec
 import numpy as np
 
 from config.schema import CacheConfig
-from policies.base import STAGES
+from policies.base import STAGES, no_op
 from policies.cache import _UNKEYED, ExactCache, _cache_control, _entry, _ttl_override, answer_from, storable, tenant_of
 from policies.context import Outcome, Reply, RequestContext
 from policies.state import StateStore, StoreUnavailable
@@ -186,6 +186,7 @@ class SemanticCache:
         self._store_up()
         return None if entry is None else self._hit(ctx, model, entry)
 
+    @no_op
     async def approve(self, ctx: RequestContext, decision: Any) -> None:
         return None
 

@@ -15,7 +15,7 @@ from jinja2.exceptions import SecurityError, TemplateError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from config.schema import TemplateConfig, TemplateVariable, TemplateVersionConfig
-from policies.base import STAGES
+from policies.base import STAGES, no_op
 from policies.context import Outcome, Reply, RequestContext
 from policies.database import template_transitions, template_versions, templates
 from policies.state import StateStore, StoreUnavailable
@@ -204,9 +204,11 @@ class TemplatePolicy:
         self.render_into(ctx, ref.name, ref.version, ref.variables)
         return None
 
+    @no_op
     async def approve(self, ctx: RequestContext, decision: Any) -> None:
         return None
 
+    @no_op
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
         return None
 

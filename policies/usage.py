@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from policies.base import COMPLETIONS, STAGES
+from policies.base import COMPLETIONS, STAGES, no_op
 from policies.context import Outcome, Reply, RequestContext
 from policies.usage_log import UsageLog, UsageRow
 
@@ -28,9 +28,11 @@ class UsagePolicy:
     def __init__(self, log: UsageLog) -> None:
         self.log = log
 
+    @no_op
     async def admit(self, ctx: RequestContext) -> Reply | None:
         return None
 
+    @no_op
     async def approve(self, ctx: RequestContext, decision: Any) -> None:
         return None
 

@@ -36,6 +36,7 @@ class Candidate:
     components: dict[str, float] = field(default_factory=dict)
     eligible: bool = True
     reason: str = ""
+    unmet: str | None = None  # the request's own `route` requirement it fails, whatever else keeps it out
 
 
 def _quality(model: ModelConfig, need: Need) -> float:
@@ -73,6 +74,11 @@ def _ineligible(model: ModelConfig, need: Need, latency: float | None, available
     needed = need.context_needed
     if window is not None and needed > window:
         return f"context window {window} < {needed} tokens needed"
+    return _unmet(model, need, latency)
+
+
+def _unmet(model: ModelConfig, need: Need, latency: float | None) -> str:
+    """The request's own `route` requirement the model fails, "" when none."""
     req = need.requirements
     if req is not None:
         if req.min_quality is not None and model.quality < req.min_quality:
@@ -118,7 +124,8 @@ def score_models(
         reason = _ineligible(model, need, latency, available.get(model.id, True), excluded.get(model.id, ""))
         if not reason:
             reason = "eligible" if cost is not None else "eligible; price unknown (no pricing), cost scored 0.5"
-        candidate = Candidate(model.id, round(score, 4), components, reason.startswith("eligible"), reason)
+        unmet = _unmet(model, need, latency) or None  # also when another reason comes first
+        candidate = Candidate(model.id, round(score, 4), components, reason.startswith("eligible"), reason, unmet)
         scored.append((not candidate.eligible, -score, index, candidate))
     scored.sort(key=lambda row: row[:3])
     return [row[3] for row in scored]

@@ -117,6 +117,14 @@ def test_legacy_fields(pair):
     assert "route" not in sent and "auto_select" not in sent
 
 
+def test_route_requirements_no_model_meets_are_the_clients_400(pair):
+    gateway, _, _ = pair
+    status, _, raw = _chat(gateway, "auto", "hey, how are you doing today?", route={"min_quality": 1.0})
+    error = json.loads(raw)["error"]  # every model's quality is below 1.0: a 400 naming the field, not a 503
+    assert (status, error["code"], error["param"]) == (400, "no_model_meets_requirements", "route"), raw
+    assert "coder: quality 0.8 < min_quality 1.0" in error["message"]
+
+
 def test_context_window_fallback(pair):
     gateway, _, _ = pair
     long_text = "word " * 400  # ~500 tokens: more than chatty's 64-token window

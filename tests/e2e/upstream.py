@@ -193,7 +193,8 @@ class Upstream:
                   "model": body.get("model", self.name), "output": [item], "usage": usage,
                   "previous_response_id": body.get("previous_response_id")}
         if not body.get("stream"):
-            answer["x_received"] = {"body": body, "authorization": request.headers.get("authorization")}
+            answer["x_received"] = {"body": body, "authorization": request.headers.get("authorization"),
+                                    "traceparent": request.headers.get("traceparent")}
             return web.json_response(answer)
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)

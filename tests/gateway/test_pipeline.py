@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+from types import SimpleNamespace
 from typing import ClassVar
 
 import httpx
@@ -12,9 +13,10 @@ import pytest
 
 from config.loader import parse_config
 from gateway.app import create_app
-from policies.base import PolicyChain
+from policies.base import PolicyChain, no_op
 from policies.context import Outcome, Reply, RequestContext
 from protocol.errors import GatewayError
+from protocol.openai import ChatCompletionRequest, decode_request
 from tests.conftest import http
 from tests.gateway.live import serve, wait_for
 
@@ -113,6 +115,26 @@ def test_chain_runs_in_stage_order_whatever_the_registration_order():
     chain = PolicyChain([Recorder(), Broken()])
     assert [p.name for p in chain.policies] == ["broken", "recorder"]
     assert not PolicyChain()
+
+
+async def test_chain_skips_hooks_marked_no_op():
+    class Quiet(Recorder):  # admit and approve do nothing: the chain never calls them; settle still runs
+        @no_op
+        async def admit(self, ctx: RequestContext) -> Reply | None:
+            raise AssertionError("a no-op admit was called")
+
+        @no_op
+        async def approve(self, ctx: RequestContext, decision) -> None:
+            raise AssertionError("a no-op approve was called")
+
+    quiet, loud = Quiet(), Recorder()
+    chain = PolicyChain([quiet, loud])
+    ctx = RequestContext(decode_request({"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                                        ChatCompletionRequest), request_id="q")
+    assert await chain.admit(ctx) is None
+    await chain.approve(ctx, SimpleNamespace(attempts=[SimpleNamespace(model=SimpleNamespace(id="m"))]))
+    await chain.settle(ctx, Outcome("ok"))
+    assert [c[0] for c in quiet.calls] == ["settle"] and [c[0] for c in loud.calls] == ["admit", "approve", "settle"]
 
 
 def test_success_settles_once_with_usage_and_cost(live):

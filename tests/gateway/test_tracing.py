@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -62,6 +64,8 @@ def test_request_trace_with_genai_attributes_and_propagated_traceparent(upstream
     for child in ("route", "policies.admit", "policies.approve", "policies.settle", "upstream remote-a"):
         assert by_name[child].parent.span_id == request.context.span_id, child
         assert by_name[child].context.trace_id == request.context.trace_id
+    assert by_name["policies.admit"].attributes["pointsman.answered"] is False
+    assert by_name["policies.settle"].attributes["pointsman.outcome"] == "ok"
     call = by_name["upstream remote-a"]
     assert call.attributes["server.address"] == "127.0.0.1"
     # the upstream saw a traceparent naming the attempt's span, in the client's trace
@@ -147,14 +151,45 @@ tracing: {enabled: true, exporter: none, sample_ratio: 0.25}
         ctx = RequestContext(request, request_id="r")
         if traceparent is not None:
             Tracing.accept(ctx, [(b"traceparent", traceparent.encode())])
-        span = tracing._start_request(ctx)
-        span.end()
-        return span
+        span = tracing._start_request(ctx)  # None: not sampled, only the traceparent to send upstream noted
+        if span is not None:
+            span.end()
+        assert Tracing.sampled(ctx) == (span is not None)
+        return span, ctx.state.get("trace_outgoing")
 
-    recorded = sum(start().get_span_context().trace_flags.sampled for _ in range(2000))
+    started = [start() for _ in range(2000)]
+    recorded = sum(span is not None for span, _ in started)
     assert 400 < recorded < 600  # 500 expected, sd ~19: this bound fails once in ~10^7 runs
     assert len(exporter.get_finished_spans()) == recorded
+    # an unsampled root still sends a valid W3C traceparent of its own, flagged unsampled, a new trace each time
+    sent = [outgoing["traceparent"] for span, outgoing in started if span is None]
+    assert all(re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", t) for t in sent) and len(set(sent)) == len(sent)
     for flags, sampled in (("00", False), ("01", True)):  # a client's decision wins over the ratio, both ways
-        spans = [start(f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-{flags}") for _ in range(20)]
-        assert all(s.get_span_context().trace_id == int(CLIENT_TRACE, 16) for s in spans)
-        assert all(s.get_span_context().trace_flags.sampled == sampled for s in spans)
+        for span, outgoing in (start(f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-{flags}") for _ in range(20)):
+            if sampled:
+                assert span is not None and span.get_span_context().trace_id == int(CLIENT_TRACE, 16)
+            else:  # followed: not traced, the client's trace passed on under a span id of ours, flagged unsampled
+                version, trace_id, span_id, sent_flags = outgoing["traceparent"].split("-")
+                assert span is None and (trace_id, sent_flags) == (CLIENT_TRACE, "00") and span_id != CLIENT_SPAN
+
+
+def test_relayed_responses_are_traced_when_sampled_and_pass_the_trace_on_when_not(upstream, tmp_path):
+    exporter = InMemorySpanExporter()
+    config = parse_config(f"""
+models:
+  - {{id: native-a, backend: openai, responses: native, base_url: "{upstream.url}", upstream_model: mock-model}}
+storage: {{database_url: "sqlite+aiosqlite:///{tmp_path}/usage.db"}}
+tracing: {{enabled: true, exporter: none, sample_ratio: 0.0}}
+""")
+    app = create_app(config, tracing=Tracing(config.tracing, SimpleSpanProcessor(exporter)))
+    ask = {"model": "native-a", "input": "hello"}
+    with serve(app) as url:
+        unsampled = httpx.post(url + "/v1/responses", timeout=10, json=ask).json()
+        assert unsampled["x_received"]["traceparent"].endswith("-00")  # relayed untraced, flagged unsampled
+        followed = httpx.post(url + "/v1/responses", timeout=10, json=ask,
+                              headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}).json()
+        spans = wait_for(lambda: (s := exporter.get_finished_spans()) and
+                         any(x.name == "upstream native-a" for x in s) and s, what="the attempt span")
+    assert {s.context.trace_id for s in spans} == {int(CLIENT_TRACE, 16)}  # nothing from the unsampled one
+    call = next(s for s in spans if s.name == "upstream native-a")
+    assert followed["x_received"]["traceparent"] == f"00-{CLIENT_TRACE}-{call.context.span_id:016x}-01"

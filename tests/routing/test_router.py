@@ -8,6 +8,7 @@ import pytest
 from config.loader import ConfigError, parse_config
 from protocol.openai import ChatCompletionRequest, decode_request
 from routing.classifier import TaskClassifier, prompt_text
+from routing.live import DeploymentState, ModelLive
 from routing.resolve import ModelTable
 from routing.router import Router, auto_excluded
 
@@ -19,11 +20,12 @@ def classifier() -> TaskClassifier:
     return TaskClassifier.load()
 
 
-def decide(yaml: str, classifier: TaskClassifier, content: str = CODING, model: str = "auto"):
+def decide(yaml: str, classifier: TaskClassifier, content: str = CODING, model: str = "auto", live=None,
+           **extra):
     config = parse_config(yaml)
     table = ModelTable(config)
-    router = Router(config, table, {}, lambda _: True)
-    request = decode_request({"model": model, "messages": [{"role": "user", "content": content}]},
+    router = Router(config, table, live or {}, lambda _: True)
+    request = decode_request({"model": model, "messages": [{"role": "user", "content": content}], **extra},
                              ChatCompletionRequest)
     analysis = classifier.classify(prompt_text(request.body.messages))
     return router.decide(table.plan_request(request.body), request, analysis)
@@ -51,6 +53,20 @@ def test_an_undeclared_price_is_unknown_not_free(classifier):
     assert unpriced.components["cost"] == 0.5 and "price unknown" in unpriced.reason and unpriced.eligible
     coder = next(c for c in decision.candidates if c.model == "coder")
     assert coder.components["cost"] == 0.0 and coder.reason == "eligible"  # the only known price is the dearest
+
+
+def test_route_requirements_mark_the_models_they_rule_out(classifier):
+    states = {name: DeploymentState(name) for name in ("unpriced-remote", "coder")}
+    live = {name: ModelLive([state]) for name, state in states.items()}
+    states["coder"].ewma_latency_s = 2.0  # unpriced-remote has not served yet: its latency is unknown
+    decision = decide(PRICED_SPECIALIST, classifier, live=live, route={"max_latency_s": 1.0})
+    assert [a.model.id for a in decision.attempts] == ["unpriced-remote"]
+    coder = next(c for c in decision.candidates if c.model == "coder")
+    assert not coder.eligible and coder.unmet == coder.reason == "expected latency 2.00s > max_latency_s 1.0"
+    assert next(c for c in decision.candidates if c.model == "unpriced-remote").unmet is None
+    states["unpriced-remote"].ewma_latency_s = 1.5
+    decision = decide(PRICED_SPECIALIST, classifier, live=live, route={"max_latency_s": 1.0})
+    assert not decision.attempts and all(c.unmet for c in decision.candidates)  # the gateway's 400
 
 
 def test_a_local_model_without_pricing_is_free(classifier):
