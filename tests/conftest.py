@@ -95,10 +95,24 @@ class Process:
         return self.proc.returncode
 
 
+_SPAWNED: list[subprocess.Popen] = []  # what spawn() started: killed at the session's end if still running
+
+
 def spawn(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log.open("wb") as out:
-        return subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    _SPAWNED[:] = [p for p in _SPAWNED if p.poll() is None] + [proc]
+    return proc
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No upstream or gateway outlives the session (each xdist worker's), not even one whose fixture failed before
+    it could stop it: e.g. the first of two replicas when the second does not start."""
+    for proc in _SPAWNED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def wait_until(check, proc: subprocess.Popen, log: Path, timeout: float) -> None:
