@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -260,45 +261,34 @@ class TracedPolicies:
     def for_endpoint(self, endpoint: str) -> PolicyChain:
         return self.chain.for_endpoint(endpoint)
 
-    def _span(self, ctx: RequestContext, name: str) -> Span:
-        # started, not made current: nothing below looks the current span up (every step parents explicitly)
-        return self.tracing.tracer.start_span(name, context=Tracing._child_context(ctx))
+    @contextmanager
+    def _phase(self, ctx: RequestContext, name: str) -> Iterator[Span]:
+        """One phase's span, started but not made current (nothing below looks the current span up: every step
+        parents explicitly); a phase that refuses the request (or fails) records the exception as an error."""
+        span = self.tracing.tracer.start_span(name, context=Tracing._child_context(ctx))
+        try:
+            yield span
+        except BaseException as exc:
+            span.record_exception(exc)
+            _fail(span, exc)
+            raise
+        finally:
+            span.end()
 
     async def admit(self, ctx: RequestContext) -> Reply | None:
-        span = self._span(ctx, "policies.admit")
-        try:
+        with self._phase(ctx, "policies.admit") as span:
             reply = await self.chain.admit(ctx)
             span.set_attribute("pointsman.answered", reply is not None)
             return reply
-        except BaseException as exc:
-            _phase_failed(span, exc)
-            raise
-        finally:
-            span.end()
 
     async def approve(self, ctx: RequestContext, decision: Any) -> None:
-        span = self._span(ctx, "policies.approve")
-        try:
+        with self._phase(ctx, "policies.approve"):
             await self.chain.approve(ctx, decision)
-        except BaseException as exc:
-            _phase_failed(span, exc)
-            raise
-        finally:
-            span.end()
 
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
-        span = self._span(ctx, "policies.settle")
-        span.set_attribute("pointsman.outcome", outcome.status)
-        try:
+        with self._phase(ctx, "policies.settle") as span:
+            span.set_attribute("pointsman.outcome", outcome.status)
             await self.chain.settle(ctx, outcome)
-        finally:
-            span.end()
-
-
-def _phase_failed(span: Span, exc: BaseException) -> None:
-    """A policy phase that refused the request (or failed): the exception as an event, the span marked an error."""
-    span.record_exception(exc)
-    _fail(span, exc)
 
 
 def _unsampled_headers(span: Span) -> dict[str, str]:

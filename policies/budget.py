@@ -168,6 +168,7 @@ class BudgetPolicy:
         now = self.clock()
         attempts = list(decision.attempts)
         dropped: set[str] = set()
+        fallbacks_from = len(attempts)  # set where an attempt is reserved (or needs no reservation)
         last_refusal: BudgetExceeded | None = None
         for position, attempt in enumerate(attempts):
             model: ModelConfig = attempt.model
@@ -175,8 +176,7 @@ class BudgetPolicy:
                 continue
             counters, amounts = self._charges(ctx, model, now)
             if not counters:
-                if position + 1 < len(attempts):
-                    await self._drop_spent_fallbacks(ctx, decision, attempts[position + 1:], dropped, now)
+                fallbacks_from = position + 1
                 break
             try:
                 result = await self.store.reserve([
@@ -196,8 +196,7 @@ class BudgetPolicy:
             self._store_answered()
             if result.ok:
                 ctx.state[self.name] = _Reserved(model.id, tuple(counters), tuple(amounts))
-                if position + 1 < len(attempts):  # fallbacks to check
-                    await self._drop_spent_fallbacks(ctx, decision, attempts[position + 1:], dropped, now)
+                fallbacks_from = position + 1
                 break
             failed, needed = counters[result.failed or 0], amounts[result.failed or 0]
             refusal = _refusal(failed, result.current, needed, now)
@@ -207,6 +206,8 @@ class BudgetPolicy:
             dropped.add(model.id)
             decision.skipped[model.id] = f"budget exceeded: {refusal.message}"
             last_refusal = refusal
+        if fallbacks_from < len(attempts):  # the attempt that goes first has fallbacks: those spent are dropped
+            await self._drop_spent_fallbacks(ctx, decision, attempts[fallbacks_from:], dropped, now)
         if dropped:
             decision.attempts[:] = [a for a in decision.attempts if a.model.id not in dropped]
         if not decision.attempts and last_refusal is not None:

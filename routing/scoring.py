@@ -74,7 +74,7 @@ def _ineligible(model: ModelConfig, need: Need, latency: float | None, available
     needed = need.context_needed
     if window is not None and needed > window:
         return f"context window {window} < {needed} tokens needed"
-    return _unmet(model, need, latency)
+    return ""
 
 
 def _unmet(model: ModelConfig, need: Need, latency: float | None) -> str:
@@ -121,11 +121,12 @@ def score_models(
             "load": round(1.0 - state.load, 4) if state is not None else 1.0,
         }
         score = sum(w * c for w, c in zip(weights, components.values(), strict=True)) / total
-        reason = _ineligible(model, need, latency, available.get(model.id, True), excluded.get(model.id, ""))
+        unmet = _unmet(model, need, latency)  # kept on the candidate also when another reason comes first
+        reason = _ineligible(model, need, latency, available.get(model.id, True), excluded.get(model.id, "")) or unmet
         if not reason:
             reason = "eligible" if cost is not None else "eligible; price unknown (no pricing), cost scored 0.5"
-        unmet = _unmet(model, need, latency) or None  # also when another reason comes first
-        candidate = Candidate(model.id, round(score, 4), components, reason.startswith("eligible"), reason, unmet)
+        candidate = Candidate(model.id, round(score, 4), components, reason.startswith("eligible"), reason,
+                              unmet or None)
         scored.append((not candidate.eligible, -score, index, candidate))
     scored.sort(key=lambda row: row[:3])
     return [row[3] for row in scored]
