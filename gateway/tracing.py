@@ -51,7 +51,10 @@ def _error_type(exc: BaseException) -> str:
     return code or type(exc).__name__
 
 
-def _fail(span: Span, exc: BaseException) -> None:
+def _fail(span: Span, exc: BaseException, record: bool = False) -> None:
+    """Mark `span` failed by `exc`; `record` adds the exception as an event (a step's own failure or refusal)."""
+    if record:
+        span.record_exception(exc)
     span.set_attribute("error.type", _error_type(exc))
     if isinstance(exc, UpstreamStatusError):
         span.set_attribute("http.response.status_code", exc.status)
@@ -121,7 +124,7 @@ class Tracing:
         span = self.tracer.start_span(f"{operation} {body.model}", context=parent, kind=SpanKind.SERVER,
                                       attributes=attributes)
         if not span.is_recording():  # the client's traceparent says unsampled (parent-based): follow it
-            ctx.state[_OUTGOING] = _unsampled_headers(span)
+            ctx.state[_OUTGOING] = _w3c_headers(span)
             return None
         ctx.state[_SPAN] = span
         return span
@@ -212,10 +215,16 @@ class Tracing:
         tracer = self.tracer
 
         async def traced(*args: Any) -> T:
-            with tracer.start_as_current_span("route") as span:
+            span = tracer.start_span("route")  # under the request's span, which is current; not made current itself
+            try:
                 decision = await decide(*args)
                 span.set_attribute("pointsman.chain", [a.model.id for a in getattr(decision, "attempts", ())])
                 return decision
+            except BaseException as exc:
+                _fail(span, exc, record=True)
+                raise
+            finally:
+                span.end()
 
         return traced
 
@@ -230,9 +239,7 @@ class Tracing:
             attributes.update(_server(upstreams[index].base_url))
         span = self.tracer.start_span(f"upstream {attempt.model.id}", context=Tracing._child_context(ctx),
                                       kind=SpanKind.CLIENT, attributes=attributes)
-        outgoing = {}
-        _PROPAGATOR.inject(outgoing, context=trace.set_span_in_context(span))
-        token = OUTGOING_HEADERS.set(outgoing)
+        token = OUTGOING_HEADERS.set(_w3c_headers(span))
         try:
             return await call(backend, index, relayed)
         except BaseException as exc:
@@ -269,8 +276,7 @@ class TracedPolicies:
         try:
             yield span
         except BaseException as exc:
-            span.record_exception(exc)
-            _fail(span, exc)
+            _fail(span, exc, record=True)
             raise
         finally:
             span.end()
@@ -291,8 +297,9 @@ class TracedPolicies:
             await self.chain.settle(ctx, outcome)
 
 
-def _unsampled_headers(span: Span) -> dict[str, str]:
-    """The W3C headers an unsampled request sends upstream: its own span's ids, the sampled flag clear."""
+def _w3c_headers(span: Span) -> dict[str, str]:
+    """The W3C trace context sent upstream with `span` as the parent (its sampled flag as the span's): what the
+    propagator's inject writes, without the context it would be handed."""
     context = span.get_span_context()
     headers = {"traceparent": f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"}
     if context.trace_state:

@@ -65,6 +65,7 @@ def test_request_trace_with_genai_attributes_and_propagated_traceparent(upstream
         assert by_name[child].parent.span_id == request.context.span_id, child
         assert by_name[child].context.trace_id == request.context.trace_id
     assert by_name["policies.admit"].attributes["pointsman.answered"] is False
+    assert list(by_name["route"].attributes["pointsman.chain"]) == ["remote-a"]
     assert by_name["policies.settle"].attributes["pointsman.outcome"] == "ok"
     call = by_name["upstream remote-a"]
     assert call.attributes["server.address"] == "127.0.0.1"
@@ -96,6 +97,26 @@ def test_stream_span_ends_with_the_stream_and_failures_are_marked(upstream, tmp_
     attempt = next(s for s in spans if s.name == "upstream remote-a" and s.context.trace_id == errored.context.trace_id)
     assert attempt.attributes["http.response.status_code"] == 400
     assert attempt.attributes["error.type"]
+
+
+def test_a_routing_failure_marks_the_route_span(upstream, tmp_path):
+    exporter = InMemorySpanExporter()
+    config = _config(upstream.url, tmp_path, True)
+    app = create_app(config, tracing=Tracing(config.tracing, SimpleSpanProcessor(exporter)))
+    with serve(app) as url:
+        response = httpx.post(url + "/v1/chat/completions", timeout=10, json={
+            "model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 404
+        spans = wait_for(lambda: (s := exporter.get_finished_spans()) and
+                         any(x.name == "chat no-such-model" for x in s) and s, what="the request span")
+    route = next(s for s in spans if s.name == "route")
+    assert not route.status.is_ok
+    assert route.attributes["error.type"] == "model_not_found"
+    assert [event.name for event in route.events] == ["exception"]
+    assert "pointsman.chain" not in route.attributes
+    request = next(s for s in spans if s.name == "chat no-such-model")
+    assert route.parent.span_id == request.context.span_id
+    assert not request.status.is_ok
 
 
 def test_tracing_off_makes_no_span_and_sends_no_traceparent(upstream, tmp_path, monkeypatch):
