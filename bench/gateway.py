@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import math
 import os
 import re
 import signal
@@ -100,6 +101,8 @@ class WrkResult:
     p99_ms: float
     errors: int
     cache: dict[str, int] = field(default_factory=dict)  # x-pointsman-cache values seen (policy scripts only)
+    requests: int = 0  # answered in the timed run
+    cpu_us: float = math.nan  # the target's CPU time per request (its processes, user + system), when measured
 
 
 @dataclass
@@ -318,9 +321,27 @@ def parse_wrk(output: str) -> WrkResult:
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output))
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     errors += int(non2xx[1]) if non2xx else 0
+    answered = re.search(r"^\s*(\d+) requests in ", output, re.M)
     seen = re.search(r"^x-pointsman-cache: hit (\d+) miss (\d+) bypass (\d+) none (\d+)$", output, re.M)
     cache = dict(zip(("hit", "miss", "bypass", "none"), map(int, seen.groups()), strict=True)) if seen else {}
-    return WrkResult(float(rps[1]), to_ms(p50[1]), to_ms(p99[1]), errors, cache)
+    return WrkResult(float(rps[1]), to_ms(p50[1]), to_ms(p99[1]), errors, cache, int(answered[1]) if answered else 0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and every process under it (uvicorn's workers); a process that
+    has just exited counts 0."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for child in (task / "children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return total
+    return total + sum(cpu_seconds(child) for child in children)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def wrk(url: str, script: Path, connections: int, duration_s: int, unique: bool = False) -> str:
@@ -334,9 +355,16 @@ def wrk(url: str, script: Path, connections: int, duration_s: int, unique: bool 
 
 
 def measure(url: str, script: Path, connections: int, duration_s: int, warmup_s: int,
-            unique: bool = False) -> WrkResult:
+            unique: bool = False, pid: int | None = None) -> WrkResult:
+    """One warm-up and one timed wrk run; with `pid`, also that process tree's CPU time per request in the timed
+    run: steadier than RPS on a shared machine, and what the gateway's own code costs (the RPS of a CPU-bound
+    process is the inverse of it)."""
     wrk(url, script, connections, warmup_s, unique)
-    return parse_wrk(wrk(url, script, connections, duration_s, unique))
+    before = cpu_seconds(pid) if pid is not None else 0.0
+    result = parse_wrk(wrk(url, script, connections, duration_s, unique))
+    if pid is not None and result.requests:
+        result.cpu_us = (cpu_seconds(pid) - before) / result.requests * 1e6
+    return result
 
 
 # --- functional sanity and TTFB (aiohttp) ------------------------------------------------------------------
@@ -554,8 +582,8 @@ def cache_seen(cell: Cell) -> str:
 
 def policy_table(cells: Cells, policy_gateways: list[Gateway], reference: str | None) -> list[str]:
     """The miss path (share of the bare proxy's c16 RPS) and the hit path (p50 at c1 over the direct upstream's)."""
-    lines = ["| path | target | RPS | p50 | measured | target | x-pointsman-cache |",
-             "|---|---|---:|---:|---|---|---|"]
+    lines = ["| path | target | RPS | p50 | CPU per request | measured | target | x-pointsman-cache |",
+             "|---|---|---:|---:|---:|---|---|---|"]
     others = [name for name in (reference,) if name]
     policy = {gw.name: gw for gw in policy_gateways}
     bare_rps = cells[BARE, MISS, MISS_CONC].median("rps")
@@ -572,8 +600,10 @@ def policy_table(cells: Cells, policy_gateways: list[Gateway], reference: str | 
             goal = f"at least {TARGET_MISS_SHARE[gw.state]:.0%}: {verdict(share >= TARGET_MISS_SHARE[gw.state])}"
         else:
             goal = ""
+        cpu = cpu_over(cells, name, MISS, MISS_CONC, reference if gw is not None else None)
         lines.append(f"| miss, c{MISS_CONC} plain | {name} | {c.median('rps'):,.0f} | {fmt_ms(c.median('p50_ms'))} "
-                     f"| {share:.0%} of the bare proxy's RPS, {of_direct:.0%} of direct | {goal} | {cache_seen(c)} |")
+                     f"| {fmt_us(c.median('cpu_us'))} | {share:.0%} of the bare proxy's RPS, {of_direct:.0%} of direct"
+                     f"{cpu} | {goal} | {cache_seen(c)} |")
     # c1: the added p50 over the direct upstream, the foundation's 1 ms on the miss path (in process) and the hit
     # path's own bound
     miss_target = {name: TARGET_ADDED_P50_MS for name, gw in policy.items() if gw.state == IN_PROCESS}
@@ -581,6 +611,18 @@ def policy_table(cells: Cells, policy_gateways: list[Gateway], reference: str | 
     lines += c1_rows(cells, MISS, [DIRECT, BARE, *others, *policy], miss_target)
     lines += c1_rows(cells, HIT, [DIRECT, *others, *policy], hit_target)
     return lines
+
+
+def fmt_us(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:,.0f} us"
+
+
+def cpu_over(cells: Cells, name: str, mode: str, conc: int, reference: str | None) -> str:
+    """`name`'s CPU time per request over the reference's (pointsman without policies), as a clause."""
+    if reference is None or (reference, mode, conc) not in cells:
+        return ""
+    added = cells[name, mode, conc].median("cpu_us") - cells[reference, mode, conc].median("cpu_us")
+    return "" if math.isnan(added) else f"; {added:+,.0f} us CPU per request over {reference}"
 
 
 def c1_rows(cells: Cells, mode: str, names: list[str], targets_ms: dict[str, float]) -> list[str]:
@@ -594,7 +636,7 @@ def c1_rows(cells: Cells, mode: str, names: list[str], targets_ms: dict[str, flo
         goal = f"at most {bound:g} ms: {verdict(added <= bound)}" if bound is not None else ""
         measured = "" if name == DIRECT else f"{added:+.2f} ms p50 over direct"
         rows.append(f"| {mode}, c1 plain | {name} | {c.median('rps'):,.0f} | {fmt_ms(c.median('p50_ms'))} "
-                    f"| {measured} | {goal} | {cache_seen(c)} |")
+                    f"| {fmt_us(c.median('cpu_us'))} | {measured} | {goal} | {cache_seen(c)} |")
     return rows
 
 
@@ -650,7 +692,7 @@ class Plan:
 
 
 def run_wrk_matrix(targets_: dict[str, str], plans: list[Plan], scripts: dict[str, Path],
-                   args: argparse.Namespace) -> Cells:
+                   args: argparse.Namespace, pids: dict[str, int] | None = None) -> Cells:
     """Rounds over every cell, each target in turn (order rotated per round) so noise hits all of them alike."""
     cells: Cells = {}
     for rep in range(args.repeats):
@@ -659,11 +701,12 @@ def run_wrk_matrix(targets_: dict[str, str], plans: list[Plan], scripts: dict[st
             order = names[rep % len(names):] + names[:rep % len(names)]
             for name in order:
                 result = measure(targets_[name], scripts[plan.mode], plan.conc, args.duration, args.warmup,
-                                 unique=plan.mode == MISS)
+                                 unique=plan.mode == MISS, pid=(pids or {}).get(name))
                 cells.setdefault((name, plan.mode, plan.conc), Cell()).runs.append(result)
                 seen = {k: v for k, v in result.cache.items() if v and k != "none"}
                 print(f"  round {rep + 1}  {plan.mode:5} c{plan.conc:<2}  {name:40} {result.rps:9,.0f} RPS  "
                       f"p50 {fmt_ms(result.p50_ms):>9}  p99 {fmt_ms(result.p99_ms):>9}"
+                      + (f"  CPU {result.cpu_us:6.0f} us/request" if not math.isnan(result.cpu_us) else "")
                       + (f"  errors {result.errors}" if result.errors else "")
                       + (f"  cache {seen}" if seen else ""), flush=True)
     return cells
@@ -694,6 +737,7 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen]) ->
     bare_proc, bare = start_bare_proxy(tmp, upstream)
     procs.append(bare_proc)
     targets_ = {DIRECT: upstream, BARE: bare}
+    pids = {DIRECT: upstream_proc.pid, BARE: bare_proc.pid}  # whose CPU time per request is measured
     gateways = [Gateway(f"pointsman ({w} worker{'s' if w > 1 else ''})", w) for w in args.workers]
     if args.noop_policies:
         w = args.workers[0]
@@ -715,6 +759,7 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen]) ->
         proc, url = start_gateway(tmp, upstream, gw)
         procs.append(proc)
         targets_[gw.name] = url
+        pids[gw.name] = proc.pid
     asyncio.run(check_all(targets_, tmp))
     print("sanity: plain and SSE answer 200 (SSE ends with data: [DONE]) on every target", flush=True)
     standard = tuple(name for name in targets_ if name not in {gw.name for gw in policy_gateways})
@@ -731,7 +776,7 @@ def bench(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen]) ->
     runs = sum(len(plan.names) for plan in plans) * args.repeats
     minutes = runs * (args.warmup + args.duration) / 60
     print(f"wrk: {runs} runs of {args.warmup}+{args.duration} s, about {minutes:.1f} min", flush=True)
-    cells = run_wrk_matrix(targets_, plans, scripts, args)
+    cells = run_wrk_matrix(targets_, plans, scripts, args, pids)
     print(f"TTFB: {args.ttfb_requests} SSE requests per target, prompt {TTFB_PROMPT!r}", flush=True)
     ttfb = asyncio.run(ttfb_all([targets_[name] for name in standard], args.ttfb_requests))
     policy_lines = []
