@@ -11,16 +11,14 @@ from urllib.parse import urlsplit
 
 import msgspec
 from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
-from opentelemetry.trace import Span, SpanKind, StatusCode
+from opentelemetry.trace import Span, SpanContext, SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from backends.openai_upstream import OUTGOING_HEADERS
 from config.schema import TracingConfig
+from gateway.spans import RecordedSpan, SpanSink, new_span_id, new_trace_id
 from policies.base import PolicyChain
 from policies.context import Outcome, Reply, RequestContext
 from protocol.errors import GatewayError, UpstreamStatusError
@@ -35,7 +33,6 @@ T = TypeVar("T")
 _PROPAGATOR = TraceContextTextMapPropagator()
 _SPAN = "trace_span"  # ctx.state key: the request's span, parent of every step's span (settle runs after it ends)
 _PARENT = "trace_parent"  # ctx.state key: the client's traceparent/tracestate, when it sent one
-_CHILD = "trace_child"  # ctx.state key: the request span's context, the parent of its step spans
 _OUTGOING = "trace_outgoing"  # ctx.state key: an unsampled request's traceparent (and tracestate) for upstreams
 
 
@@ -63,27 +60,24 @@ def _fail(span: Span, exc: BaseException, record: bool = False) -> None:
 
 class Tracing:
     """Built only when `tracing.enabled`: the pipeline holds None otherwise and makes no span and no context.
-    Spans are parented explicitly through the request context, so a step that runs in another task (settle
-    after the body is written, the rest of a stream) still joins its request's trace."""
+    Sampling is decided here, once per request, before any span is made: a client's traceparent is followed
+    (parent-based), a root is sampled at `sample_ratio`. A sampled request's spans are RecordedSpans
+    (gateway/spans.py) handed to the SDK's span processor as they end. Step spans are parented explicitly
+    through the request context, so a step that runs in another task (settle after the body is written, the
+    rest of a stream) still joins its request's trace."""
 
     def __init__(self, config: TracingConfig, processor: SpanProcessor | None = None) -> None:
-        # a request without a client's traceparent is sampled here, at sample_ratio (see _start_request), so the
-        # SDK only ever sees the roots to record; spans under a parent follow the parent's sampled flag
         self.sample_ratio = config.sample_ratio
-        self.provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}),
-                                       sampler=ParentBased(ALWAYS_ON))
         if processor is None and config.exporter == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             # batched, exported from the processor's own thread: never on the event loop
             processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=config.endpoint))
-        if processor is not None:
-            self.provider.add_span_processor(processor)
-        self.tracer = self.provider.get_tracer("pointsman")
+        self.sink = SpanSink(config.service_name, processor)
 
     def shutdown(self) -> None:
         """Flush and stop the exporter (blocking: call it from a thread)."""
-        self.provider.shutdown()
+        self.sink.shutdown()
 
     @staticmethod
     def accept(ctx: RequestContext, headers: Iterable[tuple[bytes, bytes]]) -> None:
@@ -94,21 +88,26 @@ class Tracing:
             ctx.state[_PARENT] = carrier
 
     @staticmethod
-    def _child_context(ctx: RequestContext) -> Context | None:
-        """The context the request's step spans start in: its span's, made once per request."""
-        context = ctx.state.get(_CHILD)
-        if context is None and (span := ctx.state.get(_SPAN)) is not None:
-            context = ctx.state[_CHILD] = trace.set_span_in_context(span)
-        return context
+    def _parent(ctx: RequestContext) -> SpanContext | None:
+        """The parent of the request's step spans: its own span's context."""
+        span = ctx.state.get(_SPAN)
+        return span.context if span is not None else None
 
-    def _start_request(self, ctx: RequestContext) -> Span | None:
+    def _start_request(self, ctx: RequestContext) -> RecordedSpan | None:
         """The request's span when it is sampled; None when not, with the traceparent for upstreams noted."""
         carrier = ctx.state.get(_PARENT)
-        if carrier is None and random.random() >= self.sample_ratio:
-            # an unsampled root: only ids for the traceparent sent upstream (the SDK's sampler, span and context
-            # cost ~20 us a request for a span that records nothing); ids as the SDK's RandomIdGenerator makes them
-            ctx.state[_OUTGOING] = {"traceparent": f"00-{random.getrandbits(128) or 1:032x}-"
-                                                   f"{random.getrandbits(64) or 1:016x}-00"}
+        parent = None
+        if carrier is not None:  # a malformed traceparent is no parent: the request is a root
+            parent = trace.get_current_span(_PROPAGATOR.extract(carrier)).get_span_context()
+            parent = parent if parent.is_valid else None
+        if parent is None and random.random() >= self.sample_ratio:
+            # an unsampled root: only ids for the traceparent sent upstream, flagged unsampled
+            ctx.state[_OUTGOING] = {"traceparent": f"00-{new_trace_id():032x}-{new_span_id():016x}-00"}
+            return None
+        if parent is not None and not parent.trace_flags.sampled:
+            # the client's trace says unsampled: followed, and passed on under a span id of ours
+            ctx.state[_OUTGOING] = _w3c_headers(SpanContext(parent.trace_id, new_span_id(), False,
+                                                            parent.trace_flags, parent.trace_state))
             return None
         body = ctx.request.body
         operation = "chat" if isinstance(body, ChatCompletionRequest) else "text_completion"
@@ -120,13 +119,7 @@ class Tracing:
             attributes["gen_ai.request.temperature"] = body.temperature
         if body.top_p is not None:
             attributes["gen_ai.request.top_p"] = body.top_p
-        parent = _PROPAGATOR.extract(carrier) if carrier else None
-        span = self.tracer.start_span(f"{operation} {body.model}", context=parent, kind=SpanKind.SERVER,
-                                      attributes=attributes)
-        if not span.is_recording():  # the client's traceparent says unsampled (parent-based): follow it
-            ctx.state[_OUTGOING] = _w3c_headers(span)
-            return None
-        ctx.state[_SPAN] = span
+        span = ctx.state[_SPAN] = self.sink.start(f"{operation} {body.model}", parent, SpanKind.SERVER, attributes)
         return span
 
     @staticmethod
@@ -212,10 +205,11 @@ class Tracing:
 
     def decide(self, decide: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         """Gateway.decide under a `route` span (a child of the current request span)."""
-        tracer = self.tracer
+        sink = self.sink
 
         async def traced(*args: Any) -> T:
-            span = tracer.start_span("route")  # under the request's span, which is current; not made current itself
+            current = trace.get_current_span().get_span_context()  # the request's span (see _under_span)
+            span = sink.start("route", current if current.is_valid else None)
             try:
                 decision = await decide(*args)
                 span.set_attribute("pointsman.chain", [a.model.id for a in getattr(decision, "attempts", ())])
@@ -237,9 +231,8 @@ class Tracing:
         upstreams = getattr(backend, "upstreams", None)
         if upstreams is not None and index < len(upstreams):
             attributes.update(_server(upstreams[index].base_url))
-        span = self.tracer.start_span(f"upstream {attempt.model.id}", context=Tracing._child_context(ctx),
-                                      kind=SpanKind.CLIENT, attributes=attributes)
-        token = OUTGOING_HEADERS.set(_w3c_headers(span))
+        span = self.sink.start(f"upstream {attempt.model.id}", Tracing._parent(ctx), SpanKind.CLIENT, attributes)
+        token = OUTGOING_HEADERS.set(_w3c_headers(span.context))
         try:
             return await call(backend, index, relayed)
         except BaseException as exc:
@@ -272,7 +265,7 @@ class TracedPolicies:
     def _phase(self, ctx: RequestContext, name: str) -> Iterator[Span]:
         """One phase's span, started but not made current (nothing below looks the current span up: every step
         parents explicitly); a phase that refuses the request (or fails) records the exception as an error."""
-        span = self.tracing.tracer.start_span(name, context=Tracing._child_context(ctx))
+        span = self.tracing.sink.start(name, Tracing._parent(ctx))
         try:
             yield span
         except BaseException as exc:
@@ -297,10 +290,9 @@ class TracedPolicies:
             await self.chain.settle(ctx, outcome)
 
 
-def _w3c_headers(span: Span) -> dict[str, str]:
-    """The W3C trace context sent upstream with `span` as the parent (its sampled flag as the span's): what the
-    propagator's inject writes, without the context it would be handed."""
-    context = span.get_span_context()
+def _w3c_headers(context: SpanContext) -> dict[str, str]:
+    """The W3C trace context sent upstream with the span of `context` as the parent (its sampled flag as the
+    span's): what the propagator's inject writes, without the context it would be handed."""
     headers = {"traceparent": f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"}
     if context.trace_state:
         headers["tracestate"] = context.trace_state.to_header()

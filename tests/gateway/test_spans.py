@@ -1,0 +1,100 @@
+"""RecordedSpan and SpanSink: recorded spans reach the SDK's processors as ReadableSpans exporters can encode."""
+
+from __future__ import annotations
+
+import logging
+
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
+
+from gateway.spans import SpanSink
+
+
+def _sink() -> tuple[SpanSink, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    return SpanSink("svc", SimpleSpanProcessor(exporter)), exporter
+
+
+def test_a_trace_of_recorded_spans_is_exported_and_encodes_as_otlp():
+    sink, exporter = _sink()
+    root = sink.start("chat m", None, SpanKind.SERVER, {"gen_ai.request.model": "m"})
+    child = sink.start("route", root.get_span_context())
+    child.set_attribute("pointsman.chain", ["a", "b"])
+    child.end()
+    root.set_attributes({"gen_ai.usage.input_tokens": 3})
+    root.end()
+    route, request = exporter.get_finished_spans()
+    assert request.parent is None and request.kind is SpanKind.SERVER
+    assert request.context.trace_flags.sampled and request.context.trace_id != 0
+    assert route.parent.span_id == request.context.span_id and route.context.trace_id == request.context.trace_id
+    assert route.context.span_id != request.context.span_id
+    assert dict(request.attributes) == {"gen_ai.request.model": "m", "gen_ai.usage.input_tokens": 3}
+    assert list(route.attributes["pointsman.chain"]) == ["a", "b"]
+    assert request.resource.attributes["service.name"] == "svc" and request.instrumentation_scope.name == "pointsman"
+    assert request.start_time <= route.start_time <= route.end_time <= request.end_time
+    encoded = encode_spans([route, request])  # what the OTLP exporter sends
+    scope_spans = encoded.resource_spans[0].scope_spans[0]
+    assert [s.name for s in scope_spans.spans] == ["route", "chat m"]
+
+
+def test_a_remote_parent_keeps_its_trace_and_state():
+    sink, exporter = _sink()
+    parent = SpanContext(0xABC, 0xDEF, True, TraceFlags(1), TraceState([("vendor", "x")]))
+    sink.start("chat m", parent).end()
+    (span,) = exporter.get_finished_spans()
+    assert span.context.trace_id == 0xABC and span.parent.span_id == 0xDEF
+    assert span.context.trace_state.get("vendor") == "x"
+
+
+def test_exceptions_status_and_ending_behave_as_the_sdks_spans():
+    sink, exporter = _sink()
+    span = sink.start("step", None)
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        span.record_exception(exc)
+    span.set_status(StatusCode.ERROR, "boom")
+    span.set_status(StatusCode.UNSET)  # never undoes an error
+    assert span.is_recording()
+    span.end()
+    span.end()  # once only
+    span.set_attribute("late", 1)  # ignored once ended
+    assert not span.is_recording()
+    (recorded,) = exporter.get_finished_spans()
+    assert recorded.status.status_code is StatusCode.ERROR and recorded.status.description == "boom"
+    (event,) = recorded.events
+    assert event.name == "exception" and event.attributes["exception.type"] == "ValueError"
+    assert event.attributes["exception.message"] == "boom" and "Traceback" in event.attributes["exception.stacktrace"]
+    assert "late" not in recorded.attributes
+
+
+def test_a_recorded_span_can_be_the_current_span():
+    sink, _ = _sink()
+    span = sink.start("chat m", None)
+    with trace.use_span(span, end_on_exit=True):
+        assert trace.get_current_span() is span
+    assert not span.is_recording()
+
+
+def test_a_failing_processor_never_reaches_the_request(caplog):
+    class Broken(SpanProcessor):
+        def on_end(self, span):  # noqa: ANN001, ANN202
+            raise RuntimeError("exporter down")
+
+    sink = SpanSink("svc", Broken())
+    with caplog.at_level(logging.ERROR, logger="pointsman"):
+        sink.start("step", None).end()
+    assert "span processor failed" in caplog.text
+
+
+def test_batched_export_flushes_on_shutdown():
+    exporter = InMemorySpanExporter()
+    sink = SpanSink("svc", BatchSpanProcessor(exporter))
+    for _ in range(3):
+        sink.start("step", None).end()
+    sink.shutdown()
+    assert len(exporter.get_finished_spans()) == 3
