@@ -34,10 +34,14 @@ tracing:
 """)
 
 
-def test_request_trace_with_genai_attributes_and_propagated_traceparent(upstream, tmp_path):
+def _traced(config):
+    """The app for `config` with its spans kept in memory."""
     exporter = InMemorySpanExporter()
-    config = _config(upstream.url, tmp_path, True)
-    app = create_app(config, tracing=Tracing(config.tracing, SimpleSpanProcessor(exporter)))
+    return create_app(config, tracing=Tracing(config.tracing, SimpleSpanProcessor(exporter))), exporter
+
+
+def test_request_trace_with_genai_attributes_and_propagated_traceparent(upstream, tmp_path):
+    app, exporter = _traced(_config(upstream.url, tmp_path, True))
     with serve(app) as url:
         response = httpx.post(url + "/v1/chat/completions", timeout=10, json={
             "model": "remote-a", "max_tokens": 7, "temperature": 0.5,
@@ -74,9 +78,7 @@ def test_request_trace_with_genai_attributes_and_propagated_traceparent(upstream
 
 
 def test_stream_span_ends_with_the_stream_and_failures_are_marked(upstream, tmp_path):
-    exporter = InMemorySpanExporter()
-    config = _config(upstream.url, tmp_path, True)
-    app = create_app(config, tracing=Tracing(config.tracing, SimpleSpanProcessor(exporter)))
+    app, exporter = _traced(_config(upstream.url, tmp_path, True))
     with serve(app) as url:
         with httpx.stream("POST", url + "/v1/chat/completions", timeout=10, json={
             "model": "remote-a", "stream": True, "messages": [{"role": "user", "content": "hi there"}],
@@ -100,9 +102,7 @@ def test_stream_span_ends_with_the_stream_and_failures_are_marked(upstream, tmp_
 
 
 def test_a_routing_failure_marks_the_route_span(upstream, tmp_path):
-    exporter = InMemorySpanExporter()
-    config = _config(upstream.url, tmp_path, True)
-    app = create_app(config, tracing=Tracing(config.tracing, SimpleSpanProcessor(exporter)))
+    app, exporter = _traced(_config(upstream.url, tmp_path, True))
     with serve(app) as url:
         response = httpx.post(url + "/v1/chat/completions", timeout=10, json={
             "model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]})
@@ -135,14 +135,13 @@ def test_tracing_off_makes_no_span_and_sends_no_traceparent(upstream, tmp_path, 
 
 
 def test_unsampled_requests_make_no_spans_but_pass_the_trace_on(upstream, tmp_path):
-    exporter = InMemorySpanExporter()
     config = parse_config(f"""
 models:
   - {{id: remote-a, backend: openai, base_url: "{upstream.url}", upstream_model: mock-model}}
 storage: {{database_url: "sqlite+aiosqlite:///{tmp_path}/usage.db"}}
 tracing: {{enabled: true, exporter: none, sample_ratio: 0.0}}
 """)
-    app = create_app(config, tracing=Tracing(config.tracing, SimpleSpanProcessor(exporter)))
+    app, exporter = _traced(config)
     chat = {"model": "remote-a", "messages": [{"role": "user", "content": "hello"}]}
     with serve(app) as url:
         # a root request at ratio 0: no span at all, and the upstream is told the trace is not sampled
@@ -195,14 +194,13 @@ tracing: {enabled: true, exporter: none, sample_ratio: 0.25}
 
 
 def test_relayed_responses_are_traced_when_sampled_and_pass_the_trace_on_when_not(upstream, tmp_path):
-    exporter = InMemorySpanExporter()
     config = parse_config(f"""
 models:
   - {{id: native-a, backend: openai, responses: native, base_url: "{upstream.url}", upstream_model: mock-model}}
 storage: {{database_url: "sqlite+aiosqlite:///{tmp_path}/usage.db"}}
 tracing: {{enabled: true, exporter: none, sample_ratio: 0.0}}
 """)
-    app = create_app(config, tracing=Tracing(config.tracing, SimpleSpanProcessor(exporter)))
+    app, exporter = _traced(config)
     ask = {"model": "native-a", "input": "hello"}
     with serve(app) as url:
         unsampled = httpx.post(url + "/v1/responses", timeout=10, json=ask).json()
