@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
 
+from config.loader import parse_config
 from gateway.spans import SpanSink
+from gateway.tracing import Tracing
 
 
 def _sink() -> tuple[SpanSink, InMemorySpanExporter]:
@@ -98,3 +103,42 @@ def test_batched_export_flushes_on_shutdown():
         sink.start("step", None).end()
     sink.shutdown()
     assert len(exporter.get_finished_spans()) == 3
+
+
+def test_spans_reach_an_otlp_collector_over_http():
+    """The default exporter (OTLP over HTTP, batched) against a collector stand-in that decodes what it gets."""
+    received: list[ExportTraceServiceRequest] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["content-length"]))
+            received.append(ExportTraceServiceRequest.FromString(body))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:  # noqa: ANN002
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = parse_config(f"""
+models: [{{id: m, backend: openai, base_url: "http://127.0.0.1:9/v1"}}]
+tracing: {{enabled: true, endpoint: "http://127.0.0.1:{server.server_address[1]}/v1/traces", service_name: gw}}
+""")
+        tracing = Tracing(config.tracing)
+        root = tracing.sink.start("chat m", None, SpanKind.SERVER, {"gen_ai.request.model": "m"})
+        tracing.sink.start("route", root.get_span_context()).end()
+        root.end()
+        tracing.shutdown()  # flushes the batch
+    finally:
+        server.shutdown()
+    spans = [span for request in received for resource in request.resource_spans
+             for scope in resource.scope_spans for span in scope.spans]
+    assert sorted(span.name for span in spans) == ["chat m", "route"]
+    resource = received[0].resource_spans[0].resource
+    assert {a.key: a.value.string_value for a in resource.attributes}["service.name"] == "gw"
+    by_name = {span.name: span for span in spans}
+    assert by_name["route"].parent_span_id == by_name["chat m"].span_id
+    assert by_name["chat m"].attributes[0].key == "gen_ai.request.model"
