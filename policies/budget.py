@@ -92,6 +92,7 @@ class _Counter:
     limit: float
     start: int  # when its period started (epoch seconds; 0 for `total`)
     end: int | None  # when its period ends (epoch seconds); None: never
+    alert_from: float = math.inf  # the usage at its budget's lowest alert threshold: below it, nothing to check
 
     def describe(self) -> str:
         who = "global budget" if self.budget.scope == "global" else f"{self.budget.scope} budget {self.member!r}"
@@ -299,7 +300,7 @@ class BudgetPolicy:
         cached = self._counter_cache.get((index, member, start))
         if cached is None:
             cached = tuple(_Counter(index, budget, member, kind, counter_key(index, member, kind, start), float(limit),
-                                    start, end)
+                                    start, end, _alert_from(budget, limit))
                            for kind, limit in (("tokens", budget.max_tokens), ("usd", budget.max_cost_usd))
                            if limit is not None)
             if len(self._counter_cache) >= _COUNTER_CACHE:
@@ -406,7 +407,7 @@ class BudgetPolicy:
         running count as used). `used` is each counter's value after the settle where adjust returned it (None:
         read back here). A store that fails here only loses the alerts."""
         watched = [(c, amount, value) for (c, amount), value in zip(charged, used, strict=True)
-                   if amount > 0 and c.budget.alert_at]
+                   if amount > 0 and c.alert_from < math.inf and (value is None or value >= c.alert_from)]
         if not watched:
             return
         unknown = [c for c, _, value in watched if value is None]
@@ -433,6 +434,12 @@ class BudgetPolicy:
 
 
 _COUNTER_CACHE = 10_000
+
+
+def _alert_from(budget: BudgetConfig, limit: float) -> float:
+    """The usage below which no alert threshold of `budget` can be crossed (a hair low: BudgetAlerts.crossed
+    decides exactly), inf without thresholds."""
+    return min(budget.alert_at) * limit * (1 - 1e-9) if budget.alert_at else math.inf
 
 
 def counter_key(index: int | str, member: str, kind: str, start: int) -> str:
