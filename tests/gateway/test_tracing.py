@@ -212,3 +212,21 @@ tracing: {{enabled: true, exporter: none, sample_ratio: 0.0}}
     assert {s.context.trace_id for s in spans} == {int(CLIENT_TRACE, 16)}  # nothing from the unsampled one
     call = next(s for s in spans if s.name == "upstream native-a")
     assert followed["x_received"]["traceparent"] == f"00-{CLIENT_TRACE}-{call.context.span_id:016x}-01"
+
+
+def test_a_malformed_traceparent_makes_the_request_a_root_sampled_at_the_ratio():
+    request = decode_request({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, ChatCompletionRequest)
+    for ratio in (0.0, 1.0):
+        config = parse_config(f"""
+models: [{{id: m, backend: openai, base_url: "http://127.0.0.1:9/v1"}}]
+tracing: {{enabled: true, exporter: none, sample_ratio: {ratio}}}
+""")
+        tracing = Tracing(config.tracing)
+        ctx = RequestContext(request, request_id="r")
+        Tracing.accept(ctx, [(b"traceparent", b"00-not-a-trace-01")])
+        span = tracing._start_request(ctx)
+        if ratio:
+            assert span is not None and span.parent is None  # a root of a new trace
+        else:
+            assert span is None
+            assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", ctx.state["trace_outgoing"]["traceparent"])
