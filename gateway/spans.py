@@ -12,7 +12,7 @@ from typing import Any
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 __all__ = ["RecordedSpan", "SpanSink", "new_span_id", "new_trace_id"]
 
@@ -37,7 +37,8 @@ class SpanSink:
 
     Why not the SDK's Tracer: its live spans (sampler, id generator, attribute cleaning under a lock, processor
     callbacks at start and end) cost ~20-30 us each on this machine, against ~5 us for a RecordedSpan and its
-    ReadableSpan (bench/tracing.py). Sampling is decided by gateway/tracing.py before any span is made."""
+    ReadableSpan (timeit here; bench/tracing.py has the per-request figures). Sampling is decided by
+    gateway/tracing.py before any span is made."""
 
     def __init__(self, service_name: str, processor: SpanProcessor | None = None) -> None:
         self.resource = Resource.create({"service.name": service_name})
@@ -45,13 +46,13 @@ class SpanSink:
         self.processor = processor
 
     def start(self, name: str, parent: SpanContext | None, kind: SpanKind = SpanKind.INTERNAL,
-              attributes: dict[str, Any] | None = None, trace_state: TraceState | None = None) -> RecordedSpan:
-        """A sampled span, started now: a child of `parent` in its trace (remote or ours), else a new trace's root."""
+              attributes: dict[str, Any] | None = None) -> RecordedSpan:
+        """A sampled span, started now: a child of `parent` in its trace (remote or ours, its tracestate kept),
+        else a new trace's root."""
         if parent is not None:
-            trace_id, trace_state = parent.trace_id, parent.trace_state
+            context = SpanContext(parent.trace_id, new_span_id(), False, _SAMPLED, parent.trace_state)
         else:
-            trace_id = new_trace_id()
-        context = SpanContext(trace_id, new_span_id(), False, _SAMPLED, trace_state)
+            context = SpanContext(new_trace_id(), new_span_id(), False, _SAMPLED)
         return RecordedSpan(self, name, context, parent, kind, attributes if attributes is not None else {})
 
     def emit(self, span: ReadableSpan) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -209,16 +209,10 @@ class Tracing:
 
         async def traced(*args: Any) -> T:
             current = trace.get_current_span().get_span_context()  # the request's span (see _under_span)
-            span = sink.start("route", current if current.is_valid else None)
-            try:
+            with _step(sink.start("route", current if current.is_valid else None)) as span:
                 decision = await decide(*args)
                 span.set_attribute("pointsman.chain", [a.model.id for a in getattr(decision, "attempts", ())])
                 return decision
-            except BaseException as exc:
-                _fail(span, exc, record=True)
-                raise
-            finally:
-                span.end()
 
         return traced
 
@@ -261,18 +255,9 @@ class TracedPolicies:
     def for_endpoint(self, endpoint: str) -> PolicyChain:
         return self.chain.for_endpoint(endpoint)
 
-    @contextmanager
-    def _phase(self, ctx: RequestContext, name: str) -> Iterator[Span]:
-        """One phase's span, started but not made current (nothing below looks the current span up: every step
-        parents explicitly); a phase that refuses the request (or fails) records the exception as an error."""
-        span = self.tracing.sink.start(name, Tracing._parent(ctx))
-        try:
-            yield span
-        except BaseException as exc:
-            _fail(span, exc, record=True)
-            raise
-        finally:
-            span.end()
+    def _phase(self, ctx: RequestContext, name: str) -> AbstractContextManager[Span]:
+        """One phase's span, a child of the request's, never made current (its steps parent explicitly)."""
+        return _step(self.tracing.sink.start(name, Tracing._parent(ctx)))
 
     async def admit(self, ctx: RequestContext) -> Reply | None:
         with self._phase(ctx, "policies.admit") as span:
@@ -288,6 +273,19 @@ class TracedPolicies:
         with self._phase(ctx, "policies.settle") as span:
             span.set_attribute("pointsman.outcome", outcome.status)
             await self.chain.settle(ctx, outcome)
+
+
+@contextmanager
+def _step(span: Span) -> Iterator[Span]:
+    """A step's span around its work, ended however the work ends; a step that fails (or refuses the request)
+    records the exception and is marked an error."""
+    try:
+        yield span
+    except BaseException as exc:
+        _fail(span, exc, record=True)
+        raise
+    finally:
+        span.end()
 
 
 def _w3c_headers(context: SpanContext) -> dict[str, str]:
