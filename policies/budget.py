@@ -141,7 +141,7 @@ class BudgetPolicy:
     An API key's own budget (`Principal.budget`, scope `key`) applies beside the config's, as budget "key".
     """
 
-    __slots__ = ("_counter_cache", "_down", "_numbered", "_unpriced", "alerts", "budgets", "clock", "store")
+    __slots__ = ("_counter_cache", "_down", "_numbered", "_unpriced", "_usd", "alerts", "budgets", "clock", "store")
 
     name: ClassVar[str] = "budget"
     stage: ClassVar[int] = STAGES["budget"]
@@ -155,6 +155,7 @@ class BudgetPolicy:
         self.alerts = alerts
         self._down = False  # the store failed and has not answered since: warned once already
         self._unpriced: set[str] = set()  # models already warned about for unknown pricing
+        self._usd = any(b.max_cost_usd is not None for b in self.budgets)  # whether unknown pricing matters
         # (budget index, member, period start) -> its counters: the same few are built for request after request
         self._counter_cache: dict[tuple[int | str, str, int], tuple[_Counter, ...]] = {}
         self._numbered: tuple[tuple[int | str, BudgetConfig], ...] = tuple(enumerate(self.budgets))
@@ -339,7 +340,7 @@ class BudgetPolicy:
         prompt, completion = worst_case_tokens(ctx.request, model)
         price = model.known_pricing
         if price is None:
-            if model.id not in self._unpriced and any(b.max_cost_usd is not None for b in self.budgets):
+            if self._usd and model.id not in self._unpriced:
                 self._unpriced.add(model.id)
                 log.warning("budget: model %r has no pricing; its requests count as 0 USD against USD budgets",
                             model.id)

@@ -214,10 +214,28 @@ def storable(ctx: RequestContext, outcome: Outcome, store: bool, model: str, max
         or not store
         or len(body) > max_bytes
         or (ctx.model is not None and ctx.model != model)
-        or _entry(body) is None
+        or not _is_answer(body)
     ):
         return None
     return body
+
+
+class _Answer(msgspec.Struct):
+    """What an entry must be: a JSON object with a `choices` list (checked without decoding the choices)."""
+
+    choices: list[msgspec.Raw]
+
+
+_check_answer = msgspec.json.Decoder(_Answer).decode
+
+
+def _is_answer(data: bytes) -> bool:
+    """Whether `data` would be an entry (see `_entry`), at a third of the cost of decoding it."""
+    try:
+        _check_answer(data)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return True
 
 
 def _entry(data: bytes) -> dict[str, Any] | None:

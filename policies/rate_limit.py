@@ -32,9 +32,10 @@ class _Bucket:
     key: str
     per_minute: int
     limit_text: str  # per_minute as the x-ratelimit-limit-* header's value
+    one: RateCharge  # the charge of one unit: what each request costs an rpm bucket, built once
 
     def charge(self, cost: int, *, partial: bool = False) -> RateCharge:
-        return RateCharge(self.key, self.per_minute / 60, self.per_minute, cost, partial)
+        return RateCharge(self.key, self.one.rate_per_s, self.per_minute, cost, partial)
 
 
 @dataclass(slots=True)
@@ -124,13 +125,15 @@ class RateLimitPolicy:
             return None
         estimate: int | None = None
         charges: list[RateCharge] = []
+        tpm: list[_Bucket] = []
         for bucket in buckets:  # 1 to each rpm bucket, the request's estimate to each tpm one
             if bucket.kind == "rpm":
-                charges.append(bucket.charge(1))
+                charges.append(bucket.one)
             else:
                 if estimate is None:
                     estimate = estimate_tokens(ctx.request)
                 charges.append(bucket.charge(estimate))
+                tpm.append(bucket)
         try:
             results = await self.store.rate_many(charges)
         except StoreUnavailable as exc:
@@ -145,16 +148,16 @@ class RateLimitPolicy:
         if self._down:
             self._down = False
             log.warning("rate limits enforced again: the state store answers")
-        decided = list(zip(buckets, results, strict=True))
-        headers = _headers(decided)
+        headers = _headers(buckets, results)
         for outcome in results:
             if not outcome.allowed:  # the refusal of the bucket that frees up last speaks for the request
                 refused = [(bucket, result, charge.cost)
-                           for (bucket, result), charge in zip(decided, charges, strict=True) if not result.allowed]
+                           for bucket, result, charge in zip(buckets, results, charges, strict=True)
+                           if not result.allowed]
                 raise _refusal(*max(refused, key=lambda refusal: refusal[1].retry_after_s), headers)
         ctx.headers.update(headers)
         if estimate is not None:
-            ctx.state[self.name] = _Charged(estimate, tuple(bucket for bucket in buckets if bucket.kind == "tpm"))
+            ctx.state[self.name] = _Charged(estimate, tuple(tpm))
         return None
 
     @no_op
@@ -193,10 +196,14 @@ class RateLimitPolicy:
     def _new_member(self, index: int | str, member: str, limit: RateLimitConfig) -> tuple[_Bucket, ...]:
         if len(self._members) >= _MEMBERS:
             self._members.clear()
-        made = self._members[(index, member)] = tuple(
-            _Bucket(limit, member, kind, f"rl:{index}:{member}:{kind}", per_minute, str(per_minute))
-            for kind, per_minute in (("rpm", limit.rpm), ("tpm", limit.tpm)) if per_minute is not None)
-        return made
+        made: list[_Bucket] = []
+        for kind, per_minute in (("rpm", limit.rpm), ("tpm", limit.tpm)):
+            if per_minute is not None:
+                key = f"rl:{index}:{member}:{kind}"
+                one = RateCharge(key, per_minute / 60, per_minute)
+                made.append(_Bucket(limit, member, kind, key, per_minute, str(per_minute), one))
+        self._members[(index, member)] = bucket_tuple = tuple(made)
+        return bucket_tuple
 
     def _store_failed(self, exc: StoreUnavailable) -> None:
         if not self._down:
@@ -205,19 +212,19 @@ class RateLimitPolicy:
                         "(limits with on_store_error: deny refuse requests): %s", exc)
 
 
-def _headers(decided: Sequence[tuple[_Bucket, RateResult]]) -> dict[str, str]:
-    """OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens}, each from its unit's tightest bucket."""
-    tightest: dict[str, tuple[_Bucket, RateResult]] = {}
-    for bucket, result in decided:
-        held = tightest.get(bucket.kind)
-        if held is None or (result.remaining, -result.reset_s) < (held[1].remaining, -held[1].reset_s):
-            tightest[bucket.kind] = (bucket, result)
+def _headers(buckets: Sequence[_Bucket], results: Sequence[RateResult]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens}, each from its unit's tightest bucket (the
+    fewest units left, then the longest to refill)."""
     headers: dict[str, str] = {}
-    for kind, (bucket, result) in tightest.items():
-        limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
-        headers[limit_name] = bucket.limit_text
-        headers[remaining_name] = str(result.remaining)
-        headers[reset_name] = reset_text(result.reset_s)
+    tightest: dict[str, RateResult] = {}
+    for bucket, result in zip(buckets, results, strict=True):
+        held = tightest.get(bucket.kind)
+        if held is None or (result.remaining, -result.reset_s) < (held.remaining, -held.reset_s):
+            tightest[bucket.kind] = result
+            limit_name, remaining_name, reset_name = _HEADER_NAMES[bucket.kind]
+            headers[limit_name] = bucket.limit_text
+            headers[remaining_name] = str(result.remaining)
+            headers[reset_name] = reset_text(result.reset_s)
     return headers
 
 
