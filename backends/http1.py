@@ -9,6 +9,7 @@ what a proxy needs (POST/GET, Content-Length, chunked or close-delimited bodies,
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -32,7 +33,12 @@ _PARSER_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
 
 class _Connection(asyncio.Protocol):
-    """One TCP connection that carries one request at a time."""
+    """One TCP connection that carries one request at a time.
+
+    Read timeouts: each wait for bytes must end within its `timeout`. One `call_at` timer per connection keeps
+    that, armed by the first wait and only moved by later ones (its callback re-arms itself for the newest
+    deadline): `asyncio.timeout` around every wait cost ~4.5 us each here, once per plain answer and once per
+    streamed chunk."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -49,6 +55,9 @@ class _Connection(asyncio.Protocol):
         self._framed = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future | None = None
+        self._deadline = 0.0  # when the current wait times out (loop time)
+        self._timeout = 0.0  # that wait's timeout, for the message
+        self._timer: asyncio.TimerHandle | None = None
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.relayed: list[tuple[bytes, bytes]] = []  # the RELAYED_PREFIXES subset of raw_headers
@@ -69,6 +78,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._headers_done and not self._complete and not self._framed:
             self.on_message_complete()  # a body delimited by the connection's end
         elif not self._complete:
@@ -128,14 +140,32 @@ class _Connection(asyncio.Protocol):
     async def _wait(self, timeout: float | None) -> None:
         if self._error is not None:
             raise self._error
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        if timeout is None:
+            self._deadline = math.inf  # a timer armed by an earlier wait finds no deadline and lapses
+        else:
+            self._deadline, self._timeout = loop.time() + timeout, timeout
+            timer = self._timer
+            if timer is None or timer.when() > self._deadline:  # none armed, or armed for later than this wait
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(self._deadline, self._on_deadline)
         try:
-            async with asyncio.timeout(timeout):
-                await self._waiter
-        except TimeoutError:
-            raise TransportTimeout(f"no bytes from the upstream for {timeout} s") from None
+            await waiter
         finally:
             self._waiter = None
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self._deadline == math.inf:
+            return  # no wait with a timeout under way: the next one arms the timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:  # a later wait moved the deadline: sleep until then
+            self._timer = loop.call_at(self._deadline, self._on_deadline)
+            return
+        waiter.set_exception(TransportTimeout(f"no bytes from the upstream for {self._timeout} s"))
 
     def resume(self) -> None:
         if self._paused:

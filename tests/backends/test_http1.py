@@ -263,6 +263,52 @@ async def test_timeouts_and_broken_responses(pools, unused_tcp_port: int) -> Non
         await pool_for(pools, f"http://127.0.0.1:{unused_tcp_port}").request("GET", "/", b"", None, 5.0)
 
 
+async def test_read_timeouts_on_a_reused_connection(pools) -> None:
+    """One timer per connection serves every wait (see _Connection): each wait still gets its own timeout,
+    whatever the waits before it on the same connection had."""
+    never = asyncio.Event()
+
+    async def scripted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while request := await read_request(reader):
+            path = request.split(b" ", 2)[1]
+            if path == b"/slow":
+                await asyncio.sleep(0.5)
+            if path == b"/drip":  # a chunk every 50 ms for 0.5 s, then silence
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for _ in range(10):
+                    writer.write(b"2\r\nok\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                await never.wait()
+            if path == b"/stall":
+                await never.wait()
+            writer.write(answer(b"done"))
+            await writer.drain()
+
+    async with RawServer(scripted) as server:
+        pool = pool_for(pools, server.url, max_connections=1)
+        assert await (await pool.request("GET", "/fast", b"", None, 0.3)).body() == b"done"
+        await asyncio.sleep(0.4)  # idle past the timeout: the timer lapses and the connection is still fine
+        assert await (await pool.request("GET", "/fast", b"", None, 0.3)).body() == b"done"
+        # no timeout after a wait that had one: the armed timer must not cut this one off
+        assert await (await pool.request("GET", "/slow", b"", None, None)).body() == b"done"
+        # each chunk's wait restarts the clock: 0.5 s of chunks under a 0.3 s timeout, then the silence times out
+        response = await pool.request("GET", "/drip", b"", None, 0.3)
+        received = []
+        with pytest.raises(TransportTimeout):
+            async for chunk in response.chunks():
+                received.append(chunk)
+        assert b"".join(received) == b"ok" * 10
+        never.set()
+        never.clear()
+        # a short timeout after a long one (here on the next connection: that one was dropped) is kept
+        assert await (await pool.request("GET", "/fast", b"", None, 30.0)).body() == b"done"
+        with pytest.raises(TransportTimeout):
+            async with asyncio.timeout(5):  # the 30 s wait's timer would end this with TimeoutError instead
+                await pool.request("GET", "/stall", b"", None, 0.2)
+        never.set()
+
+
 # -- the protocol's corners --
 
 
