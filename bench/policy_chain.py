@@ -2,8 +2,9 @@
 Litestar, the pipeline, the real upstream client) to the mock upstream, 16 at a time, without policies and with
 each policy, the chain (rate limit, budget, exact cache; every request a cache miss), then metrics and tracing.
 The figure is this process's CPU time per request: no server socket and no load generator share the measurement,
-so it is steady to a few percent where wrk's RPS on this machine moves by tens (bench/gateway.py). A warm loop
-around Pipeline.complete alone, as this script measured before, found half of what the same code costs here."""
+so its best of a few rounds moves by about 5% between runs, where wrk's RPS on this machine moves by tens of
+percent (bench/gateway.py). A warm loop around Pipeline.complete alone, as this script measured before, found half
+of what the same code costs here."""
 
 from __future__ import annotations
 
