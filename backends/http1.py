@@ -35,10 +35,10 @@ _PARSER_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 class _Connection(asyncio.Protocol):
     """One TCP connection that carries one request at a time.
 
-    Read timeouts: each wait for bytes must end within its `timeout`. One `call_at` timer per connection keeps
-    that, armed by the first wait and only moved by later ones (its callback re-arms itself for the newest
-    deadline): `asyncio.timeout` around every wait cost ~4.5 us each here, once per plain answer and once per
-    streamed chunk."""
+    Timeouts: each wait for bytes must end within its `timeout`, and every wait of a request sent with a `total`
+    by then. One `call_at` timer per connection keeps both, armed by the first wait and only moved by later ones
+    (its callback re-arms itself for the newest deadline): `asyncio.timeout` around every wait cost ~4.5 us each
+    here, once per plain answer and once per streamed chunk."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -57,6 +57,8 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future | None = None
         self._deadline = 0.0  # when the current wait times out (loop time)
         self._timeout = 0.0  # that wait's timeout, for the message
+        self._limit = math.inf  # when the current request's `total` runs out (loop time)
+        self._total = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
@@ -142,10 +144,9 @@ class _Connection(asyncio.Protocol):
             raise self._error
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        if timeout is None:
-            self._deadline = math.inf  # a timer armed by an earlier wait finds no deadline and lapses
-        else:
-            self._deadline, self._timeout = loop.time() + timeout, timeout
+        deadline = self._limit if timeout is None else min(loop.time() + timeout, self._limit)
+        self._deadline, self._timeout = deadline, timeout or 0.0
+        if deadline != math.inf:  # else a timer armed by an earlier wait finds no deadline and lapses
             timer = self._timer
             if timer is None or timer.when() > self._deadline:  # none armed, or armed for later than this wait
                 if timer is not None:
@@ -165,7 +166,9 @@ class _Connection(asyncio.Protocol):
         if loop.time() < self._deadline:  # a later wait moved the deadline: sleep until then
             self._timer = loop.call_at(self._deadline, self._on_deadline)
             return
-        waiter.set_exception(TransportTimeout(f"no bytes from the upstream for {self._timeout} s"))
+        waiter.set_exception(TransportTimeout(
+            f"the upstream's answer took over {self._total} s" if self._deadline == self._limit
+            else f"no bytes from the upstream for {self._timeout} s"))
 
     def resume(self) -> None:
         if self._paused:
@@ -173,7 +176,9 @@ class _Connection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.resume_reading()
 
-    def send(self, head: bytes, body: bytes) -> None:
+    def send(self, head: bytes, body: bytes, limit: float = math.inf, total: float = 0.0) -> None:
+        """Write a request; its waits end by `limit` (loop time), the end of its `total` seconds."""
+        self._limit, self._total = limit, total
         self._parser = httptools.HttpResponseParser(self)
         self._headers_done = self._complete = self._framed = self.received_any = self._whole = self._interim = False
         self._chunks.clear()
@@ -335,9 +340,10 @@ class ConnectionPool:
             raise PoolTimeout(f"all connections to {self.host}:{self.port} busy for {self._pool_timeout} s") from None
 
     async def request(self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None,
-                      timeout: float | None = None) -> StreamedResponse:
+                      timeout: float | None = None, total: float | None = None) -> StreamedResponse:
         """Send a request and wait for the response's status line and headers (not its body)."""
         head = self._head(method, path, headers, len(body))
+        limit = math.inf if total is None else asyncio.get_running_loop().time() + total
         await self._acquire()
         conn: _Connection | None = None
         try:
@@ -346,7 +352,7 @@ class ConnectionPool:
                 if conn.closed:
                     self._discard(conn)
                     continue
-                conn.send(head, body)
+                conn.send(head, body, limit, total or 0.0)
                 try:
                     await conn.headers(timeout)
                 except ReadError:
@@ -358,7 +364,7 @@ class ConnectionPool:
                     continue
                 return StreamedResponse(self, conn, timeout)
             conn = await self._connect()
-            conn.send(head, body)
+            conn.send(head, body, limit, total or 0.0)
             await conn.headers(timeout)
             return StreamedResponse(self, conn, timeout)
         except BaseException:

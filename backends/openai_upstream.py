@@ -122,11 +122,11 @@ class Upstream:
 
     async def post(self, path: str, body: bytes, relay: dict[str, str] | None = None) -> bytes:
         """The whole response body of a 2xx; raises UpstreamStatusError (status, body, headers) for >= 400."""
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                response = await self.transport.request("POST", path, body, OUTGOING_HEADERS.get(), self.timeout_s)
-                found = self._relay(response.relayed_headers(), relay)
-                content = await response.body()
+        try:  # timeout_s bounds the whole answer, and so each wait in it
+            response = await self.transport.request("POST", path, body, OUTGOING_HEADERS.get(), self.timeout_s,
+                                                    self.timeout_s)
+            found = self._relay(response.relayed_headers(), relay)
+            content = await response.body()
         except (TimeoutError, TransportError) as exc:
             raise translate_transport_error(exc, self.base_url + path) from exc
         if response.status >= 400:

@@ -95,8 +95,10 @@ class Transport(Protocol):
     """Requests to one origin and base path (`base_url`), with the headers given at construction on each."""
 
     async def request(self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None,
-                      timeout: float | None = None) -> Response:
-        """Send and wait for the status line and headers; `timeout` bounds each wait for bytes, not the total."""
+                      timeout: float | None = None, total: float | None = None) -> Response:
+        """Send and wait for the status line and headers. `timeout` bounds each wait for bytes; `total`, when
+        given, the whole answer, headers and body, from this call on (getting a connection keeps its own
+        pool and connect timeouts). Either one running out raises TransportTimeout."""
 
     async def aclose(self) -> None: ...
 
@@ -231,18 +233,18 @@ class AiohttpTransport:
         self._max, self._connect_timeout, self._pool_timeout = max_connections, connect_timeout, pool_timeout
         self._slots = asyncio.Semaphore(max_connections)
         self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
+        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:  # in the running loop, as aiohttp wants
         connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True, limit=self._max)
         self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
         return self._session
 
-    def _timeout(self, timeout: float | None) -> aiohttp.ClientTimeout:
-        found = self._timeouts.get(timeout)
+    def _timeout(self, timeout: float | None, total: float | None) -> aiohttp.ClientTimeout:
+        found = self._timeouts.get((timeout, total))
         if found is None:
-            found = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout, sock_read=timeout)
-            self._timeouts[timeout] = found
+            found = aiohttp.ClientTimeout(total=total, sock_connect=self._connect_timeout, sock_read=timeout)
+            self._timeouts[(timeout, total)] = found
         return found
 
     async def _acquire(self) -> None:
@@ -256,7 +258,7 @@ class AiohttpTransport:
             raise PoolTimeout(f"all connections to {self.base_url} busy for {self._pool_timeout} s") from None
 
     async def request(self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None,
-                      timeout: float | None = None) -> _AiohttpResponse:
+                      timeout: float | None = None, total: float | None = None) -> _AiohttpResponse:
         if headers:
             check_headers(headers)
             headers = {**self._headers, **headers}
@@ -264,7 +266,7 @@ class AiohttpTransport:
         await self._acquire()
         try:
             response = await session.request(method, self.base_url + path, data=body, headers=headers or self._headers,
-                                             proxy=self._proxy, timeout=self._timeout(timeout))
+                                             proxy=self._proxy, timeout=self._timeout(timeout, total))
         except BaseException as exc:
             self._slots.release()
             if isinstance(exc, _AIOHTTP_ERRORS):

@@ -249,6 +249,26 @@ async def test_aiohttp_transport_pool_timeout_timeouts_and_chunks(ca, pki, trans
         release.set()
 
 
+@pytest.mark.parametrize("kind", ["http1", "aiohttp"])
+async def test_total_bounds_the_whole_answer_while_each_wait_stays_short(kind: str, transports) -> None:
+    """A body that trickles in for ~1 s, each piece well within the read timeout: a 0.4 s `total` ends it with
+    TransportTimeout; without a total it is read whole."""
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n")
+            for _ in range(10):
+                writer.write(b"ab")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+
+    async with RawServer(trickle) as server:
+        transport: Transport = ConnectionPool(server.url) if kind == "http1" else AiohttpTransport(server.url)
+        transports.append(transport)
+        with pytest.raises(TransportTimeout):
+            await (await transport.request("GET", "/", b"", None, 0.5, 0.4)).body()
+        assert await (await transport.request("GET", "/", b"", None, 0.5)).body() == b"ab" * 10
+
+
 @pytest.fixture
 def unused_port_url(unused_tcp_port: int) -> Iterator[str]:
     yield f"https://127.0.0.1:{unused_tcp_port}"
