@@ -163,7 +163,9 @@ class _Connection(asyncio.Protocol):
         if waiter is None or waiter.done() or self._deadline == math.inf:
             return  # no wait with a timeout under way: the next one arms the timer again
         loop = asyncio.get_running_loop()
-        if loop.time() < self._deadline:  # a later wait moved the deadline: sleep until then
+        # a later wait moved the deadline: sleep until then (uvloop's clock counts whole milliseconds: a deadline
+        # less than one away has come, rather than a timer of 0 ms firing again and again until the clock ticks)
+        if loop.time() < self._deadline - 0.001:
             self._timer = loop.call_at(self._deadline, self._on_deadline)
             return
         waiter.set_exception(TransportTimeout(
