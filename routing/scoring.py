@@ -65,7 +65,7 @@ def _cost(model: ModelConfig, need: Need) -> float | None:
     return (need.prompt_tokens * price.input_per_mtok + need.output_tokens * price.output_per_mtok) / 1e6
 
 
-def _ineligible(model: ModelConfig, need: Need, latency: float | None, available: bool, excluded: str) -> str:
+def _ineligible(model: ModelConfig, need: Need, available: bool, excluded: str) -> str:
     if excluded:
         return excluded
     if not available:
@@ -122,7 +122,7 @@ def score_models(
         }
         score = sum(w * c for w, c in zip(weights, components.values(), strict=True)) / total
         unmet = _unmet(model, need, latency)  # kept on the candidate also when another reason comes first
-        reason = _ineligible(model, need, latency, available.get(model.id, True), excluded.get(model.id, "")) or unmet
+        reason = _ineligible(model, need, available.get(model.id, True), excluded.get(model.id, "")) or unmet
         if not reason:
             reason = "eligible" if cost is not None else "eligible; price unknown (no pricing), cost scored 0.5"
         candidate = Candidate(model.id, round(score, 4), components, reason.startswith("eligible"), reason,
