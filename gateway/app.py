@@ -30,6 +30,7 @@ from gateway.auth import ANALYTICS, READ, USE, Authenticator, principal_of
 from gateway.dashboard import dashboard_router
 from gateway.drain import Drain
 from gateway.generate import generate, request_context
+from gateway.hot_routes import document, hot_route
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics, observe_policies
 from gateway.openapi import (
     CHAT,
@@ -81,22 +82,16 @@ def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-@post("/chat/completions", status_code=200, summary="Create a chat completion (OpenAI)",
-      operation_class=documented(CHAT, GENERATE_ERRORS, CHAT_OK))
-async def chat_completions(request: Request) -> ASGIApp:
-    return await generate(request, decode_request(await request.body(), ChatCompletionRequest))
+async def _chat(request: Request, body: bytes) -> ASGIApp:
+    return await generate(request, decode_request(body, ChatCompletionRequest))
 
 
-@post("/completions", status_code=200, summary="Create a text completion (OpenAI, legacy)",
-      operation_class=documented(COMPLETION, GENERATE_ERRORS, COMPLETION_OK))
-async def completions(request: Request) -> ASGIApp:
-    return await generate(request, decode_request(await request.body(), CompletionRequest))
+async def _completion(request: Request, body: bytes) -> ASGIApp:
+    return await generate(request, decode_request(body, CompletionRequest))
 
 
-@post("/embeddings", status_code=200, summary="Create embeddings (OpenAI)",
-      operation_class=documented(EMBEDDINGS, EMBEDDINGS_ERRORS, EMBEDDINGS_OK))
-async def embeddings(request: Request) -> ASGIApp:
-    parsed = decode_embedding_request(await request.body())
+async def _embeddings(request: Request, body: bytes) -> ASGIApp:
+    parsed = decode_embedding_request(body)
     scope = request.scope
     user = parsed.body.user or request.headers.get("x-pointsman-user")
     ctx = RequestContext(parsed, principal_of(scope), request_id_of(scope), user)  # type: ignore[arg-type]
@@ -106,6 +101,17 @@ async def embeddings(request: Request) -> ASGIApp:
         return JSONBody(served.body, served.headers)
     return JSONBody(served.body, served.headers,
                     after=lambda: pipeline.settle_embedding(ctx, Outcome("ok", body=served.body)))
+
+
+# the hottest routes: Litestar ASGI handlers (gateway/hot_routes.py), documented under the names Litestar gave them
+HOT_ROUTES = (
+    hot_route("/chat/completions", "V1ChatCompletionsChatCompletions", "Create a chat completion (OpenAI)",
+              documented(CHAT, GENERATE_ERRORS, CHAT_OK), _chat),
+    hot_route("/completions", "V1CompletionsCompletions", "Create a text completion (OpenAI, legacy)",
+              documented(COMPLETION, GENERATE_ERRORS, COMPLETION_OK), _completion),
+    hot_route("/embeddings", "V1EmbeddingsEmbeddings", "Create embeddings (OpenAI)",
+              documented(EMBEDDINGS, EMBEDDINGS_ERRORS, EMBEDDINGS_OK), _embeddings),
+)
 
 
 async def _explain(request: Request) -> dict:
@@ -308,7 +314,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     # each family of routes admits its roles (gateway/auth.py); with auth off the public ones carry no guard
     use, read = auth.guards(USE), auth.guards(READ)
     # the completion routes add x-request-id themselves; Litestar's own responses get it from the middleware
-    hot = Router(path="/v1", route_handlers=[chat_completions, completions, embeddings], guards=use)
+    hot = Router(path="/v1", route_handlers=[route.handler for route in HOT_ROUTES], guards=use)
     v1_use = Router(path="/v1", route_handlers=[explain_route, recommend, feedback], guards=use,
                     middleware=[request_ids])
     v1_read = Router(path="/v1", route_handlers=[list_models, retrieve_model, usage], guards=read,
@@ -342,6 +348,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
         logging_config=None,
     )
     add_schemas(app.openapi_schema.components)
+    document(app.openapi_schema, "/v1", HOT_ROUTES)
     app.state.gateway = gateway
     app.state.storage = storage
     app.state.auth = auth

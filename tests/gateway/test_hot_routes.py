@@ -1,0 +1,99 @@
+"""The generation routes as ASGI handlers: their body is read as Litestar's Request reads it (413 announced or
+received, 400 for a bad content-length, nothing answered to a client that left), other methods get a 405 in
+OpenAI's error shape, and their operations stay in the OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from litestar.exceptions import ClientException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+
+from config.loader import parse_config
+from gateway.app import HOT_ROUTES, create_app
+from gateway.hot_routes import read_body
+from tests.gateway.live import serve
+
+
+def _receiver(*messages: dict[str, Any]):
+    queue = list(messages)
+
+    async def receive() -> dict[str, Any]:
+        return queue.pop(0)
+
+    return receive
+
+
+def _read(messages: list[dict[str, Any]], limit: int | None, headers: list[tuple[bytes, bytes]] | None = None):
+    return asyncio.run(read_body({"headers": headers or []}, _receiver(*messages), limit))
+
+
+def test_a_body_in_pieces_is_joined():
+    pieces = [{"type": "http.request", "body": b"ab", "more_body": True},
+              {"type": "http.request", "body": b"", "more_body": True},
+              {"type": "http.request", "body": b"cd"}]
+    assert _read(pieces, 4) == b"abcd"
+    assert _read([{"type": "http.request"}], 4) == b""
+
+
+def test_a_body_over_the_limit_is_413_whether_announced_or_received():
+    with pytest.raises(RequestEntityTooLarge):  # announced: refused before anything is read
+        _read([], 4, [(b"content-length", b"5")])
+    with pytest.raises(RequestEntityTooLarge):  # chunked: refused once it passes the limit
+        _read([{"type": "http.request", "body": b"abc", "more_body": True},
+               {"type": "http.request", "body": b"de", "more_body": True}], 4)
+    assert _read([{"type": "http.request", "body": b"abcd"}], 4, [(b"content-length", b"4")]) == b"abcd"
+    assert _read([{"type": "http.request", "body": b"abcde"}], None) == b"abcde"
+
+
+def test_a_bad_content_length_is_a_client_error():
+    with pytest.raises(ClientException) as caught:
+        _read([], 4, [(b"content-length", b"12x")])
+    assert caught.value.status_code == 400 and "12x" in caught.value.detail
+
+
+def test_a_client_that_leaves_while_sending_gets_nothing():
+    assert _read([{"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.disconnect"}], 8) is None
+
+
+@pytest.fixture(scope="module")
+def app_url(upstream):
+    config = parse_config(f"""
+models:
+  - {{id: remote-a, backend: openai, base_url: "{upstream.url}", upstream_model: mock-model}}
+server: {{max_body_mb: 0.001}}
+routing: {{health_check_s: 0}}
+storage: {{database_url: ''}}
+""")
+    app = create_app(config)
+    with serve(app) as url:
+        yield app, url
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+def test_other_methods_are_405_in_openai_shape(app_url, path, method):
+    response = httpx.request(method, app_url[1] + path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST" and response.headers["x-request-id"]
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_chat_request_is_served_and_an_oversized_one_refused(app_url):
+    url = app_url[1] + "/v1/chat/completions"
+    small = httpx.post(url, json={"model": "remote-a", "messages": [{"role": "user", "content": "hi"}]})
+    assert small.status_code == 200 and small.json()["object"] == "chat.completion"
+    large = httpx.post(url, json={"model": "remote-a", "messages": [{"role": "user", "content": "x" * 2000}]})
+    assert large.status_code == 413 and large.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_openapi_document_keeps_each_operation(app_url):
+    document = httpx.get(app_url[1] + "/openapi/openapi.json").json()
+    for route in HOT_ROUTES:
+        operation = document["paths"]["/v1" + route.path]["post"]
+        assert operation["operationId"] == route.handler.name
+        assert set(operation) >= {"summary", "requestBody", "responses"}
+        assert {"200", "400", "429", "500"} <= set(operation["responses"])
