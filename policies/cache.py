@@ -64,6 +64,9 @@ def _single_model(name: str) -> bool:
     return bool(name) and ":" not in name and not name.startswith("auto")
 
 
+_NO_CONTROL: frozenset[str] = frozenset()
+
+
 def _cache_control(headers: dict[str, str]) -> set[str]:
     return {d.strip().lower() for d in headers.get("cache-control", "").split(",") if d.strip()}
 
@@ -121,13 +124,13 @@ class ExactCache:
         if self.config.mode == "off":
             return None
         model = self.cacheable(ctx)
-        headers: dict[str, str] = ctx.state.get("request_headers", {})
-        control = _cache_control(headers)
         if model is None:
             return self._bypass(ctx)
+        headers: dict[str, str] | None = ctx.state.get("request_headers")  # only when the client sent some
+        control = _cache_control(headers) if headers else _NO_CONTROL
         endpoint = "chat" if isinstance(ctx.request.body, ChatCompletionRequest) else "completion"
         key = cache_key(ctx.request.raw, model, endpoint, tenant_of(ctx.principal, self.config.shared))
-        ttl_s = _ttl_override(headers) or self.config.ttl_s
+        ttl_s = (_ttl_override(headers) if headers else None) or self.config.ttl_s
         ctx.state["cache"] = CacheLookup(key, model, "no-store" not in control, ttl_s)
         if "no-cache" in control:
             return self._bypass(ctx)

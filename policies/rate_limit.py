@@ -56,7 +56,10 @@ def estimate_tokens(request: ParsedRequest | ParsedEmbeddings) -> int:
         return embedding_tokens(request)
     body = request.body
     if isinstance(body, ChatCompletionRequest):
-        prompt = sum(len(message_text(m.content)) for m in body.messages) // 4
+        chars = 0
+        for message in body.messages:  # a loop, not sum() over a generator: this runs on every request
+            chars += len(message_text(message.content))
+        prompt = chars // 4
     elif isinstance(body.prompt, str):
         prompt = len(body.prompt) // 4
     else:
@@ -67,19 +70,19 @@ def estimate_tokens(request: ParsedRequest | ParsedEmbeddings) -> int:
 def reset_text(seconds: float) -> str:
     """A duration in OpenAI's x-ratelimit-reset-* style: "0.5s", "12s", "6m0s", "1h2m3s"."""
     if seconds < 60:
-        ms = round(max(0.0, seconds), 3)
+        ms = int(seconds * 1000 + 0.5) if seconds > 0 else 0  # whole milliseconds, rounded half up
         text = _RESET_TEXT.get(ms)
         if text is None:
-            if len(_RESET_TEXT) >= 60_000:  # every millisecond of a minute, at most
+            if len(_RESET_TEXT) >= 60_001:  # every millisecond of a minute, at most
                 _RESET_TEXT.clear()
-            text = _RESET_TEXT[ms] = f"{ms:g}s"
+            text = _RESET_TEXT[ms] = f"{ms / 1000:g}s"
         return text
     hours, rest = divmod(round(seconds), 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
 
 
-_RESET_TEXT: dict[float, str] = {}  # reset_text under a minute, by the millisecond: formatted once
+_RESET_TEXT: dict[int, str] = {}  # reset_text under a minute, by the millisecond: formatted once
 
 
 class RateLimitPolicy:

@@ -25,7 +25,6 @@ from policies.state import (
     StoreUnavailable,
     Subscription,
     check_keep,
-    check_rate,
     check_ttl,
 )
 
@@ -239,7 +238,6 @@ class RedisStore:
             return []
         args: list[str | int] = [repr(SLACK_S)]
         for charge in charges:
-            check_rate(charge.rate_per_s, charge.burst, charge.cost)
             args += [repr(float(charge.rate_per_s)), repr(float(charge.burst)), repr(float(charge.cost)),
                      int(charge.partial)]
         keys = [self.prefix + charge.key for charge in charges]

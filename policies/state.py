@@ -18,7 +18,7 @@ DEFAULT_MAX_BYTES = 64 * 2**20
 # GCRA compares float times: a microsecond of slack keeps rounding from refusing the last unit of a burst
 # (RedisStore's times are seconds since 2023-11, where a double still resolves well below 1 us).
 SLACK_S = 1e-6
-_SWEEP_EVERY = 4096  # LocalStore drops expired counters and full buckets once per this many writes
+_SWEEP_EVERY = 4096  # LocalStore drops expired counters and full buckets once per this many writing operations
 
 
 class StoreUnavailable(Exception):
@@ -63,13 +63,17 @@ class RateResult:
 class RateCharge:
     """Charge `cost` to GCRA bucket `key` (refill `rate_per_s`, capacity `burst`). With `partial`, a bucket that
     cannot take the whole cost takes what it still holds instead (the result then says refused, with the
-    `remaining` it had): how usage beyond an estimate drains a bucket without running it into debt."""
+    `remaining` it had): how usage beyond an estimate drains a bucket without running it into debt. Raises
+    ValueError unless rate_per_s > 0, burst > 0 and cost >= 0, all finite."""
 
     key: str
     rate_per_s: float
     burst: float
     cost: float = 1.0
     partial: bool = False
+
+    def __post_init__(self) -> None:  # valid by construction: a store decides it without checking again
+        check_rate(self.rate_per_s, self.burst, self.cost)
 
 
 class Subscription(AsyncIterator[bytes]):
@@ -334,17 +338,16 @@ class LocalStore:
         return (await self.rate_many([RateCharge(key, rate_per_s, burst, cost)]))[0]
 
     async def rate_many(self, charges: Sequence[RateCharge]) -> list[RateResult]:
-        for charge in charges:
-            check_rate(charge.rate_per_s, charge.burst, charge.cost)
         now = self._clock()
+        rates = self._rates
         results: list[RateResult] = []
         for charge in charges:
-            new_tat, result = gcra(self._rates.get(charge.key), now, charge.rate_per_s, charge.burst, charge.cost,
+            new_tat, result = gcra(rates.get(charge.key), now, charge.rate_per_s, charge.burst, charge.cost,
                                    charge.partial)
             if new_tat is not None:
-                self._rates[charge.key] = new_tat
-                self._wrote(now)
+                rates[charge.key] = new_tat
             results.append(result)
+        self._wrote(now)
         return results
 
     async def publish(self, channel: str, message: bytes) -> None:
