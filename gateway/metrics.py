@@ -86,7 +86,7 @@ class Metrics:
     def __init__(self, gateway: Gateway, budgets: BudgetPolicy | None = None, members: bool = False) -> None:
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = RequestMetrics(self.registry)
+        self.requests = RequestMetrics(self.registry, shared=self.multiprocess)
         self.gauges = GatewayCollector(gateway)
         if self.multiprocess:
             self.exposed = CollectorRegistry()
@@ -105,7 +105,7 @@ class Metrics:
             await self.budgets.refresh()
         if self.multiprocess:
             return await asyncio.to_thread(generate_latest, self.exposed)
-        return generate_latest(self.exposed)
+        return generate_latest(self.exposed)  # on the loop: the lock-free series are only ever touched there
 
 
 def observe_policies(config: Config, gateway: Gateway, budgets: BudgetPolicy | None = None,

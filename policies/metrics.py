@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from policies.base import COMPLETIONS, STAGES, no_op
 from policies.context import Outcome, Reply, RequestContext
+from policies.loop_metrics import LoopCounter, LoopHistogram
 
 __all__ = ["REQUEST_LOG", "MetricsPolicy", "RequestMetrics", "status_class"]
 
@@ -23,23 +24,27 @@ _OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0
 
 class RequestMetrics:
     """The per-request series, registered once on `registry`. Labels are bounded: model ids from the config,
-    route mode, status class, token kind, cache result; never a key, user or requested name."""
+    route mode, status class, token kind, cache result; never a key, user or requested name. `shared`: several
+    workers, so prometheus-client's own classes, whose values its multiprocess files hold; else the lock-free
+    ones of policies/loop_metrics.py, with the same samples."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("pointsman_requests", "Requests by served model, route mode and status class",
+    def __init__(self, registry: CollectorRegistry, shared: bool = False) -> None:
+        counter: Any = Counter if shared else LoopCounter
+        histogram: Any = Histogram if shared else LoopHistogram
+        self.requests = counter("pointsman_requests", "Requests by served model, route mode and status class",
                                 ("model", "route", "status"), registry=registry)
-        self.duration = Histogram("pointsman_request_duration_seconds", "Request duration, end to end",
+        self.duration = histogram("pointsman_request_duration_seconds", "Request duration, end to end",
                                   ("model", "route"), buckets=_DURATION, registry=registry)
-        self.ttft = Histogram("pointsman_time_to_first_token_seconds", "Time to the first streamed token",
+        self.ttft = histogram("pointsman_time_to_first_token_seconds", "Time to the first streamed token",
                               ("model",), buckets=_DURATION, registry=registry)
-        self.tokens = Counter("pointsman_tokens", "Tokens by model and kind (prompt, completion)",
+        self.tokens = counter("pointsman_tokens", "Tokens by model and kind (prompt, completion)",
                               ("model", "kind"), registry=registry)
-        self.cost = Counter("pointsman_cost_usd", "Cost in US dollars by model", ("model",), registry=registry)
-        self.cache = Counter("pointsman_cache_requests", "Cache lookups by result (hit, semantic-hit, miss, bypass)",
+        self.cost = counter("pointsman_cost_usd", "Cost in US dollars by model", ("model",), registry=registry)
+        self.cache = counter("pointsman_cache_requests", "Cache lookups by result (hit, semantic-hit, miss, bypass)",
                              ("result",), registry=registry)
-        self.overhead = Histogram("pointsman_gateway_overhead_seconds",
+        self.overhead = histogram("pointsman_gateway_overhead_seconds",
                                   "Request time not spent waiting on a model (duration minus the attempts' time)",
-                                  buckets=_OVERHEAD, registry=registry)
+                                  (), buckets=_OVERHEAD, registry=registry)
 
 
 def status_class(outcome: Outcome) -> str:
