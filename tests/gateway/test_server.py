@@ -283,3 +283,65 @@ models:
         assert text == "echo: a b c"
     finally:
         gateway.stop()
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def _exchange(cycle_class: type, message: dict, method: str = "GET", keep_alive: bool = True):
+    """What a cycle of `cycle_class` writes and decides for one response start (or the error it raises)."""
+    from uvicorn.protocols.http.flow_control import FlowControl
+
+    transport = _Transport()
+    cycle = cycle_class(
+        scope={"method": method, "http_version": "1.1"}, transport=transport, flow=FlowControl(transport),
+        logger=None, access_logger=None, access_log=False, default_headers=[(b"server", b"uvicorn")],
+        message_event=asyncio.Event(), expect_100_continue=False, keep_alive=keep_alive, on_response=lambda: None)
+    try:
+        asyncio.run(cycle.send(message))
+    except RuntimeError as exc:
+        return "error", str(exc), transport.written
+    return (transport.written, cycle.keep_alive, cycle.chunked_encoding, cycle.expected_content_length,
+            cycle.response_started)
+
+
+@pytest.mark.parametrize("message,method,keep_alive", [
+    ({"type": "http.response.start", "status": 200, "headers": [(b"Content-Type", b"application/json"),
+                                                                (b"content-length", b"12"), (b"X-A", b"1")]},
+     "GET", True),
+    ({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}, "GET",
+     True),  # no length: chunked
+    ({"type": "http.response.start", "status": 200, "headers": []}, "HEAD", True),
+    ({"type": "http.response.start", "status": 204, "headers": []}, "GET", True),
+    ({"type": "http.response.start", "status": 200, "headers": [(b"transfer-encoding", b"Chunked")]}, "GET", True),
+    ({"type": "http.response.start", "status": 200, "headers": [(b"transfer-encoding", b"gzip"),
+                                                                (b"content-length", b"3")]}, "GET", True),
+    ({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"3"),
+                                                                (b"content-length", b"9")]}, "GET", True),
+    ({"type": "http.response.start", "status": 200, "headers": [(b"Connection", b"keep-alive, Close"),
+                                                                (b"content-length", b"0")]}, "GET", True),
+    ({"type": "http.response.start", "status": 500, "headers": [(b"content-length", b"0")]}, "GET", False),
+    ({"type": "http.response.start", "status": 200, "headers": [(b"bad name", b"x")]}, "GET", True),
+    ({"type": "http.response.start", "status": 200, "headers": [(b"x-ok", b"a\r\nb")]}, "GET", True),
+    ({"type": "http.response.body", "body": b"x"}, "GET", True),  # before the start: uvicorn's own error
+])
+def test_response_heads_are_written_as_uvicorn_writes_them(message, method, keep_alive):
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    from gateway.server import _Cycle
+
+    ours = _exchange(_Cycle, message, method, keep_alive)
+    assert ours == _exchange(RequestResponseCycle, message, method, keep_alive)
+    assert ours[0] != "error" or "header" in ours[1] or "Expected" in ours[1]
