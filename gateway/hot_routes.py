@@ -16,6 +16,8 @@ from litestar.handlers import ASGIRouteHandler, asgi
 from litestar.openapi.spec import OpenAPI, Operation, PathItem
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from gateway.request_id import request_id_of
+
 __all__ = ["HotRoute", "document", "hot_route", "read_body"]
 
 Answer = Callable[[Request, bytes], Awaitable[ASGIApp]]
@@ -31,11 +33,18 @@ class HotRoute:
 
 
 def hot_route(path: str, name: str, summary: str, operation: type[Operation], answer: Answer) -> HotRoute:
-    """POST `path` answered by `answer(request, body)`; any other method is a 405, as for a POST-only route."""
+    """POST `path` answered by `answer(request, body)`; OPTIONS and other methods are answered as Litestar
+    answers them for a POST-only route (204 with Allow, 405)."""
 
     async def handle(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] != "POST":
-            raise MethodNotAllowedException(headers={"allow": "POST"})
+        method = scope["method"]  # type: ignore[typeddict-item]
+        if method != "POST":
+            if method == "OPTIONS":  # what Litestar answers for an HTTP route it was not given an OPTIONS handler for
+                await send({"type": "http.response.start", "status": 204, "headers": [
+                    (b"allow", b"OPTIONS, POST"), (b"x-request-id", request_id_of(scope).encode())]})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            raise MethodNotAllowedException(headers={"allow": "POST, OPTIONS"})  # Litestar's own, for such a route
         body = await read_body(scope, receive, scope["litestar_app"].request_max_body_size)  # type: ignore[typeddict-item]
         if body is None:
             return  # the client left while sending: there is no one to answer

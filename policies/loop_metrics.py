@@ -113,7 +113,7 @@ class LoopHistogram(_Family):
 
     def _families(self, children: dict) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        bounds = [*map(_le, self.bounds), "+Inf"]
+        bounds = [*map(floatToGoString, self.bounds), "+Inf"]  # `le` as prometheus-client writes it
         for values, child in list(children.items()):
             cumulative, total = [], 0.0
             for bound, count in zip(bounds, child.counts, strict=True):
@@ -122,8 +122,3 @@ class LoopHistogram(_Family):
             family.add_metric(values, cumulative, child.sum)
             family.add_sample(f"{self.name}_created", dict(zip(self.labelnames, values, strict=True)), child.created)
         yield family
-
-
-def _le(bound: float) -> str:
-    """A bucket bound as prometheus-client writes its `le` label (1.0, 0.005, 1e+06...)."""
-    return floatToGoString(bound)

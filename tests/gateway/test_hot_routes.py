@@ -78,8 +78,10 @@ storage: {{database_url: ''}}
 def test_other_methods_are_405_in_openai_shape(app_url, path, method):
     response = httpx.request(method, app_url[1] + path)
     assert response.status_code == 405
-    assert response.headers["allow"] == "POST" and response.headers["x-request-id"]
+    assert response.headers["allow"] == "POST, OPTIONS" and response.headers["x-request-id"]
     assert response.json()["error"]["type"] == "invalid_request_error"
+    options = httpx.request("OPTIONS", app_url[1] + path)
+    assert options.status_code == 204 and options.headers["allow"] == "OPTIONS, POST" and not options.content
 
 
 def test_a_chat_request_is_served_and_an_oversized_one_refused(app_url):
