@@ -67,13 +67,16 @@ def _single_model(name: str) -> bool:
 _NO_CONTROL: frozenset[str] = frozenset()
 
 
-def _cache_control(headers: dict[str, str]) -> set[str]:
+def _cache_control(headers: dict[str, str] | None) -> frozenset[str] | set[str]:
+    """The `cache-control` directives, lowercased; `headers` is None when the client sent none a cache reads."""
+    if not headers:
+        return _NO_CONTROL
     return {d.strip().lower() for d in headers.get("cache-control", "").split(",") if d.strip()}
 
 
-def _ttl_override(headers: dict[str, str]) -> float | None:
+def _ttl_override(headers: dict[str, str] | None) -> float | None:
     """The `x-pointsman-cache-ttl` header in seconds; anything but a finite positive number is ignored."""
-    value = headers.get(_TTL_HEADER)
+    value = headers.get(_TTL_HEADER) if headers else None
     if value is None:
         return None
     try:
@@ -127,10 +130,10 @@ class ExactCache:
         if model is None:
             return self._bypass(ctx)
         headers: dict[str, str] | None = ctx.state.get("request_headers")  # only when the client sent some
-        control = _cache_control(headers) if headers else _NO_CONTROL
+        control = _cache_control(headers)
         endpoint = "chat" if isinstance(ctx.request.body, ChatCompletionRequest) else "completion"
         key = cache_key(ctx.request.raw, model, endpoint, tenant_of(ctx.principal, self.config.shared))
-        ttl_s = (_ttl_override(headers) if headers else None) or self.config.ttl_s
+        ttl_s = _ttl_override(headers) or self.config.ttl_s
         ctx.state["cache"] = CacheLookup(key, model, "no-store" not in control, ttl_s)
         if "no-cache" in control:
             return self._bypass(ctx)

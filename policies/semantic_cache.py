@@ -160,7 +160,7 @@ class SemanticCache:
             return None
         model = self._rules.cacheable(ctx)
         text = conversation_text(ctx) if model is not None else None
-        headers: dict[str, str] = ctx.state.get("request_headers", {})
+        headers: dict[str, str] | None = ctx.state.get("request_headers")  # only when the client sent some
         control = _cache_control(headers)
         if model is None or text is None or ("no-cache" in control and "no-store" in control):
             return None
