@@ -30,7 +30,7 @@ from gateway.auth import ANALYTICS, READ, USE, Authenticator, principal_of
 from gateway.dashboard import dashboard_router
 from gateway.drain import Drain
 from gateway.generate import generate, request_context
-from gateway.hot_routes import document, hot_route
+from gateway.hot_routes import document, hot_route, route_directly
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics, observe_policies
 from gateway.openapi import (
     CHAT,
@@ -349,6 +349,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     )
     add_schemas(app.openapi_schema.components)
     document(app.openapi_schema, "/v1", HOT_ROUTES)
+    route_directly(app, HOT_ROUTES)
     app.state.gateway = gateway
     app.state.storage = storage
     app.state.auth = auth

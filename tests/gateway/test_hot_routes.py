@@ -59,16 +59,19 @@ def test_a_client_that_leaves_while_sending_gets_nothing():
     assert _read([{"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.disconnect"}], 8) is None
 
 
-@pytest.fixture(scope="module")
-def app_url(upstream):
-    config = parse_config(f"""
+def _app(upstream):
+    return create_app(parse_config(f"""
 models:
   - {{id: remote-a, backend: openai, base_url: "{upstream.url}", upstream_model: mock-model}}
 server: {{max_body_mb: 0.001}}
 routing: {{health_check_s: 0}}
 storage: {{database_url: ''}}
-""")
-    app = create_app(config)
+"""))
+
+
+@pytest.fixture(scope="module")
+def app_url(upstream):
+    app = _app(upstream)
     with serve(app) as url:
         yield app, url
 
@@ -99,3 +102,45 @@ def test_the_openapi_document_keeps_each_operation(app_url):
         assert operation["operationId"] == route.handler.name
         assert set(operation) >= {"summary", "requestBody", "responses"}
         assert {"200", "400", "429", "500"} <= set(operation["responses"])
+
+
+@pytest.fixture(scope="module")
+def routed_url(upstream):
+    """The same app with every request routed by Litestar's router: what route_directly must answer alike."""
+    from litestar._asgi.utils import wrap_in_exception_handler
+
+    app = _app(upstream)
+    app.asgi_handler = wrap_in_exception_handler(app.asgi_router)
+    with serve(app) as url:
+        yield url
+
+
+def _seen(response: httpx.Response) -> tuple:
+    body = response.json() if response.content else None
+    if isinstance(body, dict):
+        body = {k: v for k, v in body.items() if k not in ("id", "created")}
+    return (response.status_code, response.headers.get("content-type"), response.headers.get("allow"),
+            body, "x-request-id" in response.headers)
+
+
+@pytest.mark.parametrize("method,path,headers,payload", [
+    ("POST", "/v1/chat/completions", {}, {"model": "remote-a", "temperature": 0,
+                                          "messages": [{"role": "user", "content": "same"}]}),
+    ("POST", "/v1/chat/completions/", {}, {"model": "remote-a", "messages": [{"role": "user", "content": "x"}]}),
+    ("POST", "/v1/chat/completions", {"host": "bad host/"}, {"model": "remote-a", "messages": []}),
+    ("POST", "/v1/chat/completions", {}, {"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+    ("POST", "/v1/completions", {"content-type": "application/json"}, "{not json"),
+    ("POST", "/v1/embeddings", {}, {"model": "remote-a"}),
+    ("GET", "/v1/completions", {}, None),
+    ("OPTIONS", "/v1/embeddings", {}, None),
+    ("POST", "/v1//chat/completions", {}, {"model": "remote-a", "messages": [{"role": "user", "content": "x"}]}),
+])
+def test_routed_directly_as_litestar_routes(app_url, routed_url, method, path, headers, payload):
+    """Requests for the generation routes skip Litestar's router (route_directly): each is answered as the
+    router answers it, whatever its path's spelling, Host or body."""
+    def send(base: str) -> httpx.Response:
+        content = payload if isinstance(payload, str) else None
+        return httpx.request(method, base + path, headers=headers, content=content,
+                             json=payload if not isinstance(payload, str) else None)
+
+    assert _seen(send(app_url[1])) == _seen(send(routed_url))
