@@ -33,7 +33,6 @@ T = TypeVar("T")
 _PROPAGATOR = TraceContextTextMapPropagator()
 _SPAN = "trace_span"  # ctx.state key: the request's span, parent of every step's span (settle runs after it ends)
 _PARENT = "trace_parent"  # ctx.state key: the client's traceparent/tracestate, when it sent one
-_OUTGOING = "trace_outgoing"  # ctx.state key: an unsampled request's traceparent (and tracestate) for upstreams
 
 
 @functools.lru_cache(maxsize=256)
@@ -94,7 +93,8 @@ class Tracing:
         return span.context if span is not None else None
 
     def _start_request(self, ctx: RequestContext) -> RecordedSpan | None:
-        """The request's span when it is sampled; None when not, with the traceparent for upstreams noted."""
+        """The request's span when it is sampled; None when not, with the traceparent for upstreams set in the
+        request's task (its context is its own: nothing to reset; a sampled request's attempts set theirs)."""
         carrier = ctx.state.get(_PARENT)
         parent = None
         if carrier is not None:  # a malformed traceparent is no parent: the request is a root
@@ -102,13 +102,14 @@ class Tracing:
             parent = parent if parent.is_valid else None
         if parent is None and random.random() >= self.sample_ratio:
             # an unsampled root: only ids for the traceparent sent upstream, flagged unsampled
-            ctx.state[_OUTGOING] = {"traceparent": f"00-{new_trace_id():032x}-{new_span_id():016x}-00"}
+            OUTGOING_HEADERS.set({"traceparent": f"00-{new_trace_id():032x}-{new_span_id():016x}-00"})
             return None
         if parent is not None and not parent.trace_flags.sampled:
             # the client's trace says unsampled: followed, and passed on under a span id of ours
-            ctx.state[_OUTGOING] = _w3c_headers(SpanContext(parent.trace_id, new_span_id(), False,
-                                                            parent.trace_flags, parent.trace_state))
+            OUTGOING_HEADERS.set(_w3c_headers(SpanContext(parent.trace_id, new_span_id(), False,
+                                                          parent.trace_flags, parent.trace_state)))
             return None
+        OUTGOING_HEADERS.set(None)  # not an earlier request's of this task (a WebSocket's requests share one)
         body = ctx.request.body
         operation = "chat" if isinstance(body, ChatCompletionRequest) else "text_completion"
         attributes: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.request.model": body.model,
@@ -150,37 +151,31 @@ class Tracing:
         span.set_attributes(attributes)  # one lock for all of them, not one per attribute
         span.end()
 
-    async def complete(self, ctx: RequestContext, plain: Callable[[], Awaitable[T]],
-                       traced: Callable[[], Awaitable[T]]) -> T:
+    def complete(self, ctx: RequestContext, plain: Callable[[], Awaitable[T]],
+                 traced: Callable[[], Awaitable[T]]) -> Awaitable[T]:
         """A plain request: `traced` under the request's span when it is sampled (the span ends with the answer;
-        settle joins it later), else `plain` with only the traceparent sent upstream."""
+        settle joins it later), else `plain` itself, awaited by the caller with no frame of ours around it."""
         span = self._start_request(ctx)
-        if span is None:
-            return await self._unsampled(ctx, plain)
+        return plain() if span is None else self._complete(ctx, span, traced)
+
+    def stream(self, ctx: RequestContext, plain: Callable[[], Awaitable[T]],
+               traced: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        """As `complete`, but a stream's span ends when its last chunk has gone (or it broke, or the client left)."""
+        span = self._start_request(ctx)
+        return plain() if span is None else self._stream(ctx, span, traced)
+
+    async def _complete(self, ctx: RequestContext, span: RecordedSpan, traced: Callable[[], Awaitable[T]]) -> T:
         result = await self._under_span(ctx, span, traced)
         self._end_request(ctx, span, None if isinstance(result, Reply) else getattr(result, "body", None))
         return result
 
-    async def stream(self, ctx: RequestContext, plain: Callable[[], Awaitable[T]],
-                     traced: Callable[[], Awaitable[T]]) -> T:
-        """As `complete`, but a stream's span ends when its last chunk has gone (or it broke, or the client left)."""
-        span = self._start_request(ctx)
-        if span is None:
-            return await self._unsampled(ctx, plain)
+    async def _stream(self, ctx: RequestContext, span: RecordedSpan, traced: Callable[[], Awaitable[T]]) -> T:
         result = await self._under_span(ctx, span, traced)
         if isinstance(result, Reply):
             self._end_request(ctx, span)
         else:
             result.rest = self._until_end(ctx, span, result.rest)  # type: ignore[attr-defined]
         return result
-
-    @staticmethod
-    async def _unsampled(ctx: RequestContext, run: Callable[[], Awaitable[T]]) -> T:
-        token = OUTGOING_HEADERS.set(ctx.state[_OUTGOING])
-        try:
-            return await run()
-        finally:
-            OUTGOING_HEADERS.reset(token)
 
     async def _under_span(self, ctx: RequestContext, span: Span, run: Callable[[], Awaitable[T]]) -> T:
         """Run `run` in the request's span; a failure marks and ends the span, and is raised."""
