@@ -117,7 +117,8 @@ class CircuitBreaker:
         state = self._state_at(now)
         if state == CLOSED:
             self._consecutive += 1
-            requests, failed = self._count(now, failed=True)
+            self._count(now, failed=True)
+            requests, failed = self._totals()  # summed only here: a success never needs them
             if self._consecutive >= self.failures or (
                 requests >= self.min_requests and failed >= self.error_rate * requests
             ):
@@ -145,15 +146,14 @@ class CircuitBreaker:
             self._buckets.popleft()
         return current
 
-    def _count(self, now: float, *, failed: bool) -> tuple[int, int]:
-        """Add one result to the window; returns the window's (requests, failures)."""
+    def _count(self, now: float, *, failed: bool) -> None:
+        """Add one result to the window."""
         current = self._prune(now)
         if not self._buckets or self._buckets[-1][0] != current:
             self._buckets.append([current, 0, 0])
         bucket = self._buckets[-1]
         bucket[1] += 1
         bucket[2] += int(failed)
-        return self._totals()
 
     def _totals(self) -> tuple[int, int]:
         return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)
