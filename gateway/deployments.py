@@ -93,8 +93,11 @@ class DeploymentPool:
 
     def targets(self, rng: random.Random) -> list[int]:
         """Every deployment index, best first: the strategy's order, healthy ones before unhealthy."""
+        if len(self.states) == 1:  # most models: nothing to order
+            return [0]
         order = self.strategy.order(self.states, rng)
-        order.sort(key=lambda i: not self.healthy[i])  # stable: keeps the strategy's order within each group
+        if False in self.healthy:  # stable: keeps the strategy's order within each group
+            order.sort(key=lambda i: not self.healthy[i])
         return order
 
     def attempts(self, rng: random.Random) -> Iterator[int]:
