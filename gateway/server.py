@@ -211,7 +211,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-_COPY_BYTES = 64 * 1024  # a body up to this size is copied behind its head: cheaper than a writev
+_COPY_BYTES = 64 * 1024  # a body up to this size is copied behind its head (one buffer); a larger one goes by writev
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 
 
