@@ -58,7 +58,10 @@ def estimate_prompt_tokens(request: ParsedRequest) -> int:
     a completion, its prompt text (token ids count one each)."""
     body = request.body
     if isinstance(body, ChatCompletionRequest):
-        return sum(len(message_text(m.content)) // 4 + 4 for m in body.messages)
+        tokens = 0
+        for message in body.messages:  # a loop, not sum() over a generator: this runs on every request
+            tokens += len(message_text(message.content)) // 4 + 4
+        return tokens
     if isinstance(body.prompt, str):
         return len(body.prompt) // 4
     return sum(len(p) // 4 if isinstance(p, str) else 1 if isinstance(p, int) else len(p) for p in body.prompt)

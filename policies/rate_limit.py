@@ -35,7 +35,8 @@ class _Bucket:
     one: RateCharge  # the charge of one unit: what each request costs an rpm bucket, built once
 
     def charge(self, cost: int, *, partial: bool = False) -> RateCharge:
-        return RateCharge(self.key, self.one.rate_per_s, self.per_minute, cost, partial)
+        """`cost` units (an estimate or an excess: never negative) to this bucket."""
+        return self.one.costing(cost, partial)
 
 
 @dataclass(slots=True)

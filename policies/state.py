@@ -75,6 +75,18 @@ class RateCharge:
     def __post_init__(self) -> None:  # valid by construction: a store decides it without checking again
         check_rate(self.rate_per_s, self.burst, self.cost)
 
+    def costing(self, cost: float, partial: bool = False) -> RateCharge:
+        """This charge's bucket charged `cost` instead (a count or an estimate of tokens: >= 0 and finite, which
+        the caller guarantees): its rate and burst were checked when this one was built, so the new one is not
+        checked again. A rate limit's per-request charges: 0.3 us where the checked constructor costs 0.75 here."""
+        charge = _new_charge(RateCharge)
+        charge.key, charge.rate_per_s, charge.burst, charge.cost, charge.partial = (
+            self.key, self.rate_per_s, self.burst, cost, partial)
+        return charge
+
+
+_new_charge = object.__new__
+
 
 class Subscription(AsyncIterator[bytes]):
     """Messages of one channel, in publish order. Subscribed once entered (`async with`) or on the first
@@ -181,8 +193,11 @@ def gcra(
 
 def _units(seconds: float, rate_per_s: float, burst: float) -> int:
     """Whole units a bucket holds `seconds` before it is full: a millionth of a unit absorbs float rounding
-    (0.2 s * 20/s = 3.9999999), clamped to [0, burst]."""
-    return min(math.floor(burst), max(0, math.floor(seconds * rate_per_s + 1e-6)))
+    (0.2 s * 20/s = 3.9999999), clamped to [0, burst]. Branches, not min/max/floor: three calls a request."""
+    units = seconds * rate_per_s + 1e-6
+    if units < 1.0:
+        return 0
+    return int(units) if units < burst else math.floor(burst)
 
 
 class _LocalSubscription(Subscription):

@@ -287,3 +287,20 @@ async def test_an_unreachable_store_bypasses_and_warns_once(caplog: pytest.LogCa
         await dead.aclose()
     warnings_logged = [r for r in caplog.records if r.name == "pointsman.policies.cache"]
     assert len(warnings_logged) == 1 and warnings_logged[0].levelno == logging.WARNING
+
+
+def test_cache_key_is_the_sha256_of_the_canonical_body() -> None:
+    """The documented key, recomputed with hashlib here: fields outside the key dropped (or none to drop), keys
+    sorted at every depth, `model` replaced by the resolved id."""
+    import hashlib
+
+    from policies.cache import cache_key
+
+    plain = {"model": "alias", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    delivered = {**plain, "stream": True, "user": "u1", "stream_options": {"include_usage": True}}
+    canonical = b'{"messages":[{"content":"hi","role":"user"}],"model":"chat","temperature":0}'
+    expected = "cache:shared:" + hashlib.sha256(b"chat\n" + canonical).hexdigest()
+    assert cache_key(plain, "chat", "chat", "shared") == expected
+    assert cache_key(delivered, "chat", "chat", "shared") == expected
+    assert cache_key(plain, "chat", "completion", "shared") != expected
+    assert plain["model"] == "alias" and "stream" in delivered  # the request's own body is left as it was

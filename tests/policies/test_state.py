@@ -359,3 +359,23 @@ async def test_a_redis_restart_is_transparent_and_a_hung_redis_times_out(redis_s
         await eventually(lambda: _works(store), within_s=5.0, every_s=0.02)
     finally:
         await store.aclose()
+
+
+def test_units_match_the_clamped_floor_they_stand_for() -> None:
+    """_units branches instead of min/max/floor: the same whole units for every sign, fraction and clamp."""
+    from policies.state import _units
+
+    for seconds in (-5.0, 0.0, 1e-9, 0.0006, 0.2, 0.5, 3.3, 59.99, 60.0, 1e9):
+        for rate, burst in ((1666.6, 100000.0), (1 / 60, 1), (20.0, 5.5), (20.0, 4), (1e6, 3.0)):
+            expected = min(math.floor(burst), max(0, math.floor(seconds * rate + 1e-6)))
+            assert _units(seconds, rate, burst) == expected, (seconds, rate, burst)
+            assert type(_units(seconds, rate, burst)) is int
+
+
+def test_a_charge_costing_another_amount_is_that_charge_unchecked() -> None:
+    one = RateCharge("rl:0:k:tpm", 1000 / 60, 1000)
+    assert one.costing(37) == RateCharge("rl:0:k:tpm", 1000 / 60, 1000, 37)
+    assert one.costing(5, partial=True) == RateCharge("rl:0:k:tpm", 1000 / 60, 1000, 5, True)
+    assert one.cost == 1.0 and not one.partial  # the template itself is untouched
+    with pytest.raises(ValueError):  # the checked constructor still refuses what costing never gets
+        RateCharge("rl:0:k:tpm", 1000 / 60, 1000, -1)
