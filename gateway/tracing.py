@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -204,7 +204,7 @@ class Tracing:
 
         async def traced(*args: Any) -> T:
             current = trace.get_current_span().get_span_context()  # the request's span (see _under_span)
-            with _step(sink.start("route", current if current.is_valid else None)) as span:
+            with _Step(sink.start("route", current if current.is_valid else None)) as span:
                 decision = await decide(*args)
                 span.set_attribute("pointsman.chain", [a.model.id for a in getattr(decision, "attempts", ())])
                 return decision
@@ -252,7 +252,7 @@ class TracedPolicies:
 
     def _phase(self, ctx: RequestContext, name: str) -> AbstractContextManager[Span]:
         """One phase's span, a child of the request's, never made current (its steps parent explicitly)."""
-        return _step(self.tracing.sink.start(name, Tracing._parent(ctx)))
+        return _Step(self.tracing.sink.start(name, Tracing._parent(ctx)))
 
     async def admit(self, ctx: RequestContext) -> Reply | None:
         with self._phase(ctx, "policies.admit") as span:
@@ -270,17 +270,23 @@ class TracedPolicies:
             await self.chain.settle(ctx, outcome)
 
 
-@contextmanager
-def _step(span: Span) -> Iterator[Span]:
+class _Step:
     """A step's span around its work, ended however the work ends; a step that fails (or refuses the request)
-    records the exception and is marked an error."""
-    try:
-        yield span
-    except BaseException as exc:
-        _fail(span, exc, record=True)
-        raise
-    finally:
-        span.end()
+    records the exception and is marked an error. A class, not @contextmanager: four of these run in every
+    sampled request, and a generator's context manager costs ~2.5 us more each here."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def __enter__(self) -> Span:
+        return self.span
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            _fail(self.span, exc, record=True)
+        self.span.end()
 
 
 def _w3c_headers(context: SpanContext) -> dict[str, str]:

@@ -244,8 +244,8 @@ class BudgetPolicy:
                 charged += fallback
                 used += [None] * len(fallback)
             self._store_answered()
-            if self.alerts is not None:
-                await self._alert(self.alerts, charged, used)
+            if self.alerts is not None and (watched := _watched(charged, used)):
+                await self._alert(self.alerts, watched)
         except StoreUnavailable as exc:
             self._store_failed(exc)
         except Exception:
@@ -404,16 +404,10 @@ class BudgetPolicy:
             ])
         return charged
 
-    async def _alert(self, alerts: BudgetAlerts, charged: Sequence[tuple[_Counter, float]],
-                     used: Sequence[float | None]) -> None:
-        """After a settle: each counter that this request charged and whose budget has thresholds alerts for the
-        thresholds its charge crossed (`used - charge` before, `used` after; reservations of requests still
-        running count as used). `used` is each counter's value after the settle where adjust returned it (None:
-        read back here). A store that fails here only loses the alerts."""
-        watched = [(c, amount, value) for (c, amount), value in zip(charged, used, strict=True)
-                   if amount > 0 and c.alert_from < math.inf and (value is None or value >= c.alert_from)]
-        if not watched:
-            return
+    async def _alert(self, alerts: BudgetAlerts, watched: Sequence[tuple[_Counter, float, float | None]]) -> None:
+        """After a settle: each counter of `_watched` alerts for the thresholds its charge crossed (`used - charge`
+        before, `used` after; reservations of requests still running count as used). A used value of None is read
+        back here. A store that fails here only loses the alerts."""
         unknown = [c for c, _, value in watched if value is None]
         read = iter(await asyncio.gather(*(self.store.counter(c.key) for c in unknown), return_exceptions=True)
                     if unknown else ())
@@ -438,6 +432,15 @@ class BudgetPolicy:
 
 
 _COUNTER_CACHE = 10_000
+
+
+def _watched(charged: Sequence[tuple[_Counter, float]], used: Sequence[float | None]
+             ) -> list[tuple[_Counter, float, float | None]]:
+    """The counters a settle charged that may have crossed an alert threshold, with their charge and their value
+    after it (None where adjust did not return one): a budget with thresholds, used at least up to the lowest.
+    Checked before any alert coroutine is made: most budgets have no thresholds."""
+    return [(c, amount, value) for (c, amount), value in zip(charged, used, strict=True)
+            if amount > 0 and c.alert_from < math.inf and (value is None or value >= c.alert_from)]
 
 
 def _alert_from(budget: BudgetConfig, limit: float) -> float:
