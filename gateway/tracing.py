@@ -273,7 +273,7 @@ class TracedPolicies:
 class _Step:
     """A step's span around its work, ended however the work ends; a step that fails (or refuses the request)
     records the exception and is marked an error. A class, not @contextmanager: four of these run in every
-    sampled request, and a generator's context manager costs ~2.5 us more each here."""
+    sampled request, and a generator's context manager costs ~1 us more each here (1.4 vs 0.4 us)."""
 
     __slots__ = ("span",)
 
