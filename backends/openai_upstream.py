@@ -229,7 +229,11 @@ class OpenAIBackend:
         # parent of several workers runs it for them
         self.supervisor = EngineSupervisor.for_model(model) if launched_here(model) else None
         sent, ours = model.sent_model, model.id
-        self._rename = None if sent == ours else (_encode({"model": sent})[1:-1], _encode({"model": ours})[1:-1])
+        # `"model":"x"` (compact, as vLLM sends it) and `"model": "x"` (as OpenAI and json.dumps write it), each
+        # with ours to put in its place: outside a string a JSON quote is never escaped, so either can only be a
+        # key and its value, not text in a string; an answer written any other way is decoded and re-encoded
+        self._rename = None if sent == ours else tuple(
+            (b'"model"' + sep + _encode(sent), b'"model"' + sep + _encode(ours)) for sep in (b":", b": "))
 
     def _body(self, request: ParsedRequest | ParsedEmbeddings) -> bytes:
         return self._encoded(request.raw)
@@ -242,11 +246,11 @@ class OpenAIBackend:
     def _rewrite(self, payload: bytes, *, check: bool) -> bytes:
         """Our model name in place of the upstream's; raises msgspec errors for a payload that is no JSON object
         (always checked when it must be decoded; `check` also checks the fast path)."""
-        old, new = self._rename  # type: ignore[misc]
-        if old in payload:  # compact JSON, as vLLM and OpenAI send it: `"model":"x"` can only be the key
-            if check:
-                _check_object(payload)
-            return payload.replace(old, new, 1)
+        for old, new in self._rename:  # type: ignore[union-attr]
+            if old in payload:
+                if check:
+                    _check_object(payload)
+                return payload.replace(old, new, 1)
         decoded = _decode(payload)
         if not isinstance(decoded, dict):
             raise msgspec.ValidationError("not a JSON object")
@@ -303,11 +307,11 @@ class OpenAIBackend:
         """What puts our model name into each streamed payload from `url`; None when the names are the same."""
         if self._rename is None:
             return None
-        old, ours = self._rename
+        (compact, ours), _ = self._rename
 
         def rewrite(payload: bytes) -> bytes:
-            if old in payload:  # compact JSON, as vLLM and OpenAI send it: the fast path of _rewrite
-                return payload.replace(old, ours, 1)
+            if compact in payload:  # as vLLM and OpenAI stream chunks: the fast path of _rewrite, inline
+                return payload.replace(compact, ours, 1)
             try:
                 return self._rewrite(payload, check=False)
             except (msgspec.DecodeError, RecursionError) as exc:

@@ -35,6 +35,7 @@ class Upstream:
 
     def __init__(self) -> None:
         self.mode = "ok"
+        self.separators: tuple[str, str] = (",", ":")  # how the "ok" answer is written: compact, as vLLM does
         self.seen_auth: list[str] = []
         self.release = asyncio.Event()
         self.runner: web.AppRunner | None = None
@@ -44,7 +45,8 @@ class Upstream:
         self.seen_auth.append(request.headers.get("Authorization", ""))
         mode = self.mode
         if mode == "ok":
-            return web.json_response(COMPLETION, headers=LIMITS, dumps=lambda o: json.dumps(o, separators=(",", ":")))
+            return web.json_response(COMPLETION, headers=LIMITS,
+                                     dumps=lambda o: json.dumps(o, separators=self.separators))
         if mode == "429":
             return web.json_response({"error": {"message": "slow down", "type": "rate_limit", "code": "rl"}},
                                      status=429, headers={"Retry-After": "3", "retry-after-ms": "2500", **LIMITS,
@@ -115,6 +117,20 @@ async def test_200_relays_rate_limit_headers_and_renames(upstream: Upstream, ren
     assert body["model"] == ("ours" if rename else "up-model")
     assert upstream.seen_auth == (["Bearer key-from-file"] if rename else [""])  # the key's whitespace stripped
     assert json.loads(await b.complete(request()))["choices"][0]["message"]["content"] == "hi"  # headers optional
+    await b.aclose()
+
+
+@pytest.mark.parametrize("separators", [(",", ":"), (", ", ": "), (",", " : ")], ids=["compact", "spaced", "odd"])
+async def test_rename_keeps_the_answer_as_written_when_it_can(upstream: Upstream,
+                                                              separators: tuple[str, str]) -> None:
+    """Compact JSON (vLLM) and json.dumps's default spacing (OpenAI's style) get our model name in place, the
+    rest byte for byte; any other spacing is decoded and re-encoded, with the same content."""
+    upstream.separators = separators
+    b = backend(upstream.url, upstream_model="up-model")
+    body = await b.complete(request())
+    expected = json.dumps({**COMPLETION, "model": "ours"}, separators=separators).encode()
+    assert json.loads(body) == json.loads(expected)
+    assert (body == expected) == (separators != (",", " : "))
     await b.aclose()
 
 
