@@ -314,7 +314,8 @@ class ConnectionPool:
         head = b"%s %s%s HTTP/1.1\r\n%s" % (method.encode(), self._prefix, path.encode(), self._fixed)
         if headers:
             check_headers(headers)
-            head += b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
+            for name, value in headers.items():  # usually one (the traceparent): a loop, not a generator
+                head += b"%s: %s\r\n" % (name.encode(), value.encode())
         return head + b"Content-Length: %d\r\n\r\n" % length
 
     async def _connect(self) -> _Connection:
