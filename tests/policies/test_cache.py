@@ -289,7 +289,7 @@ async def test_an_unreachable_store_bypasses_and_warns_once(caplog: pytest.LogCa
     assert len(warnings_logged) == 1 and warnings_logged[0].levelno == logging.WARNING
 
 
-def test_cache_key_is_the_sha256_of_the_canonical_body() -> None:
+async def test_cache_key_is_the_sha256_of_the_canonical_body() -> None:
     """The documented key, recomputed with hashlib here: fields outside the key dropped (or none to drop), keys
     sorted at every depth, `model` replaced by the resolved id."""
     import hashlib

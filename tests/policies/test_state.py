@@ -361,7 +361,7 @@ async def test_a_redis_restart_is_transparent_and_a_hung_redis_times_out(redis_s
         await store.aclose()
 
 
-def test_units_match_the_clamped_floor_they_stand_for() -> None:
+async def test_units_match_the_clamped_floor_they_stand_for() -> None:
     """_units branches instead of min/max/floor: the same whole units for every sign, fraction and clamp."""
     from policies.state import _units
 
@@ -372,7 +372,7 @@ def test_units_match_the_clamped_floor_they_stand_for() -> None:
             assert type(_units(seconds, rate, burst)) is int
 
 
-def test_a_charge_costing_another_amount_is_that_charge_unchecked() -> None:
+async def test_a_charge_costing_another_amount_is_that_charge_unchecked() -> None:
     one = RateCharge("rl:0:k:tpm", 1000 / 60, 1000)
     assert one.costing(37) == RateCharge("rl:0:k:tpm", 1000 / 60, 1000, 37)
     assert one.costing(5, partial=True) == RateCharge("rl:0:k:tpm", 1000 / 60, 1000, 5, True)
