@@ -1,5 +1,5 @@
 """uvicorn's httptools protocol with read timeouts, a header size limit, close-delimited HTTP/1.0 streams, and a
-response head checked in two regex searches rather than two per header and written with its body."""
+response head checked in two passes rather than two regex searches per header and written with its body."""
 
 from __future__ import annotations
 
@@ -213,15 +213,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 _COPY_BYTES = 64 * 1024  # a body up to this size is copied behind its head (one buffer); a larger one goes by writev
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+# the bytes uvicorn allows in a header name and in a value: each of its two patterns is one character class, so
+# deleting the allowed bytes (bytes.translate) leaves something exactly when its search would find a match, at a
+# fifth of the search's cost here (0.3 us against 1.2-1.5 for a completion's ~14 headers)
+_NAME_BYTES = bytes(b for b in range(256) if HEADER_RE.search(bytes((b,))) is None)
+_VALUE_BYTES = bytes(b for b in range(256) if HEADER_VALUE_RE.search(bytes((b,))) is None)
 
 
 class _Cycle(RequestResponseCycle):
-    """uvicorn 0.54's exchange, with the response head checked in two regex searches over all the names and all
-    the values, where uvicorn makes two per header (a completion's head has 10-16 headers: -2 us of the ~7 it
-    costs here). What it writes and refuses is uvicorn's: a name or value it rejects goes to its own `send`,
-    which raises the same error; so do heads that must wait (writes paused), go nowhere (client gone) or are
-    logged (access log on). The head of a sized response is held and written with the first part of its body:
-    one write and one TCP segment rather than two (wrk, no policies: +8% c16 RPS, -11 us CPU a request)."""
+    """uvicorn 0.54's exchange, with the response head checked in two passes over all the names and all the
+    values, where uvicorn makes two regex searches per header (a completion's head has 10-16 headers). What it
+    writes and refuses is uvicorn's: a name or value it rejects goes to its own `send`, which raises the same
+    error; so do heads that must wait (writes paused), go nowhere (client gone) or are logged (access log on). The
+    head of a sized response is held and written with the first part of its body: one write and one TCP segment
+    rather than two (wrk, no policies: +8% c16 RPS, -11 us CPU a request)."""
 
     _held: bytes | None = None  # a plain response's head, written with its body
 
@@ -235,7 +240,8 @@ class _Cycle(RequestResponseCycle):
             return
         headers = [*self.default_headers, *message.get("headers", ())]
         names = [name.lower() for name, _ in headers]
-        if HEADER_RE.search(b"".join(names)) or HEADER_VALUE_RE.search(b"".join([value for _, value in headers])):
+        if (b"".join(names).translate(None, _NAME_BYTES)
+                or b"".join([value for _, value in headers]).translate(None, _VALUE_BYTES)):
             await super().send(message)  # raises uvicorn's error for the offending header
             return
         self.response_started = True

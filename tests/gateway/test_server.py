@@ -388,3 +388,22 @@ def test_a_sized_response_goes_out_in_one_write():
     assert writes == 1 and written.endswith(b"\r\n\r\n{}")
     (written, *_), writes = _exchange(_Cycle, [start, _body(b"{", more=True), _body(b"}")])
     assert writes == 2 and written.endswith(b"\r\n\r\n{}")  # the head goes with the first part
+
+
+def test_the_head_check_finds_what_uvicorns_patterns_find():
+    """The allowed-byte sets are read off uvicorn's patterns one byte at a time: right only while each pattern is
+    one character class, which this checks on every byte and on mixed strings."""
+    import random
+
+    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
+    from gateway.server import _NAME_BYTES, _VALUE_BYTES
+
+    rng = random.Random(7)
+    samples = [bytes((b,)) for b in range(256)]
+    samples += [b"x-request-id", b"content-type", b"bad name", b"a\r\nb", b"Thu, 26 Nov 2026 23:00:00 GMT", b""]
+    samples += [bytes(rng.choice(b"abc-XYZ09 :;\t\r\n\x00\x7f\xe9") for _ in range(rng.randint(1, 40)))
+                for _ in range(2000)]
+    for sample in samples:
+        assert bool(sample.translate(None, _NAME_BYTES)) == bool(HEADER_RE.search(sample)), sample
+        assert bool(sample.translate(None, _VALUE_BYTES)) == bool(HEADER_VALUE_RE.search(sample)), sample
