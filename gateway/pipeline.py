@@ -96,12 +96,13 @@ class Pipeline:
             traced.policies = tracing.policies(policies)  # type: ignore[assignment]
             traced._decide = tracing.decide(gateway.decide)
             traced._attempt = tracing.attempt
-            self.complete = lambda ctx: tracing.complete(  # type: ignore[method-assign]
-                ctx, lambda: Pipeline.complete(self, ctx), lambda: Pipeline.complete(traced, ctx))
-            self.stream = lambda ctx: tracing.stream(  # type: ignore[method-assign]
-                ctx, lambda: Pipeline.stream(self, ctx), lambda: Pipeline.stream(traced, ctx))
-            self.settle = lambda ctx, outcome: Pipeline.settle(  # type: ignore[method-assign]
-                traced if tracing.sampled(ctx) else self, ctx, outcome)
+            # both pipelines' own methods, bound once before these replace them: a request makes no closure
+            complete, stream, settle = self.complete, self.stream, self.settle
+            complete_traced, stream_traced, settle_traced = traced.complete, traced.stream, traced.settle
+            self.complete = lambda ctx: tracing.complete(ctx, complete, complete_traced)  # type: ignore[method-assign]
+            self.stream = lambda ctx: tracing.stream(ctx, stream, stream_traced)  # type: ignore[method-assign]
+            self.settle = lambda ctx, outcome: (  # type: ignore[method-assign]
+                settle_traced if tracing.sampled(ctx) else settle)(ctx, outcome)
 
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
         if self.has_policies:

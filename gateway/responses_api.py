@@ -341,15 +341,15 @@ async def _relayed(request: Request, body: ResponsesRequest, raw: dict[str, Any]
         tracing.accept(ctx, request.scope["headers"])
     watch = state.watches.watch(request.receive)
 
-    def run(on: Pipeline = pipeline) -> Awaitable[Served | StreamStart]:
+    def run(ctx: RequestContext, on: Pipeline = pipeline) -> Awaitable[Served | StreamStart]:
         return _relay(on, policies, ctx, raw, body.stream)
 
     try:
         if tracing is None:
-            result = await run()
+            result = await run(ctx)
         else:  # a sampled request runs on the traced twin (a span per attempt)
             result = await (tracing.stream if body.stream else tracing.complete)(
-                ctx, run, lambda: run(pipeline.traced))
+                ctx, run, lambda ctx: run(ctx, pipeline.traced))
     except BaseException as exc:
         watch.stop()
         if watch.absorb(exc):
