@@ -41,6 +41,7 @@ class _Connection(asyncio.Protocol):
     here, once per plain answer and once per streamed chunk."""
 
     def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()  # made by create_connection, on the loop it serves (asked once)
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.received_any = False
@@ -142,7 +143,7 @@ class _Connection(asyncio.Protocol):
     async def _wait(self, timeout: float | None) -> None:
         if self._error is not None:
             raise self._error
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         waiter = self._waiter = loop.create_future()
         deadline = self._limit if timeout is None else min(loop.time() + timeout, self._limit)
         self._deadline, self._timeout = deadline, timeout or 0.0
@@ -162,7 +163,7 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done() or self._deadline == math.inf:
             return  # no wait with a timeout under way: the next one arms the timer again
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         # a later wait moved the deadline: sleep until then (uvloop's clock counts whole milliseconds: a deadline
         # less than one away has come, rather than a timer of 0 ms firing again and again until the clock ticks)
         if loop.time() < self._deadline - 0.001:

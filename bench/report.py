@@ -20,7 +20,9 @@ def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
     cpu = model[1].strip() if model else platform.processor() or "unknown CPU"
-    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}"
+    # the interpreter too: Debian's python3.11 and a default pyenv build of 3.11 differ by 15-33% on plain Python
+    python = f"CPython {platform.python_version()} ({Path(sys.executable).resolve()})"
+    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, {python}"
 
 
 def command() -> str:

@@ -83,7 +83,7 @@ class Watches:
     def watch(self, receive: Receive) -> DisconnectWatch:
         """A watch for the current task's request (call it once the request body has been read)."""
         loop = asyncio.get_running_loop()
-        watch = DisconnectWatch(self, receive, asyncio.current_task(), loop.time())
+        watch = DisconnectWatch(self, receive, asyncio.current_task(loop), loop.time())
         self.pending[watch] = None
         if self._timer is None:
             self._timer = loop.call_at(watch.since + WATCH_AFTER_S, self._sweep)
