@@ -33,7 +33,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from report import RESULTS, command, read_section, write_section  # noqa: E402
+from report import RESULTS, command, interpreter, read_section, write_section  # noqa: E402
 
 SECTION = "## Gateway overhead"
 WHY_START, WHY_END = "<!-- why: kept across runs, edit freely -->", "<!-- /why -->"
@@ -671,13 +671,14 @@ def relay_verdict(ttfb: dict[str, Ttfb], names: dict[str, str]) -> str:
 
 
 def stamp() -> str:
-    """Date, CPU model (/proc/cpuinfo), nproc (the CPUs this process may use) and the command line."""
+    """Date, CPU model (/proc/cpuinfo), nproc (the CPUs this process may use), the interpreter and the command
+    line."""
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
     cpu = model[1].strip() if model else "unknown CPU"
-    return (f"Measured {now} on {cpu}, nproc {len(os.sched_getaffinity(0))}, Linux {os.uname().release} "
-            f"with `{command()}`.")
+    return (f"Measured {now} on {cpu}, nproc {len(os.sched_getaffinity(0))}, Linux {os.uname().release}, "
+            f"{interpreter()} with `{command()}`.")
 
 
 def existing_why(text: str) -> str | None:

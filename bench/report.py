@@ -10,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-__all__ = ["RESULTS", "ROOT", "command", "machine", "read_section", "stamp", "write_section"]
+__all__ = ["RESULTS", "ROOT", "command", "interpreter", "machine", "read_section", "stamp", "write_section"]
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -20,9 +20,13 @@ def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
     cpu = model[1].strip() if model else platform.processor() or "unknown CPU"
-    # the interpreter too: Debian's python3.11 and a default pyenv build of 3.11 differ by 15-33% on plain Python
-    python = f"CPython {platform.python_version()} ({Path(sys.executable).resolve()})"
-    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, {python}"
+    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, {interpreter()}"
+
+
+def interpreter() -> str:
+    """The Python that ran the benchmark, by version and executable: Debian's python3.11 and a default pyenv
+    build of 3.11 differ by 15-33% on plain Python here (bench/RESULTS.md)."""
+    return f"CPython {platform.python_version()} ({Path(sys.executable).resolve()})"
 
 
 def command() -> str:
