@@ -1,6 +1,6 @@
 # Two set-up commands: `make serve` (the default config, the real local model) and `make test`.
 # Debian's python3.11 where it is installed: built with PGO and LTO and libpython linked in, it runs the gateway's
-# observed policy chain ~6% cheaper than a default pyenv build (shared libpython, no PGO); see bench/RESULTS.md
+# observed policy chain ~5% cheaper than a default pyenv build (shared libpython, no PGO); see bench/RESULTS.md
 PY ?= $(firstword $(wildcard /usr/bin/python3.11) python3.11)
 VENV := .venv
 BIN := $(VENV)/bin
