@@ -1,6 +1,7 @@
 # Two set-up commands: `make serve` (the default config, the real local model) and `make test`.
-# Debian's python3.11 where it is installed: built with PGO and LTO and libpython linked in, it runs the gateway's
-# observed policy chain ~5% cheaper than a default pyenv build (shared libpython, no PGO); see bench/RESULTS.md
+# Debian's python3.11 where it is installed: Debian's optimised build, libpython linked into the executable, runs
+# the gateway's observed policy chain ~5% cheaper than a default pyenv build (shared libpython, no PGO), and plain
+# Python 16-33% faster (bench/RESULTS.md); else python3.11, else python3
 PY ?= $(firstword $(wildcard /usr/bin/python3.11) python3.11)
 VENV := .venv
 BIN := $(VENV)/bin
