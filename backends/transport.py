@@ -104,21 +104,14 @@ class Transport(Protocol):
 
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_NAMES: set[str] = set()  # names already found to be tokens: the few a gateway sends (traceparent...) pass by lookup
-_NAMES_KEPT = 256
 
 
 def check_headers(headers: Mapping[str, str]) -> None:
-    """Raise InvalidHeader for a name that is not a token or a value with CR/LF/NUL; never echoes the value.
-    Runs on every traced upstream request: a known name is a set lookup, a value three substring scans (0.1 us
-    where a regex search took 0.3)."""
+    """Raise InvalidHeader for a name that is not a token or a value with CR/LF/NUL; never echoes the value."""
     for name, value in headers.items():
-        if name not in _NAMES:
-            if not _TOKEN.fullmatch(name):
-                raise InvalidHeader(f"invalid header name {name!r}")
-            if len(_NAMES) < _NAMES_KEPT:
-                _NAMES.add(name)
-        if "\r" in value or "\n" in value or "\0" in value:
+        if not _TOKEN.fullmatch(name):
+            raise InvalidHeader(f"invalid header name {name!r}")
+        if "\r" in value or "\n" in value or "\0" in value:  # three scans: cheaper than a regex search here
             raise InvalidHeader(f"header {name!r} has a CR, LF or NUL in its value (a key file's trailing newline?)")
 
 
