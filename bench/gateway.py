@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -37,7 +38,7 @@ from report import RESULTS, command, interpreter, read_section, write_section  #
 
 SECTION = "## Gateway overhead"
 WHY_START, WHY_END = "<!-- why: kept across runs, edit freely -->", "<!-- /why -->"
-WRK = "/usr/bin/wrk"
+WRK = shutil.which("wrk") or "/usr/bin/wrk"  # Debian: apt-get install wrk
 FIXED = "Hello from the mock upstream."
 TARGET_ADDED_P50_MS = 1.0  # DESIGN.md: the gateway's own time, p50
 TARGET_SHARE_OF_BARE = 0.90  # pointsman c16 RPS / the bare proxy's, no policies
@@ -880,6 +881,10 @@ def interrupt(signum: int, _frame: object) -> None:
 
 def main() -> int:
     args = parse_args()
+    if not os.access(WRK, os.X_OK):  # found before minutes of start-up, not at the first wrk run
+        print(f"bench/gateway.py needs wrk, the load generator: not found at {WRK} (Debian: apt-get install wrk)",
+              file=sys.stderr)
+        return 2
     procs: list[subprocess.Popen] = []
     signal.signal(signal.SIGTERM, interrupt)
     try:
