@@ -45,8 +45,8 @@ async def app(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, int]]:
+def serve(**settings: float) -> Iterator[tuple[str, int]]:
+    """`app` behind the guarded protocol on a free port, with uvicorn's other `settings` (e.g. timeout_keep_alive)."""
     port = free_port()
     config = uvicorn.Config(
         app,
@@ -56,6 +56,7 @@ def server() -> Iterator[tuple[str, int]]:
         lifespan="off",
         log_level="warning",
         http=http_protocol(HEADER_TIMEOUT, BODY_TIMEOUT, MAX_HEADER_BYTES),
+        **settings,
     )
     instance = uvicorn.Server(config)
     thread = threading.Thread(target=instance.run, daemon=True)
@@ -67,6 +68,19 @@ def server() -> Iterator[tuple[str, int]]:
     yield "127.0.0.1", port
     instance.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, int]]:
+    yield from serve()
+
+
+KEEP_ALIVE = 0.5
+
+
+@pytest.fixture(scope="module")
+def short_keep_alive() -> Iterator[tuple[str, int]]:
+    yield from serve(timeout_keep_alive=KEEP_ALIVE)
 
 
 def connect(address: tuple[str, int], timeout: float = 5.0) -> socket.socket:
@@ -85,13 +99,19 @@ def read_response(sock: socket.socket) -> tuple[bytes, dict[bytes, bytes], bytes
     """One content-length framed response off a kept-alive connection: (status line, headers, body)."""
     data = b""
     while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
+        data += _received(sock)
     head, _, body = data.partition(b"\r\n\r\n")
     status, *lines = head.split(b"\r\n")
     headers = dict(line.lower().split(b": ", 1) for line in lines)
     while len(body) < int(headers[b"content-length"]):
-        body += sock.recv(65536)
+        body += _received(sock)
     return status, headers, body
+
+
+def _received(sock: socket.socket) -> bytes:
+    if not (chunk := sock.recv(65536)):
+        raise ConnectionError("the server closed the connection before the whole response")
+    return chunk
 
 
 def split(raw: bytes) -> tuple[bytes, list[bytes], bytes]:
@@ -227,6 +247,37 @@ def test_keep_alive_reuses_the_connection_past_the_timeouts(server):
         sock.settimeout(5)
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert read_response(sock)[2] == b"0"
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout(short_keep_alive):
+    with connect(short_keep_alive) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock)[2] == b"0"
+        answered = time.monotonic()
+        assert read_until_closed(sock) == b""  # closed quietly, as uvicorn closes an expired keep-alive
+        assert time.monotonic() - answered >= KEEP_ALIVE - 0.05
+
+
+def test_each_response_starts_the_keep_alive_timeout_again(short_keep_alive):
+    with connect(short_keep_alive) as sock:
+        started = time.monotonic()
+        for i in range(6):  # 6 x 0.2 s idle: well past the keep-alive timeout in all, never in one gap
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (i, b"k" * i))
+            assert read_response(sock)[2] == b"%d" % i
+            sock.settimeout(KEEP_ALIVE * 0.4)
+            with pytest.raises(TimeoutError):  # nothing arrives, and the connection stays open (recv would give b"")
+                sock.recv(1)
+            sock.settimeout(5)
+        assert time.monotonic() - started > 2 * KEEP_ALIVE
+
+
+def test_a_request_answered_slower_than_the_keep_alive_is_not_cut_off(short_keep_alive):
+    with connect(short_keep_alive) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # a first response arms the keep-alive clock
+        assert read_response(sock)[2] == b"0"
+        sock.sendall(b"POST /slow-read HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")  # 3 s in the app
+        assert read_response(sock)[2] == b"2"
+        assert read_until_closed(sock) == b""  # then idle again: closed
 
 
 def test_many_dribbling_connections_are_all_closed(server):
