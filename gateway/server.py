@@ -61,7 +61,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
       completes, and as raw bytes read while it is still incomplete (so one endless header is cut off early).
     - HTTP/1.0: a response with no content-length goes out unframed, ended by closing the connection, since
       HTTP/1.0 clients cannot read chunked transfer-encoding.
-
     - keep-alive: a connection idle for uvicorn's `timeout_keep_alive` after a response is closed quietly.
 
     At most one `call_at` timer per connection, armed at connect and when a read ends inside a request; later reads
@@ -128,12 +127,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse(431)
             elif not self._deadline:
                 self._deadline = self.loop.time() + self._header_timeout
-                self._arm()
+                self._arm(self._deadline)
         elif phase == _BODY:
             started = self._deadline
             self._deadline = self.loop.time() + self._body_timeout  # each read restarts the gap
             if not started:
-                self._arm()
+                self._arm(self._deadline)
 
     # parser callbacks
     def on_message_begin(self) -> None:
@@ -170,20 +169,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._start_asgi_task(cycle, app)
             return
         until = self._idle_until = self.loop.time() + self.timeout_keep_alive
-        timer = self._timer
-        if timer is None or timer.when() > until:  # none armed, or armed for later (a long read deadline)
-            if timer is not None:
-                timer.cancel()
-            self._timer = self.loop.call_at(until, self._on_read_timeout)
+        if self._timer is None or self._timer.when() > until:  # none armed, or armed for later (a read deadline)
+            self._arm(until)
 
     # timeouts
     def _head_size(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
-    def _arm(self) -> None:
+    def _arm(self, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self.loop.call_at(self._deadline, self._on_read_timeout)
+        self._timer = self.loop.call_at(when, self._on_read_timeout)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -202,7 +198,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # a later response moved the idle deadline (uvloop's clock counts whole milliseconds: one less than a
             # millisecond away has come, rather than a 0 ms timer firing until the clock ticks)
             if now < self._idle_until - 0.001:
-                self._timer = self.loop.call_at(self._idle_until, self._on_read_timeout)
+                self._arm(self._idle_until)
             else:
                 self.transport.close()  # what uvicorn's timeout_keep_alive_handler does
             return
