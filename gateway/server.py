@@ -96,8 +96,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_timer()
 
     def data_received(self, data: bytes) -> None:
-        # uvicorn 0.54's version, plus the 431 and the timer bookkeeping once the read is parsed
-        self._unset_keepalive_if_required()
+        # uvicorn 0.54's version, plus the 431 and the timer bookkeeping once the read is parsed; without its
+        # cancelling of the keep-alive timer, which this protocol never arms (see on_response_complete)
         self._read_len = len(data)
         try:
             self.parser.feed_data(data)
