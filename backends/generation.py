@@ -20,6 +20,7 @@ __all__ = [
     "StopChecker",
     "TokenConstraint",
     "decode",
+    "draw",
     "sample_next",
 ]
 
@@ -165,8 +166,23 @@ def sample_next(
         # drop a token when the tokens ranked above it already cover top_p (the first one always stays)
         drop = (sorted_probs.cumsum(0) - sorted_probs) > params.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return int(order[draw(sorted_probs, generator)])
+    return draw(probs, generator)
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One index drawn with probability proportional to `weights` (non-negative, one row; a zero is never drawn),
+    by inverse transform: the first index whose running total passes a uniform draw over the total. One random
+    number, where torch.multinomial draws an exponential for every entry: ~0.1 against ~1.4 ms over SmolLM2's
+    49k vocabulary on this CPU, each token of each sampled sequence."""
+    totals = weights.cumsum(0, dtype=torch.float64)  # float64: late small weights still move a 49k-term total
+    total = totals[-1]
+    if not total > 0:  # NaN too: as torch.multinomial, refuse rather than pick an arbitrary index
+        raise RuntimeError(f"invalid distribution to sample from (weights sum to {float(total)})")
+    # a uniform in [0, 1) times the total stays below it (round to nearest never reaches it), so a running total
+    # passes it; the first to pass it has weight of its own (a zero weight repeats the total before it)
+    point = torch.rand((), generator=generator, dtype=torch.float64, device=totals.device) * total
+    return int(torch.searchsorted(totals, point, right=True))
 
 
 def _make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
