@@ -173,8 +173,8 @@ def sample_next(
 def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
     """One index drawn with probability proportional to `weights` (non-negative, one row; a zero is never drawn),
     by inverse transform: the first index whose running total passes a uniform draw over the total. One random
-    number, where torch.multinomial draws an exponential for every entry: ~0.1 against ~1.4 ms over SmolLM2's
-    49k vocabulary on this CPU, each token of each sampled sequence."""
+    number, where torch.multinomial draws an exponential for every entry: ~0.1 against ~1.6 ms over SmolLM2's
+    49k vocabulary, each token of each sampled sequence (bench/sampling.py)."""
     totals = weights.cumsum(0, dtype=torch.float64)  # float64: late small weights still move a 49k-term total
     total = totals[-1]
     if not total > 0:  # NaN too: as torch.multinomial, refuse rather than pick an arbitrary index

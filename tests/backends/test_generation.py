@@ -33,7 +33,8 @@ def test_unnormalised_weights_and_a_vocabulary_sized_row() -> None:
 
 
 def test_a_zero_weight_is_never_drawn_first_last_or_between() -> None:
-    weights = torch.tensor([0.0, 1.0, 0.0, 0.0, 1e-30, 0.0])  # a tiny weight is drawable only in float64 sums
+    # 1e-30 does not move the running total past 1.0: never drawn in practice, yet it is a weight, unlike the zeros
+    weights = torch.tensor([0.0, 1.0, 0.0, 0.0, 1e-30, 0.0])
     rng = generator(3)
     assert {draw(weights, rng) for _ in range(2_000)} <= {1, 4}
     assert {draw(torch.tensor([0.0, 0.0, 5.0]), rng) for _ in range(100)} == {2}
