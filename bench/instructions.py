@@ -40,8 +40,9 @@ VARIANTS = {
     "the chain + metrics + traces, sample_ratio 0.1": TRACES % 0.1,
 }
 _HARNESS = str(ROOT / "bench")  # the drive's own frames are not the app's
-# the upstreams' health checks run by the clock, not per request (and their first one imports httpx's backends):
-# off, so that a variant's count does not depend on how long its traced requests took
+# the upstreams' health checks run by the clock, not per request: off, so that a variant's count does not depend on
+# how long its traced requests took (with them on, the first policy variant counted ~1,000 instructions a request
+# more than a second run of itself, nearly all of it a module import inside the count)
 _NO_CLOCK = "routing: {health_check_s: 0}\n"
 
 
