@@ -5,6 +5,7 @@ OpenAI's error shape, and their operations stay in the OpenAPI document."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import httpx
@@ -59,14 +60,22 @@ def test_a_client_that_leaves_while_sending_gets_nothing():
     assert _read([{"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.disconnect"}], 8) is None
 
 
-def _app(upstream):
+def _app(upstream, extra: str = ""):
     return create_app(parse_config(f"""
 models:
   - {{id: remote-a, backend: openai, base_url: "{upstream.url}", upstream_model: mock-model}}
 server: {{max_body_mb: 0.001}}
 routing: {{health_check_s: 0}}
 storage: {{database_url: ''}}
-"""))
+{extra}"""))
+
+
+def _routed(app):
+    """`app` with every request going through Litestar's router, as before route_directly."""
+    from litestar._asgi.utils import wrap_in_exception_handler
+
+    app.asgi_handler = wrap_in_exception_handler(app.asgi_router)
+    return app
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +116,7 @@ def test_the_openapi_document_keeps_each_operation(app_url):
 @pytest.fixture(scope="module")
 def routed_url(upstream):
     """The same app with every request routed by Litestar's router: what route_directly must answer alike."""
-    from litestar._asgi.utils import wrap_in_exception_handler
-
-    app = _app(upstream)
-    app.asgi_handler = wrap_in_exception_handler(app.asgi_router)
+    app = _routed(_app(upstream))
     with serve(app) as url:
         yield url
 
@@ -144,3 +150,25 @@ def test_routed_directly_as_litestar_routes(app_url, routed_url, method, path, h
                              json=payload if not isinstance(payload, str) else None)
 
     assert _seen(send(app_url[1])) == _seen(send(routed_url))
+
+
+@pytest.fixture(scope="module")
+def guarded_urls(upstream):
+    """An app that asks for a key, its generation routes routed directly and by Litestar's router."""
+    urls = []
+    with contextlib.ExitStack() as stack:
+        for direct in (True, False):
+            app = _app(upstream, "auth: {api_keys: [sk-hot]}")
+            urls.append(stack.enter_context(serve(app if direct else _routed(app))))
+        yield urls
+
+
+@pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer sk-wrong"}, {"authorization": "Basic x"},
+                                     {"authorization": "Bearer sk-hot"}])
+def test_guards_answer_directly_as_through_litestar(guarded_urls, headers):
+    """route_directly runs a route's guards as Litestar's router does: the same 401, or the same answer."""
+    payload = {"model": "remote-a", "temperature": 0, "messages": [{"role": "user", "content": "guarded"}]}
+    direct, routed = (httpx.post(url + "/v1/chat/completions", headers=headers, json=payload)
+                      for url in guarded_urls)
+    assert _seen(direct) == _seen(routed)
+    assert direct.status_code == (200 if headers.get("authorization") == "Bearer sk-hot" else 401)
