@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import policy_chain  # noqa: E402
+from app_drive import BASE, CHAIN, METRICS, TRACING, drive, lifespan  # noqa: E402
 from report import stamp, write_section  # noqa: E402
 
 from config.loader import parse_config  # noqa: E402
@@ -31,11 +32,11 @@ from gateway.app import create_app  # noqa: E402
 from tests.conftest import start_upstream  # noqa: E402
 
 SECTION = "## Instructions a request"
-TRACES = policy_chain.CHAIN + policy_chain.METRICS + policy_chain.TRACING
+TRACES = CHAIN + METRICS + TRACING
 VARIANTS = {
     policy_chain.NONE: "",
-    "rate limit + budget + exact cache": policy_chain.CHAIN,
-    "the chain + metrics": policy_chain.CHAIN + policy_chain.METRICS,
+    "rate limit + budget + exact cache": CHAIN,
+    "the chain + metrics": CHAIN + METRICS,
     "the chain + metrics + traces, sample_ratio 0.0": TRACES % 0.0,
     "the chain + metrics + traces, sample_ratio 0.1": TRACES % 0.1,
 }
@@ -61,15 +62,15 @@ def counting(counts: Counter[CodeType]) -> Callable[[FrameType, str, Any], Any]:
 
 async def count(upstream: str, extra: str, n: int) -> Counter[CodeType]:
     """Instructions by code object over `n` requests with `extra` config, after a warm-up of n/5."""
-    app = create_app(parse_config(policy_chain.BASE % upstream + _NO_CLOCK + extra))
-    inbox, task = await policy_chain.lifespan(app)
+    app = create_app(parse_config(BASE % upstream + _NO_CLOCK + extra))
+    inbox, task = await lifespan(app)
     counts: Counter[CodeType] = Counter()
     try:
-        await policy_chain.drive(app, n // 5, "warm")
+        await drive(app, n // 5, "warm")
         random.seed(0)  # the same requests sampled for tracing, run after run
         sys.settrace(counting(counts))
         try:
-            await policy_chain.drive(app, n, "counted")
+            await drive(app, n, "counted")
         finally:
             sys.settrace(None)
     finally:
