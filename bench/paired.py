@@ -124,7 +124,10 @@ def compare(a: Side, b: Side, upstream: str, pairs: int, bursts: int, n: int) ->
                 for which in (0, 1) if burst % 2 == 0 else (1, 0):
                     procs[which].stdin.write(f"{n}\n")  # type: ignore[union-attr]
                     procs[which].stdin.flush()  # type: ignore[union-attr]
-                    times[which].append(float(procs[which].stdout.readline()))  # type: ignore[union-attr]
+                    line = procs[which].stdout.readline()  # type: ignore[union-attr]
+                    if not line:
+                        raise SystemExit(f"the {sides[which]} side's process ended: its error is above")
+                    times[which].append(float(line))
         finally:
             for proc in procs:
                 proc.communicate("\n", timeout=60)
