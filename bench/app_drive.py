@@ -5,11 +5,12 @@ benchmark can drive another checkout's app with it (bench/paired.py)."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["BASE", "BUDGET", "CACHE", "CHAIN", "CONCURRENCY", "METRICS", "RATE_LIMIT", "TRACING", "drive", "lifespan",
-           "post"]
+__all__ = ["BASE", "CONCURRENCY", "CONFIGS", "cpu_us", "drive", "lifespan", "post"]
 
 BASE = """
 models:
@@ -22,6 +23,18 @@ CACHE = "  cache: {mode: deterministic, ttl_s: 3600}\n"
 CHAIN = "policies:\n" + RATE_LIMIT + BUDGET + CACHE
 METRICS = "metrics: {enabled: true}\n"
 TRACING = "tracing: {enabled: true, exporter: none, sample_ratio: %s}\n"
+# what each benchmark adds to BASE, by name: each policy alone, the three, then metrics, then traces at a ratio
+CONFIGS = {
+    "none": "",
+    "rate": "policies:\n" + RATE_LIMIT,
+    "budget": "policies:\n" + BUDGET,
+    "cache": "policies:\n" + CACHE,
+    "chain": CHAIN,
+    "metrics": CHAIN + METRICS,
+    "traces0": CHAIN + METRICS + TRACING % 0.0,
+    "traces0.1": CHAIN + METRICS + TRACING % 0.1,
+    "traces1": CHAIN + METRICS + TRACING % 1.0,
+}
 CONCURRENCY = 16
 _HEADERS = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]
 
@@ -76,3 +89,11 @@ async def lifespan(app: Callable[..., Any]) -> tuple[asyncio.Queue, asyncio.Task
     task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send))
     await started
     return inbox, task
+
+
+async def cpu_us(app: Callable[..., Any], n: int, tag: str) -> float:
+    """This process's CPU microseconds a request over `drive(app, n, tag)`, garbage collected first."""
+    gc.collect()
+    started = time.process_time()
+    await drive(app, n, tag)
+    return (time.process_time() - started) / n * 1e6

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import policy_chain  # noqa: E402
-from app_drive import BASE, CHAIN, METRICS, TRACING, drive, lifespan  # noqa: E402
+from app_drive import BASE, CONFIGS, drive, lifespan  # noqa: E402
 from report import stamp, write_section  # noqa: E402
 
 from config.loader import parse_config  # noqa: E402
@@ -32,13 +32,12 @@ from gateway.app import create_app  # noqa: E402
 from tests.conftest import start_upstream  # noqa: E402
 
 SECTION = "## Instructions a request"
-TRACES = CHAIN + METRICS + TRACING
 VARIANTS = {
-    policy_chain.NONE: "",
-    "rate limit + budget + exact cache": CHAIN,
-    "the chain + metrics": CHAIN + METRICS,
-    "the chain + metrics + traces, sample_ratio 0.0": TRACES % 0.0,
-    "the chain + metrics + traces, sample_ratio 0.1": TRACES % 0.1,
+    policy_chain.NONE: CONFIGS["none"],
+    "rate limit + budget + exact cache": CONFIGS["chain"],
+    "the chain + metrics": CONFIGS["metrics"],
+    "the chain + metrics + traces, sample_ratio 0.0": CONFIGS["traces0"],
+    "the chain + metrics + traces, sample_ratio 0.1": CONFIGS["traces0.1"],
 }
 _HARNESS = str(ROOT / "bench")  # the drive's own frames are not the app's
 # the upstreams' health checks run by the clock, not per request: off, so that a variant's count does not depend on

@@ -10,14 +10,13 @@ way read 1.00 (0.99-1.02 over four pairs).
 
   .venv/bin/python bench/paired.py --compare none chain --compare /tmp/base@traces0.1 traces0.1 [--write]
 
-A side is `[CHECKOUT@]CONFIG`; CONFIG is one of CONFIGS' names. A checkout of an older commit: `git worktree add` or
-`mkdir /tmp/base && git archive HEAD | tar -x -C /tmp/base`."""
+A side is `[CHECKOUT@]CONFIG`; CONFIG is one of bench/app_drive.py's CONFIGS. A checkout of an older commit:
+`git worktree add` or `mkdir /tmp/base && git archive HEAD | tar -x -C /tmp/base`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import statistics
 import subprocess
@@ -27,20 +26,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from app_drive import BASE, CONFIGS, cpu_us, drive, lifespan  # this script's own directory: imports no gateway code
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = str(ROOT / "bench")
 
 SECTION = "## Paired comparisons"
 APP_CORE, UPSTREAM_CORE = 0, 1
-
-
-def configs() -> dict[str, str]:
-    from app_drive import BUDGET, CACHE, CHAIN, METRICS, RATE_LIMIT, TRACING
-
-    traces = CHAIN + METRICS + TRACING
-    return {"none": "", "rate": "policies:\n" + RATE_LIMIT, "budget": "policies:\n" + BUDGET,
-            "cache": "policies:\n" + CACHE, "chain": CHAIN, "metrics": CHAIN + METRICS, "traces0": traces % 0.0,
-            "traces0.1": traces % 0.1, "traces1": traces % 1.0}
 
 
 @dataclass(frozen=True)
@@ -51,8 +43,8 @@ class Side:
     @classmethod
     def parse(cls, text: str) -> Side:
         checkout, _, config = text.rpartition("@")
-        if config not in configs():
-            raise SystemExit(f"unknown config {config!r} in {text!r}: one of {', '.join(configs())}")
+        if config not in CONFIGS:
+            raise SystemExit(f"unknown config {config!r} in {text!r}: one of {', '.join(CONFIGS)}")
         path = Path(checkout).resolve() if checkout else ROOT
         if not (path / "gateway" / "app.py").is_file():
             raise SystemExit(f"{path} is not a pointsman checkout (no gateway/app.py)")
@@ -73,25 +65,22 @@ def pin(pid: int, core: int) -> None:
 
 def child(checkout: str, config: str, upstream: str) -> None:
     pin(os.getpid(), APP_CORE)
-    sys.path[:0] = [checkout, BENCH]  # the side's own gateway; the drive is this checkout's (it imports no gateway)
+    sys.path[:0] = [checkout]  # the side's own gateway; the drive is this checkout's (it imports no gateway)
     import uvloop
-    from app_drive import BASE, drive, lifespan
 
     from config.loader import parse_config
     from gateway.app import create_app
 
     async def serve() -> None:
-        app = create_app(parse_config(BASE % upstream + configs()[config]))
+        app = create_app(parse_config(BASE % upstream + CONFIGS[config]))
         inbox, task = await lifespan(app)
         await drive(app, 1000, f"warm {time.time()}")
         loop = asyncio.get_running_loop()
         burst = 0
         while (line := await loop.run_in_executor(None, sys.stdin.readline)).strip():
             n, burst = int(line), burst + 1
-            gc.collect()
-            started = time.process_time()
-            await drive(app, n, f"{burst} {time.time()}")  # a new tag each burst: every request a cache miss
-            print(f"{(time.process_time() - started) / n * 1e6:.3f}", flush=True)
+            # a new tag each burst: every request a cache miss
+            print(f"{await cpu_us(app, n, f'{burst} {time.time()}'):.3f}", flush=True)
         inbox.put_nowait({"type": "lifespan.shutdown"})
         await task
 

@@ -9,10 +9,8 @@ of what the same code costs here."""
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import uvloop
@@ -20,7 +18,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from app_drive import BASE, BUDGET, CACHE, CHAIN, METRICS, RATE_LIMIT, TRACING, drive, lifespan  # noqa: E402
+from app_drive import BASE, CONFIGS, cpu_us, drive, lifespan  # noqa: E402
 from report import stamp, write_section  # noqa: E402
 
 from config.loader import parse_config  # noqa: E402
@@ -30,14 +28,14 @@ from tests.conftest import start_upstream  # noqa: E402
 SECTION = "## Policy chain in process"
 NONE = "no policies"
 VARIANTS = [
-    (NONE, ""),
-    ("rate limit", "policies:\n" + RATE_LIMIT),
-    ("budget", "policies:\n" + BUDGET),
-    ("exact cache (miss)", "policies:\n" + CACHE),
-    ("rate limit + budget + exact cache", CHAIN),
-    ("the chain + metrics", CHAIN + METRICS),
-    ("the chain + metrics + traces, sample_ratio 0.1", CHAIN + METRICS + TRACING % 0.1),
-    ("the chain + metrics + traces, sample_ratio 1.0", CHAIN + METRICS + TRACING % 1.0),
+    (NONE, CONFIGS["none"]),
+    ("rate limit", CONFIGS["rate"]),
+    ("budget", CONFIGS["budget"]),
+    ("exact cache (miss)", CONFIGS["cache"]),
+    ("rate limit + budget + exact cache", CONFIGS["chain"]),
+    ("the chain + metrics", CONFIGS["metrics"]),
+    ("the chain + metrics + traces, sample_ratio 0.1", CONFIGS["traces0.1"]),
+    ("the chain + metrics + traces, sample_ratio 1.0", CONFIGS["traces1"]),
 ]
 
 
@@ -47,10 +45,7 @@ async def cpu_per_request(upstream: str, extra: str, n: int, tag: str) -> float:
     inbox, task = await lifespan(app)
     try:
         await drive(app, n // 5, f"warm {tag}")
-        gc.collect()
-        started = time.process_time()
-        await drive(app, n, tag)
-        return (time.process_time() - started) / n * 1e6
+        return await cpu_us(app, n, tag)
     finally:
         inbox.put_nowait({"type": "lifespan.shutdown"})
         await task
