@@ -17,6 +17,7 @@ from gateway.service import Gateway
 from gateway.storage import Storage
 from policies.analytics import BUCKETS, GROUPS, budget_usage, forecast, iso, recommend, summarize, usage_page
 from protocol.errors import BadRequest, ServiceUnavailable
+from protocol.openai import MAX_COUNT
 
 __all__ = ["analytics_router", "parse_time"]
 
@@ -35,14 +36,21 @@ def parse_time(value: str | None, param: str, now: datetime) -> datetime | None:
         return None
     if value == "now":
         return now
-    if (relative := _RELATIVE.match(value)) is not None:
-        return now - timedelta(**{_UNITS[relative[2]]: float(relative[1])})
-    try:  # a '+' in a query string arrives as a space
-        parsed = datetime.fromisoformat(value.replace(" ", "+") if "T" in value else value)
-    except ValueError:
-        raise BadRequest(f"Invalid time for '{param}': {value!r}; use ISO 8601 (2026-01-05T10:00:00Z) or a "
-                         "relative time (-15m, -24h, -7d).", param=param) from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+    try:
+        if (relative := _RELATIVE.match(value)) is not None:
+            return now - timedelta(**{_UNITS[relative[2]]: float(relative[1])})
+        try:  # a '+' in a query string arrives as a space
+            parsed = datetime.fromisoformat(value.replace(" ", "+") if "T" in value else value)
+        except ValueError:
+            raise BadRequest(f"Invalid time for '{param}': {value!r}; use ISO 8601 (2026-01-05T10:00:00Z) or a "
+                             "relative time (-15m, -24h, -7d).", param=param) from None
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=UTC)
+        parsed.astimezone(UTC)  # the database compares in UTC: a time outside years 1-9999 there is refused here
+        return parsed
+    except OverflowError:
+        raise BadRequest(f"Invalid time for '{param}': {value!r} is out of range (years 1 to 9999, UTC).",
+                         param=param) from None
 
 
 def _window(since: str | None, until: str | None) -> tuple[datetime, datetime]:
@@ -157,7 +165,7 @@ def analytics_router(read_guard: Callable[..., Any], admin_guard: Callable[..., 
         now = datetime.now(UTC)
         start, end = parse_time(since, "since", now), parse_time(until, "until", now)
         size = _int(limit, "limit", 1, _MAX_PAGE) or _PAGE
-        after = _int(after_id, "after_id", 1)
+        after = _int(after_id, "after_id", 1, MAX_COUNT)  # a database integer: 64 bits
         return await _query(request.app.state.storage, lambda: usage_page(
             engine, since=start, until=end, key_id=key_id or None, team=team or None, model=model or None,
             limit=size, after_id=after))

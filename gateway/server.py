@@ -18,6 +18,8 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+from protocol.errors import error_body
+
 __all__ = ["GuardedHttpToolsProtocol", "http_protocol"]
 
 # where the parser is in the request it is reading; set from the parser callbacks
@@ -230,15 +232,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             answer = cycle is None or cycle.response_complete
         if answer:
-            phrase = http.HTTPStatus(status).phrase.encode()
-            head = [b"HTTP/1.1 %d %s\r\n" % (status, phrase)]
-            head += [b"%s: %s\r\n" % pair for pair in self.server_state.default_headers]
-            head.append(b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % len(phrase))
-            self.transport.write(b"".join(head) + b"connection: close\r\n\r\n" + phrase)
+            self._write_error(status, http.HTTPStatus(status).phrase)
         self._phase = _IDLE
         self.transport.close()
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse, in OpenAI's error shape rather than plain text."""
+        self._write_error(400, msg)
+        self.transport.close()
 
+    def _write_error(self, status: int, message: str) -> None:
+        """A closing error response whose body is OpenAI's error object, as the app's own errors are."""
+        body = error_body(message, "invalid_request_error", _PROTOCOL_ERROR_CODES.get(status))
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, http.HTTPStatus(status).phrase.encode())]
+        head += [b"%s: %s\r\n" % pair for pair in self.server_state.default_headers]
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+        self.transport.write(b"".join(head) + b"connection: close\r\n\r\n" + body)
+
+
+# the `code` of each refusal the protocol itself sends (the request never reached the app)
+_PROTOCOL_ERROR_CODES = {400: "invalid_http_request", 408: "request_timeout", 431: "request_header_fields_too_large"}
 _COPY_BYTES = 64 * 1024  # a body up to this size is copied behind its head (one buffer); a larger one goes by writev
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 # the bytes uvicorn allows in a header name and in a value: each of its two patterns is one character class, so

@@ -110,6 +110,12 @@ class _Connection:
         except GatewayError as exc:
             await self._send(exc.body())
             return
+        except _GONE:
+            raise
+        except Exception:  # as the HTTP routes answer it (a 500), but the connection and its other requests go on
+            log.exception("websocket request %s failed", rid)
+            await self._send(error_body("The gateway failed to process the request.", "api_error", "internal_error"))
+            return
         if isinstance(result, Reply):  # a policy answered (a cache hit)
             for chunk in result.chunks:
                 await self._send(chunk)

@@ -18,6 +18,7 @@ from config.schema import BudgetConfig, Period, RateLimitConfig
 from policies.context import Principal, Role
 from policies.database import api_keys
 from protocol.errors import BadRequest, NotFound
+from protocol.openai import PositiveInt
 
 __all__ = ["KEY_PREFIX", "KeyBudget", "KeyRateLimit", "KeySpec", "KeyStore", "StoredKey", "digest", "principal_of_row"]
 
@@ -34,7 +35,7 @@ class KeyBudget(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The key's own budget: tokens and/or USD per period, beside the config's budgets."""
 
     period: Period = "month"
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_tokens: PositiveInt | None = None
     max_cost_usd: Annotated[float, Meta(gt=0)] | None = None
 
     def __post_init__(self) -> None:
@@ -45,8 +46,8 @@ class KeyBudget(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class KeyRateLimit(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The key's own requests and/or tokens per minute, beside the config's rate limits."""
 
-    rpm: Annotated[int, Meta(ge=1)] | None = None
-    tpm: Annotated[int, Meta(ge=1)] | None = None
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
 
     def __post_init__(self) -> None:
         if self.rpm is None and self.tpm is None:
@@ -71,6 +72,13 @@ class KeySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("set expires_at or expires_in_s, not both")
         if self.expires_at is not None and self.expires_at.tzinfo is None:
             raise ValueError("expires_at: give a timezone, e.g. 2027-01-01T00:00:00Z")
+        try:  # the expiry is stored in UTC, which ends with the year 9999
+            if self.expires_at is not None:
+                self.expires_at.astimezone(UTC)
+            elif self.expires_in_s is not None:
+                datetime.now(UTC) + timedelta(seconds=self.expires_in_s)
+        except OverflowError:
+            raise ValueError("the key would expire after the year 9999 (UTC)") from None
 
 
 @dataclass(frozen=True, slots=True)

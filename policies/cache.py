@@ -82,7 +82,8 @@ def _cache_control(headers: dict[str, str] | None) -> frozenset[str] | set[str]:
 
 
 def _ttl_override(headers: dict[str, str] | None) -> float | None:
-    """The `x-pointsman-cache-ttl` header in seconds; anything but a finite positive number is ignored."""
+    """The `x-pointsman-cache-ttl` header in seconds, at most `_MAX_TTL_S`; anything but a finite positive number
+    is ignored."""
     value = headers.get(_TTL_HEADER) if headers else None
     if value is None:
         return None
@@ -90,7 +91,12 @@ def _ttl_override(headers: dict[str, str] | None) -> float | None:
         ttl = float(value)
     except ValueError:
         return None
-    return ttl if math.isfinite(ttl) and ttl > 0 else None
+    return min(ttl, _MAX_TTL_S) if math.isfinite(ttl) and ttl > 0 else None
+
+
+# the longest TTL `x-pointsman-cache-ttl` sets: a state store keeps whole milliseconds in 64 bits (Redis refused
+# 1e20 s and 1e308 s overflowed to infinity: the answer was not stored and a traceback logged on every request)
+_MAX_TTL_S = 10 * 365 * 86400.0
 
 
 class ExactCache:

@@ -12,7 +12,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from protocol.errors import BadRequest, GatewayError, UpstreamError
-from protocol.openai import GATEWAY_FIELDS, convert_struct, decode_object, message_text
+from protocol.openai import GATEWAY_FIELDS, MAX_COUNT, PositiveInt, convert_struct, decode_object, message_text
 
 __all__ = [
     "Base64Source",
@@ -158,11 +158,11 @@ class MessagesRequest(CountTokensRequest, kw_only=True):
     """POST /v1/messages. Other fields (`thinking`, `service_tier`...) are accepted and ignored; the gateway's
     own routing fields (`route`, `models`, `preferred_model`...) are honoured as on chat completions."""
 
-    max_tokens: Annotated[int, Meta(ge=1)]
+    max_tokens: PositiveInt
     stop_sequences: Annotated[list[str], Meta(max_length=16)] | None = None
     temperature: Annotated[float, Meta(ge=0, le=1)] | None = None
     top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
-    top_k: Annotated[int, Meta(ge=0)] | None = None
+    top_k: Annotated[int, Meta(ge=0, le=MAX_COUNT)] | None = None
     metadata: _Metadata | None = None
     output_config: _OutputConfig | None = None
     stream: bool = False

@@ -34,12 +34,14 @@ __all__ = [
     "ErrorResponse",
     "FunctionCall",
     "FunctionCallDelta",
+    "MAX_COUNT",
     "MAX_EMBEDDING_INPUTS",
     "Message",
     "ModelCard",
     "ModelList",
     "ParsedEmbeddings",
     "ParsedRequest",
+    "PositiveInt",
     "RouteRequirements",
     "StreamOptions",
     "TemplateRef",
@@ -64,7 +66,11 @@ GATEWAY_FIELDS = frozenset({"route", "auto_select", "preferred_model", "fallback
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 Probability = Annotated[float, Meta(ge=0, le=1)]
 Penalty = Annotated[float, Meta(ge=-2, le=2)]
-PositiveInt = Annotated[int, Meta(ge=1)]
+# the largest count a request may ask for (max_tokens, best_of, dimensions...): a signed 64-bit integer, as SQL,
+# Redis and upstream servers hold one. JSON integers may have any number of digits: one past ~1e308 reached the
+# float arithmetic of rate limits, budgets and routing costs and failed there (OverflowError, a 500)
+MAX_COUNT = 2**63 - 1
+PositiveInt = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
 T = TypeVar("T")
 
 

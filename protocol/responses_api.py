@@ -11,7 +11,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from protocol.errors import BadRequest, GatewayError, UnsupportedParameter
-from protocol.openai import decode_object
+from protocol.openai import PositiveInt, decode_object
 
 __all__ = [
     "RESPONSES_FIELDS",
@@ -48,7 +48,7 @@ class ResponsesRequest(Struct, kw_only=True):
     model: str | None = None
     input: str | list[dict[str, Any]] | None = None
     instructions: str | None = None
-    max_output_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_output_tokens: PositiveInt | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
     tools: list[dict[str, Any]] | None = None

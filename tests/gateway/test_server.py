@@ -128,6 +128,7 @@ def test_slow_headers_are_cut_off_with_408(server):
         elapsed = time.monotonic() - started
     assert raw.startswith(b"HTTP/1.1 408 ") and b"connection: close" in raw
     assert HEADER_TIMEOUT * 0.8 <= elapsed < HEADER_TIMEOUT + 2
+    assert json.loads(raw.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
 
 
 def test_the_header_clock_does_not_restart_with_each_byte(server):
@@ -197,6 +198,18 @@ def test_a_head_over_the_limit_gets_431(server, complete):
         sock.sendall(head + b"\r\n" if complete else head)
         raw = read_until_closed(sock)
     assert raw.startswith(b"HTTP/1.1 431 ") and b"connection: close" in raw
+    assert json.loads(raw.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_header_fields_too_large"
+
+
+def test_a_request_that_does_not_parse_gets_400_in_openai_shape(server):
+    with connect(server) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+        raw = read_until_closed(sock)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head
+    assert json.loads(body) == {"error": {"message": "Invalid HTTP request received.",
+                                          "type": "invalid_request_error", "param": None,
+                                          "code": "invalid_http_request"}}
 
 
 def test_a_head_under_the_limit_with_a_large_body_is_served(server):
