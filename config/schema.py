@@ -634,6 +634,8 @@ class Config(_Frozen, kw_only=True):
     def __post_init__(self) -> None:
         check_templates(self.templates)
         check_experiments(self.experiments)
+        if self.experiments and not self.storage.database_url:  # a config error, not a failure at start-up
+            raise ValueError("experiments: they are kept in the database, so storage.database_url must be set")
         seen: dict[str, str] = {}
         for i, model in enumerate(self.models):
             for name in (model.id, *model.aliases):

@@ -50,6 +50,9 @@ models:
          "$.routing.default_profile"),
         ("server: {port: 70000}\nmodels: [{id: a, backend: transformers, source: s}]", "$.server.port"),
         ("- just\n- a list", "$: expected a mapping"),
+        ("storage: {database_url: ''}\n"
+         "experiments: [{name: e, target: a, variants: [{name: x, model: a}, {name: y, model: a}]}]\n"
+         "models: [{id: a, backend: transformers, source: s}]", "storage.database_url must be set"),
     ],
 )
 def test_errors_name_the_key_path(text, message):

@@ -67,6 +67,10 @@ def test_refuses_non_loopback_bind_without_keys(upstream, tmp_path):
         ("models: [{id: a, backend: transformers, source: x, colour: red}]", "unknown field `colour`"),
         ("models: []", "$.models"),
         ("models: [oops", "invalid YAML"),
+        ("storage: {database_url: ''}\n"
+         "experiments: [{name: e, target: a, variants: [{name: x, model: a}, {name: y, model: a}]}]\n"
+         "models: [{id: a, backend: openai, base_url: 'http://127.0.0.1:9/v1'}]",
+         "storage.database_url must be set"),
     ],
 )
 def test_bad_config_exits_nonzero_with_one_line(tmp_path, text, expected):
