@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 import httptools
 
 from backends.transport import (
+    MAX_RELAYED,
+    MAX_RELAYED_VALUE,
     RELAYED_PREFIXES,
     ConnectError,
     PoolTimeout,
@@ -29,6 +31,9 @@ from backends.transport import (
 __all__ = ["ConnectionPool", "StreamedResponse"]
 
 _PAUSE_AT = 1 << 20  # stop reading a streamed body while this much sits unconsumed (client slower than upstream)
+# a response head (status line, headers, 1xx replies before it) longer than this is a broken or hostile upstream:
+# it fails the request rather than growing the header list without bound (a head is a few hundred bytes)
+MAX_HEAD = 256 << 10
 _PARSER_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
 
@@ -52,6 +57,7 @@ class _Connection(asyncio.Protocol):
         self._whole = False  # read_body() is collecting the whole body: no back-pressure
         self._interim = False  # parsing a 1xx reply (100 Continue, 103 Early Hints): skipped
         self._headers_done = False
+        self._head_bytes = 0  # read while the head was not complete yet
         self._complete = False
         self._framed = False
         self._error: BaseException | None = None
@@ -78,6 +84,12 @@ class _Connection(asyncio.Protocol):
         except _PARSER_ERRORS as exc:
             self._fail(ReadError(f"invalid HTTP response: {type(exc).__name__}: {exc}"))
             self.transport.close()  # type: ignore[union-attr]
+            return
+        if not self._headers_done:  # all of `data` was head: its end would have completed it
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._fail(ReadError(f"invalid HTTP response: a head over {MAX_HEAD} bytes"))
+                self.transport.close()  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -94,7 +106,8 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         lowered = name.lower()
         self.raw_headers.append((lowered, value))
-        if lowered.startswith(RELAYED_PREFIXES):
+        # bounded: a client's HTTP parser refuses a long head (h11's, under httpx and the openai SDK: 64 KB)
+        if lowered.startswith(RELAYED_PREFIXES) and len(value) <= MAX_RELAYED_VALUE and len(self.relayed) < MAX_RELAYED:
             self.relayed.append((lowered, value))
         if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
             self._framed = True
@@ -184,6 +197,7 @@ class _Connection(asyncio.Protocol):
         self._limit, self._total = limit, total
         self._parser = httptools.HttpResponseParser(self)
         self._headers_done = self._complete = self._framed = self.received_any = self._whole = self._interim = False
+        self._head_bytes = 0
         self._chunks.clear()
         self._buffered = 0
         self.resume()  # released while paused (its body was complete): it must read again

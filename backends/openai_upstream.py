@@ -47,7 +47,11 @@ OUTGOING_HEADERS: ContextVar[dict[str, str] | None] = ContextVar("pointsman_outg
 
 
 class _AnyObject(msgspec.Struct):
-    """Decoding into this checks "a JSON object" while skipping every field: validation without building a dict."""
+    """Decoding into this checks "a JSON object" while skipping every field but `error`: validation without
+    building a dict. An `error` there is an upstream's failure sent with a 2xx (as some do, and as vLLM and
+    OpenAI put one in a stream), not an answer."""
+
+    error: Any = None
 
 
 class _Choice(msgspec.Struct):
@@ -129,7 +133,7 @@ class Upstream:
             content = await response.body()
         except (TimeoutError, TransportError) as exc:
             raise translate_transport_error(exc, self.base_url + path) from exc
-        if response.status >= 400:
+        if response.status >= 300:  # a 3xx is no answer either (a redirect we do not follow): 502
             raise UpstreamStatusError(response.status, content, headers=found)
         return content
 
@@ -142,15 +146,20 @@ class Upstream:
         url = self.base_url + path
         finished: set[int] = set()
         first = True
+        loop = asyncio.get_running_loop()
+        first_by = loop.time() + self.timeout_s  # the first payload's deadline: nothing has reached the client
         try:
             response = await self.transport.request("POST", path, body, OUTGOING_HEADERS.get(), self.timeout_s)
             found = self._relay(response.relayed_headers(), relay)
-            if response.status >= 400:
+            if response.status >= 300:
                 raise UpstreamStatusError(response.status, await response.body(), headers=found)
             buffer = b""
             chunks = response.chunks()
             try:
                 async for piece in chunks:
+                    if first and loop.time() > first_by:  # bytes, but no payload (`: ping` comments, a line
+                        # that never ends): the client, still waiting for its status, would wait as long
+                        raise TransportTimeout(f"no stream payload from the upstream for {self.timeout_s} s")
                     # what the buffer holds has no newline: only the new piece is searched (a long line costs
                     # linear time, not quadratic)
                     scanned = len(buffer)
@@ -166,15 +175,20 @@ class Upstream:
                         else:
                             continue  # comments, `event:` and blank separator lines
                         if data == b"[DONE]":
+                            if first:  # an empty stream: no answer, and nothing relayed yet to stop a retry
+                                raise UpstreamUnavailable(f"upstream {url} ended the stream before any payload",
+                                                          code="upstream_stream_broken")
                             return
                         if not data:
                             continue  # an empty event (a heartbeat): nothing to relay, nor JSON to decode
                         if first:  # checked once: a stream whose first payload is no JSON object is a 502, not
                             first = False  # a 200 that breaks (the relay's decode of each chunk checks the rest)
                             try:
-                                _check_object(data)
+                                opened = _check_object(data)
                             except (msgspec.DecodeError, RecursionError) as exc:  # a ValidationError too
                                 raise _invalid(url, f"a stream payload that is not a JSON object: {exc}") from None
+                            if opened.error is not None:  # a 200 stream that opens with an error: failed
+                                raise UpstreamStatusError(502, data, headers=found)
                         # skip the decode when every finish_reason in the chunk is null (nearly all chunks)
                         if data.count(b'"finish_reason":null') < data.count(b'"finish_reason"'):
                             try:
@@ -243,13 +257,11 @@ class OpenAIBackend:
         raw["model"] = self.model.sent_model
         return _encode(raw)
 
-    def _rewrite(self, payload: bytes, *, check: bool) -> bytes:
+    def _rewrite(self, payload: bytes) -> bytes:
         """Our model name in place of the upstream's; raises msgspec errors for a payload that is no JSON object
-        (always checked when it must be decoded; `check` also checks the fast path)."""
+        when it must be decoded (the fast path does not check: its callers have, or the relay does)."""
         for old, new in self._rename:  # type: ignore[union-attr]
             if old in payload:
-                if check:
-                    _check_object(payload)
                 return payload.replace(old, new, 1)
         decoded = _decode(payload)
         if not isinstance(decoded, dict):
@@ -279,12 +291,12 @@ class OpenAIBackend:
         """POST and check that the answer is a JSON object, with our model name in it."""
         content = await upstream.post(path, body, headers)
         try:
-            if self._rename is not None:
-                return self._rewrite(content, check=True)
-            _check_object(content)
-            return content
+            answer = _check_object(content)
+            if answer.error is None:
+                return content if self._rename is None else self._rewrite(content)
         except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deeply to skip
             raise _invalid(upstream.base_url + path, f"a body that is not a JSON object: {exc}") from exc
+        raise UpstreamStatusError(502, content)  # a 2xx whose body is an error object: a failure, retryable
 
     async def embeddings(self, request: ParsedEmbeddings, deployment: int = 0,
                          headers: dict[str, str] | None = None) -> bytes:
@@ -313,7 +325,7 @@ class OpenAIBackend:
             if compact in payload:  # as vLLM and OpenAI stream chunks: the fast path of _rewrite, inline
                 return payload.replace(compact, ours, 1)
             try:
-                return self._rewrite(payload, check=False)
+                return self._rewrite(payload)
             except (msgspec.DecodeError, RecursionError) as exc:
                 raise _invalid(url, f"a stream chunk that is not a JSON object: {exc}") from exc
 

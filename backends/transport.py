@@ -27,6 +27,8 @@ __all__ = [
     "AiohttpTransport",
     "ConnectError",
     "InvalidHeader",
+    "MAX_RELAYED",
+    "MAX_RELAYED_VALUE",
     "RELAYED_PREFIXES",
     "PoolTimeout",
     "ReadError",
@@ -65,8 +67,12 @@ class InvalidHeader(ValueError):
     """A header name that is not an HTTP token, or a value holding CR, LF or NUL (a request splitter)."""
 
 
-# response headers a gateway hands back to its client (name prefixes, lowercase): Retry-After(-Ms), x-ratelimit-*
+# response headers a gateway hands back to its client (name prefixes, lowercase): Retry-After(-Ms), x-ratelimit-*;
+# at most MAX_RELAYED of them, none longer than MAX_RELAYED_VALUE (the rest dropped): an upstream that sends
+# thousands, or one of 60 KB, made a head the client's HTTP parser refused (OpenAI sends seven, all short)
 RELAYED_PREFIXES = (b"retry-after", b"x-ratelimit-")
+MAX_RELAYED = 32
+MAX_RELAYED_VALUE = 256
 
 
 class Response(Protocol):
@@ -182,7 +188,9 @@ class _AiohttpResponse:
         return out
 
     def relayed_headers(self) -> dict[str, str]:
-        return {k: v for k, v in self.headers.items() if k.encode("latin-1").startswith(RELAYED_PREFIXES)}
+        found = [(k, v) for k, v in self.headers.items()
+                 if k.encode("latin-1").startswith(RELAYED_PREFIXES) and len(v) <= MAX_RELAYED_VALUE]
+        return dict(found[:MAX_RELAYED])
 
     async def body(self) -> bytes:
         try:

@@ -12,7 +12,7 @@ import msgspec
 
 from gateway.deployments import Lease
 from policies.context import RequestContext
-from protocol.errors import UpstreamError, UpstreamInvalidResponse
+from protocol.errors import UpstreamError, UpstreamInvalidResponse, UpstreamStatusError
 from protocol.openai import ChatCompletionRequest, ParsedRequest, chunk_view
 from routing.router import Attempt
 
@@ -58,6 +58,8 @@ class StreamRelay:
             return
         except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deeply to skip
             raise self._invalid() from None
+        if view.error is not None:  # the upstream failed mid-stream and said so: a failure like a broken stream
+            raise UpstreamStatusError(502, payload)  # (relayed as this error event, or continued elsewhere)
         if self.chunk_id is None:
             self.chunk_id = view.id
         if view.usage is not None:
@@ -188,7 +190,10 @@ class StreamRelay:
         """The continuation's chunks, without its opening role chunk, under the original stream's id."""
         old_id = None
         async for payload in self.backend.stream(request, index):
-            view = chunk_view(payload)
+            try:
+                view = chunk_view(payload)
+            except (msgspec.DecodeError, RecursionError):  # a ValidationError too: judged as _observe would
+                raise self._invalid() from None
             if old_id is None:
                 old_id = view.id
                 choice = view.choices[0] if view.choices else None

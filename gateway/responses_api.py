@@ -28,7 +28,7 @@ from policies.base import PolicyChain
 from policies.context import Outcome, Principal, RequestContext
 from policies.state import StateStore
 from protocol.errors import BadRequest, GatewayError, NotFound, UpstreamUnavailable, http_error_body
-from protocol.openai import ChatCompletionRequest, decode_request
+from protocol.openai import ChatCompletionRequest, decode_request, usage_count
 from protocol.responses_api import (
     ResponseShape,
     ResponsesRequest,
@@ -205,7 +205,7 @@ _FINAL_MARK = re.compile(rb"response\.(?:completed|incomplete|failed)")  # a che
 
 def _usage(view: _ResponseView | None) -> tuple[int | None, int | None]:
     usage = view.usage if view is not None else None
-    return (usage.input_tokens, usage.output_tokens) if usage is not None else (None, None)
+    return (usage_count(usage.input_tokens), usage_count(usage.output_tokens)) if usage is not None else (None, None)
 
 
 def _answer_usage(body: bytes) -> tuple[int | None, int | None]:

@@ -12,7 +12,15 @@ import msgspec
 from msgspec import Meta, Struct
 
 from protocol.errors import BadRequest, GatewayError, UpstreamError
-from protocol.openai import GATEWAY_FIELDS, MAX_COUNT, PositiveInt, convert_struct, decode_object, message_text
+from protocol.openai import (
+    GATEWAY_FIELDS,
+    MAX_COUNT,
+    PositiveInt,
+    convert_struct,
+    decode_object,
+    message_text,
+    usage_count,
+)
 
 __all__ = [
     "Base64Source",
@@ -349,16 +357,27 @@ class _ChoiceView(Struct):
 
 
 class _UsageView(Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+    """An upstream's counts, each one None unless it is a count (see usage_count): strings, negatives and numbers
+    past any answer's size are not relayed, nor do they lose the answer they came with."""
+
+    prompt_tokens: Any = None
+    completion_tokens: Any = None
+
+    def __post_init__(self) -> None:
+        self.prompt_tokens = usage_count(self.prompt_tokens)
+        self.completion_tokens = usage_count(self.completion_tokens)
 
 
 class _AnswerView(Struct):
     id: str | None = None
     model: str | None = None
     choices: list[_ChoiceView] = []
-    usage: _UsageView | None = None
+    usage: Any = None  # a _UsageView once decoded (None for one that is no object: the answer still counts)
     error: Any = None  # a stream's error event ({"error": {...}}, as vLLM sends one)
+
+    def __post_init__(self) -> None:
+        if self.usage is not None:
+            self.usage = msgspec.convert(self.usage, _UsageView) if isinstance(self.usage, dict) else None
 
 
 _read_answer = msgspec.json.Decoder(_AnswerView).decode

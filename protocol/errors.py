@@ -114,22 +114,29 @@ class UpstreamStatusError(UpstreamError):
     """
 
     def __init__(self, status: int, body: bytes, *, headers: dict[str, str] | None = None) -> None:
-        self.status = status
+        # a 4xx or 5xx is relayed as it is; any other status (a 3xx redirect, or 600-999, which no client or HTTP
+        # server of ours takes) is no answer a client can be given: 502, and another deployment may serve it
+        relayed = 400 <= status <= 599
+        self.status = status if relayed else 502
         self.headers = headers if headers is not None else {}
-        self.retryable = status >= 500 or status == 429
+        self.retryable = status >= 500 or status == 429 or not relayed
         try:
             decoded = msgspec.json.decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deeply to decode
             decoded = None
         err = decoded.get("error") if isinstance(decoded, dict) else None
         self._relay = body if isinstance(err, dict) else None
         if isinstance(err, dict):
-            super().__init__(str(err.get("message", "")), param=err.get("param"), code=err.get("code"))
-            self.type = err.get("type") or "api_error"
+            code = err.get("code")  # vLLM's is the status, an int: a usage row's error_code is text
+            super().__init__(str(err.get("message", "")), param=err.get("param"),
+                             code=None if code is None else str(code))
+            self.type = str(err.get("type") or "api_error")
         else:
-            text = body[:500].decode("utf-8", "replace").strip() or f"upstream answered HTTP {status}"
-            super().__init__(f"upstream error: {text}", code="upstream_error")
-            self.type = "invalid_request_error" if status < 500 else "api_error"
+            text = body[:500].decode("utf-8", "replace").strip()
+            if not relayed:
+                text = f"upstream answered HTTP {status}" + (f": {text}" if text else "")
+            super().__init__(f"upstream error: {text or f'upstream answered HTTP {status}'}", code="upstream_error")
+            self.type = "invalid_request_error" if self.status < 500 else "api_error"
 
     def body(self) -> bytes:
         return self._relay if self._relay is not None else super().body()

@@ -35,6 +35,7 @@ __all__ = [
     "FunctionCall",
     "FunctionCallDelta",
     "MAX_COUNT",
+    "MAX_USAGE_TOKENS",
     "MAX_EMBEDDING_INPUTS",
     "Message",
     "ModelCard",
@@ -56,6 +57,7 @@ __all__ = [
     "convert_struct",
     "decode_struct",
     "chunk_view",
+    "usage_count",
     "message_text",
     "new_id",
 ]
@@ -497,17 +499,34 @@ class _ChoiceView(Struct):
     finish_reason: str | None = None
 
 
+# the most tokens an upstream's usage may count: a figure past it (or below 0) is not believed but dropped, as
+# one that is no integer is. Past ~1e308 one failed the float arithmetic of costs and throughput (OverflowError:
+# a 500, or a finished stream's error event); past 2**31 - 1 PostgreSQL's usage_rows refused the row
+MAX_USAGE_TOKENS = 2**31 - 1
+
+
+def usage_count(value: object) -> int | None:
+    """An upstream's token count as the gateway takes it: an integer from 0 to MAX_USAGE_TOKENS, else None."""
+    return value if type(value) is int and 0 <= value <= MAX_USAGE_TOKENS else None
+
+
 class _UsageView(Struct):
     prompt_tokens: int | None = None
-    completion_tokens: int = 0
+    completion_tokens: int | None = 0
+
+    def __post_init__(self) -> None:
+        self.prompt_tokens = usage_count(self.prompt_tokens)
+        self.completion_tokens = usage_count(self.completion_tokens)
 
 
 class ChunkView(Struct):
-    """Decodes only the fields the gateway reads from a chunk or a whole response; the rest is skipped."""
+    """Decodes only the fields the gateway reads from a chunk or a whole response; the rest is skipped. `error`:
+    an upstream's failure sent as a stream event ({"error": {...}}, as OpenAI and vLLM send one)."""
 
     id: str | None = None
     choices: list[_ChoiceView] = []
     usage: _UsageView | None = None
+    error: Any = None
 
 
 chunk_view = msgspec.json.Decoder(ChunkView).decode

@@ -11,7 +11,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from protocol.errors import BadRequest, GatewayError, UnsupportedParameter
-from protocol.openai import PositiveInt, decode_object
+from protocol.openai import PositiveInt, decode_object, usage_count
 
 __all__ = [
     "RESPONSES_FIELDS",
@@ -330,16 +330,23 @@ class ResponseShape:
         return response
 
 
-def response_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A chat completion's usage in the Responses API's terms."""
-    if not usage:
+def response_usage(usage: Any) -> dict[str, Any] | None:
+    """A chat completion's usage in the Responses API's terms; an upstream's figure that is no count (see
+    usage_count) is taken as 0, and a usage that is no object as none."""
+    if not usage or not isinstance(usage, dict):
         return None
-    prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    prompt = usage_count(usage.get("prompt_tokens")) or 0
+    completion = usage_count(usage.get("completion_tokens")) or 0
+    cached = usage_count(_details(usage, "prompt_tokens_details").get("cached_tokens")) or 0
+    reasoning = usage_count(_details(usage, "completion_tokens_details").get("reasoning_tokens")) or 0
     return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
             "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
-            "total_tokens": usage.get("total_tokens") or prompt + completion}
+            "total_tokens": usage_count(usage.get("total_tokens")) or prompt + completion}
+
+
+def _details(usage: dict[str, Any], name: str) -> dict[str, Any]:
+    found = usage.get(name)
+    return found if isinstance(found, dict) else {}
 
 
 def _incomplete(finish_reason: str | None) -> str | None:

@@ -336,6 +336,43 @@ async def test_response_headers_are_kept(pools) -> None:
         assert headers["set-cookie"] == "a=1, b=2" and headers["content-length"] == "2"
 
 
+async def test_relayed_headers_are_bounded(pools) -> None:
+    """Thousands of x-ratelimit-* headers, or a Retry-After of 60 KB, made a response head the client's parser
+    refused (h11, under httpx and the openai SDK): at most MAX_RELAYED are relayed, none longer than
+    MAX_RELAYED_VALUE; all are still in `headers`."""
+    many = [b"X-RateLimit-H%d: %s" % (i, b"v" * 100) for i in range(3 * http1.MAX_RELAYED)]
+    reply = answer(b"{}", b"Retry-After: " + b"9" * 60_000, *many)
+    async with RawServer(keep_alive(reply)) as server:
+        response = await pool_for(pools, server.url).request("GET", "/", b"", None, 5.0)
+        relayed = response.relayed_headers()
+        assert len(response.headers) > 3 * http1.MAX_RELAYED
+        await response.body()
+        assert len(relayed) == http1.MAX_RELAYED and "retry-after" not in relayed
+        assert all(len(value) <= http1.MAX_RELAYED_VALUE for value in relayed.values())
+
+
+@pytest.mark.parametrize("endless", [b"X-Pad: v\r\n", b"v"], ids=["headers", "one-value"])
+async def test_a_head_that_never_ends_fails_at_max_head(pools, monkeypatch, endless: bytes) -> None:
+    """Header lines (or one header's value) sent without end: a ReadError once MAX_HEAD bytes have come, not
+    a header list that grows until the request's timeout (hundreds of MB a second here)."""
+    monkeypatch.setattr(http1, "MAX_HEAD", 64 * 1024)
+    sent = 0
+
+    async def endless_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + (b"" if endless.startswith(b"X") else b"X-Pad: "))
+        while not writer.is_closing() and sent < 64 << 20:  # until the client closes (or 64 MB: the test fails)
+            writer.write(endless * 4096)
+            sent += len(endless) * 4096
+            await writer.drain()
+
+    async with RawServer(endless_head) as server:
+        with pytest.raises(ReadError, match="head over 65536 bytes"):
+            await pool_for(pools, server.url).request("GET", "/", b"", None, 30.0)
+    assert sent < 16 << 20
+
+
 async def test_headers_are_checked_at_construction(pools) -> None:
     with pytest.raises(InvalidHeader, match="CR, LF or NUL") as info:
         ConnectionPool("http://127.0.0.1:1", headers={"Authorization": "Bearer sk-secret\n"})

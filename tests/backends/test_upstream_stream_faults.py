@@ -1,7 +1,9 @@
 """OpenAIBackend against raw sockets that answer badly: a stream whose first payload is no JSON object is an
 invalid response before anything is relayed, an endless SSE line ends the stream at MAX_SSE_LINE, a long line
 split into many pieces arrives whole, empty `data:` lines are skipped, and JSON nested too deeply to decode is an
-invalid response, not a crash."""
+invalid response, not a crash. An error object sent with a 200 (plain, or a stream's first event), a stream of
+nothing but [DONE], bytes that never make a payload, and statuses no client takes (3xx, 600-999) are retryable
+upstream failures; an error body of any depth, with any `code`, stays an upstream error."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 from backends import openai_upstream
 from backends.openai_upstream import OpenAIBackend
 from config.schema import OpenAIModel
-from protocol.errors import UpstreamInvalidResponse
+from protocol.errors import UpstreamInvalidResponse, UpstreamStatusError, UpstreamTimeout, UpstreamUnavailable
 from protocol.openai import ChatCompletionRequest, decode_request
 from tests.backends.test_http1 import RawServer, read_request
 
@@ -103,4 +105,97 @@ async def test_a_plain_answer_nested_too_deeply_is_invalid() -> None:
         b = backend(server.url)
         with pytest.raises(UpstreamInvalidResponse):
             await b.complete(request(False))
+        await b.aclose()
+
+
+# -- failures an upstream reports with a 2xx, statuses no client takes, heads and streams that never end --
+
+ERROR = b'{"error": {"message": "overloaded", "type": "server_error", "param": null, "code": "overloaded"}}'
+
+
+def sized(status: bytes, body: bytes) -> bytes:
+    return b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
+
+
+async def test_a_stream_that_opens_with_an_error_event_is_a_retryable_failure() -> None:
+    # before any payload reached the client: an HTTP error the pipeline can still retry elsewhere, not a 200
+    async with RawServer(answering(SSE_HEAD + b"event: error\ndata: " + ERROR + b"\n\ndata: [DONE]\n\n")) as server:
+        b = backend(server.url)
+        with pytest.raises(UpstreamStatusError) as caught:
+            await anext(b.stream(request(True)))
+        assert caught.value.status == 502 and caught.value.retryable and caught.value.body() == ERROR
+        await b.aclose()
+
+
+async def test_a_stream_of_nothing_but_done_is_a_retryable_failure() -> None:
+    async with RawServer(answering(SSE_HEAD + b": ping\n\ndata: [DONE]\n\n")) as server:
+        b = backend(server.url)
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await anext(b.stream(request(True)))
+        assert caught.value.code == "upstream_stream_broken" and caught.value.retryable
+        await b.aclose()
+
+
+async def test_bytes_without_a_payload_are_no_answer_past_the_timeout() -> None:
+    """`: ping` comments kept coming faster than timeout_s, but no payload: the client (still waiting for its
+    status) is answered 504 once timeout_s has passed, not held for as long as the upstream keeps pinging."""
+    async def pinging(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(SSE_HEAD)
+        while not writer.is_closing():  # until the gateway gives up and closes
+            writer.write(b": ping\n\n")
+            await writer.drain()
+            await asyncio.sleep(0)  # a turn of the loop for the client, not a wait
+
+    async with RawServer(pinging) as server:
+        b = OpenAIBackend(msgspec.convert({"id": "ours", "base_url": server.url + "/v1", "timeout_s": 0.2},
+                                          OpenAIModel))
+        with pytest.raises(UpstreamTimeout):
+            await asyncio.wait_for(anext(b.stream(request(True))), 10)
+        await b.aclose()
+
+
+async def test_a_plain_answer_that_is_an_error_object_is_a_retryable_failure() -> None:
+    async with RawServer(answering(sized(b"200 OK", ERROR))) as server:
+        b = backend(server.url)
+        with pytest.raises(UpstreamStatusError) as caught:
+            await b.complete(request(False))
+        assert caught.value.status == 502 and caught.value.retryable and caught.value.body() == ERROR
+        await b.aclose()
+
+
+@pytest.mark.parametrize("status", [b"302 Found", b"999 Made Up", b"600 Odd"])
+async def test_a_status_no_client_takes_is_a_retryable_502(status: bytes) -> None:
+    # 600-999 reached uvicorn's table of status lines (a KeyError: the client's connection dropped unanswered);
+    # a 3xx body was read as the answer
+    async with RawServer(answering(sized(status, b"moved"))) as server:
+        b = backend(server.url)
+        for stream in (False, True):
+            with pytest.raises(UpstreamStatusError) as caught:
+                await (b.complete(request(False)) if not stream else anext(b.stream(request(True))))
+            error = caught.value
+            assert error.status == 502 and error.retryable and status.split()[0].decode() in error.message
+            assert json.loads(error.body())["error"]["code"] == "upstream_error"
+        await b.aclose()
+
+
+async def test_an_error_body_nested_too_deeply_is_still_an_upstream_error() -> None:
+    deep_error = b'{"error":' + b'{"a":' * 100_000 + b"1" + b"}" * 100_001
+    for status, body in [(b"500 Internal Server Error", DEEP), (b"429 Too Many Requests", deep_error)]:
+        async with RawServer(answering(sized(status, body))) as server:
+            b = backend(server.url)
+            with pytest.raises(UpstreamStatusError) as caught:  # was a RecursionError: a 500 internal_error
+                await b.complete(request(False))
+            assert caught.value.status == int(status[:3]) and json.loads(caught.value.body())["error"]
+            await b.aclose()
+
+
+async def test_an_error_code_that_is_a_number_is_kept_as_text() -> None:
+    # vLLM's error objects carry the status as `code`: the usage row's error_code (text) refused it on PostgreSQL
+    body = b'{"error": {"message": "too long", "type": "BadRequestError", "param": null, "code": 400}}'
+    async with RawServer(answering(sized(b"400 Bad Request", body))) as server:
+        b = backend(server.url)
+        with pytest.raises(UpstreamStatusError) as caught:
+            await b.complete(request(False))
+        assert caught.value.code == "400" and caught.value.body() == body
         await b.aclose()

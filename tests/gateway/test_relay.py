@@ -1,5 +1,7 @@
 """The stream relay: continues a broken stream on another deployment under the original id, books each
-deployment's lease once, counts tokens into the context, and books a cancellation when the client leaves."""
+deployment's lease once, counts tokens into the context, and books a cancellation when the client leaves. An
+upstream's error event midway is a failure like a broken stream; a continuation that is no chunk is an upstream
+error; usage figures no answer has are dropped, not computed with."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from gateway.pipeline import Pipeline
 from gateway.service import Gateway
 from policies.base import PolicyChain
 from policies.context import RequestContext
-from protocol.errors import UpstreamUnavailable
+from protocol.errors import UpstreamInvalidResponse, UpstreamStatusError, UpstreamUnavailable
 from protocol.openai import ChatCompletionRequest, ParsedRequest, decode_request
 
 CONFIG = """
@@ -159,3 +161,103 @@ async def test_a_streamed_tool_call_is_put_together_as_the_plain_answer():
     assert message["content"] is None and answer["choices"][0]["finish_reason"] == "tool_calls"
     assert message["tool_calls"] == [{"id": "call_1", "type": "function",
                                       "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+
+
+class ErrorEventBackend(ScriptedBackend):
+    """Deployment 0 streams two words, then an error event (as vLLM and OpenAI report a failure mid-stream) and
+    [DONE]; deployment 1 continues the answer."""
+
+    async def stream(self, request: ParsedRequest, deployment: int = 0, headers=None) -> AsyncIterator[bytes]:
+        if deployment == 1:
+            async for payload in super().stream(request, 1):
+                yield payload
+            return
+        yield chunk("first", {"role": "assistant", "content": ""})
+        for word in WORDS[:2]:
+            yield chunk("first", {"content": word})
+        yield b'{"error": {"message": "engine died", "type": "server_error", "param": null, "code": "engine"}}'
+
+
+async def test_an_error_event_midway_is_a_failure_continued_on_the_other_deployment():
+    config = parse_config(CONFIG)
+    gateway = Gateway(config, {"m": ErrorEventBackend(config.models[0], 2)})
+    _, _, ctx = _setup(2)
+    chunks = await _collect(Pipeline(gateway, PolicyChain()), ctx)
+    assert all("error" not in c for c in chunks)  # it was relayed as if it were a chunk, the stream "ok"
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "".join(WORDS)
+    assert [(a.deployment, a.ok, a.error) for a in ctx.attempts] == [("d0", False, "engine"), ("d1", True, None)]
+
+
+async def test_an_error_event_with_no_other_deployment_ends_the_stream_as_that_error():
+    config = parse_config(CONFIG.replace(', {base_url: "http://127.0.0.1:2/v1"}', ""))
+    backend = ErrorEventBackend(config.models[0], 2)
+    backend.deployments = backend.deployments[:1]
+    gateway = Gateway(config, {"m": backend})
+    _, _, ctx = _setup(2)
+    with pytest.raises(UpstreamStatusError) as caught:  # SSEStream writes it as the error event, then [DONE]
+        await _collect(Pipeline(gateway, PolicyChain()), ctx)
+    assert caught.value.status == 502 and json.loads(caught.value.body())["error"]["message"] == "engine died"
+    assert [(a.ok, a.error) for a in ctx.attempts] == [(False, "engine")]
+
+
+class BadContinuationBackend(ScriptedBackend):
+    """Deployment 1 continues with a chunk whose `id` is a number."""
+
+    async def stream(self, request: ParsedRequest, deployment: int = 0, headers=None) -> AsyncIterator[bytes]:
+        if deployment == 0:
+            async for payload in super().stream(request, 0):
+                yield payload
+            return
+        yield b'{"id": 5, "object": "chat.completion.chunk", "choices": []}'
+
+
+async def test_a_continuation_that_is_no_chunk_is_an_upstream_error():
+    config = parse_config(CONFIG)
+    gateway = Gateway(config, {"m": BadContinuationBackend(config.models[0], 2)})
+    _, _, ctx = _setup(2)
+    with pytest.raises(UpstreamInvalidResponse):  # was msgspec's ValidationError: "the stream failed inside the
+        await _collect(Pipeline(gateway, PolicyChain()), ctx)  # gateway", with a traceback in the log
+    assert [(a.deployment, a.ok) for a in ctx.attempts] == [("d0", False), ("d1", False)]
+
+
+HUGE = 10**400  # an integer JSON allows, past float's range
+
+
+class HugeUsageBackend(ScriptedBackend):
+    """Answers (plain or streamed) whose usage counts are past any answer's size, or negative."""
+
+    def __init__(self, model, usage: dict) -> None:
+        super().__init__(model, 0)
+        self.usage = usage
+
+    async def complete(self, request, deployment=0, headers=None) -> bytes:
+        return json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                        "finish_reason": "stop"}], "usage": self.usage}).encode()
+
+    async def stream(self, request: ParsedRequest, deployment: int = 0, headers=None) -> AsyncIterator[bytes]:
+        yield chunk("u", {"role": "assistant", "content": ""})
+        yield chunk("u", {"content": "hi"})
+        yield json.dumps({"id": "u", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
+                          "usage": self.usage}).encode()
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens": HUGE, "completion_tokens": HUGE},
+                                   {"prompt_tokens": -5, "completion_tokens": -1_000_000},
+                                   {"prompt_tokens": 2**64, "completion_tokens": 2**31}])
+async def test_usage_no_answer_has_is_not_believed(usage):
+    """10**400 failed the float arithmetic of throughput and cost (OverflowError: a 500 for a plain request, an
+    internal_error event after a finished stream); a negative count credited budgets; past 2**31 - 1 the
+    usage row was refused. Such figures are dropped: the stream's own count stands in."""
+    config = parse_config(CONFIG.replace("backend: openai", "backend: openai\n    pricing: {input_per_mtok: 1}"))
+    gateway = Gateway(config, {"m": HugeUsageBackend(config.models[0], usage)})
+    pipeline = Pipeline(gateway, PolicyChain())
+    plain = decode_request({"model": "m", "messages": [{"role": "user", "content": "go"}]}, ChatCompletionRequest)
+    ctx = RequestContext(plain, request_id="plain")
+    served = await pipeline.complete(ctx)
+    assert json.loads(served.body)["choices"][0]["message"]["content"] == "hi"
+    assert (ctx.prompt_tokens, ctx.completion_tokens, ctx.cost_usd) == (None, None, None)
+    _, _, ctx = _setup(0)
+    chunks = await _collect(pipeline, ctx)
+    assert chunks[-1]["usage"] == usage  # relayed as it came: the client's to judge
+    assert (ctx.prompt_tokens, ctx.completion_tokens) == (None, 1) and ctx.attempts[-1].ok

@@ -300,6 +300,22 @@ async def test_an_empty_stream_still_opens_and_closes_a_message():
     assert events[0]["message"]["model"] == "asked" and events[3]["delta"]["stop_reason"] == "end_turn"
 
 
+@pytest.mark.parametrize("usage", [{"prompt_tokens": "7", "completion_tokens": "x"}, [1, 2], "lots",
+                                   {"prompt_tokens": -7, "completion_tokens": 10**400}])
+def test_a_usage_that_is_no_count_loses_neither_the_answer_nor_the_stream(usage):
+    """Usage of the wrong type failed the decode of the whole answer: a 200 with an empty text (and an ERROR
+    in the log); negatives and figures past any answer were relayed as the message's usage."""
+    body = json.loads(_completion({"content": "Paris."}))
+    body["usage"] = usage
+    answer = message_from_chat(json.dumps(body).encode())
+    assert answer.content[0].text == "Paris." and (answer.usage.input_tokens, answer.usage.output_tokens) == (0, 0)
+    translator = StreamTranslator()
+    frames = translator.feed(_chunk({"content": "Par"})) + translator.feed(json.dumps(
+        {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "is"},
+                                                                    "finish_reason": "stop"}], "usage": usage}))
+    assert b'"text":"is"' in frames and (translator.input_tokens, translator.output_tokens) == (None, None)
+
+
 def test_an_upstream_error_payload_ends_the_stream_with_an_error():
     translator = StreamTranslator()
     translator.feed(_chunk({"content": "a"}))

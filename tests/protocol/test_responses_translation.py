@@ -142,6 +142,17 @@ def _shape(**fields) -> ResponseShape:
     return ResponseShape(request)
 
 
+@pytest.mark.parametrize("usage", [[1, 2], "lots", {"prompt_tokens": "7", "completion_tokens": -3,
+                                                     "prompt_tokens_details": "none", "total_tokens": 10**400}])
+def test_a_usage_that_is_no_count_is_read_as_none(usage):
+    """A usage that is no object failed with AttributeError (a 500 for /v1/responses); strings, negatives and
+    figures past any answer were relayed as the Response's usage."""
+    found = response_usage(usage)
+    assert found is None if not isinstance(usage, dict) else found == {
+        "input_tokens": 0, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": 0, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 0}
+
+
 def test_plain_answers_validate_as_responses():
     usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
              "prompt_tokens_details": {"cached_tokens": 4}, "completion_tokens_details": {"reasoning_tokens": 1}}
