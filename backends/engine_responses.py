@@ -112,7 +112,7 @@ def completion_choice(index: int, echo: str, result: DecodeResult, token_bytes: 
 
 
 class StreamChunks:
-    """Renders one stream's chunks: one id and `created` for all; `usage: null` only if usage is asked for.
+    """Renders one stream's chunks: one id and `created` for all; `usage: null` only in chat, if usage is asked for.
 
     Each method returns the chunks (encoded) an event makes. When the model may call tools, each choice's text
     goes through a ToolCallParser and its role chunk waits for the first thing to say, so a call streams as
@@ -205,6 +205,7 @@ class StreamChunks:
 
     def _encode(self, chunk: Any) -> bytes:
         data = _encoder.encode(chunk)
-        # OpenAI sends `usage` in chunks only under stream_options.include_usage; JSON escapes quotes inside
+        # OpenAI sends `usage` in chunks only under stream_options.include_usage, and then `usage: null` only in
+        # chat chunks (a text_completion's `usage` is never null in its spec); JSON escapes quotes inside
         # strings, so this byte sequence can only be the field itself
-        return data if self.include_usage else data.replace(b',"usage":null', b"", 1)
+        return data if self.include_usage and self.chat else data.replace(b',"usage":null', b"", 1)

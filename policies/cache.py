@@ -18,7 +18,7 @@ from policies.context import Outcome, Principal, Reply, RequestContext
 from policies.state import StateStore, StoreUnavailable
 from protocol.openai import GATEWAY_FIELDS, ChatCompletionRequest, new_id
 
-__all__ = ["CacheLookup", "ExactCache", "answer_from", "cache_key", "replay_chunks", "storable"]
+__all__ = ["CacheLookup", "ExactCache", "answer_from", "cache_key", "replay_chunks", "storable", "usable"]
 
 log = logging.getLogger("pointsman.policies.cache")
 
@@ -158,7 +158,7 @@ class ExactCache:
             return self._bypass(ctx)
         self._store_up()
         entry = _entry(stored) if stored is not None else None
-        if entry is None:
+        if entry is None or not usable(entry, ctx):
             ctx.cache = "miss"
             ctx.headers["x-pointsman-cache"] = "miss"
             return None
@@ -204,6 +204,16 @@ class ExactCache:
         if self._down:
             self._down = False
             log.info("cache: state store back, caching again")
+
+
+def usable(entry: dict[str, Any], ctx: RequestContext) -> bool:
+    """Whether a stored answer can answer this request: one without `usage` (put together from a stream whose
+    client did not ask for usage) only answers streams that do not ask for it either. A plain answer always
+    carries `usage`, and `stream_options.include_usage` promises a last chunk with it; such a request is a miss,
+    and its answer, usage included, takes the entry's place."""
+    if isinstance(entry.get("usage"), dict):
+        return True
+    return ctx.request.body.stream and not ctx.request.include_usage
 
 
 def answer_from(ctx: RequestContext, model: str, entry: dict[str, Any], kind: str) -> Reply:
@@ -271,7 +281,8 @@ def replay_chunks(
 ) -> list[dict[str, Any]]:
     """A stored answer as a stream: (chat only) a role chunk, one chunk with every choice's whole content, one
     with every choice's finish_reason, and with `include_usage` a last chunk of usage and no choices (the
-    others then carry `usage: null`, as OpenAI sends them)."""
+    others then carry `usage: null` in chat, as OpenAI sends them; a text_completion's `usage` is never null in
+    OpenAI's spec, so there the others leave it out)."""
     choices = [c for c in entry["choices"] if isinstance(c, dict)]
     head: dict[str, Any] = {
         "id": chunk_id,
@@ -279,7 +290,7 @@ def replay_chunks(
         "created": created,
         "model": entry.get("model", ""),
     }
-    if include_usage:
+    if include_usage and chat:
         head["usage"] = None
 
     def chunk(parts: list[dict[str, Any]]) -> dict[str, Any]:

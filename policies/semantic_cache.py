@@ -17,7 +17,17 @@ import numpy as np
 
 from config.schema import CacheConfig
 from policies.base import STAGES, no_op
-from policies.cache import _UNKEYED, ExactCache, _cache_control, _entry, _ttl_override, answer_from, storable, tenant_of
+from policies.cache import (
+    _UNKEYED,
+    ExactCache,
+    _cache_control,
+    _entry,
+    _ttl_override,
+    answer_from,
+    storable,
+    tenant_of,
+    usable,
+)
 from policies.context import Outcome, Reply, RequestContext
 from policies.state import StateStore, StoreUnavailable
 from protocol.openai import ChatCompletionRequest, message_text
@@ -184,7 +194,7 @@ class SemanticCache:
             ctx.state.pop(self.name, None)
             return None
         self._store_up()
-        return None if entry is None else self._hit(ctx, model, entry)
+        return None if entry is None or not usable(entry, ctx) else self._hit(ctx, model, entry)
 
     @no_op
     async def approve(self, ctx: RequestContext, decision: Any) -> None:

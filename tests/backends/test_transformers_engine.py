@@ -383,6 +383,8 @@ async def test_completions_echo_token_ids_and_stream(backend: TransformersBacken
     assert all(e["object"] == "text_completion" for e in events)
     *texts, last, usage = events
     assert set(texts[0]["choices"][0]) == {"index", "text", "finish_reason", "logprobs"}
+    # a text_completion's `usage` is never null in OpenAI's spec: only the last chunk has the field
+    assert all("usage" not in e for e in [*texts, last])
     assert "".join(t["choices"][0]["text"] for t in texts) == plain["choices"][0]["text"]
     assert last["choices"][0]["finish_reason"] == "length" and usage["choices"] == []
     assert usage["usage"] == plain["usage"]

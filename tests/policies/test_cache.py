@@ -161,6 +161,48 @@ async def test_text_completions_are_cached_apart_from_chat(store: StateStore) ->
     assert await hit(cache, {**raw, "messages": [{"role": "user", "content": "hi"}]}) is None
 
 
+async def test_a_replayed_text_completion_stream_sends_usage_only_in_its_last_chunk(store: StateStore) -> None:
+    """A text_completion's `usage` is a CompletionUsage object in OpenAI's spec, never null: with include_usage
+    the chunks before the usage chunk leave it out rather than send `usage: null` (chat's chunks do send it)."""
+    cache = make(store)
+    raw = {"model": "fast", "prompt": "hi", "temperature": 0}
+    await served(cache, raw, text_answer(), kind=CompletionRequest)
+    streamed = await hit(cache, {**raw, "stream": True, "stream_options": {"include_usage": True}},
+                         kind=CompletionRequest)
+    *texts, usage = [msgspec.json.decode(c) for c in streamed.chunks]
+    assert [c["choices"][0]["finish_reason"] for c in texts] == [None, "length"]
+    assert all("usage" not in c for c in texts)
+    assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 9
+    validate({**usage, "choices": []}, "CreateCompletionResponse")
+
+
+def streamed_answer(text: str = "Hello there!") -> bytes:
+    """An answer put together from a stream whose client did not ask for usage (StreamRelay.assembled): no usage."""
+    body = msgspec.json.decode(answer(text))
+    del body["usage"]
+    return msgspec.json.encode(body)
+
+
+async def test_an_entry_without_usage_answers_only_streams_that_do_not_ask_for_it(store: StateStore) -> None:
+    """A plain answer always carries `usage` and `include_usage` promises a usage chunk: an entry stored from a
+    stream without usage cannot keep either promise, so those requests miss, and their answer replaces it."""
+    cache = make(store)
+    stored = await served(cache, chat(stream=True), streamed_answer("streamed"))
+    assert stored.cache == "miss"
+    assert await hit(cache, chat(stream=True)) is not None  # asks for no usage: the entry serves it
+    wants_usage = context(chat(stream=True, stream_options={"include_usage": True}))
+    assert await cache.admit(wants_usage) is None and wants_usage.cache == "miss"
+    plain = context(chat())
+    assert await cache.admit(plain) is None and plain.cache == "miss"
+    await cache.settle(plain, Outcome("ok", body=answer("plain")))  # the answer with usage takes its place
+    body = msgspec.json.decode((await hit(cache, chat())).body)
+    validate(body, "CreateChatCompletionResponse")
+    assert body["usage"]["total_tokens"] == 10 and body["choices"][0]["message"]["content"] == "plain #0"
+    chunks = [msgspec.json.decode(c) for c in (await hit(cache, chat(stream=True, stream_options={
+        "include_usage": True}))).chunks]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 10
+
+
 async def test_tenants_never_share_unless_configured(store: StateStore) -> None:
     cache = make(store)
     await served(cache, chat(), principal=ALICE)
