@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from gateway.deployments import Lease
 from policies.context import RequestContext
 from protocol.errors import UpstreamError, UpstreamInvalidResponse, UpstreamStatusError
-from protocol.openai import ChatCompletionRequest, ParsedRequest, chunk_view
+from protocol.openai import ChatCompletionRequest, ChunkView, ParsedRequest, chunk_view
 from routing.router import Attempt
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ class StreamRelay:
         self.finished = False
         self.finish_reason: str | None = None
         self.chunk_id: str | None = None
+        self.created: Any = None  # the first chunk's `created`: every chunk the client gets carries it
         self.tokens = 0  # one per content chunk, until the upstream's usage says otherwise
         self.prompt_tokens: int | None = None
         self.usage_tokens: int | None = None
@@ -61,7 +62,7 @@ class StreamRelay:
         if view.error is not None:  # the upstream failed mid-stream and said so: a failure like a broken stream
             raise UpstreamStatusError(502, payload)  # (relayed as this error event, or continued elsewhere)
         if self.chunk_id is None:
-            self.chunk_id = view.id
+            self.chunk_id, self.created = view.id, view.created
         if view.usage is not None:
             self.prompt_tokens, self.usage_tokens = view.usage.prompt_tokens, view.usage.completion_tokens
         for choice in view.choices:
@@ -143,7 +144,7 @@ class StreamRelay:
                     tried.add(nxt)
                     self.lease, self.ttft = self.pool.lease(nxt), None
                     self.ctx.attempts.append(self.lease.record)
-                    rest = self._continued(self._continuation(), nxt)
+                    rest = self._continued(self._continuation(), nxt, self.tokens)
                     continue
                 except BaseException as exc:  # the client left, or the gateway is stopping
                     self.lease.fail(exc)
@@ -186,19 +187,38 @@ class StreamRelay:
                 return candidate
         return None
 
-    async def _continued(self, request: ParsedRequest, index: int) -> AsyncIterator[bytes]:
-        """The continuation's chunks, without its opening role chunk, under the original stream's id."""
-        old_id = None
+    async def _continued(self, request: ParsedRequest, index: int, earlier: int) -> AsyncIterator[bytes]:
+        """The continuation's chunks, without its opening role chunk, under the original stream's id and
+        `created`; its usage counts the `earlier` tokens, streamed before the break, among the completion's."""
+        opening = True
         async for payload in self.backend.stream(request, index):
             try:
                 view = chunk_view(payload)
             except (msgspec.DecodeError, RecursionError):  # a ValidationError too: judged as _observe would
                 raise self._invalid() from None
-            if old_id is None:
-                old_id = view.id
+            if opening:
+                opening = False
                 choice = view.choices[0] if view.choices else None
                 if choice is not None and choice.delta is not None and not choice.delta.content:
                     continue  # the role chunk: the client already has one
-            if old_id and self.chunk_id and old_id != self.chunk_id:
-                payload = payload.replace(msgspec.json.encode(old_id), msgspec.json.encode(self.chunk_id), 1)
-            yield payload
+            yield payload if view.error is not None else self._as_original(payload, view, earlier)
+
+    def _as_original(self, payload: bytes, view: ChunkView, earlier: int) -> bytes:
+        """A continuation's chunk as a chunk of the stream the client started: its id and `created`, and a usage
+        whose completion_tokens (and total) add the tokens the broken deployment streamed."""
+        renamed = self.chunk_id is not None and view.id != self.chunk_id
+        redated = self.created is not None and view.created != self.created
+        recounted = earlier > 0 and view.usage is not None and view.usage.completion_tokens is not None
+        if not (renamed or redated or recounted):
+            return payload
+        chunk = msgspec.json.decode(payload)
+        if renamed:
+            chunk["id"] = self.chunk_id
+        if redated:
+            chunk["created"] = self.created
+        if recounted:
+            usage = chunk["usage"]
+            usage["completion_tokens"] = completion = view.usage.completion_tokens + earlier  # type: ignore[union-attr]
+            if view.usage.prompt_tokens is not None:  # type: ignore[union-attr]
+                usage["total_tokens"] = view.usage.prompt_tokens + completion  # type: ignore[union-attr]
+        return msgspec.json.encode(chunk)

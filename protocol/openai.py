@@ -524,6 +524,7 @@ class ChunkView(Struct):
     an upstream's failure sent as a stream event ({"error": {...}}, as OpenAI and vLLM send one)."""
 
     id: str | None = None
+    created: Any = None  # kept as sent: a continued stream's chunks carry the first chunk's (see StreamRelay)
     choices: list[_ChoiceView] = []
     usage: _UsageView | None = None
     error: Any = None

@@ -102,6 +102,30 @@ async def test_a_broken_stream_continues_on_the_other_deployment_as_one_stream()
     assert pool.breakers[0].snapshot()["window_failures"] == 1
 
 
+class CountingBackend(ScriptedBackend):
+    """Deployment 0 streams at `created` 1 and breaks after two words; deployment 1 continues at `created` 2 and
+    ends with a usage chunk that counts only its own two words (as vLLM counts a continuation)."""
+
+    async def stream(self, request: ParsedRequest, deployment: int = 0, headers=None) -> AsyncIterator[bytes]:
+        async for payload in super().stream(request, deployment, headers):
+            yield payload.replace(b'"created": 1', b'"created": 2') if deployment else payload
+        yield json.dumps({"id": "second", "object": "chat.completion.chunk", "created": 2, "model": "m",
+                          "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2,
+                                                   "total_tokens": 5}}).encode()
+
+
+async def test_a_continued_stream_keeps_its_created_and_counts_the_words_before_the_break():
+    config = parse_config(CONFIG)
+    gateway = Gateway(config, {"m": CountingBackend(config.models[0], breaks_after=2)})
+    request = decode_request({"model": "m", "stream": True, "stream_options": {"include_usage": True},
+                              "messages": [{"role": "user", "content": "go"}]}, ChatCompletionRequest)
+    ctx = RequestContext(request, request_id="r1")
+    chunks = await _collect(Pipeline(gateway, PolicyChain()), ctx)
+    assert {(c["id"], c["created"]) for c in chunks} == {("first", 1)}  # one stream: each chunk the same timestamp
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert ctx.completion_tokens == 4  # what budgets and the usage row count
+
+
 async def test_a_stream_closed_by_the_client_books_a_cancellation():
     gateway, _, ctx = _setup(breaks_after=4)
     started = await Pipeline(gateway, PolicyChain()).stream(ctx)
