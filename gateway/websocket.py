@@ -15,7 +15,7 @@ from gateway.auth import principal_of
 from gateway.generate import POLICY_HEADERS
 from gateway.pipeline import Pipeline
 from gateway.request_id import request_id_of
-from policies.context import Outcome, Principal, Reply, RequestContext
+from policies.context import Outcome, Reply, RequestContext
 from protocol.errors import GatewayError, error_body
 from protocol.openai import ChatCompletionRequest, decode_object, decode_request
 
@@ -36,12 +36,15 @@ def _fresh_request_id() -> str:
 
 class _Connection:
     """One accepted socket: its requests are answered one after another, in the order they arrive; a reader task
-    queues them and, when the client leaves, cancels the request being streamed (settled as `cancelled`)."""
+    queues them and, when the client leaves, cancels the request being streamed (settled as `cancelled`). The key
+    is checked again before each request (from the authenticator's cache: a revocation or an expiry reaches it as
+    it reaches the HTTP routes), so a socket opened with a key that stops working ends with its error and 1008."""
 
-    __slots__ = ("gone", "pipeline", "policy_headers", "principal", "socket", "task", "user")
+    __slots__ = ("gone", "guards", "pipeline", "policy_headers", "principal", "socket", "task", "user")
 
-    def __init__(self, socket: WebSocket, pipeline: Pipeline, principal: Principal) -> None:
-        self.socket, self.pipeline, self.principal = socket, pipeline, principal
+    def __init__(self, socket: WebSocket, pipeline: Pipeline, guards: Sequence) -> None:
+        self.socket, self.pipeline, self.guards = socket, pipeline, guards
+        self.principal = principal_of(socket.scope)
         self.user: str | None = None
         self.policy_headers: dict[str, str] = {}
         for key, value in socket.scope["headers"]:
@@ -60,6 +63,8 @@ class _Connection:
         try:
             while True:
                 message = await inbox.get()
+                if not first and self.guards and not await self._still_authorized():
+                    return
                 rid = request_id_of(self.socket.scope) if first else _fresh_request_id()
                 first = False
                 await self._answer(message, rid)
@@ -86,6 +91,17 @@ class _Connection:
         self.gone = True
         if self.task is not None:
             self.task.cancel()
+
+    async def _still_authorized(self) -> bool:
+        """Whether the socket's key still works (the upgrade's guards, again); if not, its error is sent and the
+        socket closed with 1008 (policy violation)."""
+        refused = await _authorize(self.socket, self.guards)
+        if refused is None:
+            self.principal = principal_of(self.socket.scope)  # the key's current role, limits and budget
+            return True
+        await self._send(refused.body())
+        await self.socket.send({"type": "websocket.close", "code": 1008, "reason": refused.message[:120]})
+        return False
 
     async def _send(self, payload: bytes | str) -> None:
         text = payload if isinstance(payload, str) else payload.decode()
@@ -192,7 +208,7 @@ def websocket_router(guards: Sequence) -> Router:
             return
         pipeline: Pipeline = socket.app.state.pipeline
         await socket.accept()
-        await _Connection(socket, pipeline, principal_of(socket.scope)).run()
+        await _Connection(socket, pipeline, guards).run()
 
     return Router(path="/v1", route_handlers=[chat_completions_ws])
 

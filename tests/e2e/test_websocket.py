@@ -1,5 +1,6 @@
 """/v1/chat/completions/ws against a live gateway and the mock upstream: several requests on one connection,
-errors that keep it open, auth on the upgrade, and a client that leaves mid-stream (settled as cancelled)."""
+errors that keep it open, auth on the upgrade and again before each request (a key revoked meanwhile ends the
+socket), and a client that leaves mid-stream (settled as cancelled)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import signal
 import sqlite3
 
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from tests.conftest import http, start_gateway
@@ -95,6 +96,23 @@ def test_auth_is_refused_without_a_key(ws_gateway):
     assert json.loads(refused.value.response.body)["error"]["code"] == "invalid_api_key"
     with pytest.raises(InvalidStatus):
         _connect(ws_gateway, authorization="Bearer wrong")
+
+
+def test_a_key_revoked_while_its_socket_is_open_is_refused_at_its_next_request(ws_gateway):
+    admin = {"authorization": f"Bearer {KEY}"}  # the static keys are admins
+    status, _, raw = http("POST", ws_gateway.url + "/admin/keys", {"role": "user"}, headers=admin)
+    assert status in (200, 201), raw
+    key = json.loads(raw)
+    with _connect(ws_gateway, authorization=f"Bearer {key['key']}") as ws:
+        ws.send(json.dumps({"model": "remote-a", "messages": [{"role": "user", "content": "before"}]}))
+        assert _answer(ws)[1]["done"] is True
+        assert http("DELETE", f"{ws_gateway.url}/admin/keys/{key['id']}", headers=admin)[0] == 200
+        ws.send(json.dumps({"model": "remote-a", "messages": [{"role": "user", "content": "after"}]}))
+        error = json.loads(ws.recv(timeout=30))["error"]
+        assert error["code"] == "invalid_api_key" and "revoked" in error["message"]
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
 def test_client_leaving_mid_stream_cancels_its_request(ws_gateway):
