@@ -458,6 +458,13 @@ def _amount(kind: Kind, value: float) -> str:
 
 
 def _refusal(counter: _Counter, current: float, needed: float, now: float) -> BudgetExceeded:
+    if needed > counter.limit:  # no period will ever hold it: retrying cannot help (as the rate limit says it)
+        error = BudgetExceeded(
+            f"Request too large for the {counter.describe()}: it may need up to {_amount(counter.kind, needed)} "
+            "(prompt plus max_tokens or its default); shorten the prompt or lower max_tokens"
+        )
+        error.headers = {"x-should-retry": "false"}
+        return error
     resets = reset_iso(counter.end)
     error = BudgetExceeded(
         f"Budget exceeded: the {counter.describe()} has {_amount(counter.kind, current)} used and this request "

@@ -137,10 +137,21 @@ async def test_a_worst_case_over_a_key_budget_is_refused_with_429(store: StateSt
     assert error.headers == {"retry-after": str(12 * 3600)}
     assert await store.counter(key(0, "k1")) == 114  # the refused reservation added nothing
     await p.approve(ctx("k2"), decision("cheap"))  # another key has its own budget
-    total = policy(store, BudgetConfig(scope="global", period="total", max_tokens=50))
+    total = policy(store, BudgetConfig(scope="global", period="total", max_tokens=150))
+    await total.approve(ctx(), decision("cheap"))  # 114 of 150, for good
     error = await refused(total, ctx())
-    assert "global budget of 50 tokens in total" in error.message and "resets never" in error.message
+    assert "global budget of 150 tokens in total" in error.message and "resets never" in error.message
     assert "retry-after" not in error.headers
+
+
+async def test_a_worst_case_over_the_whole_budget_is_refused_as_never_retryable(store: StateStore) -> None:
+    # no period will ever hold it: as the rate limit answers a request over a tpm limit, x-should-retry: false
+    for budget in (BudgetConfig(scope="key", max_tokens=100), BudgetConfig(scope="global", period="total",
+                                                                            max_tokens=50)):
+        error = await refused(policy(store, budget), ctx())
+        assert (error.status, error.code) == (429, "budget_exceeded")
+        assert error.headers == {"x-should-retry": "false"}
+        assert "Request too large for the" in error.message and "up to 114 tokens" in error.message
 
 
 async def test_scopes_and_match(store: StateStore) -> None:
