@@ -141,15 +141,16 @@ class Upstream:
                           choices: int = 1, rewrite: Callable[[bytes], bytes] | None = None,
                           ) -> AsyncIterator[bytes]:
         """Yield each SSE `data:` payload as it arrives, through `rewrite` when given; ends at `[DONE]`, or at the
-        connection's end once every one of the `choices` has its finish_reason. Only the gap between bytes is
-        bounded."""
+        connection's end once every one of the `choices` has its finish_reason. The first payload must come within
+        `timeout_s` of the response's head (bytes that make none, `: ping` comments, keep the client waiting for
+        its status); after it, only the gap between bytes is bounded."""
         url = self.base_url + path
         finished: set[int] = set()
         first = True
         loop = asyncio.get_running_loop()
-        first_by = loop.time() + self.timeout_s  # the first payload's deadline: nothing has reached the client
         try:
             response = await self.transport.request("POST", path, body, OUTGOING_HEADERS.get(), self.timeout_s)
+            first_by = loop.time() + self.timeout_s  # the first payload's deadline: nothing has reached the client
             found = self._relay(response.relayed_headers(), relay)
             if response.status >= 300:
                 raise UpstreamStatusError(response.status, await response.body(), headers=found)
@@ -157,9 +158,6 @@ class Upstream:
             chunks = response.chunks()
             try:
                 async for piece in chunks:
-                    if first and loop.time() > first_by:  # bytes, but no payload (`: ping` comments, a line
-                        # that never ends): the client, still waiting for its status, would wait as long
-                        raise TransportTimeout(f"no stream payload from the upstream for {self.timeout_s} s")
                     # what the buffer holds has no newline: only the new piece is searched (a long line costs
                     # linear time, not quadratic)
                     scanned = len(buffer)
@@ -199,6 +197,8 @@ class Upstream:
                     buffer = buffer[start:]
                     if len(buffer) > MAX_SSE_LINE:
                         raise _invalid(url, f"an SSE line over {MAX_SSE_LINE} bytes")
+                    if first and loop.time() > first_by:  # bytes since the head, still no payload in them
+                        raise TransportTimeout(f"no stream payload from the upstream for {self.timeout_s} s")
             finally:
                 await chunks.aclose()
         except (TimeoutError, TransportError) as exc:

@@ -194,7 +194,12 @@ class StreamRelay:
         async for payload in self.backend.stream(request, index):
             try:
                 view = chunk_view(payload)
-            except (msgspec.DecodeError, RecursionError):  # a ValidationError too: judged as _observe would
+            except msgspec.ValidationError:  # JSON, but not a chunk: as _observe judges it (relayed as it is)
+                if payload.lstrip()[:1] != b"{":
+                    raise self._invalid() from None
+                yield payload
+                continue
+            except (msgspec.DecodeError, RecursionError):
                 raise self._invalid() from None
             if opening:
                 opening = False

@@ -63,8 +63,12 @@ class _Connection:
         try:
             while True:
                 message = await inbox.get()
-                if not first and self.guards and not await self._still_authorized():
-                    return
+                if not first and self.guards:
+                    allowed = await self._still_authorized()
+                    if allowed is None:
+                        continue  # the check itself failed: this request was answered with the error
+                    if not allowed:
+                        return
                 rid = request_id_of(self.socket.scope) if first else _fresh_request_id()
                 first = False
                 await self._answer(message, rid)
@@ -92,10 +96,18 @@ class _Connection:
         if self.task is not None:
             self.task.cancel()
 
-    async def _still_authorized(self) -> bool:
+    async def _still_authorized(self) -> bool | None:
         """Whether the socket's key still works (the upgrade's guards, again); if not, its error is sent and the
-        socket closed with 1008 (policy violation)."""
-        refused = await _authorize(self.socket, self.guards)
+        socket closed with 1008 (policy violation). None when the check itself failed (the key store could not be
+        read): that request is answered with internal_error and the socket goes on, as the HTTP routes answer it."""
+        try:
+            refused = await _authorize(self.socket, self.guards)
+        except _GONE:
+            raise
+        except Exception:
+            log.exception("websocket: checking the API key failed")
+            await self._send(error_body("The gateway could not check the API key.", "api_error", "internal_error"))
+            return None
         if refused is None:
             self.principal = principal_of(self.socket.scope)  # the key's current role, limits and budget
             return True

@@ -155,6 +155,25 @@ async def test_bytes_without_a_payload_are_no_answer_past_the_timeout() -> None:
         await b.aclose()
 
 
+async def test_a_payload_that_comes_after_the_deadline_in_time_is_still_the_answer() -> None:
+    """The deadline judges what bytes brought, not when they came: a ping, then the payload in a piece that
+    arrives past timeout_s from the head (each gap shorter than it) is relayed, not dropped for a 504."""
+    async def late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(SSE_HEAD)
+        for piece in (b": ping\n\n", b"data: " + chunk("hi", "stop") + b"\n\ndata: [DONE]\n\n"):
+            await asyncio.sleep(0.2)  # the upstream's pace (timeout_s is 0.3): each gap 0.2 s, the payload at 0.4
+            writer.write(piece)
+            await writer.drain()
+        writer.close()
+
+    async with RawServer(late) as server:
+        b = OpenAIBackend(msgspec.convert({"id": "ours", "base_url": server.url + "/v1", "timeout_s": 0.3},
+                                          OpenAIModel))
+        assert [json.loads(p)["choices"][0]["finish_reason"] async for p in b.stream(request(True))] == ["stop"]
+        await b.aclose()
+
+
 async def test_a_plain_answer_that_is_an_error_object_is_a_retryable_failure() -> None:
     async with RawServer(answering(sized(b"200 OK", ERROR))) as server:
         b = backend(server.url)

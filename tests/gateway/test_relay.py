@@ -126,6 +126,28 @@ async def test_a_continued_stream_keeps_its_created_and_counts_the_words_before_
     assert ctx.completion_tokens == 4  # what budgets and the usage row count
 
 
+class VendorEventBackend(ScriptedBackend):
+    """The continuation sends a vendor's own event (JSON, but no chunk) after its first word."""
+
+    async def stream(self, request: ParsedRequest, deployment: int = 0, headers=None) -> AsyncIterator[bytes]:
+        words = 0
+        async for payload in super().stream(request, deployment, headers):
+            yield payload
+            if deployment and b'"content": "' in payload and (words := words + 1) == 1:
+                yield b'{"id": 1, "type": "ping"}'
+
+
+async def test_a_continuation_relays_an_event_that_is_no_chunk_as_the_first_deployment_would():
+    config = parse_config(CONFIG)
+    gateway = Gateway(config, {"m": VendorEventBackend(config.models[0], breaks_after=2)})
+    request = decode_request({"model": "m", "stream": True, "messages": [{"role": "user", "content": "go"}]},
+                             ChatCompletionRequest)
+    chunks = await _collect(Pipeline(gateway, PolicyChain()), RequestContext(request, request_id="r1"))
+    assert {"id": 1, "type": "ping"} in chunks  # relayed as it is, not an upstream fault that ends the stream
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+    assert text == "".join(WORDS) and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
 async def test_a_stream_closed_by_the_client_books_a_cancellation():
     gateway, _, ctx = _setup(breaks_after=4)
     started = await Pipeline(gateway, PolicyChain()).stream(ctx)
@@ -225,17 +247,18 @@ async def test_an_error_event_with_no_other_deployment_ends_the_stream_as_that_e
 
 
 class BadContinuationBackend(ScriptedBackend):
-    """Deployment 1 continues with a chunk whose `id` is a number."""
+    """Deployment 1 continues with a payload that is no JSON (one that is JSON but no chunk is relayed as it is,
+    as from the first deployment: see VendorEventBackend)."""
 
     async def stream(self, request: ParsedRequest, deployment: int = 0, headers=None) -> AsyncIterator[bytes]:
         if deployment == 0:
             async for payload in super().stream(request, 0):
                 yield payload
             return
-        yield b'{"id": 5, "object": "chat.completion.chunk", "choices": []}'
+        yield b'{"id": "second", "choices": [{"index": 0, "delta": {"content": " fox"'
 
 
-async def test_a_continuation_that_is_no_chunk_is_an_upstream_error():
+async def test_a_continuation_that_is_no_json_is_an_upstream_error():
     config = parse_config(CONFIG)
     gateway = Gateway(config, {"m": BadContinuationBackend(config.models[0], 2)})
     _, _, ctx = _setup(2)

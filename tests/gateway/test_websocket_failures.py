@@ -12,6 +12,7 @@ from websockets.sync.client import connect
 
 from config.loader import parse_config
 from gateway.app import create_app
+from gateway.auth import Authenticator
 from policies.context import Outcome, RequestContext
 from tests.gateway.live import serve
 
@@ -33,9 +34,8 @@ class Exploding:
         return None
 
 
-@pytest.fixture(scope="module")
-def url(upstream):
-    config = parse_config(f"""
+def _config(upstream, extra: str = ""):
+    return parse_config(f"""
 models:
   - id: remote-a
     backend: openai
@@ -43,8 +43,12 @@ models:
     upstream_model: mock-model
 routing: {{health_check_s: 0}}
 storage: {{database_url: ''}}
-""")
-    with serve(create_app(config, policies=[Exploding()])) as base:
+{extra}""")
+
+
+@pytest.fixture(scope="module")
+def url(upstream):
+    with serve(create_app(_config(upstream), policies=[Exploding()])) as base:
         yield base.replace("http://", "ws://") + "/v1/chat/completions/ws"
 
 
@@ -67,3 +71,28 @@ def test_a_failure_before_the_stream_is_one_error_message_and_the_socket_goes_on
         answered = _ask(socket, "hello again")
         assert answered[-1]["done"] is True and len(answered) > 1
     assert any("websocket request" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_a_failed_key_check_on_an_open_socket_answers_that_request_and_the_socket_goes_on(upstream, monkeypatch,
+                                                                                          caplog):
+    """The key is checked again before each request after the first; when that check itself fails (the key store
+    unreadable), the request gets internal_error, it is logged, and the next request is checked and served."""
+    config = _config(upstream, 'auth: {api_keys: ["sk-ws"]}\n')
+    checks = {"n": 0}
+    looked_up = Authenticator.principal
+
+    async def flaky(self, header):
+        checks["n"] += 1
+        if checks["n"] == 2:  # the first re-check, at the socket's second request
+            raise RuntimeError("the key store is down")
+        return await looked_up(self, header)
+
+    monkeypatch.setattr(Authenticator, "principal", flaky)
+    with serve(create_app(config)) as base, connect(base.replace("http://", "ws://") + "/v1/chat/completions/ws",
+                                                    additional_headers={"authorization": "Bearer sk-ws"}) as socket:
+        assert _ask(socket, "one")[-1]["done"] is True
+        assert _ask(socket, "two") == [{"error": {"message": "The gateway could not check the API key.",
+                                                  "type": "api_error", "param": None, "code": "internal_error"}}]
+        assert _ask(socket, "three")[-1]["done"] is True
+    assert checks["n"] == 3
+    assert any("checking the API key failed" in r.getMessage() and r.exc_info for r in caplog.records)
