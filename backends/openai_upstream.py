@@ -54,6 +54,14 @@ class _AnyObject(msgspec.Struct):
     error: Any = None
 
 
+def _error_status(error: Any) -> int:
+    """The status an error object sent with a 2xx stands for: its `code` when that is a 4xx status (vLLM puts
+    the status there: the request itself was refused, so it is relayed as that, not retried), else 502 (retried
+    elsewhere)."""
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if type(code) is int and 400 <= code <= 499 else 502
+
+
 class _Choice(msgspec.Struct):
     index: int = 0
     finish_reason: str | None = None
@@ -186,7 +194,7 @@ class Upstream:
                             except (msgspec.DecodeError, RecursionError) as exc:  # a ValidationError too
                                 raise _invalid(url, f"a stream payload that is not a JSON object: {exc}") from None
                             if opened.error is not None:  # a 200 stream that opens with an error: failed
-                                raise UpstreamStatusError(502, data, headers=found)
+                                raise UpstreamStatusError(_error_status(opened.error), data, headers=found)
                         # skip the decode when every finish_reason in the chunk is null (nearly all chunks)
                         if data.count(b'"finish_reason":null') < data.count(b'"finish_reason"'):
                             try:
@@ -296,7 +304,7 @@ class OpenAIBackend:
                 return content if self._rename is None else self._rewrite(content)
         except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deeply to skip
             raise _invalid(upstream.base_url + path, f"a body that is not a JSON object: {exc}") from exc
-        raise UpstreamStatusError(502, content)  # a 2xx whose body is an error object: a failure, retryable
+        raise UpstreamStatusError(_error_status(answer.error), content)  # a 2xx whose body is an error object
 
     async def embeddings(self, request: ParsedEmbeddings, deployment: int = 0,
                          headers: dict[str, str] | None = None) -> bytes:

@@ -127,6 +127,20 @@ async def test_a_stream_that_opens_with_an_error_event_is_a_retryable_failure() 
         await b.aclose()
 
 
+async def test_an_error_object_in_a_2xx_with_a_4xx_code_is_that_refusal_not_retried() -> None:
+    # vLLM puts the status in `code`: the request itself was refused, so it is relayed as that 4xx, as an upstream
+    # HTTP 400 is, rather than retried on every deployment and ended as a 502
+    refused = b'{"error": {"message": "too long", "type": "BadRequestError", "param": null, "code": 400}}'
+    for reply, stream in ((SSE_HEAD + b"data: " + refused + b"\n\ndata: [DONE]\n\n", True),
+                          (sized(b"200 OK", refused), False)):
+        async with RawServer(answering(reply)) as server:
+            b = backend(server.url)
+            with pytest.raises(UpstreamStatusError) as caught:
+                await (anext(b.stream(request(True))) if stream else b.complete(request(False)))
+            assert caught.value.status == 400 and not caught.value.retryable and caught.value.body() == refused
+            await b.aclose()
+
+
 async def test_a_stream_of_nothing_but_done_is_a_retryable_failure() -> None:
     async with RawServer(answering(SSE_HEAD + b": ping\n\ndata: [DONE]\n\n")) as server:
         b = backend(server.url)
