@@ -48,17 +48,24 @@ class StreamRelay:
         self.prompt_tokens: int | None = None
         self.usage_tokens: int | None = None
 
+    def _view(self, payload: bytes) -> ChunkView | None:
+        """A payload as a chunk; None for JSON that is no chunk (an error event, or a vendor's extra event: relayed
+        as it is); one that is no JSON object ends the stream as an upstream fault."""
+        try:
+            return chunk_view(payload)
+        except msgspec.ValidationError:
+            if payload.lstrip()[:1] != b"{":
+                raise self._invalid() from None
+            return None
+        except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deeply to skip
+            raise self._invalid() from None
+
     def _observe(self, payload: bytes) -> None:
         """Learn what a payload says (text, calls, finish, usage); one that is no JSON object ends the stream, as
         an upstream fault, before it reaches the client (the first was checked by the backend)."""
-        try:
-            view = chunk_view(payload)
-        except msgspec.ValidationError:  # JSON, but not a chunk (an error event, or a vendor's extra event)
-            if payload.lstrip()[:1] != b"{":
-                raise self._invalid() from None
+        view = self._view(payload)
+        if view is None:
             return
-        except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deeply to skip
-            raise self._invalid() from None
         if view.error is not None:  # the upstream failed mid-stream and said so: a failure like a broken stream
             raise UpstreamStatusError(502, payload)  # (relayed as this error event, or continued elsewhere)
         if self.chunk_id is None:
@@ -192,15 +199,10 @@ class StreamRelay:
         `created`; its usage counts the `earlier` tokens, streamed before the break, among the completion's."""
         opening = True
         async for payload in self.backend.stream(request, index):
-            try:
-                view = chunk_view(payload)
-            except msgspec.ValidationError:  # JSON, but not a chunk: as _observe judges it (relayed as it is)
-                if payload.lstrip()[:1] != b"{":
-                    raise self._invalid() from None
+            view = self._view(payload)
+            if view is None:
                 yield payload
                 continue
-            except (msgspec.DecodeError, RecursionError):
-                raise self._invalid() from None
             if opening:
                 opening = False
                 choice = view.choices[0] if view.choices else None
