@@ -28,7 +28,7 @@ from protocol.anthropic import (
     error_body,
     to_chat,
 )
-from protocol.errors import GatewayError
+from protocol.errors import INTERNAL_FAILURE, GatewayError
 from protocol.openai import ChatCompletionRequest, ParsedRequest, decode_request
 
 __all__ = ["anthropic_router", "estimate_input_tokens"]
@@ -142,7 +142,7 @@ def _render_http_error(request: Request, exc: HTTPException) -> Response:
 
 def _render_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
-    return _error(request, 500, "The gateway failed to process the request.")
+    return _error(request, 500, INTERNAL_FAILURE)
 
 
 def anthropic_router(guards: list) -> Router:

@@ -58,7 +58,7 @@ from policies.base import Policy, PolicyChain
 from policies.context import Outcome, RequestContext
 from policies.experiments import add_feedback, decode_feedback
 from policies.model_versions import VersionRegistry
-from protocol.errors import BadRequest, GatewayError, error_body, http_error_body
+from protocol.errors import INTERNAL_ERROR_BODY, BadRequest, GatewayError, http_error_body
 from protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -246,7 +246,7 @@ def _render_http_error(request: Request, exc: HTTPException) -> Response:
 def _render_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return Response(
-        error_body("The gateway failed to process the request.", "api_error", "internal_error"),
+        INTERNAL_ERROR_BODY,
         status_code=500,
         media_type=MediaType.JSON,
         headers={"x-request-id": request_id_of(request.scope)},

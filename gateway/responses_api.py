@@ -27,7 +27,7 @@ from gateway.service import Gateway
 from policies.base import PolicyChain
 from policies.context import Outcome, Principal, RequestContext
 from policies.state import StateStore
-from protocol.errors import BadRequest, GatewayError, NotFound, UpstreamUnavailable, http_error_body
+from protocol.errors import INTERNAL_FAILURE, BadRequest, GatewayError, NotFound, UpstreamUnavailable, http_error_body
 from protocol.openai import ChatCompletionRequest, decode_request, usage_count
 from protocol.responses_api import (
     ResponseShape,
@@ -406,7 +406,7 @@ def _render_error(request: Request, exc: Exception) -> Response:
         body, status, headers = exc.body(), exc.status, exc.headers
     else:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
-        detail = exc.detail if isinstance(exc, HTTPException) else "The gateway failed to process the request."
+        detail = exc.detail if isinstance(exc, HTTPException) else INTERNAL_FAILURE
         body = http_error_body(status, str(detail))
         headers = getattr(exc, "headers", None) or {}
     return Response(body, status_code=status, media_type=MediaType.JSON,

@@ -16,7 +16,7 @@ from gateway.generate import POLICY_HEADERS
 from gateway.pipeline import Pipeline
 from gateway.request_id import request_id_of
 from policies.context import Outcome, Reply, RequestContext
-from protocol.errors import GatewayError, error_body
+from protocol.errors import INTERNAL_ERROR_BODY, GatewayError, error_body
 from protocol.openai import ChatCompletionRequest, decode_object, decode_request
 
 __all__ = ["MAX_PENDING", "websocket_router"]
@@ -112,7 +112,7 @@ class _Connection:
             self.principal = principal_of(self.socket.scope)  # the key's current role, limits and budget
             return True
         await self._send(refused.body())
-        await self.socket.send({"type": "websocket.close", "code": 1008, "reason": refused.message[:120]})
+        await _close_refused(self.socket, refused)
         return False
 
     async def _send(self, payload: bytes | str) -> None:
@@ -142,7 +142,7 @@ class _Connection:
             raise
         except Exception:  # as the HTTP routes answer it (a 500), but the connection and its other requests go on
             log.exception("websocket request %s failed", rid)
-            await self._send(error_body("The gateway failed to process the request.", "api_error", "internal_error"))
+            await self._send(INTERNAL_ERROR_BODY)
             return
         if isinstance(result, Reply):  # a policy answered (a cache hit)
             for chunk in result.chunks:
@@ -206,7 +206,12 @@ async def _refuse(socket: WebSocket, exc: GatewayError) -> None:
         await socket.send({"type": "websocket.http.response.start", "status": exc.status, "headers": headers})
         await socket.send({"type": "websocket.http.response.body", "body": body})
     else:
-        await socket.send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
+        await _close_refused(socket, exc)
+
+
+async def _close_refused(socket: WebSocket, exc: GatewayError) -> None:
+    """Close with 1008 (policy violation), the refusal's message as the reason (at most 123 bytes are allowed)."""
+    await socket.send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
 
 
 def websocket_router(guards: Sequence) -> Router:

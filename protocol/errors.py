@@ -13,6 +13,8 @@ __all__ = [
     "EngineOverloaded",
     "GatewayError",
     "HTTP_ERROR_CODES",
+    "INTERNAL_ERROR_BODY",
+    "INTERNAL_FAILURE",
     "InsufficientMemory",
     "ModelNotFound",
     "NotFound",
@@ -146,6 +148,9 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
     return msgspec.json.encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
+# what a client is told of a failure inside the gateway itself (its details go to the log, never to the client)
+INTERNAL_FAILURE = "The gateway failed to process the request."
+INTERNAL_ERROR_BODY = error_body(INTERNAL_FAILURE, "api_error", "internal_error")
 # the `code` of an error the web framework raised (no route, a body over server.max_body_mb, ...), by status
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 401: "invalid_api_key"}
 
