@@ -59,6 +59,11 @@ STRATEGY_NAMES = ("least_outstanding", "round_robin", "weighted", "latency_ewma"
 Port = Annotated[int, Meta(ge=0, le=65535)]
 PositiveFloat = Annotated[float, Meta(gt=0)]
 Unit = Annotated[float, Meta(ge=0, le=1)]
+# the largest count a limit or a request may give (tokens, requests per minute, max_tokens...): a signed 64-bit
+# integer, as SQL, Redis and upstream servers hold one. JSON and YAML integers may have any number of digits: one
+# past ~1e308 reached the float arithmetic of rate limits, budgets and routing costs and failed there
+MAX_COUNT = 2**63 - 1
+Count = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
 
 
 class _Frozen(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -417,7 +422,7 @@ class BudgetConfig(_Frozen, kw_only=True):
     scope: Scope
     match: str | None = None
     period: Period = "day"
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_tokens: Count | None = None
     max_cost_usd: Annotated[float, Meta(gt=0)] | None = None
     on_store_error: Literal["allow", "deny"] = "deny"
     # alert once per period when usage crosses each fraction of the limit (an empty list: no alerts)
@@ -433,8 +438,8 @@ class RateLimitConfig(_Frozen, kw_only=True):
 
     scope: Literal["global", "key", "user", "team", "model"] = "key"
     match: str | None = None
-    rpm: Annotated[int, Meta(ge=1)] | None = None
-    tpm: Annotated[int, Meta(ge=1)] | None = None
+    rpm: Count | None = None
+    tpm: Count | None = None
     on_store_error: Literal["allow", "deny"] = "allow"
 
     def __post_init__(self) -> None:

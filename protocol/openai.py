@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct
 
+from config.schema import MAX_COUNT, Count
 from protocol.errors import BadRequest
 
 __all__ = [
@@ -68,11 +69,7 @@ GATEWAY_FIELDS = frozenset({"route", "auto_select", "preferred_model", "fallback
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 Probability = Annotated[float, Meta(ge=0, le=1)]
 Penalty = Annotated[float, Meta(ge=-2, le=2)]
-# the largest count a request may ask for (max_tokens, best_of, dimensions...): a signed 64-bit integer, as SQL,
-# Redis and upstream servers hold one. JSON integers may have any number of digits: one past ~1e308 reached the
-# float arithmetic of rate limits, budgets and routing costs and failed there (OverflowError, a 500)
-MAX_COUNT = 2**63 - 1
-PositiveInt = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
+PositiveInt = Count  # max_tokens, best_of, dimensions...: at most MAX_COUNT (config.schema says why)
 T = TypeVar("T")
 
 

@@ -50,6 +50,10 @@ models:
          "$.routing.default_profile"),
         ("server: {port: 70000}\nmodels: [{id: a, backend: transformers, source: s}]", "$.server.port"),
         ("- just\n- a list", "$: expected a mapping"),
+        (f"policies: {{rate_limits: [{{rpm: 1{'0' * 309}}}]}}\nmodels: [{{id: a, backend: transformers, source: s}}]",
+         "$.policies.rate_limits[0].rpm"),
+        (f"policies: {{budgets: [{{scope: global, max_tokens: {2**63}}}]}}\n"
+         "models: [{id: a, backend: transformers, source: s}]", "$.policies.budgets[0].max_tokens"),
         ("storage: {database_url: ''}\n"
          "experiments: [{name: e, target: a, variants: [{name: x, model: a}, {name: y, model: a}]}]\n"
          "models: [{id: a, backend: transformers, source: s}]", "storage.database_url must be set"),
