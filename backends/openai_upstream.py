@@ -210,6 +210,8 @@ class Upstream:
             finally:
                 await chunks.aclose()
         except (TimeoutError, TransportError) as exc:
+            if finished and len(finished) >= choices:  # the answer is whole: only its usage or `[DONE]` is lost
+                return
             raise translate_transport_error(exc, url) from exc
         if len(finished) >= choices:
             return  # finished, only the `[DONE]` line is missing (some servers end that way)

@@ -42,7 +42,9 @@ class Lease:
         self.pool.breakers[self.index].record_success()
         self.record.ok, self.record.ended, self.record.ttft_s = True, state.now(), ttft_s
 
-    def fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException, *, ttft_s: float | None = None) -> None:
+        """`ttft_s`: a stream that broke after its first token keeps the time to it (the client's, see
+        RequestContext.ttft_s)."""
         state = self.pool.states[self.index]
         state.end(self.started, ok=False)
         if isinstance(exc, UpstreamError):
@@ -53,7 +55,7 @@ class Lease:
             self.record.error = exc.code or type(exc).__name__
         else:
             self.record.error = type(exc).__name__ if isinstance(exc, Exception) else "cancelled"
-        self.record.ok, self.record.ended = False, state.now()
+        self.record.ok, self.record.ended, self.record.ttft_s = False, state.now(), ttft_s
 
 
 class DeploymentPool:

@@ -170,8 +170,10 @@ class Pipeline:
             await self.embedding_policies.settle(ctx, outcome)
 
     async def stream(self, ctx: RequestContext) -> StreamStart | Reply:
-        """Open the stream and wait for its first payload, so failures until then can still be retried."""
-        request = ctx.request
+        """Open the stream and wait for its first payload, so failures until then can still be retried. The model
+        is always asked for the stream's usage (budgets, limits and usage rows need the prompt's tokens); the
+        relay keeps that last chunk from a client that did not ask for it."""
+        request = ctx.request.asking_usage()
 
         async def open_stream(backend: Backend, index: int, headers: dict[str, str],
                               ) -> tuple[bytes | None, AsyncIterator[bytes]]:
@@ -189,7 +191,7 @@ class Pipeline:
             await self.settle(ctx, _outcome_of(exc))
             raise
         ttft = time.monotonic() - lease.started
-        relay = StreamRelay(self.gateway, ctx, attempt, lease, ttft)
+        relay = StreamRelay(self.gateway, ctx, request, attempt, lease, ttft)
         return StreamStart(first, relay.run(first, rest), route_headers(ctx, attempt, prepared, relayed),
                            relay.assembled)
 

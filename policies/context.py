@@ -124,6 +124,15 @@ class RequestContext:
     state: dict[str, Any] = field(default_factory=dict)  # per-policy scratch space, keyed by policy name
     settled: bool = False
 
+    @property
+    def ttft_s(self) -> float | None:
+        """The time to the first token the client got: the last attempt's that has one. A stream continued on
+        another deployment keeps its broken deployment's (booked when it failed); the continuation's has none."""
+        for attempt in reversed(self.attempts):
+            if attempt.ttft_s is not None:
+                return attempt.ttft_s
+        return None
+
     def record_usage(self, model: ModelConfig, prompt_tokens: int | None, completion_tokens: int | None) -> None:
         """The served model, its token counts and their cost (None while the model's price is unknown)."""
         self.model = model.id

@@ -123,12 +123,11 @@ class MetricsPolicy:
             series = self._series[(model, route, status)] = _Series(self.metrics, model, route, status)  # type: ignore[arg-type]
         series.requests.inc()
         series.duration.observe(duration)
-        waited, ttft = 0.0, None
+        waited = 0.0
         for attempt in ctx.attempts:
             waited += (attempt.ended if attempt.ended is not None else now) - attempt.started
-            ttft = attempt.ttft_s if attempt.ttft_s is not None else ttft
         self.metrics.overhead.observe(max(duration - waited, 0.0))  # type: ignore[union-attr]
-        if ttft is not None:
+        if (ttft := ctx.ttft_s) is not None:
             series.ttft.observe(ttft)
         if ctx.prompt_tokens:
             series.prompt.inc(ctx.prompt_tokens)

@@ -42,7 +42,6 @@ class UsagePolicy:
 
 def row_of(ctx: RequestContext, outcome: Outcome) -> UsageRow:
     error = outcome.error
-    attempt = ctx.attempts[-1] if ctx.attempts else None
     experiment, _, variant = ctx.experiment.partition("=") if ctx.experiment else (None, "", None)
     return UsageRow(
         request_id=ctx.request_id,
@@ -58,7 +57,7 @@ def row_of(ctx: RequestContext, outcome: Outcome) -> UsageRow:
         completion_tokens=ctx.completion_tokens,
         cost_usd=ctx.cost_usd,
         latency_ms=_ms(time.monotonic() - ctx.started),
-        ttft_ms=_ms(attempt.ttft_s if attempt is not None else None),
+        ttft_ms=_ms(ctx.ttft_s),
         cache=ctx.cache,
         http_status=None if outcome.status == "cancelled" else (error.status if error is not None else 200),
         error_code=error.code if error is not None else None,

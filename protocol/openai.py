@@ -182,6 +182,15 @@ class ParsedRequest(Struct):
         opts = self.body.stream_options
         return bool(opts and opts.include_usage)
 
+    def asking_usage(self) -> ParsedRequest:
+        """This streamed request with `stream_options.include_usage` set (itself when it is): what the gateway
+        sends a model, so that a stream's usage is known whether or not the client asked for it."""
+        if self.include_usage:
+            return self
+        options = self.raw.get("stream_options")
+        raw = {**self.raw, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
+        return ParsedRequest(msgspec.structs.replace(self.body, stream_options=StreamOptions(include_usage=True)), raw)
+
 
 _decoder = msgspec.json.Decoder()
 
@@ -486,6 +495,7 @@ class ModelList(Struct, kw_only=True):
 
 class _DeltaView(Struct):
     content: str | None = None
+    refusal: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # decoded only when a chunk carries them
 
 
@@ -494,6 +504,7 @@ class _ChoiceView(Struct):
     delta: _DeltaView | None = None
     text: str | None = None
     finish_reason: str | None = None
+    stop_reason: Any = None  # vLLM's: the stop string or token id that ended the choice
 
 
 # the most tokens an upstream's usage may count: a figure past it (or below 0) is not believed but dropped, as

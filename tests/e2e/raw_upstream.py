@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from tests.conftest import free_port
 
-__all__ = ["CASES", "Case", "RawUpstream"]
+__all__ = ["CASES", "ENDINGS", "Case", "RawUpstream"]
 
 Script = Callable[[str, bool], list["bytes | None"]]  # (model, stream) -> bytes to write in turn; None: stall
 
@@ -150,6 +150,17 @@ CASES: dict[str, Case] = {
 }
 
 
+def _finished_then_cut(model: str, stream: bool) -> list:
+    """A whole streamed answer, every choice finished, then the connection broken mid-frame (no usage, no
+    [DONE]): the answer stands."""
+    pieces = _chunked(_event(_chunk(model, "")), _event(_chunk(model, "hi")), _event(_chunk(model, None, "stop")))
+    return [_head(framing=_CHUNKED) + pieces + b"100\r\n" + b"x" * 10]
+
+
+# well-formed answers that end oddly, by model name: what the gateway must still relay as answers
+ENDINGS: dict[str, Script] = {"raw-finished-cut": _finished_then_cut}
+
+
 class RawUpstream:
     """The server, on a free port: `url` is its /v1 base."""
 
@@ -198,7 +209,7 @@ class RawUpstream:
                 return
             model = str(body.get("model"))
             case = CASES.get(model)
-            script = case.script if case is not None else _ok
+            script = case.script if case is not None else ENDINGS.get(model, _ok)
             for step in script(model, bool(body.get("stream"))):
                 if step is None:  # stall until the gateway hangs up
                     await reader.read()

@@ -12,14 +12,14 @@ import httpx
 import pytest
 
 from tests.conftest import Process, start_gateway
-from tests.e2e.raw_upstream import CASES, RawUpstream
+from tests.e2e.raw_upstream import CASES, ENDINGS, RawUpstream
 from tests.spec.openai import validate
 
 TIMEOUT_S = 1  # the models' upstream timeout: the stalling cases wait this long
 CLIENT_TIMEOUT_S = 30  # a hang fails the test here, far past what any case needs
 
 
-def broken_config(upstream_url: str, extra: tuple[str, ...] = ("raw-ok",)) -> str:
+def broken_config(upstream_url: str, extra: tuple[str, ...] = ("raw-ok", *ENDINGS)) -> str:
     """One model per case (the raw upstream picks its answer by the model's name), plus `extra` ones that it
     answers well."""
     models = "".join(f"""
@@ -94,6 +94,14 @@ def test_the_raw_upstream_serves_well_formed_answers_through_the_gateway(gateway
     streamed = ask(gateway, "/v1/chat/completions", chat("raw-ok", True))
     *chunks, done = sse_events(streamed.content)
     assert done == b"data: [DONE]" and len(chunks) == 3
+
+
+def test_a_stream_cut_after_every_choice_finished_is_the_answer(gateway):
+    """It ended in an upstream_unavailable error event after the whole answer: the SDK raised on it."""
+    streamed = ask(gateway, "/v1/chat/completions", chat("raw-finished-cut", True))
+    *chunks, done = sse_events(streamed.content)
+    assert done == b"data: [DONE]" and [json.loads(c.removeprefix(b"data: "))["choices"][0]["finish_reason"]
+                                         for c in chunks] == [None, None, "stop"]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])

@@ -164,7 +164,8 @@ async def test_a_stream_broken_before_any_text_is_asked_again_on_the_other_deplo
     assert {c["id"] for c in chunks} == {"first"}
     assert len([c for c in chunks if c["choices"][0]["delta"].get("role")]) == 1
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "".join(WORDS)
-    assert backend.continued[0] is ctx.request  # nothing to continue from: the same request, not a continuation
+    # nothing to continue from: the same request the first deployment got (asking for the usage), no prefix
+    assert backend.continued[0].raw == {**ctx.request.raw, "stream_options": {"include_usage": True}}
     assert [(a.deployment, a.ok) for a in ctx.attempts] == [("d0", False), ("d1", True)]
 
 
@@ -304,7 +305,9 @@ async def test_usage_no_answer_has_is_not_believed(usage):
     served = await pipeline.complete(ctx)
     assert json.loads(served.body)["choices"][0]["message"]["content"] == "hi"
     assert (ctx.prompt_tokens, ctx.completion_tokens, ctx.cost_usd) == (None, None, None)
-    _, _, ctx = _setup(0)
+    streamed = decode_request({"model": "m", "stream": True, "stream_options": {"include_usage": True},
+                               "messages": [{"role": "user", "content": "go"}]}, ChatCompletionRequest)
+    ctx = RequestContext(streamed, request_id="streamed")
     chunks = await _collect(pipeline, ctx)
     assert chunks[-1]["usage"] == usage  # relayed as it came: the client's to judge
     assert (ctx.prompt_tokens, ctx.completion_tokens) == (None, 1) and ctx.attempts[-1].ok

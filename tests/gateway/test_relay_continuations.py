@@ -1,0 +1,172 @@
+"""What a continued stream keeps: the token limit (what is left of it), a tool call or finish in the continuation's
+opening chunk, one role, a prefill's own message, the time to the first token, the tokens counted before the break;
+and what the relay keeps from the client: the usage chunk it did not ask for."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from config.loader import parse_config
+from gateway.pipeline import Pipeline
+from gateway.service import Gateway
+from policies.base import PolicyChain
+from policies.context import RequestContext
+from protocol.errors import UpstreamInvalidResponse, UpstreamUnavailable
+from protocol.openai import ChatCompletionRequest, ParsedRequest, decode_request
+
+CONFIG = """
+routing: {health_check_s: 0, load_balancing: round_robin}
+models:
+  - id: m
+    backend: openai
+    deployments: [{base_url: "http://127.0.0.1:1/v1"}, {base_url: "http://127.0.0.1:2/v1"},
+                  {base_url: "http://127.0.0.1:3/v1"}]
+"""
+BREAK = object()  # in a script: the connection breaks here
+
+
+def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, **extra) -> dict:
+    return {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}],
+            **({"usage": usage} if usage is not None else {})}
+
+
+def usage_chunk(prompt: int, completion: int) -> dict:
+    return {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+
+
+class Scripted:
+    """A Backend whose deployment i streams scripts[i] (chunks, then BREAK or the end); it keeps what each got."""
+
+    def __init__(self, model, scripts: list[list]) -> None:
+        self.model, self.scripts = model, scripts
+        self.deployments = [(f"d{i}", 1.0) for i in range(3)]
+        self.got: list[tuple[int, ParsedRequest]] = []
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def stream(self, request: ParsedRequest, deployment: int = 0, headers=None) -> AsyncIterator[bytes]:
+        self.got.append((deployment, request))
+        for item in self.scripts[deployment]:
+            if item is BREAK:
+                raise UpstreamUnavailable("connection reset", code="upstream_stream_broken")
+            yield json.dumps(item).encode()
+
+
+async def _run(scripts: list[list], body: dict) -> tuple[list[dict], RequestContext, Scripted]:
+    config = parse_config(CONFIG)
+    backend = Scripted(config.models[0], scripts)
+    request = decode_request({"model": "m", "stream": True, "messages": [{"role": "user", "content": "go"}], **body},
+                             ChatCompletionRequest)
+    ctx = RequestContext(request, request_id="r")
+    started = await Pipeline(Gateway(config, {"m": backend}), PolicyChain()).stream(ctx)
+    payloads = [started.first] if started.first is not None else []
+    async for payload in started.rest:
+        payloads.append(payload)
+    return [json.loads(p) for p in payloads], ctx, backend
+
+
+def _text(chunks: list[dict]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+async def test_a_continuation_is_asked_for_what_is_left_of_max_tokens():
+    """It was sent max_tokens again, and a stream of max_tokens 4 gave the client 7 tokens (over a budget too)."""
+    first = [chunk({"role": "assistant", "content": ""}), chunk({"content": "a"}), chunk({"content": "b"}),
+             chunk({"content": "c"}), BREAK]
+    rest = [chunk({"role": "assistant", "content": ""}), chunk({"content": "d"}), chunk({}, "length")]
+    chunks, ctx, backend = await _run([first, rest, rest], {"max_tokens": 4})
+    assert _text(chunks) == "abcd" and ctx.completion_tokens == 4
+    assert backend.got[1][1].raw["max_tokens"] == 1 and backend.got[1][1].body.max_tokens == 1
+
+
+async def test_no_continuation_once_max_tokens_is_used_up():
+    first = [chunk({"role": "assistant", "content": ""}), chunk({"content": "a"}), chunk({"content": "b"}), BREAK]
+    with pytest.raises(UpstreamUnavailable):
+        await _run([first, [chunk({"content": "x"}), chunk({}, "stop")], []], {"max_completion_tokens": 2})
+
+
+async def test_a_continuation_opening_with_a_tool_call_keeps_its_id_and_name():
+    """The opening chunk was dropped whenever it had no text: the call's id and name with it."""
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get", "arguments": ""}}
+    first = [chunk({"role": "assistant", "content": ""}), BREAK]
+    rest = [chunk({"role": "assistant", "content": None, "tool_calls": [call]}),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}), chunk({}, "tool_calls")]
+    chunks, _, _ = await _run([first, rest, []], {})
+    calls = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks if c["choices"][0]["delta"].get("tool_calls")]
+    assert calls[0]["id"] == "call_1" and calls[0]["function"]["name"] == "get"
+    assert sum(1 for c in chunks if c["choices"][0]["delta"].get("role")) == 1
+
+
+async def test_a_continuation_opening_with_the_finish_keeps_it_and_its_text_has_one_role():
+    first = [chunk({"role": "assistant", "content": ""}), chunk({"content": "The"}), BREAK]
+    rest = [chunk({"role": "assistant", "content": " end"}), chunk({"content": ""}, "stop")]
+    chunks, _, _ = await _run([first, rest, []], {})
+    assert _text(chunks) == "The end" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert sum(1 for c in chunks if c["choices"][0]["delta"].get("role")) == 1
+
+
+async def test_a_prefill_is_continued_in_its_own_message():
+    """A request continuing its own last assistant message (as /v1/messages sends a prefill) got a second one."""
+    first = [chunk({"role": "assistant", "content": ""}), chunk({"content": " quick"}), BREAK]
+    rest = [chunk({"content": " brown"}), chunk({}, "stop")]
+    _, _, backend = await _run([first, rest, []], {
+        "messages": [{"role": "user", "content": "go"}, {"role": "assistant", "content": "The"}],
+        "continue_final_message": True, "add_generation_prompt": False})
+    assert backend.got[1][1].raw["messages"] == [{"role": "user", "content": "go"},
+                                                 {"role": "assistant", "content": "The quick"}]
+
+
+async def test_a_continued_stream_keeps_its_time_to_first_token_and_its_counted_tokens():
+    """The broken deployment's usage on every chunk (vLLM's continuous usage) outlived the break, and its TTFT was
+    lost with its lease."""
+    first = [chunk({"role": "assistant", "content": ""}, usage={"prompt_tokens": 3, "completion_tokens": 0}),
+             *(chunk({"content": w}, usage={"prompt_tokens": 3, "completion_tokens": i + 1})
+               for i, w in enumerate("abcde")), BREAK]
+    rest = [chunk({"content": w}) for w in "fghij"] + [chunk({}, "stop")]
+    chunks, ctx, _ = await _run([first, rest, []], {})
+    assert _text(chunks) == "abcdefghij" and ctx.completion_tokens == 10
+    assert ctx.ttft_s is not None and ctx.attempts[0].ttft_s == ctx.ttft_s
+
+
+async def test_a_client_that_did_not_ask_for_usage_gets_none_and_the_prompt_is_still_counted():
+    """Budgets and rate limits charged no prompt tokens for a stream without include_usage."""
+    script = [chunk({"role": "assistant", "content": ""}), chunk({"content": "hi"}), chunk({}, "stop"),
+              usage_chunk(11, 1)]
+    chunks, ctx, backend = await _run([script, [], []], {})
+    assert all(c["choices"] for c in chunks) and "usage" not in chunks[-1]
+    assert (ctx.prompt_tokens, ctx.completion_tokens) == (11, 1)
+    assert backend.got[0][1].raw["stream_options"] == {"include_usage": True}
+    asked, _, _ = await _run([script, [], []], {"stream_options": {"include_usage": True}})
+    assert asked[-1]["usage"]["prompt_tokens"] == 11
+
+
+async def test_a_streamed_refusal_and_stop_reason_are_kept_for_the_cache():
+    script = [chunk({"role": "assistant", "refusal": ""}), chunk({"refusal": "I can't"}),
+              chunk({"refusal": " help."}), chunk({}, "stop", stop_reason="STOP")]
+    config = parse_config(CONFIG)
+    request = decode_request({"model": "m", "stream": True, "messages": [{"role": "user", "content": "go"}]},
+                             ChatCompletionRequest)
+    ctx = RequestContext(request, request_id="r")
+    started = await Pipeline(Gateway(config, {"m": Scripted(config.models[0], [script, [], []])}),
+                             PolicyChain()).stream(ctx)
+    async for _ in started.rest:
+        pass
+    choice = json.loads(started.assembled())["choices"][0]
+    assert choice["message"]["refusal"] == "I can't help." and choice["message"]["content"] is None
+    assert choice["stop_reason"] == "STOP"
+
+
+@pytest.mark.parametrize("delta", [{"index": 0, "function": "get"}, {"index": 0, "function": {"arguments": {}}},
+                                   {"index": "0"}])
+async def test_a_malformed_tool_call_delta_is_an_upstream_fault(delta):
+    """It raised AttributeError or TypeError: the stream failed 'inside the gateway'."""
+    script = [chunk({"role": "assistant", "content": ""}), chunk({"tool_calls": [delta]}), chunk({}, "stop")]
+    with pytest.raises(UpstreamInvalidResponse, match="malformed tool-call delta"):
+        await _run([script, [], []], {"n": 2})
