@@ -127,14 +127,15 @@ class ExactCache:
         self._down = False
 
     def cacheable(self, ctx: RequestContext) -> str | None:
-        """The configured model id the request is for when its answer may be cached, else None."""
+        """The configured model id the request is for when its answer may be cached, else None. A model the
+        caller's key may not use is never answered from the cache (another key's answer): routing refuses it."""
         body = ctx.request.body
         if self.config.mode == "off" or body.model is None or body.auto_select:
             return None
         if self.config.mode == "deterministic" and body.temperature != 0 and body.seed is None:
             return None
         model = self.resolve(body.model)
-        return model if _single_model(model) else None
+        return model if _single_model(model) and ctx.principal.may_use(model) else None
 
     async def admit(self, ctx: RequestContext) -> Reply | None:
         if self.config.mode == "off":
@@ -226,7 +227,7 @@ def answer_from(ctx: RequestContext, model: str, entry: dict[str, Any], kind: st
     ctx.model = model
     if isinstance(usage, dict):
         ctx.prompt_tokens, ctx.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    headers = {"x-pointsman-cache": kind}
+    headers = {"x-pointsman-cache": kind, "x-pointsman-model": model}
     if not ctx.request.body.stream:
         return Reply(body=_encode({**entry, "id": fresh_id, "created": created}), headers=headers)
     chunks = replay_chunks(entry, fresh_id, created, chat=chat, include_usage=ctx.request.include_usage)
@@ -304,16 +305,23 @@ def replay_chunks(
         content = [part(c, delta=delta) for c in choices if (delta := _content_delta(c.get("message") or {}))]
         if content:
             chunks.append(chunk(content))
-        chunks.append(chunk([part(c, c.get("finish_reason") or "stop", delta={}) for c in choices]))
+        chunks.append(chunk([part(c, c.get("finish_reason") or "stop", delta={}, **_stop_reason(c)) for c in choices]))
     else:
         chunks = [
             chunk([part(c, text=c.get("text") or "") for c in choices]),
-            chunk([part(c, c.get("finish_reason") or "stop", text="") for c in choices]),
+            chunk([part(c, c.get("finish_reason") or "stop", text="", **_stop_reason(c)) for c in choices]),
         ]
     usage = entry.get("usage")
     if include_usage and isinstance(usage, dict):
         chunks.append({**head, "choices": [], "usage": usage})
     return chunks
+
+
+def _stop_reason(choice: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's `stop_reason` (the stop string that ended the choice) when the answer had one: /v1/messages reads it
+    for its `stop_sequence`."""
+    reason = choice.get("stop_reason")
+    return {} if reason is None else {"stop_reason": reason}
 
 
 def _content_delta(message: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from config.schema import CacheConfig
-from policies.cache import ExactCache
+from policies.cache import ExactCache, replay_chunks
 from policies.context import Outcome, Principal, Reply, RequestContext
 from policies.redis_state import RedisStore
 from policies.state import StateStore
@@ -105,7 +105,7 @@ async def test_miss_then_store_then_hit_with_a_fresh_id(store: StateStore) -> No
     await cache.settle(ctx, Outcome("ok", body=answer()))
     again = context(chat())
     reply = await cache.admit(again)
-    assert reply is not None and reply.headers == {"x-pointsman-cache": "hit"}
+    assert reply is not None and reply.headers == {"x-pointsman-cache": "hit", "x-pointsman-model": "org/fast-model"}
     assert again.cache == "hit" and again.model == "org/fast-model"
     assert (again.prompt_tokens, again.completion_tokens, again.cost_usd) == (7, 3, None)
     body = msgspec.json.decode(reply.body)
@@ -216,6 +216,16 @@ async def test_tenants_never_share_unless_configured(store: StateStore) -> None:
     await served(shared, chat(), principal=ALICE)
     assert await hit(shared, chat(), principal=BOB) is not None
     assert await hit(shared, chat(), principal=Principal(key_id=None)) is not None
+
+
+async def test_a_key_never_gets_a_cached_answer_from_a_model_it_may_not_use(store: StateStore) -> None:
+    """A teammate's (or, shared, anyone's) cached answer from a model the key may not use was served to it."""
+    for cache in (make(store), make(store, shared=True)):
+        await served(cache, chat(), principal=ALICE)
+        limited = Principal(key_id="k-limited", team="red", allowed_models=("other-*",))
+        assert await hit(cache, chat(), principal=limited) is None
+        assert await hit(cache, chat(), principal=Principal(key_id="k-ok", team="red",
+                                                            allowed_models=("fast*", "org/*"))) is not None
 
 
 async def test_sampled_requests_are_cached_only_in_always_mode(store: StateStore) -> None:
@@ -346,3 +356,14 @@ async def test_cache_key_is_the_sha256_of_the_canonical_body() -> None:
     assert cache_key(delivered, "chat", "chat", "shared") == expected
     assert cache_key(plain, "chat", "completion", "shared") != expected
     assert plain["model"] == "alias" and "stream" in delivered  # the request's own body is left as it was
+
+
+async def test_a_replayed_stream_keeps_the_stop_string_that_ended_it() -> None:
+    """vLLM's stop_reason was dropped from replays: /v1/messages then said end_turn where it had said stop_sequence."""
+    entry = msgspec.json.decode(answer())
+    entry["choices"][0]["stop_reason"] = "STOP"
+    for chat_kind in (True, False):
+        last = replay_chunks(entry, "id", 1, chat=chat_kind, include_usage=False)[-1]["choices"][0]
+        assert last["stop_reason"] == "STOP" and last["finish_reason"] == "stop"
+    del entry["choices"][0]["stop_reason"]
+    assert "stop_reason" not in replay_chunks(entry, "id", 1, chat=True, include_usage=False)[-1]["choices"][0]

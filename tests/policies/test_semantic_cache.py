@@ -71,7 +71,8 @@ async def test_a_paraphrase_hits_and_an_unrelated_prompt_misses(store: StateStor
     ctx, reply = await served(cache, chat(ASKED), "Click 'Forgot password'.")
     assert reply is None and ctx.cache is None
     ctx, reply = await served(cache, chat(PARAPHRASE))
-    assert ctx.cache == "semantic-hit" and reply.headers == {"x-pointsman-cache": "semantic-hit"}
+    assert ctx.cache == "semantic-hit"
+    assert reply.headers == {"x-pointsman-cache": "semantic-hit", "x-pointsman-model": "org/fast-model"}
     body = msgspec.json.decode(reply.body)
     assert body["choices"][0]["message"]["content"] == "Click 'Forgot password'."
     assert body["id"] != "chatcmpl-upstream" and ctx.model == "org/fast-model"
