@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import msgspec
@@ -101,6 +101,13 @@ def translate_transport_error(exc: BaseException, url: str) -> GatewayError:
     return UpstreamUnavailable(f"upstream {url} unreachable: {type(exc).__name__}: {exc}")
 
 
+def shown_url(url: str) -> str:
+    """`url` as errors, logs, metrics and /v1/route show it: without the user and password a URL may carry, its
+    query (an `api-key=` parameter) and its fragment."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
 def _invalid(url: str, why: str) -> UpstreamInvalidResponse:
     return UpstreamInvalidResponse(f"upstream {url} answered with {why}")
 
@@ -111,6 +118,7 @@ class Upstream:
     def __init__(self, deployment: Deployment, model: OpenAIModel) -> None:
         self.deployment = deployment
         self.base_url = deployment.base_url.rstrip("/")
+        self.shown_url = shown_url(self.base_url)  # in errors, logs, labels and /v1/route: no credentials
         self.headers = {"Content-Type": "application/json"}
         if key := deployment.api_key.strip():  # a key read from a file keeps no trailing newline
             # the upstream's own key; the client's Authorization header is never forwarded
@@ -140,7 +148,7 @@ class Upstream:
             found = self._relay(response.relayed_headers(), relay)
             content = await response.body()
         except (TimeoutError, TransportError) as exc:
-            raise translate_transport_error(exc, self.base_url + path) from exc
+            raise translate_transport_error(exc, self.shown_url + path) from exc
         if response.status >= 300:  # a 3xx is no answer either (a redirect we do not follow): 502
             raise UpstreamStatusError(response.status, content, headers=found)
         return content
@@ -152,7 +160,7 @@ class Upstream:
         connection's end once every one of the `choices` has its finish_reason. The first payload must come within
         `timeout_s` of the response's head (bytes that make none, `: ping` comments, keep the client waiting for
         its status); after it, only the gap between bytes is bounded."""
-        url = self.base_url + path
+        url = self.shown_url + path
         finished: set[int] = set()
         first = True
         loop = asyncio.get_running_loop()
@@ -247,7 +255,7 @@ class OpenAIBackend:
         self.model = model
         deployments = model.all_deployments
         self.upstreams = [Upstream(d, model) for d in deployments]
-        self.deployments = [(u.base_url, d.weight) for u, d in zip(self.upstreams, deployments, strict=True)]
+        self.deployments = [(u.shown_url, d.weight) for u, d in zip(self.upstreams, deployments, strict=True)]
         self._polls_metrics = model.backend_kind == "vllm"
         # `launch:`: the gateway runs the server itself (started by start(), stopped by aclose()), unless the
         # parent of several workers runs it for them
@@ -305,7 +313,7 @@ class OpenAIBackend:
             if answer.error is None:
                 return content if self._rename is None else self._rewrite(content)
         except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deeply to skip
-            raise _invalid(upstream.base_url + path, f"a body that is not a JSON object: {exc}") from exc
+            raise _invalid(upstream.shown_url + path, f"a body that is not a JSON object: {exc}") from exc
         raise UpstreamStatusError(_error_status(answer.error), content)  # a 2xx whose body is an error object
 
     async def embeddings(self, request: ParsedEmbeddings, deployment: int = 0,
@@ -322,7 +330,7 @@ class OpenAIBackend:
         path = self._path(request)
         # the upstream's own generator, rewriting inside it: no extra generator hop per chunk
         chunks = upstream.post_stream(path, self._body(request), headers, request.body.n,
-                                      self._renamer(upstream.base_url + path))
+                                      self._renamer(upstream.shown_url + path))
         return chunks if self.supervisor is None else self._supervised(chunks)
 
     def _renamer(self, url: str) -> Callable[[bytes], bytes] | None:
@@ -354,7 +362,7 @@ class OpenAIBackend:
         """The same, streamed: each event's `data:` payload as it arrives, until the upstream ends the stream."""
         upstream = self.upstreams[deployment]
         chunks = upstream.post_stream("/responses", self._encoded(body), headers, 0,
-                                      self._renamer(upstream.base_url + "/responses"))
+                                      self._renamer(upstream.shown_url + "/responses"))
         return chunks if self.supervisor is None else self._supervised(chunks)
 
     async def _supervised(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -236,3 +236,20 @@ async def test_health_probe_uses_httpx_and_deployments_need_no_base_url(upstream
     assert await b.upstreams[0].reachable() and not await b.upstreams[1].reachable()
     assert await b.health()
     await b.aclose()
+
+
+async def test_a_urls_credentials_and_query_never_reach_errors_or_deployment_names() -> None:
+    """The URL's password and api-key query reached clients' 502 bodies, /v1/route and the breaker metric's label."""
+    from tests.conftest import free_port
+
+    unreachable = backend(f"http://svc:S3CRET@127.0.0.1:{free_port()}/v1?api-key=QSECRET#frag")
+    try:
+        assert unreachable.deployments[0][0] == unreachable.upstreams[0].shown_url
+        assert "S3CRET" not in unreachable.deployments[0][0] and "QSECRET" not in unreachable.deployments[0][0]
+        for call in (unreachable.complete(request()), anext(aiter(unreachable.stream(request(stream=True))))):
+            with pytest.raises(UpstreamUnavailable) as caught:
+                await call
+            assert "127.0.0.1" in caught.value.message
+            assert "S3CRET" not in caught.value.message and "QSECRET" not in caught.value.message
+    finally:
+        await unreachable.aclose()
