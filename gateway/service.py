@@ -198,7 +198,8 @@ class Gateway:
     def model_card(self, name: str, principal: Principal = ANONYMOUS) -> ModelCard:
         model = self.table.get(name)
         if not principal.may_use(model.id):
-            raise self.table.not_found(name)  # as OpenAI: a model the key cannot use does not exist for it
+            # as OpenAI: a model the key cannot use does not exist for it
+            raise self.table.not_found(name, principal.may_use)
         return self._card(model, model.id if name == model.id else self.version_of.get(model.id, (model.id,))[0])
 
     def _card(self, model: ModelConfig, card_id: str) -> ModelCard:
@@ -236,11 +237,14 @@ class Gateway:
 
     async def decide(self, request: ParsedRequest, explain: bool = False, principal: Principal = ANONYMOUS
                      ) -> Decision:
-        plan = self.table.plan_request(request.body)
+        try:
+            plan = self.table.plan_request(request.body)
+        except GatewayError as exc:
+            raise self._for_key(exc, principal) from None
         analysis = await self.analyse(request) if plan.automatic or explain else None
         decision = self.router.decide(plan, request, analysis)
         if principal.restricted:
-            _restrict(decision, principal, explain)
+            _restrict(decision, principal, explain, self._named(decision))
         if explain:
             decision.deployments = {a.model.id: self.pools[a.model.id].describe() for a in decision.attempts}
         return decision
@@ -249,7 +253,10 @@ class Gateway:
         """The models to try for an embeddings request: `model` is an id, an alias or an `a:b` chain of them
         (tried in order); automatic selection picks chat models, so a profile in it is refused, and so is a model
         that cannot embed (a local chat engine), by name."""
-        plan = self.table.plan(request.body.model)
+        try:
+            plan = self.table.plan(request.body.model)
+        except GatewayError as exc:
+            raise self._for_key(exc, principal) from None
         decision = Decision([], [e.name for e in plan.chain])
         for position, element in enumerate(plan.chain):
             model = element.model
@@ -262,8 +269,18 @@ class Gateway:
             if all(a.model.id != model.id for a in decision.attempts):
                 decision.attempts.append(Attempt(model, "fallback" if position else "manual"))
         if principal.restricted:
-            _restrict(decision, principal, False)
+            _restrict(decision, principal, False, self._named(decision))
         return decision
+
+    def _named(self, decision: Decision) -> set[str]:
+        """The ids of the models a decision's chain names (an id or an alias; not an automatic choice)."""
+        elements = (self.table.by_name.get(name) for name in decision.chain)
+        return {element.model.id for element in elements if element is not None and element.model is not None}
+
+    def _for_key(self, error: GatewayError, principal: Principal) -> GatewayError:
+        """A model's 404 worded for the caller's key: only the models it may use are listed."""
+        name = getattr(error, "model_name", None)
+        return self.table.not_found(name, principal.may_use) if name is not None and principal.restricted else error
 
     @staticmethod
     def nothing_to_try(decision: Decision) -> GatewayError:
@@ -287,21 +304,28 @@ class Gateway:
         )
 
 
-def _restrict(decision: Decision, principal: Principal, explain: bool) -> None:
+def _restrict(decision: Decision, principal: Principal, explain: bool, named: set[str]) -> None:
     """Take the models the caller's key may not use out of the decision (ineligible, with the reason), so that
-    neither automatic routing nor a fallback reaches them; nothing left to try is a 403 (an explanation just
-    shows it)."""
+    neither automatic routing nor a fallback reaches them. Nothing left to try is a 403 when the client named a
+    model it may not use (`named`: the ids its chain names); else the error the key's own models give (no model
+    meets the route's requirements, the prompt fits none), not a 403 naming models it did not ask for. An
+    explanation just shows it."""
     models = ", ".join(principal.allowed_models)
     reason = f"not allowed for this API key (its models: {models})"
-    named = {a.model.id for a in decision.attempts} | {c.model for c in decision.candidates if c.eligible}
-    refused = {model_id: reason for model_id in named if not principal.may_use(model_id)}
+    candidates = {a.model.id for a in decision.attempts} | {c.model for c in decision.candidates if c.eligible}
+    refused = {model_id: reason for model_id in candidates if not principal.may_use(model_id)}
     if not refused:
         return
     decision.exclude(refused)
-    if not decision.attempts and not explain:
-        raise PermissionDenied(f"This API key may not use {', '.join(sorted(refused))}; its models: {models}.",
-                               param="model")
-
+    if decision.attempts or explain:
+        return
+    if asked := sorted(named.intersection(refused)):
+        raise PermissionDenied(f"This API key may not use {', '.join(asked)}; its models: {models}.", param="model")
+    raise Gateway.nothing_to_try(Decision(
+        [], decision.chain, decision.analysis,
+        [c for c in decision.candidates if c.model not in refused],
+        {model_id: why for model_id, why in decision.skipped.items() if model_id not in refused},
+    ))
 
 def _expand(config: Config, states: Snapshot) -> dict[str, ModelConfig]:
     """Every model id to serve: the config's models, and each version that is not archived as `id@version`.

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from config.schema import Config, ModelConfig, Profile
@@ -119,22 +119,29 @@ class ModelTable:
             return self.plan(body.model)  # the hot path: one `model` name
         return Plan(tuple(e for name in requested_chain(body) for e in self.plan(name).chain))
 
-    def not_found(self, name: str) -> GatewayError:
+    def not_found(self, name: str, may_use: Callable[[str], bool] | None = None) -> GatewayError:
+        """The 404 for a model `name` that is not served: it lists the models there are, or with `may_use` (an API
+        key's models) only those the caller may use, as OpenAI's lists only a key's own. The error keeps `name`
+        (`model_name`), so that it can be worded again for a key (Gateway.decide)."""
         base, at, version = name.rpartition("@")
-        versions = self.versions.get(base) if at else None
-        if versions is not None:  # id@version, neither served nor known: say which
-            if versions.stages.get(version) == "archived":
-                return ModelArchived(f"Version {version} of the model '{base}' is archived: it no longer serves. "
-                                     f"Send '{base}' for its production version.", param="model")
+        versions = self.versions.get(base) if at and (may_use is None or may_use(base)) else None
+        error: GatewayError
+        if versions is not None and versions.stages.get(version) == "archived":
+            error = ModelArchived(f"Version {version} of the model '{base}' is archived: it no longer serves. "
+                                  f"Send '{base}' for its production version.", param="model")
+        elif versions is not None:  # id@version, neither served nor known: say which
             known = ", ".join(f"{v} ({s})" for v, s in versions.stages.items() if s != "archived")
-            return ModelNotFound(f"The model '{base}' has no version '{version}'. Versions: {known or 'none'}.",
-                                 param="model", code="model_not_found")
-        return ModelNotFound(
-            f"The model '{name}' does not exist. Available models: {', '.join(self.ids)} "
-            f"(or auto, {', '.join(n for n, e in self.by_name.items() if e.profile and n != 'auto')}).",
-            param="model",
-        )
-
+            error = ModelNotFound(f"The model '{base}' has no version '{version}'. Versions: {known or 'none'}.",
+                                  param="model", code="model_not_found")
+        else:
+            ids = self.ids if may_use is None else [i for i in self.ids if may_use(i)]
+            error = ModelNotFound(
+                f"The model '{name}' does not exist. Available models: {', '.join(ids) or 'none'} "
+                f"(or auto, {', '.join(n for n, e in self.by_name.items() if e.profile and n != 'auto')}).",
+                param="model",
+            )
+        error.model_name = name  # type: ignore[attr-defined]
+        return error
 
 def requested_chain(body: ChatCompletionRequest | CompletionRequest) -> list[str]:
     """The names the client asked for, in order, from `model` and the fields other clients use:

@@ -140,8 +140,14 @@ def test_allowed_models_bind_listing_manual_auto_and_chains(replicas):
     key = _create(first, role="user", models=["chat-b"])["key"]
     client = openai.OpenAI(base_url=first.url + "/v1", api_key=key, max_retries=0)
     assert [m.id for m in client.models.list()] == ["chat-b"]
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as hidden:
         client.models.retrieve("chat-a")
+    # a 404 lists only the key's models (it listed every model, those the key may not use too)
+    assert "chat-b" in hidden.value.body["message"] and "chat-a" not in hidden.value.body["message"].split("'", 2)[2]
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="nope", **CHAT)
+    message = unknown.value.body["message"]
+    assert "Available models: chat-b " in message and "chat-a" not in message
     with pytest.raises(openai.PermissionDeniedError) as refused:
         client.chat.completions.create(model="chat-a", **CHAT)
     assert refused.value.body["code"] == "permission_denied" and "chat-a" in refused.value.body["message"]
