@@ -102,5 +102,10 @@ async def generate(request: Request, parsed: ParsedRequest, dialect: Dialect | N
     watch.stop()
     after = None if settle is None else lambda: settle(
         ctx, Outcome("answered") if answered else Outcome("ok", body=result.body))
-    body = result.body if dialect is None else dialect.plain(result.body)
+    try:
+        body = result.body if dialect is None else dialect.plain(result.body)
+    except GatewayError as exc:  # an answer the dialect cannot read (a 502): what it cost is settled all the same
+        if settle is not None:
+            await settle(ctx, Outcome("error", error=exc))
+        raise
     return JSONBody(body, reply_headers, after=after)

@@ -26,8 +26,16 @@ from gateway.responses import JSONBody, SSEStream, nothing
 from gateway.service import Gateway
 from policies.base import PolicyChain
 from policies.context import Outcome, Principal, RequestContext
-from policies.state import StateStore
-from protocol.errors import INTERNAL_FAILURE, BadRequest, GatewayError, NotFound, UpstreamUnavailable, http_error_body
+from policies.state import StateStore, StoreUnavailable
+from protocol.errors import (
+    INTERNAL_FAILURE,
+    BadRequest,
+    GatewayError,
+    NotFound,
+    ServiceUnavailable,
+    UpstreamUnavailable,
+    http_error_body,
+)
 from protocol.openai import ChatCompletionRequest, decode_request, usage_count
 from protocol.responses_api import (
     ResponseShape,
@@ -55,9 +63,17 @@ class StoredResponse(msgspec.Struct):
     model: str | None  # the model the client asked for: a follow-up that names none continues with it
 
 
+def _store_down(exc: StoreUnavailable) -> ServiceUnavailable:
+    """A 503 for a store that cannot be reached: an outage, logged without a traceback."""
+    log.warning("responses: stored responses cannot be read: %s", exc)
+    return ServiceUnavailable("Stored responses cannot be reached right now (the state store is unavailable); "
+                              "try again shortly.")
+
+
 class ResponseStore:
     """Stored responses in the state store (in process, or Redis shared by replicas), each under its caller's key
-    for `responses.store_ttl_s`: another key's response is not found."""
+    for `responses.store_ttl_s`: another key's response is not found. Reading or deleting one while the store is
+    unreachable is a 503 (ServiceUnavailable)."""
 
     __slots__ = ("state", "ttl_s")
 
@@ -74,14 +90,20 @@ class ResponseStore:
         await self.state.set(self._key(principal, response["id"]), msgspec.json.encode(record), self.ttl_s)
 
     async def load(self, principal: Principal, response_id: str) -> StoredResponse | None:
-        data = await self.state.get(self._key(principal, response_id))
+        try:
+            data = await self.state.get(self._key(principal, response_id))
+        except StoreUnavailable as exc:
+            raise _store_down(exc) from None
         return None if data is None else msgspec.json.decode(data, type=StoredResponse)
 
     async def delete(self, principal: Principal, response_id: str) -> bool:
         key = self._key(principal, response_id)
-        if await self.state.get(key) is None:
-            return False
-        await self.state.delete(key)
+        try:
+            if await self.state.get(key) is None:
+                return False
+            await self.state.delete(key)
+        except StoreUnavailable as exc:
+            raise _store_down(exc) from None
         return True
 
 

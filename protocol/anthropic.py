@@ -11,14 +11,13 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from protocol.errors import BadRequest, GatewayError, UpstreamError
+from protocol.errors import BadRequest, GatewayError, UpstreamError, UpstreamInvalidResponse
 from protocol.openai import (
     GATEWAY_FIELDS,
     MAX_COUNT,
     PositiveInt,
     convert_struct,
     decode_object,
-    message_text,
     usage_count,
 )
 
@@ -334,7 +333,7 @@ class MessageResponse(Struct, kw_only=True):
 # what the translation reads of a chat.completion or a chunk; the rest is skipped
 class _FunctionView(Struct):
     name: str | None = None
-    arguments: str | None = None
+    arguments: str | dict[str, Any] | None = None  # an object (some upstreams send one) is taken as the input
 
 
 class _CallView(Struct):
@@ -345,6 +344,7 @@ class _CallView(Struct):
 
 class _MessageView(Struct):
     content: str | list[dict[str, Any]] | None = None
+    refusal: str | None = None  # OpenAI's: a refusal in place of the content
     tool_calls: list[_CallView] | None = None
 
 
@@ -395,52 +395,67 @@ def _tool_id(call_id: str | None) -> str:
 
 
 def _stop(finish: str | None, matched: str | int | None, tool_used: bool, stops: frozenset[str],
-          ) -> tuple[str, str | None]:
+          refused: bool = False) -> tuple[str, str | None]:
     """(stop_reason, stop_sequence). Which stop sequence ended the answer is known only where the backend says
-    (vLLM's `stop_reason`); a chat `stop` is otherwise end_turn."""
-    if tool_used or finish in ("tool_calls", "function_call"):
-        return "tool_use", None
+    (vLLM's `stop_reason`); a chat `stop` is otherwise end_turn. A tool call cut off by the token limit is
+    max_tokens, as Anthropic answers a truncated tool_use."""
     if finish == "length":
         return "max_tokens", None
-    if finish == "content_filter":
+    if tool_used or finish in ("tool_calls", "function_call"):
+        return "tool_use", None
+    if refused or finish == "content_filter":
         return "refusal", None
     if isinstance(matched, str) and matched in stops:
         return "stop_sequence", matched
     return "end_turn", None
 
 
-def _tool_input(name: str, arguments: str | None) -> dict[str, Any]:
-    if not arguments:
-        return {}
+def _answer_text(content: str | list[dict[str, Any]] | None) -> str:
+    """An answer's content: the string, or its text parts concatenated (they are pieces of one text, unlike a
+    prompt's parts, which message_text joins by newlines)."""
+    if not isinstance(content, list):
+        return content or ""
+    return "".join(part["text"] for part in content
+                   if part.get("type") in ("text", "output_text") and isinstance(part.get("text"), str))
+
+
+def _tool_input(name: str, arguments: str | dict[str, Any] | None, cut: bool) -> dict[str, Any]:
+    """A tool call's arguments as its input: an empty one for arguments the token limit `cut` off (stop_reason
+    says max_tokens) or, logged, for a finished call's that are no JSON object (the input must be one)."""
+    if isinstance(arguments, dict) or not arguments:
+        return arguments or {}
     try:
         value = msgspec.json.decode(arguments)
     except msgspec.DecodeError:
         value = None
     if isinstance(value, dict):
         return value
-    log.warning("tool call %s: its arguments are not a JSON object; answered with an empty input", name)
+    if not cut:
+        log.warning("tool call %s: its arguments are not a JSON object; answered with an empty input", name)
     return {}
 
 
 def message_from_chat(body: bytes, stops: frozenset[str] = frozenset(), model: str = "") -> MessageResponse:
-    """A chat.completion body as a Message (its first choice: the request asks for one)."""
+    """A chat.completion body as a Message (its first choice: the request asks for one); one whose fields do not
+    have their types is an answer the gateway cannot read: 502, never an empty message."""
     try:
         answer = _read_answer(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # backends answer chat completions: a bug
-        log.error("the chat answer could not be read for /v1/messages: %s", exc)
-        answer = _AnswerView()
+    except msgspec.DecodeError as exc:  # a ValidationError too
+        raise UpstreamInvalidResponse(f"the upstream's chat answer could not be read: {exc}") from None
     choice = answer.choices[0] if answer.choices else _ChoiceView()
     said = choice.message or _MessageView()
     content: list[TextBlock | ToolUseBlock] = []
-    text = said.content if isinstance(said.content, str) else message_text(said.content)
+    text = _answer_text(said.content) + (said.refusal or "")  # a refusal is the text Anthropic's answer holds
     calls = said.tool_calls or []
     if text or not calls:
         content.append(TextBlock(text=text))
+    cut = choice.finish_reason == "length"
     for call in calls:
         function = call.function or _FunctionView()
         name = function.name or ""
-        content.append(ToolUseBlock(id=_tool_id(call.id), name=name, input=_tool_input(name, function.arguments)))
-    stop_reason, stop_sequence = _stop(choice.finish_reason, choice.stop_reason, bool(calls), stops)
+        content.append(ToolUseBlock(id=_tool_id(call.id), name=name, input=_tool_input(name, function.arguments, cut)))
+    stop_reason, stop_sequence = _stop(choice.finish_reason, choice.stop_reason, bool(calls), stops,
+                                       bool(said.refusal))
     usage = answer.usage or _UsageView()
     return MessageResponse(id=_message_id(answer.id), model=answer.model or model, content=content,
                            stop_reason=stop_reason, stop_sequence=stop_sequence,
@@ -462,7 +477,7 @@ class StreamTranslator:
     input_tokens 0 and message_delta carries both counts (the SDKs take message_delta's as the totals)."""
 
     __slots__ = ("blocks", "finish", "input_tokens", "matched", "model", "open", "output_tokens", "pieces",
-                 "started", "stops", "tools")
+                 "refused", "started", "stops", "tools")
 
     def __init__(self, stops: frozenset[str] = frozenset(), model: str = "") -> None:
         self.stops, self.model = stops, model
@@ -475,12 +490,15 @@ class StreamTranslator:
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
         self.pieces = 0  # deltas relayed: the output tokens when the backend reports no usage
+        self.refused = False  # a refusal came (its text relayed as text): stop_reason refusal
 
     def feed(self, payload: bytes) -> bytes:
         """The frames one chunk makes (often none: a role chunk, the usage chunk)."""
         try:
             chunk = _read_answer(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except msgspec.ValidationError as exc:  # a chunk whose fields do not have their types: its text is lost
+            raise UpstreamInvalidResponse(f"the upstream sent a chunk that could not be read: {exc}") from None
+        except msgspec.DecodeError:
             return b""  # not a chunk (a vendor's comment event): nothing to relay
         if chunk.error is not None:
             error = chunk.error
@@ -494,9 +512,11 @@ class StreamTranslator:
                 continue
             delta = choice.delta
             if delta is not None:
-                text = delta.content if isinstance(delta.content, str) else message_text(delta.content)
-                if text:
+                if text := _answer_text(delta.content):
                     self._text(text, out)
+                if delta.refusal:
+                    self.refused = True
+                    self._text(delta.refusal, out)
                 for call in delta.tool_calls or ():
                     self._tool(call, out)
             if choice.finish_reason is not None:
@@ -512,7 +532,7 @@ class StreamTranslator:
         if self.blocks == 0:  # an empty answer is one empty text block, as a plain answer is
             self._open(out, {"type": "text", "text": ""})
         self._close_open(out)
-        stop_reason, stop_sequence = _stop(self.finish, self.matched, bool(self.tools), self.stops)
+        stop_reason, stop_sequence = _stop(self.finish, self.matched, bool(self.tools), self.stops, self.refused)
         usage = {"output_tokens": self.output_tokens if self.output_tokens is not None else self.pieces}
         if self.input_tokens is not None:
             usage["input_tokens"] = self.input_tokens
@@ -559,9 +579,10 @@ class StreamTranslator:
                                                               "name": function.name or "", "input": {}})
         if function.arguments:
             self.pieces += 1
+            arguments = function.arguments
+            partial = arguments if isinstance(arguments, str) else _encode(arguments).decode()
             out.append(_frame(b"content_block_delta", {"type": "content_block_delta", "index": index,
-                                                       "delta": {"type": "input_json_delta",
-                                                                 "partial_json": function.arguments}}))
+                                                       "delta": {"type": "input_json_delta", "partial_json": partial}}))
 
 
 # ---- the dialect gateway/generate.py serves it through, and errors --------------------------------------

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from protocol.errors import BadRequest, GatewayError, UnsupportedParameter
+from protocol.errors import BadRequest, GatewayError, UnsupportedParameter, UpstreamInvalidResponse
 from protocol.openai import PositiveInt, decode_object, usage_count
 
 __all__ = [
@@ -353,13 +353,68 @@ def _incomplete(finish_reason: str | None) -> str | None:
     return {"length": "max_output_tokens", "content_filter": "content_filter"}.get(finish_reason or "")
 
 
-def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    return {"id": item_id, "type": "message", "status": status, "role": "assistant",
-            "content": [] if status == "in_progress" else [_text_part(text)]}
+def _message_item(item_id: str, status: str, parts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": parts or []}
 
 
 def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _content_part(kind: str, text: str) -> dict[str, Any]:
+    """An output_text part, or the refusal part of an upstream's `refusal`."""
+    return _text_part(text) if kind == "output_text" else {"type": "refusal", "refusal": text}
+
+
+# what the translation reads of a chat answer or chunk, to check its types: any other field is not read
+class _FunctionView(Struct):
+    name: str | None = None
+    arguments: str | dict[str, Any] | None = None  # an object (some upstreams send one) is encoded to JSON text
+
+
+class _CallView(Struct):
+    index: int = 0
+    id: str | None = None
+    function: _FunctionView | None = None
+
+
+class _MessageView(Struct):
+    content: str | list[dict[str, Any]] | None = None
+    refusal: str | None = None
+    tool_calls: list[_CallView] | None = None
+
+
+class _ChoiceView(Struct):
+    index: int = 0
+    message: _MessageView | None = None
+    delta: _MessageView | None = None
+    finish_reason: str | None = None
+
+
+class _AnswerView(Struct):
+    model: str | None = None
+    choices: list[_ChoiceView] | None = None
+
+
+def _checked(answer: Any) -> None:
+    """An upstream answer or chunk whose fields do not have their types is no answer the gateway can read: 502."""
+    try:
+        msgspec.convert(answer, _AnswerView)
+    except msgspec.ValidationError as exc:
+        raise UpstreamInvalidResponse(f"the upstream's chat answer could not be read: {exc}") from None
+
+
+def _answer_text(content: str | list[dict[str, Any]] | None) -> str:
+    """An answer's content: the string, or its text parts concatenated (they are pieces of one text)."""
+    if not isinstance(content, list):
+        return content or ""
+    return "".join(part["text"] for part in content
+                   if part.get("type") in ("text", "output_text") and isinstance(part.get("text"), str))
+
+
+def _arguments(arguments: str | dict[str, Any] | None) -> str:
+    return arguments if isinstance(arguments, str) else "" if arguments is None else msgspec.json.encode(
+        arguments).decode()
 
 
 def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
@@ -368,18 +423,23 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
 
 
 def output_items(message: dict[str, Any], finish_reason: str | None) -> list[dict[str, Any]]:
-    """A chat completion's message as output items: its text as a message item (also when there is nothing
-    else), then one function_call item per tool call."""
+    """A chat completion's message as output items: its text (and refusal) as a message item (also when there is
+    nothing else), then one function_call item per tool call. An incomplete answer's last item is the one cut
+    off: it is `incomplete`, as in a stream."""
     items = []
-    status = "incomplete" if _incomplete(finish_reason) else "completed"
     calls = message.get("tool_calls") or []
-    text = message.get("content") or ""
-    if text or not calls:
-        items.append(_message_item(new_item_id("msg"), text, status))
+    text, refusal = _answer_text(message.get("content")), message.get("refusal")
+    parts = [_text_part(text)] if text or not (refusal or calls) else []
+    if refusal:
+        parts.append(_content_part("refusal", refusal))
+    if parts:
+        items.append(_message_item(new_item_id("msg"), "completed", parts))
     for call in calls:
         function = call.get("function") or {}
-        items.append(_call_item(new_item_id("fc"), call.get("id") or new_item_id("call"), function.get("name", ""),
-                                function.get("arguments") or "", "completed"))
+        items.append(_call_item(new_item_id("fc"), call.get("id") or new_item_id("call"),
+                                function.get("name") or "", _arguments(function.get("arguments")), "completed"))
+    if _incomplete(finish_reason):
+        items[-1]["status"] = "incomplete"
     return items
 
 
@@ -390,7 +450,8 @@ _CHAT_FIELDS = frozenset({"id", "object", "created", "model", "choices", "usage"
 
 def response_of(shape: ResponseShape, completion: dict[str, Any], model: str) -> dict[str, Any]:
     """A chat completion (its first choice) as the Response it answers; a vendor's own top-level fields (vLLM's,
-    the test upstream's `x_received`) go on, as a relayed chat answer keeps them."""
+    the test upstream's `x_received`) go on, as a relayed chat answer keeps them. One that cannot be read: 502."""
+    _checked(completion)
     choice = (completion.get("choices") or [{}])[0]
     finish = choice.get("finish_reason")
     incomplete = _incomplete(finish)
@@ -437,6 +498,7 @@ class StreamTranslator:
                 self._event("response.in_progress", response=response)]
 
     def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        _checked(chunk)
         events = [] if self.started else self._start(chunk.get("model"))
         if chunk.get("usage"):
             self.usage = chunk["usage"]
@@ -444,8 +506,10 @@ class StreamTranslator:
             if choice.get("index", 0) != 0:
                 continue  # one choice: the Responses API has no `n`
             delta = choice.get("delta") or {}
-            if text := delta.get("content"):
-                events += self._text(text)
+            if text := _answer_text(delta.get("content")):
+                events += self._text("output_text", text)
+            if refusal := delta.get("refusal"):
+                events += self._text("refusal", refusal)
             for call in delta.get("tool_calls") or ():
                 events += self._call(call)
             if reason := choice.get("finish_reason"):
@@ -456,18 +520,23 @@ class StreamTranslator:
     def _index(self) -> int:
         return len(self.output) + (self.open is not None)
 
-    def _text(self, text: str) -> list[dict[str, Any]]:
+    def _text(self, kind: str, text: str) -> list[dict[str, Any]]:
+        """A piece of the message's output_text or refusal part (`kind`), each part opened when it first comes."""
         events = []
-        if self.open is None or "text" not in self.open:
+        if self.open is None or "parts" not in self.open:
             events += self._close()
-            item = _message_item(new_item_id("msg"), "", "in_progress")
-            self.open = {"item": item, "index": len(self.output), "text": []}
+            item = _message_item(new_item_id("msg"), "in_progress")
+            self.open = {"item": item, "index": len(self.output), "parts": {}}  # kind -> its pieces, in order
             events.append(self._event("response.output_item.added", output_index=self.open["index"], item=item))
-            events.append(self._event("response.content_part.added", item_id=item["id"],
-                                      output_index=self.open["index"], content_index=0, part=_text_part("")))
-        self.open["text"].append(text)
-        events.append(self._event("response.output_text.delta", item_id=self.open["item"]["id"],
-                                  output_index=self.open["index"], content_index=0, delta=text, logprobs=[]))
+        item_id, index, parts = self.open["item"]["id"], self.open["index"], self.open["parts"]
+        if kind not in parts:
+            parts[kind] = []
+            events.append(self._event("response.content_part.added", item_id=item_id, output_index=index,
+                                      content_index=len(parts) - 1, part=_content_part(kind, "")))
+        parts[kind].append(text)
+        at = {"item_id": item_id, "output_index": index, "content_index": list(parts).index(kind), "delta": text}
+        events.append(self._event("response.refusal.delta", **at) if kind == "refusal"
+                      else self._event("response.output_text.delta", **at, logprobs=[]))
         return events
 
     def _call(self, call: dict[str, Any]) -> list[dict[str, Any]]:
@@ -481,7 +550,7 @@ class StreamTranslator:
             self.open = {"item": item, "index": len(self.output), "tool": index, "arguments": []}
             events.append(self._event("response.output_item.added", output_index=self.open["index"],
                                       item=dict(item)))
-        if piece := function.get("arguments"):
+        if piece := _arguments(function.get("arguments")):
             self.open["arguments"].append(piece)
             events.append(self._event("response.function_call_arguments.delta", item_id=self.open["item"]["id"],
                                       output_index=self.open["index"], delta=piece))
@@ -493,17 +562,21 @@ class StreamTranslator:
         if opened is None:
             return []
         item, index = opened["item"], opened["index"]
-        if "text" in opened:
-            text = "".join(opened["text"])
-            status = "incomplete" if _incomplete(self.finish_reason) else "completed"
-            done = _message_item(item["id"], text, status)
-            events = [self._event("response.output_text.done", item_id=item["id"], output_index=index,
-                                  content_index=0, text=text, logprobs=[]),
-                      self._event("response.content_part.done", item_id=item["id"], output_index=index,
-                                  content_index=0, part=_text_part(text))]
+        # an item closed by the choice's finish is the one a token limit (or a filter) cut off
+        status = "incomplete" if _incomplete(self.finish_reason) else "completed"
+        if "parts" in opened:
+            events, parts = [], []
+            for content_index, (kind, pieces) in enumerate(opened["parts"].items()):
+                text = "".join(pieces)
+                at = {"item_id": item["id"], "output_index": index, "content_index": content_index}
+                events.append(self._event("response.refusal.done", **at, refusal=text) if kind == "refusal"
+                              else self._event("response.output_text.done", **at, text=text, logprobs=[]))
+                parts.append(_content_part(kind, text))
+                events.append(self._event("response.content_part.done", **at, part=parts[-1]))
+            done = _message_item(item["id"], status, parts)
         else:
             arguments = "".join(opened["arguments"])
-            done = {**item, "arguments": arguments, "status": "completed"}
+            done = {**item, "arguments": arguments, "status": status}
             events = [self._event("response.function_call_arguments.done", item_id=item["id"], name=item["name"],
                                   output_index=index, arguments=arguments)]
         self.output.append(done)
@@ -523,8 +596,8 @@ class StreamTranslator:
         return [*events, self._event(kind, response=self.final)]
 
     def _empty_message(self) -> list[dict[str, Any]]:
-        item = _message_item(new_item_id("msg"), "", "in_progress")
-        self.open = {"item": item, "index": 0, "text": []}
+        item = _message_item(new_item_id("msg"), "in_progress")
+        self.open = {"item": item, "index": 0, "parts": {"output_text": []}}
         return [self._event("response.output_item.added", output_index=0, item=item),
                 self._event("response.content_part.added", item_id=item["id"], output_index=0, content_index=0,
                             part=_text_part("")),
