@@ -37,6 +37,7 @@ _WHAT = {USE: "completions and embeddings", READ: "this endpoint", ANALYTICS: "a
          ADMIN: "the admin API"}
 _NEGATIVE_TTL_S = 5.0  # an unknown key is remembered this long, so guessing does not reach the database each time
 _CACHE_MAX = 100_000
+_RETRY_INITIAL_S, _RETRY_MAX_S = 0.1, 2.0  # a failed revocation announcement is retried this often, doubling
 
 Guard = Callable[[ASGIConnection, BaseRouteHandler], Awaitable[None]]
 
@@ -83,6 +84,7 @@ class Authenticator:
         self._cache: dict[str, tuple[Principal | str, float]] = {}
         self._generation = 0  # bumped by every revocation: a lookup that started before one is not cached
         self._listener: asyncio.Task | None = None
+        self._announcing: set[asyncio.Task] = set()  # revocations being announced again after a failed try
 
     # ---- checking a token
 
@@ -167,13 +169,33 @@ class Authenticator:
     # ---- revocation across replicas
 
     async def revoked(self, key_id: str) -> None:
-        """Forget `key_id` here at once, and tell the other replicas."""
+        """Forget `key_id` here at once, and tell the other replicas: one try now (bounded by the store's timeout);
+        if it fails, retries in the background until one succeeds or `cache_ttl_s` has passed (by then every
+        replica's entry for the key has ended anyway)."""
         self._forget(key_id)
         try:
             await self.state.publish(CHANNEL, key_id.encode())
-        except Exception as exc:  # the others drop it when their cache entry ends
-            log.warning("auth: could not announce the revocation of %s (%s); other replicas stop accepting it "
-                        "within auth.cache_ttl_s (%g s)", key_id, exc, self.ttl_s)
+        except Exception as exc:
+            log.warning("auth: could not announce the revocation of %s (%s); retrying for up to auth.cache_ttl_s "
+                        "(%g s)", key_id, exc, self.ttl_s)
+            task = asyncio.get_running_loop().create_task(self._announce(key_id, self.clock() + self.ttl_s))
+            self._announcing.add(task)
+            task.add_done_callback(self._announcing.discard)
+
+    async def _announce(self, key_id: str, until: float) -> None:
+        delay = _RETRY_INITIAL_S
+        while self.clock() < until:
+            await asyncio.sleep(min(delay, max(until - self.clock(), 0.0)))
+            delay = min(delay * 2, _RETRY_MAX_S)
+            try:
+                await self.state.publish(CHANNEL, key_id.encode())
+            except Exception as exc:
+                log.debug("auth: announcing the revocation of %s failed again (%s)", key_id, exc)
+                continue
+            log.warning("auth: revocation of %s announced after retrying", key_id)
+            return
+        log.warning("auth: could not announce the revocation of %s within %g s; every replica's cache entry for it "
+                    "has ended since", key_id, self.ttl_s)
 
     def _forget(self, key_id: str | None) -> None:
         self._generation += 1
@@ -201,7 +223,7 @@ class Authenticator:
             await asyncio.sleep(1.0)
 
     async def aclose(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
+        for task in [*self._announcing, *([self._listener] if self._listener is not None else [])]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+                await task
