@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.service import Gateway
 from gateway.storage import Storage
 from policies.analytics import BUCKETS, GROUPS, budget_usage, forecast, iso, recommend, summarize, usage_page
+from policies.database import checked, usage_rows
 from protocol.errors import BadRequest, ServiceUnavailable
 from protocol.openai import MAX_COUNT
 
@@ -166,9 +167,11 @@ def analytics_router(read_guard: Callable[..., Any], admin_guard: Callable[..., 
         start, end = parse_time(since, "since", now), parse_time(until, "until", now)
         size = _int(limit, "limit", 1, _MAX_PAGE) or _PAGE
         after = _int(after_id, "after_id", 1, MAX_COUNT)  # a database integer: 64 bits
+        u = usage_rows.c  # text no row can hold is a 400, not a query the database refuses
+        keyed, teamed = checked(key_id or None, u.key_id, "key_id"), checked(team or None, u.team, "team")
+        modeled = checked(model or None, u.model_requested, "model")
         return await _query(request.app.state.storage, lambda: usage_page(
-            engine, since=start, until=end, key_id=key_id or None, team=team or None, model=model or None,
-            limit=size, after_id=after))
+            engine, since=start, until=end, key_id=keyed, team=teamed, model=modeled, limit=size, after_id=after))
 
     @get("/budgets", guards=[read_guard], summary="Each budget with every member's used and remaining amounts now")
     async def budgets(request: Request) -> dict:

@@ -10,7 +10,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 __all__ = ["REQUEST_ID", "request_id_of", "request_ids"]
 
 REQUEST_ID = "pointsman.request_id"  # the ASGI scope key that holds the request id once it is known
-_MAX_LENGTH = 128
+_MAX_LENGTH = 64  # usage_rows.request_id and feedback.request_id are String(64)
 # unique without a syscall per request (uuid4 reads os.urandom each time): a random prefix per process and a
 # counter, 32 hex characters like a uuid4's
 _PREFIX = os.urandom(8).hex()

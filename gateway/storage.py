@@ -96,7 +96,9 @@ class Storage:
             await self.experiments.aclose()
         if self.usage is not None:
             await self.usage.aclose()
-            log.info("usage log closed: %d rows written, %d dropped", self.usage.written, self.usage.dropped)
+            usage = self.usage
+            log.info("usage log closed: %d rows written, %d dropped (%d of them refused by the database)",
+                     usage.written, usage.dropped + usage.refused, usage.refused)
         if self.engine is not None:
             await self.engine.dispose()
         if self.embedder is not None:

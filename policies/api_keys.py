@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from config.schema import BudgetConfig, Period, RateLimitConfig
 from policies.context import Principal, Role
-from policies.database import api_keys
+from policies.database import api_keys, checked, storable
 from protocol.errors import BadRequest, NotFound
 from protocol.openai import PositiveInt
 
@@ -141,7 +141,8 @@ class KeyStore:
         secret = KEY_PREFIX + secrets.token_urlsafe(_SECRET_BYTES)
         values = {
             "id": "key_" + secrets.token_hex(8), "digest": digest(secret), "hint": f"{secret[:7]}...{secret[-4:]}",
-            "name": spec.name, "role": spec.role, "team": spec.team,
+            "name": checked(spec.name, api_keys.c.name, "name"), "role": spec.role,
+            "team": checked(spec.team, api_keys.c.team, "team"),
             "models": msgspec.json.encode(spec.models).decode(),
             "budget": None if spec.budget is None else msgspec.json.encode(spec.budget).decode(),
             "rate_limit": None if spec.rate_limit is None else msgspec.json.encode(spec.rate_limit).decode(),
@@ -160,6 +161,8 @@ class KeyStore:
         return [_describe(row) for row in rows]
 
     async def get(self, key_id: str) -> dict[str, Any]:
+        if not storable(key_id, api_keys.c.id):  # no such key can exist: 404 without asking the database
+            raise NotFound(f"No API key with id {key_id!r}.", param="id")
         async with self.engine.connect() as connection:
             row = (await connection.execute(sa.select(api_keys).where(api_keys.c.id == key_id))).first()
         if row is None:
@@ -168,6 +171,8 @@ class KeyStore:
 
     async def revoke(self, key_id: str) -> dict[str, Any]:
         """Mark the key revoked (kept, for the usage rows that name it); revoking twice is a no-op."""
+        if not storable(key_id, api_keys.c.id):
+            return await self.get(key_id)  # the 404
         async with self.engine.begin() as connection:
             await connection.execute(api_keys.update().where(
                 (api_keys.c.id == key_id) & api_keys.c.revoked_at.is_(None)).values(revoked_at=datetime.now(UTC)))

@@ -13,9 +13,11 @@ from alembic.config import Config
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-__all__ = ["DEFAULT_URL", "MIGRATIONS", "UtcDateTime", "alembic_config", "api_keys", "experiments", "feedback",
-           "metadata", "migrate", "model_version_transitions", "model_versions", "open_engine",
-           "template_transitions", "template_versions", "templates", "usage_rows"]
+from protocol.errors import BadRequest
+
+__all__ = ["DEFAULT_URL", "MIGRATIONS", "UtcDateTime", "alembic_config", "api_keys", "checked", "experiments",
+           "feedback", "metadata", "migrate", "model_version_transitions", "model_versions", "open_engine",
+           "storable", "template_transitions", "template_versions", "templates", "usage_rows"]
 
 DEFAULT_URL = "sqlite+aiosqlite:///pointsman.db"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -189,6 +191,23 @@ api_keys = sa.Table(
     sa.Column("revoked_at", UtcDateTime(), nullable=True),
     sa.Index("ux_api_keys_digest", "digest", unique=True),
 )
+
+
+def storable(value: str, column: sa.Column) -> bool:
+    """Whether `value` can be written to (so also found in) `column`: PostgreSQL refuses NUL in any text, and
+    a value longer than a `String(n)` column."""
+    length = getattr(column.type, "length", None)
+    return "\x00" not in value and (length is None or len(value) <= length)
+
+
+def checked(value: str | None, column: sa.Column, param: str) -> str | None:
+    """`value` when `storable` in `column` (or None), else a 400 naming `param`: a client's text bound for the
+    database is checked here, never left for the database to refuse with a 500."""
+    if value is None or storable(value, column):
+        return value
+    length = getattr(column.type, "length", None)
+    limit = f" and at most {length} characters" if length is not None else ""
+    raise BadRequest(f"Invalid value for '{param}': expected text without NUL characters{limit}.", param=param)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -25,7 +25,7 @@ from policies.base import STAGES, no_op
 from policies.context import Outcome, Reply, RequestContext
 from policies.database import experiments as experiments_table
 from policies.database import feedback as feedback_table
-from policies.database import usage_rows
+from policies.database import storable, usage_rows
 from policies.experiment_stats import Summary, always_valid_p, compare_means, compare_proportions
 from policies.state import StateStore
 from protocol.errors import BadRequest, GatewayError, NotFound
@@ -518,6 +518,8 @@ async def add_feedback(engine: AsyncEngine, feedback: Feedback,
     score under the same metric (a unique constraint, so replicas cannot both accept one).
     """
     u = usage_rows.c
+    if not storable(feedback.id, u.completion_id):  # no answer has such an id
+        raise NotFound(f"No answer with id {feedback.id!r} is known to this gateway.", param="id")
     query = (sa.select(u.request_id, u.experiment, u.variant).where(u.completion_id == feedback.id)
              .order_by(u.id).limit(1))
     async with engine.connect() as connection:

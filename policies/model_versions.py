@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from config.schema import VERSION_STAGES, ModelVersion
-from policies.database import model_version_transitions, model_versions
+from policies.database import checked, model_version_transitions, model_versions
 from policies.state import StateStore
 from protocol.errors import BadRequest, GatewayError, NotFound
 
@@ -180,6 +180,7 @@ class VersionRegistry:
 
     async def add(self, model_id: str, spec: ModelVersion, key_id: str | None) -> Step:
         """A new version, in dev or staging."""
+        checked(spec.version, model_versions.c.version, "version")
         if spec.stage not in _NEW_STAGES:
             raise BadRequest(f"A new version starts in dev or staging, not {spec.stage}; then move it.",
                              param="stage")

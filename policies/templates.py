@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from config.schema import TemplateConfig, TemplateVariable, TemplateVersionConfig
 from policies.base import STAGES, no_op
 from policies.context import Outcome, Reply, RequestContext
-from policies.database import template_transitions, template_versions, templates
+from policies.database import checked, storable, template_transitions, template_versions, templates
 from policies.state import StateStore, StoreUnavailable
 from policies.template_sandbox import RenderLimit, SafeTemplate
 from protocol.errors import BadRequest, GatewayError
@@ -279,6 +279,8 @@ class TemplatePolicy:
         """Add a version (a new template too): immutable once added. Starts in its `stage`, production only with
         `force` (promote from staging instead); the previous production version becomes deprecated."""
         engine = self._writable()
+        checked(name, templates.c.name, "name")
+        checked(spec.version, template_versions.c.version, "version")
         try:
             compiled = compile_version(name, spec)
         except ValueError as exc:
@@ -351,6 +353,8 @@ class TemplatePolicy:
 
     async def history(self, name: str) -> list[dict[str, Any]]:
         engine = self._writable()
+        if not storable(name, template_transitions.c.name):  # no template has that name
+            return []
         async with engine.connect() as conn:
             rows = await conn.execute(sa.select(template_transitions).where(
                 template_transitions.c.name == name).order_by(template_transitions.c.id))

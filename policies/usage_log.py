@@ -73,13 +73,26 @@ _FIELDS = UsageRow.__struct_fields__
 CHUNK_ROWS = 100
 
 
+def _fitted(length: int | None) -> Callable[[str | None], str | None]:
+    """A column's text as it can be stored: PostgreSQL refuses NUL (it becomes U+FFFD) and text longer than a
+    `String(n)` column (it is cut)."""
+
+    def fit(value: str | None) -> str | None:
+        if value is None or ("\x00" not in value and (length is None or len(value) <= length)):
+            return value
+        return value.replace("\x00", "\ufffd")[:length]
+
+    return fit
+
+
 class _CompiledInsert:
     """The usage_rows INSERT compiled once for a dialect, and its positional parameters built cheaply.
 
     Executing the Core statement, SQLAlchemy builds each row's parameters on the loop at about 10 us a row. Here
     the SQL text is the dialect's own (sent with `exec_driver_sql`) and only the columns whose types have a bind
     processor run it, a column at a time: the UTC datetime (stored on SQLite as text in SQLAlchemy's format)
-    and, on SQLite, the floats. The stored values are the same as through the Core statement.
+    and, on SQLite, the floats. The stored values are the same as through the Core statement, but for text that
+    could not be stored at all (see `_fitted`): a client's `user` or request id never loses its row.
     """
 
     __slots__ = ("sql", "_values", "_processors")
@@ -96,6 +109,8 @@ class _CompiledInsert:
             type_ = usage_rows.c[name].type
             if (process := type_.dialect_impl(dialect).bind_processor(dialect)) is not None:
                 self._processors.append((i, process))
+            if isinstance(type_, sa.String):  # text from clients: make it fit, so that no row is refused for it
+                self._processors.append((i, _fitted(type_.length)))
 
     def params(self, rows: list[UsageRow]) -> list[tuple[Any, ...]]:
         columns: list[Any] = list(zip(*map(self._values, rows), strict=True))

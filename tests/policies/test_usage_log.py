@@ -269,14 +269,14 @@ async def test_max_pending_drops_the_oldest_and_says_how_many(caplog) -> None:
 
 
 async def test_a_refused_row_does_not_hold_back_the_others(pg_schema: str, caplog) -> None:
-    # PostgreSQL enforces varchar(64); the one bad row is dropped with an error, its batch-mates are written
+    # PostgreSQL enforces the integer range; the one bad row is dropped with an error, its batch-mates are written
     await migrate(PG_URL, schema=pg_schema)
     engine = open_engine(PG_URL, schema=pg_schema)
     usage = UsageLog(engine, **FAST)
     caplog.set_level(logging.ERROR, logger="pointsman.usage")
     try:
         usage.add(row(0))
-        usage.add(UsageRow(request_id="x" * 65, status="ok"))
+        usage.add(UsageRow(request_id="bad", status="ok", prompt_tokens=2**40))
         usage.add(row(2))
         await usage.aclose()
         assert [r.request_id for r in await usage.rows()] == ["req-0", "req-2"]
@@ -295,7 +295,7 @@ async def test_a_refused_row_in_a_later_chunk_rolls_back_its_whole_batch(pg_sche
     usage = UsageLog(engine, batch_size=n, **FAST)
     try:
         for i in range(n):
-            usage.add(UsageRow(request_id="x" * 65, status="ok") if i == bad else row(i))
+            usage.add(UsageRow(request_id="bad", status="ok", prompt_tokens=2**40) if i == bad else row(i))
         await usage.aclose()
         assert [r.request_id for r in await usage.rows(limit=1000)] == [f"req-{i}" for i in range(n) if i != bad]
         assert usage.refused == 1 and usage.written == n - 1
@@ -303,3 +303,39 @@ async def test_a_refused_row_in_a_later_chunk_rolls_back_its_whole_batch(pg_sche
         assert "commit" not in inserts[:3] and inserts.count(1) == n  # then each row alone
     finally:
         await engine.dispose()
+
+
+async def test_client_text_the_database_cannot_hold_is_fitted_not_refused(pg_schema: str, caplog) -> None:
+    # NUL (PostgreSQL refuses it in text) and over-long ids come from clients: the row is written all the same
+    await migrate(PG_URL, schema=pg_schema)
+    engine = open_engine(PG_URL, schema=pg_schema)
+    usage = UsageLog(engine, **FAST)
+    caplog.set_level(logging.ERROR, logger="pointsman.usage")
+    try:
+        usage.add(UsageRow(request_id="r" * 128, status="ok", user="a\x00b", model_requested="m\x00",
+                           team="t\x00", completion_id="c" * 200))
+        usage.add(row(1))
+        await usage.aclose()
+        stored = await usage.rows()
+        assert usage.refused == 0 and usage.written == 2 and not caplog.records
+        assert (stored[0].request_id, stored[0].user, stored[0].model_requested, stored[0].team) == (
+            "r" * 64, "a\ufffdb", "m\ufffd", "t\ufffd")
+        assert stored[0].completion_id == "c" * 128 and stored[1].request_id == "req-1"
+    finally:
+        await engine.dispose()
+
+
+async def test_shutdown_summary_counts_refused_rows_as_dropped(pg_schema: str, caplog) -> None:
+    from config.schema import StorageConfig
+    from gateway.storage import Storage
+
+    await migrate(PG_URL, schema=pg_schema)
+    storage = Storage(StorageConfig(database_url=""))
+    storage.engine = open_engine(PG_URL, schema=pg_schema)
+    storage.usage = UsageLog(storage.engine, **FAST)
+    caplog.set_level(logging.INFO, logger="pointsman")
+    storage.usage.add(row(0))
+    storage.usage.add(UsageRow(request_id="bad", status="ok", prompt_tokens=2**40))
+    await storage.aclose()
+    summary = next(r.getMessage() for r in caplog.records if "usage log closed" in r.getMessage())
+    assert "1 rows written, 1 dropped (1 of them refused by the database)" in summary
