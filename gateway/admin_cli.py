@@ -55,6 +55,13 @@ def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = 
 # ---- output
 
 
+def _printable(text: str) -> str:
+    """`text` with each character a terminal would act on (C0 and C1 controls such as ESC, BEL, CR and LF; DEL;
+    format characters such as bidi overrides) written as its Python escape: a cell is the gateway's clients' text
+    (a model name, a team), never escape sequences or a row of its own."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -65,8 +72,8 @@ def _cell(value: Any) -> str:
     if isinstance(value, list):
         return ",".join(_cell(v) for v in value)
     if isinstance(value, dict):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
+        return json.dumps(value, separators=(",", ":"))  # ASCII, controls escaped
+    return _printable(str(value))
 
 
 def _table(rows: Sequence[dict], columns: Sequence[str], empty: str = "(none)") -> str:
@@ -90,7 +97,8 @@ Result = tuple[Any, Callable[[Any], str]]
 
 
 def _keys_create(args: argparse.Namespace) -> Result:
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    # --models "" is no models (refused by the gateway, as " , " is), not the default: all of them
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models is not None else None
     body = {"role": args.role, "team": args.team, "name": args.name, "models": models}
     answer = _call(args, "POST", "/admin/keys", {k: v for k, v in body.items() if v is not None})
     return answer, lambda a: json.dumps(a, indent=2)  # the secret is shown this once: keep every field
