@@ -19,6 +19,20 @@ __all__ = ["RecordedSpan", "SpanSink", "new_span_id", "new_trace_id"]
 log = logging.getLogger("pointsman")
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)
+# The longest string kept in a span's name or attribute values (the SDK's SpanLimits.max_span_attribute_length,
+# which its Tracer applies and RecordedSpan does its own way): a client's model name goes into both, and one huge
+# one would have its whole export batch refused by a collector's size limit. An exception's stack trace gets more.
+MAX_LENGTH = 256
+MAX_STACKTRACE = 4096
+
+
+def _bounded(attributes: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`attributes` with each string value cut to MAX_LENGTH characters: themselves when none is longer (a scan
+    and no copy, for the common case)."""
+    for value in attributes.values():
+        if type(value) is str and len(value) > MAX_LENGTH:
+            return {k: v[:MAX_LENGTH] if type(v) is str else v for k, v in attributes.items()}
+    return attributes
 
 
 def new_trace_id() -> int:
@@ -100,7 +114,7 @@ class RecordedSpan(Span):
 
     def add_event(self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None) -> None:
         if not self._ended:
-            self.events.append(Event(name, attributes, timestamp))
+            self.events.append(Event(name, _bounded(attributes) if attributes else attributes, timestamp))
 
     def update_name(self, name: str) -> None:
         self.name = name
@@ -119,18 +133,19 @@ class RecordedSpan(Span):
         module = kind.__module__
         recorded: dict[str, Any] = {
             "exception.type": f"{module}.{kind.__qualname__}" if module and module != "builtins" else kind.__qualname__,
-            "exception.message": str(exception),
-            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.message": str(exception)[:MAX_LENGTH],
+            "exception.stacktrace": "".join(traceback.format_exception(exception))[:MAX_STACKTRACE],
             "exception.escaped": str(escaped),
         }
-        self.add_event("exception", {**recorded, **(attributes or {})}, timestamp)
+        if not self._ended:  # not through add_event, which would cut the stack trace to MAX_LENGTH
+            self.events.append(Event("exception", {**recorded, **_bounded(attributes or {})}, timestamp))
 
     def end(self, end_time: int | None = None) -> None:
         if self._ended:
             return
         self._ended = True
         self._sink.emit(ReadableSpan(
-            name=self.name, context=self.context, parent=self.parent, resource=self._sink.resource,
-            attributes=self.attributes, events=tuple(self.events), kind=self.kind, status=self.status,
+            name=self.name[:MAX_LENGTH], context=self.context, parent=self.parent, resource=self._sink.resource,
+            attributes=_bounded(self.attributes), events=tuple(self.events), kind=self.kind, status=self.status,
             start_time=self.start_time, end_time=end_time if end_time is not None else time.time_ns(),
             instrumentation_scope=self._sink.scope))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,6 +35,9 @@ Step = Callable[[RequestContext], Awaitable[T]]  # a pipeline's complete or stre
 _PROPAGATOR = TraceContextTextMapPropagator()
 _SPAN = "trace_span"  # ctx.state key: the request's span, parent of every step's span (settle runs after it ends)
 _PARENT = "trace_parent"  # ctx.state key: the client's traceparent/tracestate, when it sent one
+# one W3C tracestate list-member, as the SDK's TraceState parses them (opentelemetry/trace/span.py)
+_TRACESTATE_MEMBER = re.compile(r"(?:[a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13})"
+                                r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
 
 
 @functools.lru_cache(maxsize=256)
@@ -81,9 +85,16 @@ class Tracing:
 
     @staticmethod
     def accept(ctx: RequestContext, headers: Iterable[tuple[bytes, bytes]]) -> None:
-        """Keep the client's W3C trace context (traceparent, tracestate) for the request span."""
+        """Keep the client's W3C trace context (traceparent, tracestate) for the request span. What the propagator
+        would warn about is dropped here, silently (a client must not make us log per request): a traceparent over
+        the propagator's 512 characters (the request is a root, as for a malformed one) and an invalid tracestate (the
+        traceparent is still followed, as W3C allows)."""
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers
                    if k == b"traceparent" or k == b"tracestate"}
+        if len(carrier.get("traceparent", "")) > 512:
+            return
+        if "tracestate" in carrier and not _valid_tracestate(carrier["tracestate"]):
+            del carrier["tracestate"]
         if carrier:
             ctx.state[_PARENT] = carrier
 
@@ -287,6 +298,14 @@ class _Step:
         if exc is not None:
             _fail(self.span, exc, record=True)
         self.span.end()
+
+
+def _valid_tracestate(header: str) -> bool:
+    """Whether the SDK takes `header` without a warning: at most 8192 characters, 32 members, each well-formed."""
+    if len(header) > 8192:
+        return False
+    members = [m for m in (m.strip(" \t") for m in header.split(",")) if m]
+    return len(members) <= 32 and all(_TRACESTATE_MEMBER.fullmatch(m) for m in members)
 
 
 def _w3c_headers(context: SpanContext) -> dict[str, str]:

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
 
 from config.loader import parse_config
-from gateway.spans import SpanSink
+from gateway.spans import MAX_LENGTH, MAX_STACKTRACE, SpanSink
 from gateway.tracing import Tracing
 
 
@@ -142,3 +142,29 @@ tracing: {{enabled: true, endpoint: "http://127.0.0.1:{server.server_address[1]}
     by_name = {span.name: span for span in spans}
     assert by_name["route"].parent_span_id == by_name["chat m"].span_id
     assert by_name["chat m"].attributes[0].key == "gen_ai.request.model"
+
+
+def test_a_clients_huge_strings_are_cut_so_the_export_batch_stays_small():
+    """A 2 MB model name (in the span's name, an attribute, an exception's message and stack trace) is exported
+    cut to MAX_LENGTH (the stack trace to MAX_STACKTRACE): it would otherwise make the whole batch too big for a
+    collector."""
+    sink, exporter = _sink()
+    model = "z" * 2_000_000
+    span = sink.start(f"chat {model}", None, SpanKind.SERVER, {"gen_ai.request.model": model, "n": 1})
+    span.set_attribute("pointsman.chain", ["a", "b"])
+    try:
+        raise LookupError(f"model {model} not found")
+    except LookupError as exc:
+        span.record_exception(exc, {"extra": model})
+    span.add_event("note", {"text": model})
+    span.end()
+    (recorded,) = exporter.get_finished_spans()
+    assert recorded.name == f"chat {model}"[:MAX_LENGTH]
+    assert recorded.attributes["gen_ai.request.model"] == model[:MAX_LENGTH] and recorded.attributes["n"] == 1
+    assert list(recorded.attributes["pointsman.chain"]) == ["a", "b"]
+    exception, note = recorded.events
+    assert len(exception.attributes["exception.message"]) == len(exception.attributes["extra"]) == MAX_LENGTH
+    assert exception.attributes["exception.stacktrace"].startswith("Traceback")
+    assert len(exception.attributes["exception.stacktrace"]) == MAX_STACKTRACE
+    assert len(note.attributes["text"]) == MAX_LENGTH
+    assert len(encode_spans([recorded]).SerializeToString()) < 10_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import httpx
@@ -233,3 +234,31 @@ tracing: {{enabled: true, exporter: none, sample_ratio: {ratio}}}
         else:
             assert span is None
             assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", OUTGOING_HEADERS.get()["traceparent"])
+
+
+def test_a_clients_bad_trace_context_is_dropped_without_a_log_line(caplog):
+    """Neither a malformed or oversized tracestate nor an oversized traceparent makes the propagator warn (one line
+    per request, with the client's text in it); the tracestate is dropped, a long traceparent makes a root."""
+    config = parse_config("""
+models: [{id: m, backend: openai, base_url: "http://127.0.0.1:9/v1"}]
+tracing: {enabled: true, exporter: none, sample_ratio: 1.0}
+""")
+    tracing = Tracing(config.tracing)
+    request = decode_request({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, ChatCompletionRequest)
+    traceparent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+
+    def start(headers: list[tuple[bytes, bytes]]):
+        ctx = RequestContext(request, request_id="r")
+        Tracing.accept(ctx, headers)
+        return tracing._start_request(ctx)
+
+    with caplog.at_level(logging.DEBUG):
+        for state in (b"EVIL INJECTED CONTENT=@@@,===", b",".join(b"k%d=v" % i for i in range(33)),
+                      b"k=" + b"v" * 9000, b"a=1,b=\xe9"):
+            span = start([(b"traceparent", traceparent.encode()), (b"tracestate", state)])
+            assert span.parent.trace_id == int(CLIENT_TRACE, 16) and not span.parent.trace_state
+        span = start([(b"traceparent", (traceparent + "-x" * 300).encode())])
+        assert span.parent is None
+    assert caplog.records == []
+    span = start([(b"traceparent", traceparent.encode()), (b"tracestate", b"vendor=x, t@sys=a b ,,")])
+    assert dict(span.parent.trace_state) == {"vendor": "x", "t@sys": "a b"}  # a valid one is kept
