@@ -182,6 +182,7 @@ def run_server(config: Config, host: str, port: int, workers: int,
     import uvicorn
 
     from gateway.server import http_protocol
+    from gateway.websocket import WebSocketProtocol
 
     # uvicorn re-raises the stop signal after its graceful shutdown, restoring the handlers it found: with
     # these in place that re-raise is a no-op and a drained stop exits 0
@@ -200,6 +201,7 @@ def run_server(config: Config, host: str, port: int, workers: int,
             config.server.header_timeout_s, config.server.body_timeout_s, config.server.max_header_bytes
         ),
         lifespan="on",
+        ws=WebSocketProtocol,  # uvicorn's own, but quiet about a refused upgrade (gateway/websocket.py)
         ws_max_size=int(config.server.max_body_mb * 2**20),  # a larger WebSocket message closes the socket (1009)
         access_log=False,
         log_level=os.environ.get("POINTSMAN_LOG_LEVEL", "info").lower(),

@@ -6,10 +6,12 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 from litestar import Router, WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from gateway.auth import principal_of
 from gateway.generate import POLICY_HEADERS
@@ -19,7 +21,7 @@ from policies.context import Outcome, Reply, RequestContext
 from protocol.errors import INTERNAL_ERROR_BODY, GatewayError, error_body
 from protocol.openai import ChatCompletionRequest, decode_object, decode_request
 
-__all__ = ["MAX_PENDING", "websocket_router"]
+__all__ = ["MAX_PENDING", "WebSocketProtocol", "websocket_router"]
 
 log = logging.getLogger("pointsman")
 
@@ -27,6 +29,29 @@ log = logging.getLogger("pointsman")
 MAX_PENDING = 16
 _DONE_KEY = "done"
 _GONE = (OSError, WebSocketDisconnect)  # uvicorn's ClientDisconnected is an OSError
+
+
+# uvicorn's and websockets' INFO lines per upgrade ('"WebSocket /path" 401', 'connection rejected', 'connection
+# open': an access log, which the gateway turns off) go here and no further; warnings and errors reach uvicorn's
+# log. A filter, not a level: uvicorn's logging dictConfig resets the levels of the loggers below its own.
+_SERVER_LOG = logging.getLogger("uvicorn.error.websocket")
+_SERVER_LOG.addFilter(lambda record: record.levelno >= logging.WARNING)
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol (`uvicorn.run(ws=...)`), with a refused upgrade's HTTP response (our 401/403
+    with its OpenAI error body) counted as the end of the handshake: uvicorn 0.54 leaves it unfinished there and
+    logs "ASGI callable returned without completing handshake." at ERROR for every refused client. Importable, so
+    it pickles into the worker processes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.logger = self.conn.logger = _SERVER_LOG
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            self.handshake_complete = True
 
 
 def _fresh_request_id() -> str:

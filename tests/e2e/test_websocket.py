@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import time
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -96,6 +97,25 @@ def test_auth_is_refused_without_a_key(ws_gateway):
     assert json.loads(refused.value.response.body)["error"]["code"] == "invalid_api_key"
     with pytest.raises(InvalidStatus):
         _connect(ws_gateway, authorization="Bearer wrong")
+
+
+def test_a_refused_upgrade_gets_its_error_and_logs_nothing(ws_gateway):
+    """uvicorn 0.54's WebSocket protocol logged an ERROR ("ASGI callable returned without completing handshake")
+    and an INFO line, with the client's path, per refused upgrade (gateway/websocket.py's WebSocketProtocol)."""
+    logged = len(ws_gateway.output())
+    url = ws_gateway.url.replace("http://", "ws://") + "/v1/chat/completions/ws%0aINJECTED?q=%0a"
+    for headers in ({}, {"authorization": "Bearer wrong"}):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url.replace("ws%0aINJECTED", "ws"), additional_headers=headers, open_timeout=10)
+        assert refused.value.response.status_code == 401
+        assert json.loads(refused.value.response.body)["error"]["code"] == "invalid_api_key"
+    with pytest.raises(InvalidStatus):
+        connect(url, open_timeout=10)  # no such route
+    with _connect(ws_gateway) as ws:  # accepted: still no line of its own
+        ws.send(json.dumps({"model": "remote-a", "messages": [{"role": "user", "content": "hi"}]}))
+        assert _answer(ws)[1]["done"] is True
+    time.sleep(0.5)  # what the server would log after answering
+    assert ws_gateway.output()[logged:] == ""
 
 
 def test_a_key_revoked_while_its_socket_is_open_is_refused_at_its_next_request(ws_gateway):
