@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, Router, get, post
 from litestar.exceptions import HTTPException
-from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath
 from litestar.types import ASGIApp
 
@@ -45,6 +44,7 @@ from gateway.openapi import (
     ROUTE_ERRORS,
     add_schemas,
     documented,
+    openapi_config,
 )
 from gateway.pipeline import Pipeline
 from gateway.request_id import request_id_of, request_ids
@@ -342,7 +342,7 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
             HTTPException: _render_http_error,
             Exception: _render_unexpected,
         },
-        openapi_config=OpenAPIConfig(title="pointsman", version="0.1.0", path="/openapi"),
+        openapi_config=openapi_config(read, [request_ids]),  # /openapi, as /v1/models: a key of any role
         request_max_body_size=int(config.server.max_body_mb * 2**20),  # 413 past it, sized or chunked
         type_encoders={msgspec.Struct: msgspec.to_builtins},
         logging_config=None,

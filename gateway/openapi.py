@@ -3,10 +3,14 @@ fields on), so Litestar cannot infer them; they are generated here from the msgs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from litestar import Response, Router
+from litestar.exceptions import NotFoundException
+from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, OpenAPIMediaType, OpenAPIResponse, Operation, RequestBody
 
 from protocol.openai import (
@@ -20,7 +24,7 @@ from protocol.openai import (
 )
 
 __all__ = ["CHAT", "CHAT_OK", "COMPLETION", "COMPLETION_OK", "EMBEDDINGS", "EMBEDDINGS_ERRORS", "EMBEDDINGS_OK",
-           "ROUTE", "add_schemas", "documented"]
+           "ROUTE", "add_schemas", "documented", "openapi_config"]
 
 _REF = "#/components/schemas/{name}"
 CHAT = {"$ref": _REF.format(name="ChatCompletionRequest")}
@@ -48,6 +52,21 @@ _WHY = {
 GENERATE_ERRORS = (400, 401, 404, 429, 500, 502, 503, 504)
 ROUTE_ERRORS = (400, 401, 404, 500, 503)
 EMBEDDINGS_ERRORS = (400, 401, 404, 429, 500, 502, 503, 504)
+
+
+def openapi_config(guards: Sequence[Any], middleware: Sequence[Any]) -> OpenAPIConfig:
+    """/openapi (the document as JSON and YAML, and its viewers) behind `guards`: with auth on, a key of any role,
+    as the README says of every route but /health, /ready and /dashboard. A path under it that is none of them
+    gets the OpenAI error's 404, as any unknown route, not the HTML page Litestar answers there."""
+    router = Router("/openapi", route_handlers=[], guards=list(guards), middleware=list(middleware),
+                    after_request=_no_html_404, include_in_schema=False)
+    return OpenAPIConfig(title="pointsman", version="0.1.0", path="/openapi", openapi_router=router)
+
+
+async def _no_html_404(response: Response) -> Response:
+    if response.status_code == 404:  # only Litestar's catch-all under /openapi answers one
+        raise NotFoundException
+    return response
 
 
 def add_schemas(components: Components) -> None:

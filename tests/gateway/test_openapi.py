@@ -81,3 +81,25 @@ def test_fuzzed_requests_never_get_a_5xx(api_schema, mode):
                                                 response.text)
 
         call()
+
+
+def test_the_document_needs_a_key_when_auth_is_on_and_unknown_paths_get_the_json_404():
+    config = parse_config("""
+models: [{id: m, backend: openai, base_url: "http://127.0.0.1:9/v1"}]
+routing: {health_check_s: 0}
+auth: {api_keys: ["sk-openapi"]}
+storage: {database_url: ''}
+""")
+    pages = ("/openapi", "/openapi/openapi.json", "/openapi/openapi.yaml", "/openapi/swagger", "/openapi/redoc")
+    with serve(create_app(config)) as url:
+        for path in pages:
+            for headers in ({}, {"authorization": "Bearer sk-wrong"}):
+                refused = httpx.get(url + path, headers=headers)
+                assert refused.status_code == 401, (path, refused.text[:200])
+                validate(refused.json(), "ErrorResponse")
+            assert httpx.get(url + path, headers={"authorization": "Bearer sk-openapi"}).status_code == 200, path
+        unknown = httpx.get(url + "/openapi/foo", headers={"authorization": "Bearer sk-openapi"})
+        assert unknown.status_code == 404 and unknown.headers["content-type"].startswith("application/json")
+        validate(unknown.json(), "ErrorResponse")
+        assert unknown.json()["error"]["message"] == "Unknown route: GET /openapi/foo"
+        assert unknown.headers["x-request-id"]
