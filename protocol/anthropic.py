@@ -15,7 +15,11 @@ from protocol.errors import BadRequest, GatewayError, UpstreamError, UpstreamInv
 from protocol.openai import (
     GATEWAY_FIELDS,
     MAX_COUNT,
+    AnswerMessageView,
+    CallView,
+    FunctionView,
     PositiveInt,
+    answer_text,
     convert_struct,
     decode_object,
     usage_count,
@@ -331,27 +335,10 @@ class MessageResponse(Struct, kw_only=True):
 
 
 # what the translation reads of a chat.completion or a chunk; the rest is skipped
-class _FunctionView(Struct):
-    name: str | None = None
-    arguments: str | dict[str, Any] | None = None  # an object (some upstreams send one) is taken as the input
-
-
-class _CallView(Struct):
-    index: int = 0
-    id: str | None = None
-    function: _FunctionView | None = None
-
-
-class _MessageView(Struct):
-    content: str | list[dict[str, Any]] | None = None
-    refusal: str | None = None  # OpenAI's: a refusal in place of the content
-    tool_calls: list[_CallView] | None = None
-
-
 class _ChoiceView(Struct):
     index: int = 0
-    message: _MessageView | None = None
-    delta: _MessageView | None = None
+    message: AnswerMessageView | None = None
+    delta: AnswerMessageView | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # vLLM's: the stop string (or token id) that ended the answer
 
@@ -410,15 +397,6 @@ def _stop(finish: str | None, matched: str | int | None, tool_used: bool, stops:
     return "end_turn", None
 
 
-def _answer_text(content: str | list[dict[str, Any]] | None) -> str:
-    """An answer's content: the string, or its text parts concatenated (they are pieces of one text, unlike a
-    prompt's parts, which message_text joins by newlines)."""
-    if not isinstance(content, list):
-        return content or ""
-    return "".join(part["text"] for part in content
-                   if part.get("type") in ("text", "output_text") and isinstance(part.get("text"), str))
-
-
 def _tool_input(name: str, arguments: str | dict[str, Any] | None, cut: bool) -> dict[str, Any]:
     """A tool call's arguments as its input: an empty one for arguments the token limit `cut` off (stop_reason
     says max_tokens) or, logged, for a finished call's that are no JSON object (the input must be one)."""
@@ -443,15 +421,15 @@ def message_from_chat(body: bytes, stops: frozenset[str] = frozenset(), model: s
     except msgspec.DecodeError as exc:  # a ValidationError too
         raise UpstreamInvalidResponse(f"the upstream's chat answer could not be read: {exc}") from None
     choice = answer.choices[0] if answer.choices else _ChoiceView()
-    said = choice.message or _MessageView()
+    said = choice.message or AnswerMessageView()
     content: list[TextBlock | ToolUseBlock] = []
-    text = _answer_text(said.content) + (said.refusal or "")  # a refusal is the text Anthropic's answer holds
+    text = answer_text(said.content) + (said.refusal or "")  # a refusal is the text Anthropic's answer holds
     calls = said.tool_calls or []
     if text or not calls:
         content.append(TextBlock(text=text))
     cut = choice.finish_reason == "length"
     for call in calls:
-        function = call.function or _FunctionView()
+        function = call.function or FunctionView()
         name = function.name or ""
         content.append(ToolUseBlock(id=_tool_id(call.id), name=name, input=_tool_input(name, function.arguments, cut)))
     stop_reason, stop_sequence = _stop(choice.finish_reason, choice.stop_reason, bool(calls), stops,
@@ -512,7 +490,7 @@ class StreamTranslator:
                 continue
             delta = choice.delta
             if delta is not None:
-                if text := _answer_text(delta.content):
+                if text := answer_text(delta.content):
                     self._text(text, out)
                 if delta.refusal:
                     self.refused = True
@@ -571,8 +549,8 @@ class StreamTranslator:
         out.append(_frame(b"content_block_delta", {"type": "content_block_delta", "index": index,
                                                    "delta": {"type": "text_delta", "text": text}}))
 
-    def _tool(self, call: _CallView, out: list[bytes]) -> None:
-        function = call.function or _FunctionView()
+    def _tool(self, call: CallView, out: list[bytes]) -> None:
+        function = call.function or FunctionView()
         index = self.tools.get(call.index)
         if index is None:  # a new call: its block opens (OpenAI sends the id and name first, whole)
             index = self.tools[call.index] = self._open(out, {"type": "tool_use", "id": _tool_id(call.id),

@@ -14,6 +14,9 @@ from protocol.errors import BadRequest
 
 __all__ = [
     "GATEWAY_FIELDS",
+    "AnswerMessageView",
+    "CallView",
+    "FunctionView",
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
@@ -53,6 +56,7 @@ __all__ = [
     "TopLogprob",
     "Usage",
     "decode_embedding_request",
+    "answer_text",
     "decode_object",
     "decode_request",
     "convert_struct",
@@ -491,6 +495,36 @@ class ModelList(Struct, kw_only=True):
 
 
 # ---- a light view of streamed chunks: what the gateway reads as they pass (text so far, finish) ----------
+
+
+class FunctionView(Struct):
+    """A tool call's function as a chat answer carries it (the translations to other APIs read these views)."""
+
+    name: str | None = None
+    arguments: str | dict[str, Any] | None = None  # an object (some upstreams send one) is taken as it is
+
+
+class CallView(Struct):
+    index: int = 0
+    id: str | None = None
+    function: FunctionView | None = None
+
+
+class AnswerMessageView(Struct):
+    """A chat answer's message or a chunk's delta, as the translations read it; other fields are skipped."""
+
+    content: str | list[dict[str, Any]] | None = None
+    refusal: str | None = None  # OpenAI's: a refusal in place of the content
+    tool_calls: list[CallView] | None = None
+
+
+def answer_text(content: str | list[dict[str, Any]] | None) -> str:
+    """An answer's content: the string, or its text parts concatenated (they are pieces of one text, unlike a
+    prompt's parts, which message_text joins by newlines)."""
+    if not isinstance(content, list):
+        return content or ""
+    return "".join(part["text"] for part in content
+                   if part.get("type") in ("text", "output_text") and isinstance(part.get("text"), str))
 
 
 class _DeltaView(Struct):

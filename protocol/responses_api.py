@@ -11,7 +11,13 @@ import msgspec
 from msgspec import Meta, Struct
 
 from protocol.errors import BadRequest, GatewayError, UnsupportedParameter, UpstreamInvalidResponse
-from protocol.openai import PositiveInt, decode_object, usage_count
+from protocol.openai import (
+    AnswerMessageView,
+    PositiveInt,
+    answer_text,
+    decode_object,
+    usage_count,
+)
 
 __all__ = [
     "RESPONSES_FIELDS",
@@ -367,27 +373,10 @@ def _content_part(kind: str, text: str) -> dict[str, Any]:
 
 
 # what the translation reads of a chat answer or chunk, to check its types: any other field is not read
-class _FunctionView(Struct):
-    name: str | None = None
-    arguments: str | dict[str, Any] | None = None  # an object (some upstreams send one) is encoded to JSON text
-
-
-class _CallView(Struct):
-    index: int = 0
-    id: str | None = None
-    function: _FunctionView | None = None
-
-
-class _MessageView(Struct):
-    content: str | list[dict[str, Any]] | None = None
-    refusal: str | None = None
-    tool_calls: list[_CallView] | None = None
-
-
 class _ChoiceView(Struct):
     index: int = 0
-    message: _MessageView | None = None
-    delta: _MessageView | None = None
+    message: AnswerMessageView | None = None
+    delta: AnswerMessageView | None = None
     finish_reason: str | None = None
 
 
@@ -402,14 +391,6 @@ def _checked(answer: Any) -> None:
         msgspec.convert(answer, _AnswerView)
     except msgspec.ValidationError as exc:
         raise UpstreamInvalidResponse(f"the upstream's chat answer could not be read: {exc}") from None
-
-
-def _answer_text(content: str | list[dict[str, Any]] | None) -> str:
-    """An answer's content: the string, or its text parts concatenated (they are pieces of one text)."""
-    if not isinstance(content, list):
-        return content or ""
-    return "".join(part["text"] for part in content
-                   if part.get("type") in ("text", "output_text") and isinstance(part.get("text"), str))
 
 
 def _arguments(arguments: str | dict[str, Any] | None) -> str:
@@ -428,7 +409,7 @@ def output_items(message: dict[str, Any], finish_reason: str | None) -> list[dic
     off: it is `incomplete`, as in a stream."""
     items = []
     calls = message.get("tool_calls") or []
-    text, refusal = _answer_text(message.get("content")), message.get("refusal")
+    text, refusal = answer_text(message.get("content")), message.get("refusal")
     parts = [_text_part(text)] if text or not (refusal or calls) else []
     if refusal:
         parts.append(_content_part("refusal", refusal))
@@ -506,7 +487,7 @@ class StreamTranslator:
             if choice.get("index", 0) != 0:
                 continue  # one choice: the Responses API has no `n`
             delta = choice.get("delta") or {}
-            if text := _answer_text(delta.get("content")):
+            if text := answer_text(delta.get("content")):
                 events += self._text("output_text", text)
             if refusal := delta.get("refusal"):
                 events += self._text("refusal", refusal)

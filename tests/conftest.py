@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import pg_admin
+from tests.services import REDIS_SERVER, RedisServer, pg_admin
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -172,6 +172,17 @@ def pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database of this test's own (see fresh_pg_database)."""
     with fresh_pg_database() as name:
         yield name
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, on a free port, to kill and restart (an outage)."""
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip(f"{REDIS_SERVER} not found: cannot test a Redis outage")
+    server = RedisServer(free_port(), tmp_path / "redis.log")
+    server.start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture(scope="session")

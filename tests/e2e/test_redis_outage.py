@@ -4,33 +4,20 @@ answers 503 at once, the gateway reconnects by itself when Redis is back, and no
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import pytest
 
-from tests.conftest import Process, free_port, start_gateway
-from tests.services import REDIS_SERVER, RedisServer
+from tests.conftest import Process, start_gateway
+from tests.services import RedisServer
 
 BUDGETED, OTHER = "budgeted-user", "other-user"
 CONCURRENCY = 8
 DEADLINE_S = 30.0  # for any one phase to finish
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if not os.path.exists(REDIS_SERVER):
-        pytest.skip(f"{REDIS_SERVER} not found: cannot test a Redis outage")
-    server = RedisServer(free_port(), tmp_path / "redis.log")
-    server.start()
-    yield server
-    server.kill()
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from tests.conftest import Process, free_port, http, start_gateway
-from tests.services import REDIS_SERVER, RedisServer
 
 ANTHROPIC = {"x-api-key": "none", "anthropic-version": "2023-06-01"}
 BASE = {"id": "chatcmpl-odd", "object": "chat.completion", "created": 1, "model": "up"}
@@ -153,16 +150,6 @@ def test_content_parts_and_refusals_reach_the_client(scripted):
 
 
 # ---- stored responses while the state store is down ------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if not os.path.exists(REDIS_SERVER):
-        pytest.skip(f"{REDIS_SERVER} not found: cannot test a Redis outage")
-    server = RedisServer(free_port(), tmp_path / "redis.log")
-    server.start()
-    yield server
-    server.kill()
 
 
 def test_stored_responses_answer_503_while_the_store_is_down(upstream, redis_server, tmp_path):
