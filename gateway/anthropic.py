@@ -31,9 +31,10 @@ from protocol.anthropic import (
 from protocol.errors import INTERNAL_FAILURE, GatewayError
 from protocol.openai import ChatCompletionRequest, ParsedRequest, decode_request
 
-__all__ = ["anthropic_router", "estimate_input_tokens"]
+__all__ = ["MESSAGES_PATH", "anthropic_error", "anthropic_router", "estimate_input_tokens"]
 
 log = logging.getLogger("pointsman")
+MESSAGES_PATH = "/v1/messages"  # under it, every error is in Anthropic's shape, the router's own 404 and 405 too
 
 
 def _ids(request: Request) -> dict[str, str]:
@@ -126,23 +127,25 @@ async def count_tokens(request: Request) -> Response:
     return Response({"input_tokens": estimate_input_tokens(parsed)}, headers=_ids(request))
 
 
-def _error(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+def anthropic_error(request: Request, status: int, message: str, headers: dict[str, str] | None = None,
+                    ) -> Response:
+    """An error in Anthropic's shape, with the request id as Anthropic's `request-id` and ours."""
     ids = _ids(request)
     return Response(error_body(status, message, ids["request-id"]), status_code=status, media_type=MediaType.JSON,
                     headers={**(headers or {}), **ids})
 
 
 def _render_gateway_error(request: Request, exc: GatewayError) -> Response:
-    return _error(request, exc.status, exc.message, exc.headers)
+    return anthropic_error(request, exc.status, exc.message, exc.headers)
 
 
 def _render_http_error(request: Request, exc: HTTPException) -> Response:
-    return _error(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    return anthropic_error(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 
 def _render_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
-    return _error(request, 500, INTERNAL_FAILURE)
+    return anthropic_error(request, 500, INTERNAL_FAILURE)
 
 
 def anthropic_router(guards: list) -> Router:

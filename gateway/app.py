@@ -24,7 +24,7 @@ from gateway.admin_analytics import analytics_router
 from gateway.admin_experiments import experiments_router
 from gateway.admin_keys import keys_router
 from gateway.admin_templates import templates_router
-from gateway.anthropic import anthropic_router
+from gateway.anthropic import MESSAGES_PATH, anthropic_error, anthropic_router
 from gateway.auth import ANALYTICS, READ, USE, Authenticator, principal_of
 from gateway.dashboard import dashboard_router
 from gateway.drain import Drain
@@ -235,6 +235,8 @@ def _render_gateway_error(request: Request, exc: GatewayError) -> Response:
 def _render_http_error(request: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     message = exc.detail if status != 404 else f"Unknown route: {request.method} {request.url.path}"
+    if request.url.path.startswith(MESSAGES_PATH):  # a wrong method or path under it (Anthropic's clients)
+        return anthropic_error(request, status, str(message), getattr(exc, "headers", None))
     return Response(
         http_error_body(status, str(message)),
         status_code=status,

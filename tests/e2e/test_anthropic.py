@@ -198,6 +198,14 @@ def test_auth_errors_come_from_the_guard_in_anthropic_shape(relay):
         anthropic.Anthropic(base_url=relay.url, api_key=readonly, max_retries=0).messages.create(**body)
 
 
+def test_a_wrong_method_or_path_under_messages_is_an_anthropic_error(relay):
+    """The router's own 405 and 404 under /v1/messages came in OpenAI's shape."""
+    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+    _error(httpx.get(relay.url + "/v1/messages", headers=headers), 405, "invalid_request_error")
+    message = _error(_post(relay.url, {}, path="/v1/messages/batches"), 404, "not_found_error")
+    assert message == "Unknown route: POST /v1/messages/batches"
+
+
 def test_model_and_upstream_errors_keep_status_and_headers(client, relay):
     with pytest.raises(anthropic.NotFoundError) as missing:
         client.messages.create(model="no-such-model", max_tokens=5, messages=[{"role": "user", "content": "x"}])
