@@ -34,8 +34,11 @@ _GONE = (OSError, WebSocketDisconnect)  # uvicorn's ClientDisconnected is an OSE
 # uvicorn's and websockets' INFO lines per upgrade ('"WebSocket /path" 401', 'connection rejected', 'connection
 # open': an access log, which the gateway turns off) go here and no further; warnings and errors reach uvicorn's
 # log. A filter, not a level: uvicorn's logging dictConfig resets the levels of the loggers below its own.
+# A text message that is not UTF-8 is the client's fault: it gets close code 1007, and the server's log no ERROR
+# with a traceback (uvicorn's logger.exception), which a client could have written at will.
 _SERVER_LOG = logging.getLogger("uvicorn.error.websocket")
-_SERVER_LOG.addFilter(lambda record: record.levelno >= logging.WARNING)
+_NOT_UTF8 = "Invalid UTF-8 sequence received from client."
+_SERVER_LOG.addFilter(lambda record: record.levelno >= logging.WARNING and record.msg != _NOT_UTF8)
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):

@@ -118,6 +118,20 @@ def test_a_refused_upgrade_gets_its_error_and_logs_nothing(ws_gateway):
     assert ws_gateway.output()[logged:] == ""
 
 
+def test_a_text_message_that_is_not_utf8_closes_the_socket_and_logs_nothing(ws_gateway):
+    """uvicorn logged an ERROR with a traceback for each such message: a client could fill the log."""
+    logged = len(ws_gateway.output())
+    with _connect(ws_gateway) as ws:
+        ws.send(b"\xff\xfe not utf-8", text=True)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
+    with _connect(ws_gateway) as ws:  # the server goes on
+        ws.send(json.dumps({"model": "remote-a", "messages": [{"role": "user", "content": "hi"}]}))
+        assert _answer(ws)[1]["done"] is True
+    assert ws_gateway.output()[logged:] == ""
+
+
 def test_a_key_revoked_while_its_socket_is_open_is_refused_at_its_next_request(ws_gateway):
     admin = {"authorization": f"Bearer {KEY}"}  # the static keys are admins
     status, _, raw = http("POST", ws_gateway.url + "/admin/keys", {"role": "user"}, headers=admin)
