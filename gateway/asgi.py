@@ -16,5 +16,9 @@ __all__ = ["make_app"]
 def make_app() -> Litestar:
     level = os.environ.get("POINTSMAN_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # httpx's line per request is the upstreams' health and readiness probes: one per deployment every few
+    # seconds, and one per /ready, which anyone may call
+    if logging.getLogger().level >= logging.INFO:  # POINTSMAN_LOG_LEVEL=DEBUG shows them
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     path = os.environ.get("POINTSMAN_CONFIG") or None
     return create_app(load_config(path), reload_from=lambda: load_config(path))

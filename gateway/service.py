@@ -26,6 +26,7 @@ from routing.router import Attempt, Decision, Router
 __all__ = ["Gateway"]
 
 log = logging.getLogger("pointsman")
+_READY_REUSE_S = 1.0  # /ready answers from a probe this recent
 # prompts longer than this are classified in a worker thread, so the event loop never waits on it
 _INLINE_CLASSIFY_CHARS = 2_000
 # how often local engines' load figures are copied into the router's live state
@@ -52,6 +53,7 @@ class Gateway:
         # seeded from the OS per process: workers must not all draw the same sequence (power-of-two choices)
         self.rng = random.Random()
         self._tasks: list[asyncio.Task] = []
+        self._readiness: tuple[float, asyncio.Future[dict[str, bool]]] | None = None  # the last probe: when, what
 
     # ---- lifecycle
 
@@ -158,6 +160,7 @@ class Gateway:
         (self.config, self.models, self.version_states, self.backends, self.pools, self.table, self.version_of,
          self.deprecations, self.router) = (config, models, states, backends, pools, table, version_of,
                                             deprecations, router)
+        self._readiness = None  # the next /ready probes the models served now
         for backend, pool in retired:
             self._tasks.append(asyncio.create_task(_retire(backend, pool), name=f"pointsman-retire-{pool.model_id}"))
         fresh = [backends[i] for i, m in models.items() if i not in kept and m.eager]
@@ -178,12 +181,20 @@ class Gateway:
                 log.error("model %s failed to load: %s", backend.model.id, result)
 
     async def ready(self) -> dict[str, bool]:
+        """Whether each eager model answers: probed at most once a second, the callers in between (anyone may
+        call /ready) sharing that probe's answer."""
+        now = time.monotonic()
+        if self._readiness is None or now - self._readiness[0] >= _READY_REUSE_S:
+            self._readiness = (now, asyncio.ensure_future(self._probe_readiness()))
+        return dict(await asyncio.shield(self._readiness[1]))
+
+    async def _probe_readiness(self) -> dict[str, bool]:
         eager = [m.id for m in self.table.models if m.eager]  # what each id serves (its production version)
         states = await asyncio.gather(*(self.backends[i].health() for i in eager))
         return dict(zip(eager, states, strict=True))
 
     async def aclose(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *([self._readiness[1]] if self._readiness is not None else [])]:
             task.cancel()
         await self.local.aclose()
         await asyncio.gather(*(b.aclose() for b in self.backends.values()), return_exceptions=True)
