@@ -387,6 +387,9 @@ class StorageConfig(_Frozen, kw_only=True):
 
     # hot state on Redis, shared by replicas; left out, it is kept in process
     redis_url: Annotated[str, Meta(pattern=r"^rediss?://")] | None = None
+    # how long one Redis operation may take (connecting included) before the policies treat the store as down:
+    # a request makes a few (cache, rate limit, budget), each bounded by this
+    redis_timeout_s: Annotated[float, Meta(gt=0, le=60)] = 0.5
     # durable rows: a SQLite file by default, PostgreSQL (postgresql+asyncpg://...) for replicas; an empty string
     # turns the usage log off
     database_url: str = "sqlite+aiosqlite:///pointsman.db"

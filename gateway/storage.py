@@ -34,7 +34,8 @@ class Storage:
         self.url = config.database_url
         self.engine = open_engine(self.url) if self.url else None
         self.usage = UsageLog(self.engine) if self.engine is not None else None
-        self.state: StateStore = RedisStore(config.redis_url) if config.redis_url else LocalStore()
+        self.state: StateStore = (RedisStore(config.redis_url, timeout_s=config.redis_timeout_s) if config.redis_url
+                                   else LocalStore())
         self.budgets: BudgetPolicy | None = None  # for /v1/usage, once the config has budgets
         self.alerts: BudgetAlerts | None = None
         self.embedder: Embedder | None = None  # loaded on first use, only when the semantic cache is on
