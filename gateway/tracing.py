@@ -91,12 +91,11 @@ class Tracing:
         traceparent is still followed, as W3C allows)."""
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers
                    if k == b"traceparent" or k == b"tracestate"}
-        if len(carrier.get("traceparent", "")) > 512:
+        if not carrier or len(carrier.get("traceparent", "")) > 512:
             return
         if "tracestate" in carrier and not _valid_tracestate(carrier["tracestate"]):
             del carrier["tracestate"]
-        if carrier:
-            ctx.state[_PARENT] = carrier
+        ctx.state[_PARENT] = carrier
 
     @staticmethod
     def _parent(ctx: RequestContext) -> SpanContext | None:
