@@ -173,7 +173,7 @@ class Pipeline:
         """Open the stream and wait for its first payload, so failures until then can still be retried. The model
         is always asked for the stream's usage (budgets, limits and usage rows need the prompt's tokens); the
         relay keeps that last chunk from a client that did not ask for it."""
-        request = ctx.request.asking_usage()
+        request = ctx.request  # as the policies leave it (a template rendered, an experiment's arm), then below
 
         async def open_stream(backend: Backend, index: int, headers: dict[str, str],
                               ) -> tuple[bytes | None, AsyncIterator[bytes]]:
@@ -186,13 +186,15 @@ class Pipeline:
                     return prepared
             else:
                 prepared = ctx.decision = await self._decide(ctx.request, False, ctx.principal)
+            request = ctx.request.asking_usage()
             attempt, lease, relayed, (first, rest) = await self._first_success(ctx, prepared, open_stream)
         except BaseException as exc:
             await self.settle(ctx, _outcome_of(exc))
             raise
         ttft = time.monotonic() - lease.started
         relay = StreamRelay(self.gateway, ctx, request, attempt, lease, ttft)
-        return StreamStart(first, relay.run(first, rest), route_headers(ctx, attempt, prepared, relayed),
+        shown = None if first is not None and relay.hidden(first) else first
+        return StreamStart(shown, relay.run(first, rest), route_headers(ctx, attempt, prepared, relayed),
                            relay.assembled)
 
     async def _first_success(self, ctx: RequestContext, decision: Decision,

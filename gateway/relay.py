@@ -94,7 +94,20 @@ class StreamRelay:
             if choice.finish_reason is not None:
                 self.finished = True
                 self.finish_reason, self.stop_reason = choice.finish_reason, choice.stop_reason
-        return not (self.hide_usage and view.usage is not None and not view.choices)
+        return not self._hides(view)
+
+    def _hides(self, view: ChunkView) -> bool:
+        return self.hide_usage and view.usage is not None and not view.choices
+
+    def hidden(self, payload: bytes) -> bool:
+        """Whether the client does not get `payload`: a chunk of only usage, which it did not ask for (the first
+        payload is sent by the caller; `run` counts it)."""
+        if not self.hide_usage or b'"usage"' not in payload:
+            return False
+        try:
+            return self._hides(chunk_view(payload))
+        except (msgspec.DecodeError, RecursionError):  # a ValidationError too: `run` judges it
+            return False
 
     def _invalid(self, what: str = "a stream payload that is not a JSON object") -> UpstreamInvalidResponse:
         return UpstreamInvalidResponse(f"deployment {self.lease.index} of {self.attempt.model.id} sent {what}")

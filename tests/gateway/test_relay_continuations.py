@@ -12,8 +12,8 @@ import pytest
 from config.loader import parse_config
 from gateway.pipeline import Pipeline
 from gateway.service import Gateway
-from policies.base import PolicyChain
-from policies.context import RequestContext
+from policies.base import STAGES, PolicyChain
+from policies.context import Outcome, RequestContext
 from protocol.errors import UpstreamInvalidResponse, UpstreamUnavailable
 from protocol.openai import ChatCompletionRequest, ParsedRequest, decode_request
 
@@ -59,13 +59,28 @@ class Scripted:
             yield json.dumps(item).encode()
 
 
-async def _run(scripts: list[list], body: dict) -> tuple[list[dict], RequestContext, Scripted]:
+class SystemPrompt:
+    """A policy that rewrites the request in admit, as a prompt template or an experiment's arm does."""
+
+    name, stage = "system", STAGES["template"]
+
+    async def admit(self, ctx: RequestContext) -> None:
+        raw = {**ctx.request.raw, "messages": [{"role": "system", "content": "S"}, *ctx.request.raw["messages"]]}
+        ctx.request = decode_request(raw, ChatCompletionRequest)
+
+    async def approve(self, ctx: RequestContext, decision: object) -> None: ...
+
+    async def settle(self, ctx: RequestContext, outcome: Outcome) -> None: ...
+
+
+async def _run(scripts: list[list], body: dict, policies: PolicyChain | None = None,
+               ) -> tuple[list[dict], RequestContext, Scripted]:
     config = parse_config(CONFIG)
     backend = Scripted(config.models[0], scripts)
     request = decode_request({"model": "m", "stream": True, "messages": [{"role": "user", "content": "go"}], **body},
                              ChatCompletionRequest)
     ctx = RequestContext(request, request_id="r")
-    started = await Pipeline(Gateway(config, {"m": backend}), PolicyChain()).stream(ctx)
+    started = await Pipeline(Gateway(config, {"m": backend}), policies or PolicyChain()).stream(ctx)
     payloads = [started.first] if started.first is not None else []
     async for payload in started.rest:
         payloads.append(payload)
@@ -170,3 +185,19 @@ async def test_a_malformed_tool_call_delta_is_an_upstream_fault(delta):
     script = [chunk({"role": "assistant", "content": ""}), chunk({"tool_calls": [delta]}), chunk({}, "stop")]
     with pytest.raises(UpstreamInvalidResponse, match="malformed tool-call delta"):
         await _run([script, [], []], {"n": 2})
+
+
+async def test_a_stream_and_its_continuation_get_the_request_as_the_policies_left_it():
+    """The streamed request was taken before admit: a template's or an experiment's rewrite never went upstream."""
+    first = [chunk({"role": "assistant", "content": ""}), chunk({"content": "a"}), BREAK]
+    rest = [chunk({"content": "b"}), chunk({}, "stop")]
+    _, _, backend = await _run([first, rest, []], {}, PolicyChain([SystemPrompt()]))
+    for _, got in backend.got:
+        assert got.raw["messages"][0] == {"role": "system", "content": "S"} and got.include_usage
+
+
+async def test_a_first_payload_of_only_usage_is_kept_from_a_client_that_did_not_ask():
+    script = [usage_chunk(5, 0), chunk({"role": "assistant", "content": ""}), chunk({"content": "hi"}),
+              chunk({}, "stop")]
+    chunks, ctx, _ = await _run([script, [], []], {})
+    assert all(c["choices"] for c in chunks) and ctx.prompt_tokens == 5
