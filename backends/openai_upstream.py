@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -21,6 +21,7 @@ from backends.transport import (
     TransportTimeout,
     environment_proxy,
     open_httpx_client,
+    shown_url,
 )
 from backends.vllm_metrics import VLLMLoad, fetch_vllm_load, metrics_url_for
 from config.schema import Deployment, OpenAIModel, TLSConfig
@@ -99,13 +100,6 @@ def translate_transport_error(exc: BaseException, url: str) -> GatewayError:
     if isinstance(exc, TransportTimeout | TimeoutError):
         return UpstreamTimeout(f"upstream {url} timed out")
     return UpstreamUnavailable(f"upstream {url} unreachable: {type(exc).__name__}: {exc}")
-
-
-def shown_url(url: str) -> str:
-    """`url` as errors, logs, metrics and /v1/route show it: without the user and password a URL may carry, its
-    query (an `api-key=` parameter) and its fragment."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def _invalid(url: str, why: str) -> UpstreamInvalidResponse:

@@ -16,7 +16,7 @@ import ssl
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import httpx
@@ -37,6 +37,7 @@ __all__ = [
     "TransportError",
     "TransportTimeout",
     "check_headers",
+    "shown_url",
     "environment_proxy",
     "open_httpx_client",
     "ssl_context",
@@ -110,6 +111,13 @@ class Transport(Protocol):
 
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def shown_url(url: str) -> str:
+    """`url` as errors, logs, metrics and /v1/route show it: without the user and password a URL may carry, its
+    query (an `api-key=` parameter) and its fragment."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def check_headers(headers: Mapping[str, str]) -> None:
@@ -233,6 +241,7 @@ class AiohttpTransport:
                  proxy: str | None = None, max_connections: int = 256, connect_timeout: float = 5.0,
                  pool_timeout: float | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self._shown = shown_url(self.base_url)  # in errors: no credentials
         self._headers = dict(headers or {})
         check_headers(self._headers)
         self._ssl = ssl_context(tls) if urlsplit(base_url).scheme == "https" else None
@@ -262,7 +271,7 @@ class AiohttpTransport:
             async with asyncio.timeout(self._pool_timeout):
                 await self._slots.acquire()
         except TimeoutError:
-            raise PoolTimeout(f"all connections to {self.base_url} busy for {self._pool_timeout} s") from None
+            raise PoolTimeout(f"all connections to {self._shown} busy for {self._pool_timeout} s") from None
 
     async def request(self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None,
                       timeout: float | None = None, total: float | None = None) -> _AiohttpResponse:

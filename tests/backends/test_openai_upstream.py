@@ -253,3 +253,25 @@ async def test_a_urls_credentials_and_query_never_reach_errors_or_deployment_nam
             assert "S3CRET" not in caught.value.message and "QSECRET" not in caught.value.message
     finally:
         await unreachable.aclose()
+
+
+async def test_a_full_pool_names_the_upstream_without_its_password() -> None:
+    """The aiohttp transport (https, proxies) named base_url, password and all, in its PoolTimeout."""
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts, never answers: the TLS handshake waits
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    held = backend(f"https://svc:S3CRET@127.0.0.1:{port}/v1", max_connections=1, pool_timeout_s=0.2,
+                   connect_timeout_s=30)
+    first = asyncio.ensure_future(held.complete(request()))
+    try:
+        await wait_for(lambda: held.upstreams[0].transport._slots.locked())  # the one connection is taken
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await held.complete(request())
+        assert "busy" in caught.value.message and "S3CRET" not in caught.value.message
+    finally:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await held.aclose()
+        server.close()
