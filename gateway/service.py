@@ -318,9 +318,9 @@ class Gateway:
 def _restrict(decision: Decision, principal: Principal, explain: bool, named: set[str]) -> None:
     """Take the models the caller's key may not use out of the decision (ineligible, with the reason), so that
     neither automatic routing nor a fallback reaches them. Nothing left to try is a 403 when the client named a
-    model it may not use (`named`: the ids its chain names); else the error the key's own models give (no model
-    meets the route's requirements, the prompt fits none), not a 403 naming models it did not ask for. An
-    explanation just shows it."""
+    model it may not use (`named`: the ids its chain names); else the error the key's own models give when the
+    request is at fault (no model meets the route's requirements, the prompt fits none), or a 403 with their
+    reasons: never one naming models the key may not use. An explanation just shows it."""
     models = ", ".join(principal.allowed_models)
     reason = f"not allowed for this API key (its models: {models})"
     candidates = {a.model.id for a in decision.attempts} | {c.model for c in decision.candidates if c.eligible}
@@ -332,11 +332,16 @@ def _restrict(decision: Decision, principal: Principal, explain: bool, named: se
         return
     if asked := sorted(named.intersection(refused)):
         raise PermissionDenied(f"This API key may not use {', '.join(asked)}; its models: {models}.", param="model")
-    raise Gateway.nothing_to_try(Decision(
-        [], decision.chain, decision.analysis,
-        [c for c in decision.candidates if c.model not in refused],
-        {model_id: why for model_id, why in decision.skipped.items() if model_id not in refused},
+    own = [c for c in decision.candidates if principal.may_use(c.model)]  # eligible or not: the key's only
+    error = Gateway.nothing_to_try(Decision(
+        [], decision.chain, decision.analysis, own,
+        {model_id: why for model_id, why in decision.skipped.items() if principal.may_use(model_id)},
     ))
+    if isinstance(error, BadRequest):  # the request itself: it fits none of them, or meets no route requirement
+        raise error
+    reasons = "; ".join(f"{c.model}: {c.reason}" for c in own) or "none of them can be chosen automatically"
+    raise PermissionDenied(f"No model this API key may use can take this request ({reasons}); its models: {models}.",
+                           param="model")
 
 def _expand(config: Config, states: Snapshot) -> dict[str, ModelConfig]:
     """Every model id to serve: the config's models, and each version that is not archived as `id@version`.

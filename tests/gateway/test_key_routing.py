@@ -9,7 +9,7 @@ import pytest
 from config.loader import parse_config
 from gateway.service import Gateway
 from policies.context import Principal
-from protocol.errors import BadRequest, ModelNotFound, PermissionDenied
+from protocol.errors import BadRequest, GatewayError, ModelNotFound, PermissionDenied
 from protocol.openai import ChatCompletionRequest, decode_request
 
 CONFIG = """
@@ -17,6 +17,8 @@ routing: {health_check_s: 0}
 models:
   - {id: tiny, backend: openai, base_url: "http://127.0.0.1:1/v1", context_window: 40}
   - {id: secret-big, backend: openai, base_url: "http://127.0.0.1:1/v1", context_window: 100000, aliases: [big]}
+  - {id: secret-small, backend: openai, base_url: "http://127.0.0.1:1/v1", context_window: 40}
+  - {id: manual-only, backend: openai, base_url: "http://127.0.0.1:1/v1", auto: false}
 """
 LIMITED = Principal(key_id="k", allowed_models=("tiny",))
 
@@ -57,3 +59,20 @@ async def test_naming_a_model_the_key_may_not_use_is_a_403(gateway):
     for name in ("secret-big", "big"):
         with pytest.raises(PermissionDenied, match="may not use secret-big"):
             await gateway.decide(ask(name), False, LIMITED)
+
+
+@pytest.mark.parametrize("model", ["auto", "tiny"])
+async def test_errors_for_a_keys_own_models_name_no_other(gateway, model):
+    """Automatic routing's errors listed every candidate, secret-small among them."""
+    with pytest.raises(GatewayError) as caught:
+        await gateway.decide(ask(model, "word " * 400), False, LIMITED)
+    assert caught.value.status < 500 and "secret" not in caught.value.message
+
+
+async def test_a_key_none_of_whose_models_can_be_chosen_automatically_gets_a_403_not_a_503(gateway):
+    """It got a retryable 503 (and, for a key limited to a missing model, one naming manual-only)."""
+    for allowed in (("manual-only",), ("removed-model",)):
+        with pytest.raises(PermissionDenied) as caught:
+            await gateway.decide(ask("auto"), False, Principal(key_id="k", allowed_models=allowed))
+        assert "secret" not in caught.value.message
+        assert ("manual-only" in caught.value.message) is (allowed == ("manual-only",))
