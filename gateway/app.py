@@ -235,7 +235,8 @@ def _render_gateway_error(request: Request, exc: GatewayError) -> Response:
 def _render_http_error(request: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     message = exc.detail if status != 404 else f"Unknown route: {request.method} {request.url.path}"
-    if request.url.path.startswith(MESSAGES_PATH):  # a wrong method or path under it (Anthropic's clients)
+    path = request.url.path
+    if path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/"):  # a wrong method or path under it
         return anthropic_error(request, status, str(message), getattr(exc, "headers", None))
     return Response(
         http_error_body(status, str(message)),
