@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import msgspec
@@ -21,6 +22,7 @@ from protocol.openai import decode_struct
 __all__ = ["admin_router"]
 
 log = logging.getLogger("pointsman.admin")
+WORKERS_ENV = "POINTSMAN_WORKERS"  # set by `pointsman serve` for its worker processes
 _DRAIN_S = 30.0  # how long an unload waits for the model's requests in flight to finish
 
 
@@ -59,6 +61,10 @@ async def unload_model(request: Request, model_id: FromPath[str]) -> dict:
 
 @post("/reload", status_code=200, summary="Reload the config file: add, remove and change models")
 async def reload_config(request: Request) -> dict:
+    workers = int(os.environ.get(WORKERS_ENV) or 1)
+    if workers > 1:  # this request reaches one worker: the others would keep the old config
+        raise Conflict(f"This gateway runs {workers} worker processes and a request reaches only one: reload them all "
+                       "with SIGHUP to the `pointsman serve` process.")
     return await request.app.state.reload()
 
 

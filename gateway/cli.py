@@ -79,8 +79,11 @@ def serve(args: argparse.Namespace) -> int:
     config = _load(path)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    workers = args.workers or config.server.workers
-    if _refuse_open_bind(host, config):
+    workers = args.workers if args.workers is not None else config.server.workers
+    if not 1 <= port <= 65535 or not 1 <= workers <= 64:  # what the config's own server.port and .workers allow
+        print(f"pointsman: --port must be 1-65535 and --workers 1-64; got {port} and {workers}", file=sys.stderr)
+        return 2
+    if _refuse_open_bind(host, config) or _refuse_split_state(config, workers):
         return 2
 
     if config.storage.database_url:
@@ -98,6 +101,9 @@ def serve(args: argparse.Namespace) -> int:
             return 2
     # workers import gateway.asgi:make_app, which reads the same file
     os.environ["POINTSMAN_CONFIG"] = os.path.abspath(path) if path else ""
+    from gateway.admin import WORKERS_ENV
+
+    os.environ[WORKERS_ENV] = str(workers)  # POST /admin/reload reaches one worker: refused when there are several
     engines = _engines_for_workers(config, workers)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     stop = threading.Event()
@@ -112,6 +118,25 @@ def serve(args: argparse.Namespace) -> int:
         if engines is not None:
             engines.stop()
     return 0
+
+
+def _refuse_split_state(config: Config, workers: int) -> bool:
+    """Several workers without Redis would each keep their own rate limits, budgets and cache: a limit would let
+    through `workers` times what it says. Refused, with a line saying so; stored Responses (/v1/responses) would
+    only be found on the worker that stored them: warned."""
+    if workers <= 1 or config.storage.redis_url:
+        return False
+    policies = config.policies
+    split = [name for name, used in (("rate limits", policies.rate_limits), ("budgets", policies.budgets),
+                                     ("the cache", policies.cache is not None and policies.cache.mode != "off"))
+             if used]
+    if split:
+        print(f"pointsman: {workers} workers need storage.redis_url for {', '.join(split)}: without Redis each "
+              "worker would keep its own (a limit would let through that many times what it says)", file=sys.stderr)
+        return True
+    print(f"pointsman: {workers} workers without storage.redis_url: stored responses (/v1/responses) are found only "
+          "on the worker that stored them", file=sys.stderr)
+    return False
 
 
 def _metrics_dir(config: Config, workers: int) -> str | None:

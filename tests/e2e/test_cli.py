@@ -56,6 +56,23 @@ def test_refuses_non_loopback_bind_without_keys(upstream, tmp_path):
     assert "refusing to bind 0.0.0.0 with no auth.api_keys" in result.stderr
 
 
+@pytest.mark.parametrize("extra,policies", [
+    ([], "policies: {budgets: [{scope: global, period: day, max_tokens: 100}]}\n"),
+    ([], "policies: {rate_limits: [{scope: key, rpm: 10}], cache: {mode: always}}\n"),
+    (["--port", "70000"], ""), (["--workers", "0"], ""), (["--workers", "65"], ""),
+])
+def test_refuses_what_it_could_not_serve_as_configured(upstream, tmp_path, extra, policies):
+    """Two workers without Redis kept a budget each (twice the budget went through); --port 70000 bound port
+    4464 and --workers 0 ran the config's count: the command line skipped the config's own checks."""
+    path = tmp_path / "split.yaml"
+    path.write_text(_remote(upstream) + policies)
+    args = extra if extra else ["--workers", "2"]
+    result = subprocess.run([*POINTSMAN, "serve", "--config", str(path), "--port", str(free_port()), *args],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert ("need storage.redis_url" if policies else "--port must be 1-65535") in result.stderr
+
+
 @pytest.mark.parametrize(
     "text,expected",
     [

@@ -36,6 +36,9 @@ def _refused(url: str) -> bool:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_drains_then_stops_without_losing_a_request(upstream, tmp_path, workers):
     gateway = start_gateway(tmp_path, _config(upstream, tmp_path), args=("--workers", str(workers)))
+    if workers > 1:  # the route would reload the one worker it reaches (the others kept the old config): SIGHUP
+        reload = httpx.post(gateway.url + "/admin/reload", timeout=30)
+        assert reload.status_code == 409 and "SIGHUP" in reload.json()["error"]["message"]
     words = " ".join(f"w{i}" for i in range(12))
     streamed: dict = {}
 

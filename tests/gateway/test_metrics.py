@@ -114,8 +114,11 @@ def scrape_until(url: str, done, timeout: float = 20.0) -> dict:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_metrics_after_known_traffic(upstream, tmp_path, workers: int) -> None:
-    server = start_gateway(tmp_path, CONFIG.format(url=upstream.url), args=("--workers", str(workers)))
+def test_metrics_after_known_traffic(upstream, tmp_path, workers: int, request: pytest.FixtureRequest) -> None:
+    config = CONFIG.format(url=upstream.url)
+    if workers > 1:  # several workers share their budgets through Redis (serve refuses them without it)
+        config += f"storage: {{redis_url: \"{request.getfixturevalue('redis_server').url}\"}}\n"
+    server = start_gateway(tmp_path, config, args=("--workers", str(workers)))
     try:
         chat = {"model": "remote-a", "messages": [{"role": "user", "content": "one two three"}]}
         answers = [http("POST", server.url + "/v1/chat/completions", chat) for _ in range(4)]
