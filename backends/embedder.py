@@ -73,6 +73,10 @@ class _Model:
     def embed(self, text: str) -> np.ndarray:
         return self.encode([text])[0][0]
 
+    def embed_whole(self, text: str) -> np.ndarray | None:
+        vectors, tokens = self.encode([text])
+        return vectors[0] if tokens[0] < self.max_tokens else None  # at the limit: maybe cut
+
     def encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         """One forward pass over `texts` (padded to the longest, each truncated to max_tokens word pieces):
         their vectors, (n, dim) float32, and the tokens each one used ([CLS] and [SEP] included)."""
@@ -174,6 +178,15 @@ class Embedder:
         model, executor = self._model, self._executor
         assert model is not None and executor is not None
         return await asyncio.get_running_loop().run_in_executor(executor, model.embed, text)
+
+    async def embed_whole(self, text: str) -> np.ndarray | None:
+        """The normalised embedding of `text`, or None when the text is longer than the model sees (it would be
+        compared by its first 256 tokens: the semantic cache must not answer two texts alike only there)."""
+        if self._model is None:
+            await self.start()
+        model, executor = self._model, self._executor
+        assert model is not None and executor is not None
+        return await asyncio.get_running_loop().run_in_executor(executor, model.embed_whole, text)
 
     async def encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         """The normalised embeddings of `texts`, (n, dim) float32 in their order, and the tokens each used,

@@ -53,7 +53,7 @@ class Storage:
             policies.append(ExactCache(config.cache, self.state, resolve))
             if config.cache.semantic.enabled:
                 self.embedder = Embedder()
-                policies.append(SemanticCache(config.cache, self.state, self.embedder.embed, resolve))
+                policies.append(SemanticCache(config.cache, self.state, self.embedder.embed_whole, resolve))
         if config.budgets or keyed:
             self.alerts = BudgetAlerts(config.alert_webhook, self.state)
             self.budgets = BudgetPolicy(config.budgets, self.state, alerts=self.alerts)

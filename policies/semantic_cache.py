@@ -54,26 +54,31 @@ class SemanticLookup:
 
 
 def bucket_of(raw: dict[str, Any], model: str, endpoint: str, tenant: str) -> str:
-    """sha256 of the tenant, the endpoint, the resolved model and every request field but the conversation
-    (`messages` / `prompt`) and the delivery and routing fields: only requests alike in all else share answers."""
-    canonical = {k: v for k, v in raw.items() if k not in _UNKEYED and k not in ("messages", "prompt")}
+    """sha256 of the tenant, the endpoint, the resolved model and every request field but the delivery and
+    routing fields and the text `conversation_text` compares: every earlier message whole (a system prompt, the
+    history, tool calls, names), and the last one but for its text (its images, its name). Only requests alike in
+    all else share answers."""
+    canonical = {k: v for k, v in raw.items() if k not in _UNKEYED and k != "prompt"}
+    messages = canonical.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        last = messages[-1]
+        content = last.get("content")
+        kept = [part for part in content if part.get("type") != "text"] if isinstance(content, list) else None
+        canonical["messages"] = [*messages[:-1], {**last, "content": kept}]
     canonical["model"] = model
     head = f"{tenant}\n{endpoint}\n".encode()
     return hashlib.sha256(head + _encode(canonical, order="sorted")).hexdigest()
 
 
 def conversation_text(ctx: RequestContext) -> str | None:
-    """What gets embedded: `role: text` per message, one per line; a completion's prompt text. None for a prompt
-    of token ids (nothing to embed)."""
+    """What is compared by meaning: the last message's text (a user's question; everything before it must match
+    exactly, see bucket_of), or a completion's one prompt. None when there is no such text to compare: a last
+    message that is not a user's, a list of prompts, token ids."""
     body = ctx.request.body
     if isinstance(body, ChatCompletionRequest):
-        return "\n".join(f"{m.role}: {message_text(m.content)}" for m in body.messages)
-    prompt = body.prompt
-    if isinstance(prompt, str):
-        return prompt
-    if all(isinstance(p, str) for p in prompt):
-        return "\n".join(p for p in prompt if isinstance(p, str))
-    return None
+        last = body.messages[-1] if body.messages else None
+        return message_text(last.content) or None if last is not None and last.role == "user" else None
+    return body.prompt or None if isinstance(body.prompt, str) else None
 
 
 class _Mirror:
@@ -153,7 +158,7 @@ class SemanticCache:
         self,
         config: CacheConfig,
         store: StateStore,
-        embed: Callable[[str], Awaitable[np.ndarray]],
+        embed: Callable[[str], Awaitable[np.ndarray | None]],  # None: a text longer than the embedder sees
         resolve: Callable[[str], str],
     ) -> None:
         self.config = config
@@ -178,11 +183,14 @@ class SemanticCache:
         tenant = tenant_of(ctx.principal, self.config.shared)
         bucket = bucket_of(ctx.request.raw, model, "chat" if chat else "completion", tenant)
         try:
-            vector = np.asarray(await self.embed(text), dtype=np.float32)
-            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+            embedded = await self.embed(text)
         except Exception:
             log.exception("semantic cache: embedding request %s failed, bypassing", ctx.request_id)
             return None
+        if embedded is None:  # compared only by its start, a long text would match others alike only there
+            return None
+        vector = np.asarray(embedded, dtype=np.float32)
+        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         ttl_s = _ttl_override(headers) or self.config.ttl_s
         ctx.state[self.name] = SemanticLookup(bucket, vector, model, "no-store" not in control, ttl_s)
         if "no-cache" in control:

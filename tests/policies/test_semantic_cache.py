@@ -155,3 +155,49 @@ async def test_the_index_keeps_the_newest_entries(store: StateStore, monkeypatch
         for i in range(3, 7):
             assert f"answer {i}".encode() in (await looked_up(replica, i) or b"")
     assert MAX_ENTRIES == 10_000
+
+
+LONG_SYSTEM = " ".join(f"Rule {i}: be helpful, precise and polite to every customer." for i in range(40))
+
+
+@pytest.mark.parametrize("first,second", [
+    # a long system prompt made every question alike (the conversation was embedded whole, cut at 256 tokens)
+    ([{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": ASKED}],
+     [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": UNRELATED}]),
+    # what is not text was not compared at all: an image, a name, an earlier turn's tool call
+    ([{"role": "user", "content": [{"type": "text", "text": ASKED},
+                                   {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]}],
+     [{"role": "user", "content": [{"type": "text", "text": ASKED},
+                                   {"type": "image_url", "image_url": {"url": "https://x/dog.png"}}]}]),
+    ([{"role": "user", "content": ASKED, "name": "alice"}], [{"role": "user", "content": ASKED, "name": "bob"}]),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "pay", "arguments": '{"amount": 10}'}}]}, {"role": "tool", "tool_call_id": "c", "content": "ok"},
+      {"role": "user", "content": ASKED}],
+     [{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+         "name": "pay", "arguments": '{"amount": 9000}'}}]}, {"role": "tool", "tool_call_id": "c", "content": "ok"},
+      {"role": "user", "content": ASKED}]),
+    # a question longer than the embedder sees is compared by nothing but its start: not at all
+    ([{"role": "user", "content": f"{LONG_SYSTEM} {ASKED}"}],
+     [{"role": "user", "content": f"{LONG_SYSTEM} {UNRELATED}"}]),
+])
+async def test_only_the_last_question_is_compared_by_meaning_and_everything_else_exactly(
+        store: StateStore, embedder: Embedder, first: list, second: list) -> None:
+    cache = SemanticCache(CONFIG, store, embedder.embed_whole, resolve)
+    principal = Principal(key_id=uuid.uuid4().hex)  # a bucket of this test's own
+    await served(cache, {**chat(""), "messages": first}, "the first answer", principal=principal)
+    ctx, reply = await served(cache, {**chat(""), "messages": second}, principal=principal)
+    assert reply is None, msgspec.json.decode(reply.body)["choices"][0]["message"]["content"]
+    ctx, reply = await served(cache, {**chat(""), "messages": first}, principal=principal)
+    assert (reply is not None) is (first[-1]["content"] != f"{LONG_SYSTEM} {ASKED}")  # the same request: a hit
+
+
+async def test_a_list_of_prompts_is_not_compared_by_meaning() -> None:
+    """A list of prompts was embedded joined by newlines: one prompt of the same lines got its several choices."""
+    from policies.semantic_cache import conversation_text
+    from protocol.openai import CompletionRequest
+
+    def text(prompt: Any) -> str | None:
+        return conversation_text(RequestContext(decode_request({"model": "fast", "prompt": prompt}, CompletionRequest)))
+
+    assert text(["What is 2+2?", "Name a color."]) is None and text([1, 2, 3]) is None
+    assert text("What is 2+2?\nName a color.") == "What is 2+2?\nName a color."
