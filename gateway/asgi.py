@@ -7,7 +7,7 @@ import os
 
 from litestar import Litestar
 
-from config.loader import load_config
+from config.loader import ConfigError, load_config
 from gateway.app import create_app
 
 __all__ = ["make_app"]
@@ -21,4 +21,9 @@ def make_app() -> Litestar:
     if logging.getLogger().level >= logging.INFO:  # POINTSMAN_LOG_LEVEL=DEBUG shows them
         logging.getLogger("httpx").setLevel(logging.WARNING)
     path = os.environ.get("POINTSMAN_CONFIG") or None
-    return create_app(load_config(path), reload_from=lambda: load_config(path))
+    try:
+        config = load_config(path)
+    except ConfigError as exc:  # the file changed under a SIGHUP's new workers: one line, the old ones stay
+        logging.getLogger("pointsman").error("config error, this worker does not start: %s", exc)
+        raise SystemExit(2) from None
+    return create_app(config, reload_from=lambda: load_config(path))

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -63,7 +64,10 @@ def _announce_when_ready(url: str, config: Config, stop: threading.Event) -> Non
         except urllib.error.HTTPError as exc:
             ready = False
             if not listening:
-                waiting = [m for m, ok in json.loads(exc.read() or b"{}").get("models", {}).items() if not ok]
+                try:
+                    waiting = [m for m, ok in json.loads(exc.read() or b"{}").get("models", {}).items() if not ok]
+                except (ValueError, AttributeError):  # not our /ready's body
+                    waiting = []
                 print(f"pointsman: listening on {url}/v1, loading: {', '.join(waiting)}", flush=True)
                 listening = True
         except OSError:
@@ -83,7 +87,7 @@ def serve(args: argparse.Namespace) -> int:
     if not 1 <= port <= 65535 or not 1 <= workers <= 64:  # what the config's own server.port and .workers allow
         print(f"pointsman: --port must be 1-65535 and --workers 1-64; got {port} and {workers}", file=sys.stderr)
         return 2
-    if _refuse_open_bind(host, config) or _refuse_split_state(config, workers):
+    if _refuse_open_bind(host, config) or _refuse_split_state(config, workers) or _refuse_taken_port(host, port):
         return 2
 
     if config.storage.database_url:
@@ -118,6 +122,19 @@ def serve(args: argparse.Namespace) -> int:
         if engines is not None:
             engines.stop()
     return 0
+
+
+def _refuse_taken_port(host: str, port: int) -> bool:
+    """A port something else listens on, refused in one line before anything starts (the readiness announcer
+    would otherwise have greeted the other server as this one)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            print(f"pointsman: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+            return True
+    return False
 
 
 def _refuse_split_state(config: Config, workers: int) -> bool:

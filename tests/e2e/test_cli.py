@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -71,6 +73,29 @@ def test_refuses_what_it_could_not_serve_as_configured(upstream, tmp_path, extra
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert ("need storage.redis_url" if policies else "--port must be 1-65535") in result.stderr
+
+
+def test_a_worker_that_finds_a_broken_config_says_so_in_one_line(tmp_path):
+    """A SIGHUP's new workers read the file again: a broken one was a 30-line traceback per worker."""
+    path = tmp_path / "broken.yaml"
+    path.write_text("models: [{id: m, backend: openai, base_url: 'http://127.0.0.1:1/v1', bogus: 1}]\n")
+    result = subprocess.run([sys.executable, "-c", "from gateway.asgi import make_app; make_app()"], cwd=ROOT,
+                            env={**os.environ, "POINTSMAN_CONFIG": str(path)}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "config error, this worker does not start" in result.stderr and "bogus" in result.stderr
+
+
+def test_a_port_in_use_is_refused_in_one_line(upstream, tmp_path):
+    """It printed "ready at ..." for whatever answered on the port (a traceback when that was no pointsman), then
+    failed to bind."""
+    path = tmp_path / "taken.yaml"
+    path.write_text(_remote(upstream))
+    port = int(upstream.url.rsplit(":", 1)[1].split("/")[0])  # the mock upstream listens there
+    result = subprocess.run([*POINTSMAN, "serve", "--config", str(path), "--port", str(port)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr.strip() == f"pointsman: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
 @pytest.mark.parametrize(
