@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -30,6 +31,8 @@ __all__ = [
     "ExperimentTemplate",
     "ExperimentVariant",
     "check_experiments",
+    "routes",
+    "served_names",
     "FREE",
     "LaunchConfig",
     "LoggingConfig",
@@ -508,8 +511,7 @@ class ExperimentConfig(_Frozen, kw_only=True):
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"experiment {self.name!r}: variant names must be unique, got {names}")
-        if sum(v.weight for v in self.variants) <= 0:
-            raise ValueError(f"experiment {self.name!r}: the variants' weights must sum to more than 0")
+        _check_weights(self.name, self.variants)
         metric = self.primary_metric
         if metric not in EXPERIMENT_METRICS and not (metric.startswith("feedback:") and len(metric) > 9):
             raise ValueError(f"experiment {self.name!r}: primary_metric {metric!r}: expected one of "
@@ -520,14 +522,68 @@ class ExperimentConfig(_Frozen, kw_only=True):
         return self.variants[0]
 
 
-def check_experiments(experiments: list[ExperimentConfig]) -> None:
-    """Unique names, and at most one running experiment per target (a request can enter only one)."""
+MIN_WEIGHT_SHARE = 1e-9  # a positive weight's least share of the total: the assignment's arithmetic stays finite
+
+
+def _check_weights(name: str, variants: list[ExperimentVariant]) -> None:
+    """Finite weights summing to a finite total above 0, each positive one at least MIN_WEIGHT_SHARE of it, so
+    that assign()'s draws on the normalised weights stay finite."""
+    for variant in variants:
+        if not math.isfinite(variant.weight):
+            raise ValueError(f"experiment {name!r}: variant {variant.name!r}: weight must be a finite number")
+    total = sum(v.weight for v in variants)
+    if not total > 0:
+        raise ValueError(f"experiment {name!r}: the variants' weights must sum to more than 0")
+    if not math.isfinite(total):
+        raise ValueError(f"experiment {name!r}: the variants' weights sum to more than a float can hold")
+    for variant in variants:
+        if variant.weight > 0 and variant.weight / total < MIN_WEIGHT_SHARE:
+            raise ValueError(f"experiment {name!r}: variant {variant.name!r}: weight {variant.weight!r} is too "
+                             f"small: a positive weight must be at least {MIN_WEIGHT_SHARE:g} of the total "
+                             f"(0 leaves the variant out)")
+
+
+def served_names(config: Config) -> frozenset[str]:
+    """The names a request's `model` may use in `config`, as routing/resolve.py ModelTable builds them: ids,
+    aliases, `id@version` for versions not archived, `auto` and `auto-<profile>`."""
+    names = {"auto"}
+    names.update(p if p.startswith("auto") else f"auto-{p}" for p in config.routing.all_profiles)
+    for model in config.models:
+        names.update((model.id, *model.aliases))
+        names.update(f"{model.id}@{v.version}" for v in model.versions if v.stage != "archived")
+    return frozenset(names)
+
+
+def routes(name: str, names: frozenset[str]) -> bool:
+    """Whether `name` is one of `names` or a `a:b:c` chain of them (matched longest name first, as
+    ModelTable.plan does)."""
+    if name in names:
+        return True
+    ordered = sorted(names, key=len, reverse=True)
+    i = 0
+    while i <= len(name):
+        match = next((n for n in ordered if name.startswith(n, i)
+                      and (i + len(n) == len(name) or name[i + len(n)] == ":")), None)
+        if match is None:
+            return False
+        i += len(match) + 1
+    return True
+
+
+def check_experiments(experiments: list[ExperimentConfig], served: frozenset[str] | None = None) -> None:
+    """Unique names, and at most one running experiment per target (a request can enter only one); with
+    `served` (served_names), every variant's model must route."""
     names: set[str] = set()
     targets: dict[str, str] = {}
     for i, experiment in enumerate(experiments):
         if experiment.name in names:
             raise ValueError(f"experiments[{i}]: name {experiment.name!r} is used twice")
         names.add(experiment.name)
+        for variant in experiment.variants if served is not None else ():
+            if not routes(variant.model, served):
+                raise ValueError(f"experiments[{i}]: experiment {experiment.name!r}, variant {variant.name!r}: "
+                                 f"unknown model {variant.model!r} (no model, alias, version or profile has "
+                                 f"that name)")
         if experiment.status == "running":
             if experiment.target in targets:
                 raise ValueError(f"experiments[{i}]: target {experiment.target!r} already has a running "
@@ -641,7 +697,7 @@ class Config(_Frozen, kw_only=True):
 
     def __post_init__(self) -> None:
         check_templates(self.templates)
-        check_experiments(self.experiments)
+        check_experiments(self.experiments, served_names(self))
         if self.experiments and not self.storage.database_url:  # a config error, not a failure at start-up
             raise ValueError("experiments: they are kept in the database, so storage.database_url must be set")
         seen: dict[str, str] = {}

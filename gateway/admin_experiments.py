@@ -3,6 +3,7 @@ read the results. Mounted under /admin beside the other admin routes, with the s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -11,7 +12,7 @@ from litestar.params import FromPath
 
 from config.schema import ExperimentConfig
 from policies.experiments import ExperimentStore, Live
-from protocol.errors import BadRequest
+from protocol.errors import BadRequest, GatewayError
 from protocol.openai import decode_object
 
 __all__ = ["experiments_router"]
@@ -22,6 +23,20 @@ def _store(request: Request) -> ExperimentStore:
     if store is None:
         raise BadRequest("Experiments need a database: set storage.database_url.")
     return store
+
+
+def _routable(request: Request) -> Callable[[str], bool]:
+    """Whether a model name routes on the running gateway (a model, alias, version, profile or chain)."""
+    table = request.app.state.gateway.table
+
+    def routable(name: str) -> bool:
+        try:
+            table.plan(name)
+        except GatewayError:
+            return False
+        return True
+
+    return routable
 
 
 def _describe(live: Live) -> dict:
@@ -42,7 +57,7 @@ async def create_experiment(request: Request) -> dict:
         raise BadRequest(f"Invalid experiment: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise BadRequest(f"Invalid JSON body: {exc}") from exc
-    return _describe(await _store(request).create(config))
+    return _describe(await _store(request).create(config, _routable(request)))
 
 
 @get("/experiments/{name:str}", summary="One experiment")

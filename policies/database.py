@@ -78,6 +78,7 @@ usage_rows = sa.Table(
     sa.Index("ix_usage_rows_key_id_created_at", "key_id", "created_at"),
     sa.Index("ix_usage_rows_experiment_id", "experiment", "id"),
     sa.Index("ix_usage_rows_completion_id", "completion_id"),
+    sa.Index("ix_usage_rows_request_id", "request_id"),  # feedback by x-request-id
 )
 
 # ---- experiments (revision 0002) ----
@@ -95,7 +96,8 @@ experiments = sa.Table(
     sa.Column("updated_at", UtcDateTime(), nullable=False),
 )
 
-# scores attached to answers by POST /v1/feedback, one per (answer, metric)
+# scores attached to answers by POST /v1/feedback, one per (answer, metric); `completion_id` holds the answer's
+# request id for new rows (an upstream may give several answers one id), its completion id for older ones
 feedback = sa.Table(
     "feedback",
     metadata,

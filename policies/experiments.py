@@ -31,8 +31,8 @@ from policies.state import StateStore
 from protocol.errors import BadRequest, GatewayError, NotFound
 from protocol.openai import ChatCompletionRequest, ParsedRequest
 
-__all__ = ["Arm", "ExperimentConflict", "ExperimentPolicy", "ExperimentStore", "Feedback", "FeedbackExists", "Live",
-           "add_feedback", "assign", "compute_results", "decode_feedback", "enrolled"]
+__all__ = ["AmbiguousAnswer", "Arm", "ExperimentConflict", "ExperimentPolicy", "ExperimentStore", "Feedback",
+           "FeedbackExists", "Live", "add_feedback", "assign", "compute_results", "decode_feedback", "enrolled"]
 
 log = logging.getLogger("pointsman.experiments")
 VERSION_KEY = "experiments:version"  # a token in the state store: replicas reload from SQL when it changes
@@ -64,14 +64,19 @@ def assign(experiment: str, unit: str, weights: Sequence[tuple[str, float]]) -> 
     """Weighted rendezvous hashing (highest random weight): each variant draws -ln(U)/weight from a hash of
     (experiment, variant, unit), the lowest wins. A variant wins with probability weight/sum, and raising one
     weight only lowers that variant's draws, so the units that move are exactly those that must (they move to it
-    and nowhere else); weight 0 never wins."""
-    best, best_score = "", math.inf
+    and nowhere else); weight 0 never wins. Never an empty name: draws that overflow to infinity (a weight too
+    small for the arithmetic, which ExperimentConfig refuses) still pick a variant, and with no positive weight
+    the first variant (the control) is picked."""
+    best: str | None = None
+    best_score = math.inf
     for name, weight in weights:
-        if weight <= 0:
+        if not weight > 0:
             continue
         score = -math.log(_uniform(experiment, name, unit)) / weight
-        if score < best_score:
+        if best is None or score < best_score:
             best, best_score = name, score
+    if best is None:
+        return weights[0][0]
     return best
 
 
@@ -130,15 +135,24 @@ class Live:
 
     @classmethod
     def of(cls, config: ExperimentConfig, promoted: str | None = None) -> Live:
+        """The weights are normalised to shares of 1 (ExperimentConfig keeps each positive one at least 1e-9 of
+        the total), so that assign()'s draws stay finite however small or large the configured numbers are."""
+        total = sum(v.weight for v in config.variants)
         return cls(config, promoted, {v.name: Arm.of(v) for v in config.variants},
-                   tuple((v.name, v.weight) for v in config.variants))
+                   tuple((v.name, v.weight / total) for v in config.variants))
 
-    def fallback(self, routable: bool) -> Arm | None:
-        """Where a request that is not in the experiment goes: the promoted winner once there is one; the control
-        when the target is no model of its own; else nowhere (the target serves it)."""
+    @property
+    def control(self) -> Arm:
+        return self.arms[self.config.control.name]
+
+    def fallback(self, routable: Callable[[str], bool]) -> Arm | None:
+        """Where a request that is not in the experiment goes: the promoted winner once there is one (while its
+        model routes); the control when the target is no model of its own; else nowhere (the target serves it)."""
         if self.promoted is not None and self.promoted in self.arms:
-            return self.arms[self.promoted]
-        return None if routable else self.arms[self.config.control.name]
+            promoted = self.arms[self.promoted]
+            if routable(promoted.model):
+                return promoted
+        return None if routable(self.config.target) else self.control
 
 
 class ExperimentPolicy:
@@ -152,8 +166,9 @@ class ExperimentPolicy:
     def __init__(self, store: ExperimentStore, routable: Callable[[str], bool], render: Render | None = None,
                  ) -> None:
         self.store = store
-        self.routable = routable
+        self.routable = routable  # whether a model name routes (the gateway's table, which a reload replaces)
         self.render = render  # the template policy's render_into, when templates are on
+        self._gone: set[tuple[str, str, str]] = set()  # (experiment, variant, model) already logged as gone
 
     async def admit(self, ctx: RequestContext) -> Reply | None:
         target = ctx.request.body.model
@@ -164,14 +179,27 @@ class ExperimentPolicy:
         unit = ctx.user or ctx.principal.key_id
         if config.status == "running" and unit is not None and enrolled(config.name, unit, config.traffic):
             arm = live.arms[assign(config.name, unit, live.weights)]
-            arm.apply(ctx, self.render)
-            ctx.experiment = tag = f"{config.name}={arm.name}"
-            ctx.headers["x-pointsman-experiment"] = tag
+            if self.routable(arm.model):
+                arm.apply(ctx, self.render)
+                ctx.experiment = tag = f"{config.name}={arm.name}"
+                ctx.headers["x-pointsman-experiment"] = tag
+                return None
+            # the arm's model is gone (a reload removed it): the control serves the request, which stays out of
+            # the results, so that neither arm is charged with requests it did not get as assigned
+            self._log_gone(config.name, arm)
+            live.control.apply(ctx, self.render)
             return None
-        arm = live.fallback(self.routable(target))
+        arm = live.fallback(self.routable)
         if arm is not None:
             arm.apply(ctx, self.render)
         return None
+
+    def _log_gone(self, experiment: str, arm: Arm) -> None:
+        key = (experiment, arm.name, arm.model)
+        if key not in self._gone:
+            self._gone.add(key)
+            log.warning("experiment %s: variant %s routes to %r, which is no model now: its units go to the "
+                        "control, outside the experiment", experiment, arm.name, arm.model)
 
     @no_op
     async def approve(self, ctx: RequestContext, decision: Any) -> None:
@@ -296,8 +324,13 @@ class ExperimentStore:
             raise NotFound(f"No experiment named {name!r}.", param="name")
         return live
 
-    async def create(self, config: ExperimentConfig) -> Live:
+    async def create(self, config: ExperimentConfig, routable: Callable[[str], bool] | None = None) -> Live:
+        """Write a new experiment; with `routable` (whether a model name routes), every variant's model must."""
         Live.of(config)
+        for variant in config.variants if routable is not None else ():
+            if not routable(variant.model):
+                raise BadRequest(f"experiment {config.name!r}, variant {variant.name!r}: unknown model "
+                                 f"{variant.model!r}", param="variants")
         if config.name in self.by_name:
             raise ExperimentConflict(f"An experiment named {config.name!r} exists already.")
         self._check_targets(config)
@@ -509,35 +542,67 @@ def decode_feedback(data: bytes) -> Feedback:
     return feedback
 
 
+class AmbiguousAnswer(ExperimentConflict):
+    code = "ambiguous_id"
+
+
+async def _answers(engine: AsyncEngine, answer_id: str) -> list[Sequence[Any]]:
+    """The usage rows (at most two, oldest first) that `answer_id` names: those whose answer has that id, else
+    (no such answer) those of the request with that id. The answer's id is indexed; the request id is looked up
+    only when no answer has the id."""
+    u = usage_rows.c
+    picked = (u.request_id, u.experiment, u.variant, u.completion_id)
+    async with engine.connect() as connection:
+        rows: list[Sequence[Any]] = []
+        if storable(answer_id, u.completion_id):
+            rows = list((await connection.execute(
+                sa.select(*picked).where(u.completion_id == answer_id).order_by(u.id).limit(2))).all())
+        if not rows and storable(answer_id, u.request_id):
+            rows = list((await connection.execute(
+                sa.select(*picked).where(u.request_id == answer_id).order_by(u.id).limit(2))).all())
+    return rows
+
+
 async def add_feedback(engine: AsyncEngine, feedback: Feedback,
                        flush: Callable[[], Awaitable[None]] | None = None) -> dict:
     """Store a score for the request that produced answer `feedback.id`, with that request's experiment arm.
+
+    `id` is the answer's own id (the upstream's `id` field, handed on unchanged) or the gateway's request id (the
+    `x-request-id` header of the answer). An upstream may give several answers the same id (some servers always
+    do): such an id names no one answer, and is refused with 409 ambiguous_id rather than scored on whichever
+    request came first; the request id names it. Scores are kept per request: one per request and metric.
 
     Usage rows reach SQL in batches (within the log's flush interval): when the id is not found, `flush` writes
     this replica's queued rows and the lookup runs once more. 404 for an id no request produced, 409 for a second
     score under the same metric (a unique constraint, so replicas cannot both accept one).
     """
-    u = usage_rows.c
-    if not storable(feedback.id, u.completion_id):  # no answer has such an id
-        raise NotFound(f"No answer with id {feedback.id!r} is known to this gateway.", param="id")
-    query = (sa.select(u.request_id, u.experiment, u.variant).where(u.completion_id == feedback.id)
-             .order_by(u.id).limit(1))
-    async with engine.connect() as connection:
-        row = (await connection.execute(query)).first()
-    if row is None and flush is not None:
+    rows = await _answers(engine, feedback.id)
+    if not rows and flush is not None:
         with contextlib.suppress(Exception):  # the database is down: the lookup below says 404 or fails itself
             await flush()
-        async with engine.connect() as connection:
-            row = (await connection.execute(query)).first()
-    if row is None:
+        rows = await _answers(engine, feedback.id)
+    if not rows:
         raise NotFound(f"No answer with id {feedback.id!r} is known to this gateway.", param="id")
+    if len(rows) > 1:
+        raise AmbiguousAnswer(f"Several answers have the id {feedback.id!r} (their upstream repeats ids): send the "
+                              f"answer's x-request-id header as `id` instead.", param="id")
+    request_id, experiment, variant, answer = rows[0]
+    f = feedback_table.c
     try:
         async with engine.begin() as connection:
+            # the key is the request (feedback.completion_id holds its request id); a score stored under the
+            # answer's own id, as before, counts too
+            keys = {request_id} if answer is None else {request_id, answer}
+            given = (await connection.execute(sa.select(f.id).where(
+                f.completion_id.in_(keys), f.metric == feedback.metric, f.request_id == request_id).limit(1))).first()
+            if given is not None:
+                raise FeedbackExists(f"Answer {feedback.id!r} already has a {feedback.metric!r} score.",
+                                     param="metric")
             await connection.execute(feedback_table.insert().values(
-                completion_id=feedback.id, metric=feedback.metric, score=feedback.score, request_id=row[0],
-                experiment=row[1], variant=row[2], created_at=_now()))
+                completion_id=request_id, metric=feedback.metric, score=feedback.score, request_id=request_id,
+                experiment=experiment, variant=variant, created_at=_now()))
     except sa.exc.IntegrityError as exc:
         raise FeedbackExists(f"Answer {feedback.id!r} already has a {feedback.metric!r} score.",
                              param="metric") from exc
     return {"object": "feedback", "id": feedback.id, "metric": feedback.metric, "score": feedback.score,
-            "request_id": row[0], "experiment": row[1], "variant": row[2]}
+            "request_id": request_id, "experiment": experiment, "variant": variant}

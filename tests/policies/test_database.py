@@ -18,7 +18,8 @@ COLUMNS = {"id", "request_id", "created_at", "key_id", "user", "team", "model_re
            "task", "prompt_tokens", "completion_tokens", "cost_usd", "latency_ms", "ttft_ms", "cache", "status",
            "http_status", "error_code", "experiment", "variant", "completion_id"}
 INDEXES = {"ix_usage_rows_created_at": ["created_at"], "ix_usage_rows_key_id_created_at": ["key_id", "created_at"],
-           "ix_usage_rows_experiment_id": ["experiment", "id"], "ix_usage_rows_completion_id": ["completion_id"]}
+           "ix_usage_rows_experiment_id": ["experiment", "id"], "ix_usage_rows_completion_id": ["completion_id"],
+           "ix_usage_rows_request_id": ["request_id"]}
 TABLES = {"usage_rows", "alembic_version", "experiments", "feedback", "templates", "template_versions",
           "template_transitions", "model_versions", "model_version_transitions", "api_keys"}
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()  # the newest revision

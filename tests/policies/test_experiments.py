@@ -307,3 +307,121 @@ async def test_a_template_version_as_a_variant_renders_through_the_template_poli
         assert len(remote.request.body.messages) == len(control.request.body.messages) == 2
     finally:
         await experiments.aclose()
+
+
+# ---- regressions: tiny weights, arms whose model is gone, feedback on repeated answer ids ----
+
+def test_tiny_weights_are_refused_or_normalised_and_assign_never_answers_no_variant():
+    """{"control": 1e-310, "t": 0} was accepted and then -ln(U)/1e-310 was infinite for every unit: assign()
+    answered "" and every enrolled request failed with a KeyError (500)."""
+    tiny = [("control", 1e-310), ("t", 0.0)]
+    assert {assign("exp", u, tiny) for u in UNITS[:200]} == {"control"}
+    assert assign("exp", "u", [("a", 0.0), ("b", 0.0)]) == "a"  # no positive weight: the control, never ""
+    from policies.experiments import Live
+    live = Live.of(_experiment(variants=[{"name": "control", "model": "x", "weight": 1e-310},
+                                         {"name": "t", "model": "y", "weight": 0}]))
+    assert live.weights == (("control", 1.0), ("t", 0.0))
+    for weights, message in (((1.0, 1e-12), "too small"), ((1e308, 1e308), "more than a float"),
+                             ((float("inf"), 1.0), "finite"), ((float("nan"), 1.0), "finite|>= 0")):
+        with pytest.raises(msgspec.ValidationError, match=message):
+            _experiment(variants=[{"name": "a", "model": "x", "weight": weights[0]},
+                                  {"name": "b", "model": "y", "weight": weights[1]}])
+
+
+@session_loop
+async def test_a_tiny_weight_set_through_the_store_still_assigns_every_unit(engine, store: StateStore):
+    experiments = ExperimentStore(engine, store, [_experiment()])
+    await experiments.start()
+    policy = ExperimentPolicy(experiments, routable=lambda name: name != "chat-default")
+    try:
+        await experiments.update("small-vs-remote", {"weights": {"control": 1e-310, "remote": 0}})
+        for unit in UNITS[:50]:
+            ctx = _ctx(user=unit)
+            await policy.admit(ctx)
+            assert ctx.experiment == "small-vs-remote=control" and ctx.request.body.model == "small"
+        with pytest.raises(BadRequest, match="too small"):
+            await experiments.update("small-vs-remote", {"weights": {"control": 1, "remote": 1e-12}})
+    finally:
+        await experiments.aclose()
+
+
+def _config(experiment_models: tuple[str, str]) -> dict:
+    return {"models": [{"id": "remote-a", "backend": "openai", "base_url": "http://127.0.0.1:9/v1",
+                        "aliases": ["ra"], "versions": [{"version": "1.0.0", "stage": "production"},
+                                                        {"version": "0.9.0", "stage": "archived"}]}],
+            "storage": {"database_url": "sqlite+aiosqlite:///x.db"},
+            "experiments": [{"name": "ab", "target": "chat-default",
+                             "variants": [{"name": "control", "model": experiment_models[0]},
+                                          {"name": "treatment", "model": experiment_models[1]}]}]}
+
+
+def test_the_config_refuses_an_experiment_whose_variant_names_no_model():
+    from config.schema import Config
+    for models in (("remote-a", "ra"), ("remote-a@1.0.0", "auto"), ("auto-fast", "ra:auto")):
+        msgspec.convert(_config(models), Config)  # ids, aliases, versions, profiles and chains all route
+    for bad in ("remote-b", "remote-a@0.9.0", "ra:nope"):
+        with pytest.raises(msgspec.ValidationError,
+                           match=rf"experiment 'ab', variant 'treatment': unknown model '{bad}'"):
+            msgspec.convert(_config(("remote-a", bad)), Config)
+
+
+@session_loop
+async def test_an_arm_whose_model_is_gone_sends_its_units_to_the_control(engine, store: StateStore):
+    """A reload removed the treatment's model: its units got 404 "The model ... does not exist", recorded as the
+    treatment's errors. Now the control serves them, outside the experiment; creating one such arm is a 400."""
+    experiments = ExperimentStore(engine, store, [_experiment()])
+    await experiments.start()
+    gone = {"remote-a", "chat-default"}
+    policy = ExperimentPolicy(experiments, routable=lambda name: name not in gone)
+    try:
+        seen = Counter()
+        for unit in UNITS[:60]:
+            ctx = _ctx(user=unit)
+            await policy.admit(ctx)
+            assert ctx.request.body.model == "small"
+            seen[ctx.experiment] += 1
+        assert set(seen) == {"small-vs-remote=control", None} and ctx.headers.get("x-pointsman-experiment") in (
+            None, "small-vs-remote=control")
+        with pytest.raises(BadRequest, match="experiment 'made', variant 'remote': unknown model 'remote-a'"):
+            await experiments.create(_experiment(name="made", target="other"), routable=lambda n: n not in gone)
+        assert "made" not in experiments.by_name
+    finally:
+        await experiments.aclose()
+
+
+@session_loop
+async def test_feedback_on_an_answer_id_several_requests_share_is_refused_and_request_ids_work(
+        engine, store: StateStore):
+    """An upstream that repeats answer ids (the test mock always says mock-1): the score went to the first
+    request with that id, and the next one's was refused as feedback_exists."""
+    from policies.experiments import AmbiguousAnswer
+    experiments = ExperimentStore(engine, store, [_experiment()])
+    await experiments.start()
+    log = UsageLog(engine, flush_interval_s=60)
+    usage, policy = UsagePolicy(log), ExperimentPolicy(experiments, routable=lambda _: True)
+    body = b'{"id":"mock-1","object":"chat.completion","choices":[]}'
+    try:
+        arms = {}
+        for i, unit in enumerate(UNITS[:40]):
+            ctx = _ctx(user=unit)
+            ctx.request_id = f"req-{i}"
+            await policy.admit(ctx)
+            await usage.settle(ctx, Outcome("ok", body=body))
+            arms[ctx.request_id] = ctx.experiment.partition("=")[2]
+        first = await add_feedback(engine, decode_feedback(b'{"id":"req-0","score":4,"metric":"quality"}'),
+                                   log.flush)
+        assert (first["request_id"], first["variant"]) == ("req-0", arms["req-0"])
+        with pytest.raises(AmbiguousAnswer, match="x-request-id"):
+            await add_feedback(engine, decode_feedback(b'{"id":"mock-1","score":1,"metric":"quality"}'))
+        other = next(r for r, arm in arms.items() if arm != arms["req-0"])
+        second = await add_feedback(engine, decode_feedback(
+            msgspec.json.encode({"id": other, "score": 2, "metric": "quality"})))
+        assert (second["request_id"], second["variant"]) == (other, arms[other])
+        with pytest.raises(FeedbackExists):
+            await add_feedback(engine, decode_feedback(b'{"id":"req-0","score":1,"metric":"quality"}'))
+        report = await experiments.results("small-vs-remote")
+        assert report["variants"][arms["req-0"]]["feedback"]["quality"] == {"n": 1, "mean": 4.0}
+        assert report["variants"][arms[other]]["feedback"]["quality"] == {"n": 1, "mean": 2.0}
+    finally:
+        await log.aclose()
+        await experiments.aclose()
