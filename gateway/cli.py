@@ -16,6 +16,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from config.loader import ConfigError, load_config
@@ -231,8 +232,7 @@ def run_server(config: Config, host: str, port: int, workers: int,
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     # uvicorn + httptools + uvloop: measured faster here than granian for this proxy (bench/RESULTS.md)
-    uvicorn.run(
-        app,
+    options: dict[str, Any] = dict(
         factory=True,
         host=host,
         port=port,
@@ -249,7 +249,22 @@ def run_server(config: Config, host: str, port: int, workers: int,
         log_level=os.environ.get("POINTSMAN_LOG_LEVEL", "info").lower(),
         # on SIGINT/SIGTERM: stop accepting, let in-flight requests finish for up to this long
         timeout_graceful_shutdown=config.server.shutdown_grace_s,
+        # a new worker imports the gateway before it answers the parent's pings: seconds on a loaded host, where
+        # uvicorn's 5 s killed one at start-up (and aborted a SIGHUP's restart halfway)
+        timeout_worker_healthcheck=30,
     )
+    if workers <= 1:
+        uvicorn.run(app, **options)
+        return
+    from gateway.workers import RELOADING_ENV, WorkerSupervisor
+
+    flags = Path(tempfile.mkdtemp(prefix="pointsman-workers-"))
+    os.environ[RELOADING_ENV] = str(flags / "reloading")  # before the workers start: they inherit it
+    server_config = uvicorn.Config(app, **options)
+    try:
+        WorkerSupervisor(server_config, [server_config.bind_socket()], flags / "reloading").run()
+    finally:
+        shutil.rmtree(flags, ignore_errors=True)
 
 
 def check_config(args: argparse.Namespace) -> int:

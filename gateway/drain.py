@@ -11,6 +11,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from gateway.workers import reloading
+
 __all__ = ["Drain"]
 
 log = logging.getLogger("pointsman")
@@ -41,7 +43,7 @@ class Drain:
         handing_on = self._previous
         if handing_on is None:
             return
-        if self.draining or self.delay_s <= 0:
+        if self.draining or self.delay_s <= 0 or reloading():  # a SIGHUP retiring this worker: no drain
             self.draining = True
             if self._timer is not None:
                 self._timer.cancel()

@@ -26,10 +26,14 @@ storage: {{database_url: "sqlite+aiosqlite:///{tmp_path}/usage.db"}}
 
 
 def _refused(url: str) -> bool:
+    """The connection is refused: not accepted and left waiting (with several workers the parent's copy of the
+    listening socket kept queueing connections until every worker had exited)."""
     try:
         httpx.get(url + "/health", timeout=1)
-    except httpx.TransportError:
+    except httpx.ConnectError:
         return True
+    except httpx.TimeoutException:
+        return False
     return False
 
 
@@ -76,3 +80,23 @@ def test_sigterm_drains_then_stops_without_losing_a_request(upstream, tmp_path, 
 
 def upstream_active(upstream) -> bool:  # noqa: ANN001
     return httpx.get(upstream.url.removesuffix("/v1") + "/stats", timeout=2).json()["active"] > 0
+
+
+def test_a_sighup_retires_the_old_workers_without_draining_the_replica(upstream, tmp_path):
+    """Each old worker got SIGTERM and drained: /ready answered 503 now and then during a routine reload, and a
+    readiness-driven balancer could take the whole replica out."""
+    gateway = start_gateway(tmp_path, _config(upstream, tmp_path), args=("--workers", "2"))
+    statuses: list[int] = []
+
+    def replaced() -> bool:  # polled until both old workers are gone, /ready asked at every turn
+        statuses.append(httpx.get(gateway.url + "/ready", timeout=5).status_code)
+        return gateway.output().count("Terminated child process") >= 2
+
+    try:
+        gateway.proc.send_signal(signal.SIGHUP)
+        wait_for(replaced, 90, "both workers to be replaced")
+        assert set(statuses) == {200}, statuses
+        chat = {"model": "remote-a", "messages": [{"role": "user", "content": "after the reload"}]}
+        assert httpx.post(gateway.url + "/v1/chat/completions", json=chat, timeout=10).status_code == 200
+    finally:
+        gateway.stop()
