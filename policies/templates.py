@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -19,7 +20,7 @@ from policies.base import STAGES, no_op
 from policies.context import Outcome, Reply, RequestContext
 from policies.database import checked, storable, template_transitions, template_versions, templates
 from policies.state import StateStore, StoreUnavailable
-from policies.template_sandbox import RenderLimit, SafeTemplate
+from policies.template_sandbox import RENDER_LIMIT_S, RenderLimit, SafeTemplate
 from protocol.errors import BadRequest, GatewayError
 from protocol.openai import ChatCompletionRequest, Message, ParsedRequest
 
@@ -100,9 +101,12 @@ class CompiledVersion:
         return values
 
     def render(self, values: dict[str, Any]) -> list[tuple[str, str]]:
-        """(role, text) per message; a 400 when the sandbox refuses or the template fails."""
+        """(role, text) per message; a 400 when the sandbox refuses or the template fails. Runs on the event loop:
+        a typical render takes microseconds (a thread hop would cost several times that) and the sandbox stops any
+        render at its time budget, each filter and call bounded before it runs."""
+        deadline = time.monotonic() + RENDER_LIMIT_S  # one budget for all the messages, not one each
         try:
-            return [(role, template.render(values)) for role, template in self.messages]
+            return [(role, template.render(values, deadline)) for role, template in self.messages]
         except SecurityError as exc:
             log.warning("template %s@%s tried to leave the sandbox: %s", self.name, self.version, exc)
             raise BadRequest(f"Template '{self.name}@{self.version}' was refused by the sandbox: {exc}",
@@ -281,8 +285,8 @@ class TemplatePolicy:
         engine = self._writable()
         checked(name, templates.c.name, "name")
         checked(spec.version, template_versions.c.version, "version")
-        try:
-            compiled = compile_version(name, spec)
+        try:  # off the event loop: parsing and compiling tens of kilobytes of Jinja takes a good part of a second
+            compiled = await asyncio.to_thread(compile_version, name, spec)
         except ValueError as exc:
             raise BadRequest(str(exc), param="messages") from None
         if spec.stage in ("production", "deprecated", "archived") and not force:
@@ -420,7 +424,7 @@ class TemplatePolicy:
                 compiled = self._compiled.get((row.name, row.version))
                 if compiled is None:
                     try:
-                        compiled = compile_version(row.name, _spec_decode(row.spec))
+                        compiled = await asyncio.to_thread(compile_version, row.name, _spec_decode(row.spec))
                     except (ValueError, msgspec.DecodeError) as exc:
                         log.error("template %s@%s cannot be used: %s", row.name, row.version, exc)
                         continue
