@@ -279,26 +279,32 @@ class Scheduler:
             if seq.group.cancelled:
                 self._end(seq, cancelled=True)
                 continue
+            if seq.group.error is not None:  # a sibling's decoder failed just now
+                continue
             seq.group.event("start", seq.job.index, seq.job.echo)
             on_text = ((lambda text, logprobs, s=seq: s.group.event("text", s.job.index, (text, logprobs)))
                        if seq.group.on_event else None)
-            seq.decoder = self.model.decoder(seq.job, on_text)
+            try:
+                seq.decoder = self.model.decoder(seq.job, on_text)
+            except Exception as exc:  # this request's own (its grammar): it alone fails
+                seq.group.error = exc
+                continue
             newcomers.append(seq)
+        self._abort({id(s.group): s.group for s in admitted if s.group.error is not None})
+        newcomers = [seq for seq in newcomers if seq.group.error is None]
         for part in _prefill_parts(newcomers):
             cache, mask, logits = self._prefill(part)
             produced += len(part)
-            first = len(self._rows)
             self._rows.extend(part)
             self._batch.add(cache, mask)
             # each newcomer's first token comes from its prefill; those already done leave at once
-            self._leave([first + i for i, seq in enumerate(part) if not seq.decoder.push(logits[i])])  # type: ignore[union-attr]
+            self._advance(part, logits)
         self._leave([i for i, seq in enumerate(self._rows) if seq.group.cancelled], cancelled=True)
         if self._rows:
             logits = self._batch.step(self.model, [seq.decoder.token for seq in self._rows])  # type: ignore[union-attr]
             self.steps += 1
             produced += len(self._rows)
-            done = [i for i, seq in enumerate(self._rows) if not seq.decoder.push(logits[i])]  # type: ignore[union-attr]
-            self._leave(done)
+            self._advance(list(self._rows), logits)
         elapsed = time.perf_counter() - started
         if produced and elapsed > 0:
             self.tokens_per_s = _ewma(self.tokens_per_s, produced / elapsed)
@@ -317,6 +323,22 @@ class Scheduler:
             layer.values = layer.values.index_select(0, index.to(layer.values.device))
         return cache, mask.index_select(0, index), logits.index_select(0, index.to(logits.device))
 
+    def _advance(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Feed each of `seqs` (rows of the batch) its row of `logits`; those finished leave. A failure inside
+        one sequence's own decoding (sampling, stop strings, its grammar, its callback) ends its request alone:
+        the request's other rows leave with it, and every other request goes on."""
+        done: set[_Seq] = set()
+        for seq, row in zip(seqs, logits, strict=True):
+            if seq.group.error is not None:
+                continue
+            try:
+                if not seq.decoder.push(row):  # type: ignore[union-attr]
+                    done.add(seq)
+            except Exception as exc:
+                seq.group.error = exc
+        self._leave([i for i, seq in enumerate(self._rows) if seq in done])
+        self._abort({id(s.group): s.group for s in seqs if s.group.error is not None})
+
     def _leave(self, rows: list[int], cancelled: bool = False) -> None:
         if not rows:
             self._set_running(len(self._rows))
@@ -327,7 +349,8 @@ class Scheduler:
         self._rows = [self._rows[i] for i in keep]
         self._set_running(len(self._rows))  # before the callbacks: a client told "done" sees its slot free
         for seq in gone:
-            self._end(seq, cancelled=cancelled)
+            if seq.group.error is None:  # a failed request ends once, in _abort
+                self._end(seq, cancelled=cancelled)
 
     def _set_running(self, running: int) -> None:
         with self._cond:
@@ -349,15 +372,26 @@ class Scheduler:
             group.on_done()
 
     def _fail(self, seqs: list[_Seq], exc: Exception) -> None:
+        """A shared forward failed: every request in it ends with the error."""
         groups = {id(s.group): s.group for s in seqs if s.group.left > 0}
-        with self._cond:  # the rest of a failed request does not run either
-            self._queue = deque(s for s in self._queue if id(s.group) not in groups)
-            self.waiting -= sum(1 for g in groups.values() if g.queued)
         self._rows = []
         self._batch.clear()
         self._set_running(0)
         for group in groups.values():
-            group.error, group.queued, group.left = exc, 0, 0
+            group.error = group.error or exc
+        self._abort(groups)
+
+    def _abort(self, groups: dict[int, Group]) -> None:
+        """End failed requests (their `error` set): the rest of each, in the batch or queued, does not run."""
+        groups = {key: group for key, group in groups.items() if group.left > 0}
+        if not groups:
+            return
+        self._leave([i for i, seq in enumerate(self._rows) if id(seq.group) in groups])
+        with self._cond:
+            self._queue = deque(s for s in self._queue if id(s.group) not in groups)
+            self.waiting -= sum(1 for g in groups.values() if g.queued)
+        for group in groups.values():
+            group.queued, group.left = 0, 0
             group.on_done()
 
 

@@ -20,7 +20,7 @@ from protocol.errors import BadRequest
 if TYPE_CHECKING:  # xgrammar (and torch) load in the engine's threads only
     import torch
 
-__all__ = ["Constraint", "Grammars", "grammar_spec"]
+__all__ = ["Constraint", "Grammars", "grammar_spec", "held_from"]
 
 # xgrammar's errors start with "[12:00:00] /project/cpp/json_schema_converter.cc:4944: "
 _SOURCE_LOCATION = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
@@ -56,6 +56,19 @@ def grammar_spec(response_format: dict[str, Any] | None, tools: ToolPlan | None)
         spec["json"] = {"schema": json_schema, "strict": response_format.get("type") == "json_schema"}  # type: ignore[union-attr]
     # not sorted: a schema's property order is the order the model writes them in
     return json.dumps(spec, separators=(",", ":")) if spec else None
+
+
+def held_from(spec: str | None) -> str | None:
+    """Where a `grammar_spec` starts holding the output: "" from its first token; the call trigger with
+    tool_choice auto and no JSON answer (free text until the model opens a call); None without a grammar.
+    Stop strings apply only before it: a stop string must not cut a call or a JSON answer short."""
+    if spec is None:
+        return None
+    parsed = json.loads(spec)
+    calls = parsed.get("calls")
+    if calls is not None and calls["mode"] != "required" and "json" not in parsed:
+        return _TRIGGER
+    return ""
 
 
 class Grammars:

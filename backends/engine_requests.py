@@ -156,7 +156,45 @@ def _response_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
         raise _invalid("response_format.json_schema.schema", "a JSON schema object")
     if not isinstance(spec.get("strict", False), bool | None):
         raise _invalid("response_format.json_schema.strict", "a boolean")
+    if spec.get("strict"):
+        unsupported = _unenforced(spec.get("schema") or {})
+        if unsupported is not None:
+            raise BadRequest(
+                f"Invalid schema for response_format '{spec['name']}': '{unsupported}' is not supported in strict "
+                "mode by this local model (its output could not be held to it).",
+                param="response_format",
+            )
     return value
+
+
+# keywords a schema's grammar (xgrammar) does not hold the output to: strict mode refuses them, as OpenAI's does
+_UNENFORCED = ("allOf", "not", "if", "then", "else", "uniqueItems", "multipleOf", "contains", "minContains",
+               "maxContains", "dependentRequired", "dependentSchemas", "unevaluatedProperties", "unevaluatedItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SCHEMA_VALUES = ("items", "additionalProperties", "propertyNames")
+
+
+def _unenforced(schema: Any) -> str | None:
+    """The first keyword of a JSON schema that its grammar would silently ignore (an empty anyOf/oneOf too)."""
+    if not isinstance(schema, dict):
+        return None
+    for key in _UNENFORCED:
+        if key in schema:
+            return key
+    for key in _SCHEMA_LISTS:
+        if isinstance(schema.get(key), list) and not schema[key] and key != "prefixItems":
+            return f"{key}: []"
+    found = (
+        [v for key in _SCHEMA_MAPS if isinstance(schema.get(key), dict) for v in schema[key].values()]
+        + [v for key in _SCHEMA_LISTS if isinstance(schema.get(key), list) for v in schema[key]]
+        + [schema.get(key) for key in _SCHEMA_VALUES]
+        + (schema["items"] if isinstance(schema.get("items"), list) else [])
+    )
+    for sub in found:
+        if (keyword := _unenforced(sub)) is not None:
+            return keyword
+    return None
 
 
 def _check_extras(request: ParsedRequest, chat: bool) -> dict[str, Any]:

@@ -84,12 +84,18 @@ def _calls_expected(plan: Plan) -> bool:
     return plan.tools is not None and plan.tools.calls
 
 
+def _parser(plan: Plan) -> ToolCallParser:
+    # tool_choice required or named: the grammar writes a call from the first character, so no text is content
+    return ToolCallParser(calls_only=plan.tools is not None and plan.tools.choice != "auto")
+
+
 def chat_choice(plan: Plan, index: int, result: DecodeResult, token_bytes: Sequence[bytes] | None) -> Choice:
     """One choice of a chat.completion: its text, or the tool calls in it (finish_reason `tool_calls`)."""
     vocab = _vocab(token_bytes)
     logprobs = vocab.chat(result.logprobs) if vocab is not None and result.logprobs is not None else None
+    text = result.text
     if _calls_expected(plan):
-        parser = ToolCallParser()
+        parser = _parser(plan)
         parser.push(result.text)
         parser.flush()
         if parser.calls:
@@ -99,7 +105,8 @@ def chat_choice(plan: Plan, index: int, result: DecodeResult, token_bytes: Seque
             finish = "tool_calls" if result.finish_reason == "stop" else result.finish_reason
             message = ChatMessage(content=content if content.strip() else None, tool_calls=calls)
             return Choice(index=index, message=message, finish_reason=finish, logprobs=logprobs)
-    return Choice(index=index, message=ChatMessage(content=result.text), finish_reason=result.finish_reason,
+        text = "".join(parser.content)  # without a call cut off before its head was complete
+    return Choice(index=index, message=ChatMessage(content=text), finish_reason=result.finish_reason,
                   logprobs=logprobs)
 
 
@@ -122,6 +129,7 @@ class StreamChunks:
 
     def __init__(self, plan: Plan, model: str, token_bytes: Sequence[bytes] | None) -> None:
         self.chat, self.model, self.include_usage = plan.chat, model, plan.include_usage
+        self._plan = plan
         self.id = new_id("chatcmpl" if plan.chat else "cmpl")
         self.created = int(time.time())
         self._vocab = _vocab(token_bytes)
@@ -134,7 +142,7 @@ class StreamChunks:
             self._offsets[index] = len(echo)
             return [self._completion(CompletionChoice(index=index, text=echo, finish_reason=None))] if echo else []
         if self._parsers is not None:
-            self._parsers[index] = ToolCallParser()
+            self._parsers[index] = _parser(self._plan)
             return []  # the role goes with the first content or call
         self._roles.add(index)
         return [self._chat(index, Delta(role="assistant", content=""))]

@@ -35,6 +35,9 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    # stop strings apply only to text before this one, where a grammar takes hold (tool_choice auto's call
+    # trigger): a stop string never cuts grammar-held output short (a grammar held from the first token: no stop)
+    stop_until: str | None = None
     seed: int | None = None
     logprobs: int | None = None  # None: off; k: each sampled token's logprob and the k most likely (0-20)
 
@@ -109,24 +112,41 @@ class IncrementalDetokenizer:
 
 
 class StopChecker:
-    """Cuts the output before the first stop string; holds back text that may be a stop string's beginning."""
+    """Cuts the output before the first stop string; holds back text that may be a stop string's beginning.
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    With `until`, stop strings apply only to the text before its first occurrence (where a grammar takes hold
+    of the output); from there on all text passes."""
+
+    def __init__(self, stops: Sequence[str], until: str | None = None) -> None:
         self._stops = [s for s in stops if s]
+        self._until = until or None
         self._pending = ""  # text seen but not yet released
+        self._tail = ""  # the end of the released text: `until` may have begun there
 
-    def push(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to release, whether a stop string matched)."""
+    def push(self, text: str, active: bool = True) -> tuple[str, bool]:
+        """Returns (text safe to release, whether a stop string matched); `active` False: stop strings do not
+        count yet (min_tokens), but `until` is still looked for."""
         if not self._stops:
             return text, False
         self._pending += text
-        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        limit = len(self._pending) + 1  # stop strings may start before this index of the pending text
+        if self._until is not None:
+            at = (self._tail + self._pending).find(self._until)
+            if at >= 0:
+                limit = at - len(self._tail)
+        hits = [i for i in (self._pending.find(s) for s in self._stops) if 0 <= i < limit] if active else []
         if hits:
             out, self._pending = self._pending[: min(hits)], ""
             return out, True
-        hold = self._held_back()
-        cut = len(self._pending) - hold
-        out, self._pending = self._pending[:cut], self._pending[cut:]
+        if limit <= len(self._pending) or not active:
+            if limit <= len(self._pending):
+                self._stops = []  # the grammar holds the rest: no stop string applies any more
+            out, self._pending = self._pending, ""
+        else:
+            cut = len(self._pending) - self._held_back()
+            out, self._pending = self._pending[:cut], self._pending[cut:]
+        if self._until is not None:
+            self._tail = (self._tail + out)[-len(self._until):]
         return out, False
 
     def flush(self) -> str:
@@ -134,9 +154,9 @@ class StopChecker:
         return out
 
     def _held_back(self) -> int:
-        # the longest suffix of the pending text that is a proper prefix of some stop string
+        # the longest suffix of the pending text that is a proper prefix of some stop string (or of `until`)
         best = 0
-        for stop in self._stops:
+        for stop in [*self._stops, self._until] if self._until else self._stops:
             for k in range(min(len(stop) - 1, len(self._pending)), best, -1):
                 if self._pending.endswith(stop[:k]):
                     best = k
@@ -152,11 +172,16 @@ def sample_next(
         # HF/vLLM style: positive logits shrink, negative grow, for every token already in prompt or output
         scores = logits.gather(0, seen)
         penalty = params.repetition_penalty
-        scores = torch.where(scores > 0, scores / penalty, scores * penalty)
-        logits.scatter_(0, seen, scores)
+        penalised = torch.where(scores > 0, scores / penalty, scores * penalty)
+        # a tiny or huge penalty must not push a finite score to +-inf (the softmax would then hold NaN);
+        # a score already -inf (masked by a grammar or min_tokens) stays so
+        big = torch.finfo(penalised.dtype).max
+        logits.scatter_(0, seen, torch.where(scores.isinf(), scores, penalised.clamp(-big, big)))
     if params.temperature <= 0:
         return int(logits.argmax())
-    logits = logits / params.temperature
+    # shifted so the largest logit is 0 before dividing (the softmax is the same): however small the
+    # temperature, no logit overflows to +inf, and as it goes to 0 the draw goes to the argmax (greedy)
+    logits = (logits - logits.max()) / params.temperature
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -207,7 +232,8 @@ class SequenceDecoder:
     """
 
     __slots__ = ("_constraint", "_detok", "_eos", "_eos_ids", "_generator", "_logprobs", "_on_text", "_parts",
-                 "_pending", "_seen", "_stops", "count", "finish_reason", "params", "token")
+                 "_pending", "_produced", "_released", "_seen", "_stops", "count", "finish_reason", "params",
+                 "token")
 
     def __init__(
         self,
@@ -222,7 +248,7 @@ class SequenceDecoder:
         device = torch.device(device)
         self.params = params
         self._generator = _make_generator(params, device)
-        self._stops = StopChecker(params.stop)
+        self._stops = StopChecker(params.stop, params.stop_until)
         self._detok = detokenizer
         self._on_text = on_text
         self._constraint = constraint
@@ -235,16 +261,22 @@ class SequenceDecoder:
         )
         self._parts: list[str] = []
         self._logprobs: list[SampledLogprob] | None = [] if params.logprobs is not None else None
-        self._pending: list[SampledLogprob] = []  # logprobs of tokens whose text is not released yet
+        # logprobs of tokens whose text is not released yet, each with where its text ends in the output
+        self._pending: list[tuple[SampledLogprob, int]] = []
+        self._produced = 0  # characters of output text detokenized so far
+        self._released = 0  # characters of output text released so far
         self.count = 0
         self.token = -1  # the last sampled token: the next step's input while the sequence goes on
         self.finish_reason: str | None = None  # set once finished: "stop" | "length" | "cancelled"
 
-    def _release(self, text: str, final: bool = False) -> None:
-        # logprobs go out with the text of their tokens; at the end, whatever is left goes with the last piece
+    def _release(self, text: str, final: bool = False, cut: bool = False) -> None:
+        # logprobs go out with the text of their tokens; at the end, whatever is left goes with the last piece;
+        # cut by a stop string, only the tokens whose text lies wholly in the output (not the stop string's)
         if text or (final and self._pending):
             self._parts.append(text)
-            pending, self._pending = self._pending, []
+            self._released += len(text)
+            pending = [p for p, end in self._pending if not cut or end <= self._released]
+            self._pending = []
             if self._logprobs is not None:
                 self._logprobs.extend(pending)
             if self._on_text is not None:
@@ -268,25 +300,28 @@ class SequenceDecoder:
             self._seen = torch.cat([self._seen, torch.tensor([token], device=self._seen.device)])
         if token in self._eos_ids and (not params.ignore_eos or self._constraint is not None):
             return self._end("stop")
+        text = self._detok.push(token)
+        self._produced += len(text)
         if raw is not None:
-            self._pending.append(_logprob(raw, token, params.logprobs or 0))
-        piece = self._detok.push(token)
-        if self.count <= params.min_tokens:
-            self._release(piece)  # like vLLM, stop strings count only once min_tokens are out
-        else:
-            piece, matched = self._stops.push(piece)
-            self._release(piece, final=matched)
-            if matched:
-                self.finish_reason = "stop"
-                return False
+            self._pending.append((_logprob(raw, token, params.logprobs or 0), self._produced))
+        # like vLLM, stop strings count only once min_tokens are out
+        piece, matched = self._stops.push(text, active=self.count > params.min_tokens)
+        self._release(piece, final=matched, cut=matched)
+        if matched:
+            self.finish_reason = "stop"
+            return False
         if self.count >= params.max_new_tokens:
             return self._end("length")
         return True
 
     def _end(self, reason: str) -> bool:
         # the detokenizer's held-back tail (an unfinished character) and text held for a possible stop string
-        piece, matched = self._stops.push(self._detok.flush())
-        self._release(piece if matched else piece + self._stops.flush(), final=True)
+        text = self._detok.flush()
+        self._produced += len(text)
+        if text and self._pending:  # the held-back tail belongs to the last tokens
+            self._pending[-1] = (self._pending[-1][0], self._produced)
+        piece, matched = self._stops.push(text)
+        self._release(piece if matched else piece + self._stops.flush(), final=True, cut=matched)
         self.finish_reason = "stop" if matched else reason
         return False
 

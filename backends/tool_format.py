@@ -42,6 +42,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # the looser spacing a model writes by itself
 _HEAD = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
 _HEAD_MAX = 256  # characters after <tool_call> within which a head must be complete, or it was text
+_CUT_OPEN = len("<tool_")  # a cut-off `<tool_call>` this long or longer at the end was a call's start
 SYSTEM_TOOLS = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
@@ -213,12 +214,15 @@ class ToolCallParser:
 
     where ("call", i) means `calls[i]` (id and name) has just started. Text that may still turn into a call
     (a partial `<tool_call>`, the `}` that may close the wrapper) is held back until the next piece tells.
-    Whitespace after a call (the separator between calls) is not content.
+    Whitespace after a call (the separator between calls) is not content. At the end, a call cut off before its
+    head was complete (max_tokens) is dropped, never content; with `calls_only` (a grammar that writes a call
+    from the first character: tool_choice required or named) so is any cut-off start of one.
     """
 
-    __slots__ = ("_buf", "_in_call", "calls", "content")
+    __slots__ = ("_buf", "_calls_only", "_in_call", "calls", "content")
 
-    def __init__(self) -> None:
+    def __init__(self, calls_only: bool = False) -> None:
+        self._calls_only = calls_only
         self._buf = ""
         self._in_call = False
         self.calls: list[ParsedCall] = []
@@ -261,18 +265,21 @@ class ToolCallParser:
             return False
         at = buf.find(CALL_OPEN)
         if at < 0:
-            hold = 0 if final else _prefix_hold(buf, CALL_OPEN)
-            self._text(events, buf[: len(buf) - hold])
-            self._buf = buf[len(buf) - hold :]
+            hold = _prefix_hold(buf, CALL_OPEN)
+            # at the end, a call's opening cut off past the grammar's trigger (`<tool_`) is markup, not text
+            cut_call = final and (hold >= _CUT_OPEN or (self._calls_only and hold > 0))
+            keep = 0 if final and not cut_call else hold
+            self._text(events, buf[: len(buf) - keep])
+            self._buf = "" if final else buf[len(buf) - keep :]
             return False
         self._text(events, buf[:at])
         head = _HEAD.match(buf, at)
         if head is None:
-            if final or len(buf) - at > len(CALL_OPEN) + _HEAD_MAX:  # never became a call: it was text
+            if len(buf) - at > len(CALL_OPEN) + _HEAD_MAX:  # never became a call: it was text
                 self._text(events, buf[at:])
                 self._buf = ""
-            else:
-                self._buf = buf[at:]
+            else:  # may still become a call; at the end, a call cut off before its name was complete: dropped
+                self._buf = "" if final else buf[at:]
             return False
         name = json.loads(f'"{head[1]}"')
         self.calls.append(ParsedCall(f"call_{uuid.uuid4().hex[:24]}", name))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from backends.base import EngineStats
+from backends.constrained import held_from
 from backends.engine_requests import Plan, check_request
 from backends.engine_responses import StreamChunks, chat_choice, completion_choice
 from backends.tool_format import template_messages
@@ -184,6 +185,7 @@ class _Engine:
                 top_k = self.default_top_k if top_k is None else top_k
             else:
                 temperature = 0.0
+        held = held_from(plan.grammar)  # a stop string never cuts grammar-held output (a call, a JSON answer)
         return SamplingParams(
             max_new_tokens=max_new,
             temperature=temperature,
@@ -192,8 +194,9 @@ class _Engine:
             repetition_penalty=plan.repetition_penalty,
             min_tokens=min(plan.min_tokens, max_new),
             ignore_eos=plan.ignore_eos,
-            stop=plan.stop,
-            seed=None if plan.seed is None else plan.seed + index,  # n choices: seed, seed+1, ...
+            stop=() if held == "" else plan.stop,
+            stop_until=held or None,
+            seed=None if plan.seed is None else _wrap_seed(plan.seed + index),  # n choices: seed, seed+1, ...
             logprobs=plan.logprobs,
         )
 
@@ -246,6 +249,12 @@ class _Engine:
             return DynamicCache(config=self.lm.config)
         except TypeError:  # older transformers: no config argument
             return DynamicCache()
+
+
+def _wrap_seed(seed: int) -> int:
+    """A seed folded into int64 (torch takes seeds modulo 2**64, so the draws stay the same): the last choice
+    of a request seeded near the top of the range wraps around instead of overflowing."""
+    return (seed + 2**63) % 2**64 - 2**63
 
 
 # ---- the backend (event-loop side) ----------------------------------------------------------------------

@@ -118,7 +118,7 @@ class _Sampling(Struct, kw_only=True):
     max_tokens: PositiveInt | None = None
     n: Annotated[int, Meta(ge=1, le=128)] = 1
     stop: str | Annotated[list[str], Meta(max_length=16)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None  # int64, as OpenAI's spec says
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
