@@ -17,9 +17,8 @@ from backends.batching import Group, Job, Scheduler
 from backends.engine_requests import check_request
 from backends.generation import SamplingParams, sample_next
 from backends.transformers_engine import TransformersBackend
-from config.schema import TransformersModel
 from protocol.errors import BadRequest
-from protocol.openai import ChatCompletionRequest, CompletionRequest, ParsedRequest, decode_request
+from tests.backends.test_batching import chat, completion, tiny
 from tests.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -34,20 +33,10 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def backend(tiny_dir: Path) -> Any:
-    engine = TransformersBackend(TransformersModel(id="tiny", source=str(tiny_dir), context_window=100_000,
-                                                   max_concurrency=8))
+    engine = tiny(tiny_dir, max_concurrency=8)
     await engine.start()
     yield engine
     await engine.aclose()
-
-
-def chat(content: str, **fields: Any) -> ParsedRequest:
-    raw = {"model": "tiny", "messages": [{"role": "user", "content": content}], **fields}
-    return decode_request(msgspec.json.encode(raw), ChatCompletionRequest)
-
-
-def completion(prompt: str, **fields: Any) -> ParsedRequest:
-    return decode_request(msgspec.json.encode({"model": "tiny", "prompt": prompt, **fields}), CompletionRequest)
 
 
 def texts(body: bytes) -> list[str]:
