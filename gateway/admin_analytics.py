@@ -13,6 +13,7 @@ from litestar import Request, Router, get
 from litestar.params import FromQuery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from config.schema import Pricing
 from gateway.service import Gateway
 from gateway.storage import Storage
 from policies.analytics import BUCKETS, GROUPS, budget_usage, forecast, iso, recommend, summarize, usage_page
@@ -121,6 +122,19 @@ def _capability(gateway: Gateway) -> Callable[[str, str], float]:
     return capability_of
 
 
+def _served_pricing(gateway: Gateway) -> dict[str, Pricing | None]:
+    """Each chat model id with the pricing it is served at now: its production version's where it has one (a
+    version may override the pricing), else its own."""
+    priced: dict[str, Pricing | None] = {}
+    for model in gateway.config.models:
+        if model.backend_kind == "embeddings":
+            continue
+        versions = gateway.table.versions.get(model.id)
+        serving = None if versions is None or versions.serving is None else versions.configs.get(versions.serving)
+        priced[model.id] = (serving or model).known_pricing
+    return priced
+
+
 def _budgets(storage: Storage, gateway: Gateway) -> list:
     return list(storage.budgets.budgets) if storage.budgets is not None else list(gateway.config.policies.budgets)
 
@@ -150,12 +164,15 @@ def analytics_router(read_guard: Callable[..., Any], admin_guard: Callable[..., 
 
     @get("/analytics/recommendations", guards=[read_guard],
          summary="Cheaper models about as capable for each task, with the savings on the window's traffic")
-    async def recommendations(request: Request, since: QueryText = None, until: QueryText = None) -> dict:
+    async def recommendations(request: Request, since: QueryText = None, until: QueryText = None,
+                              min_requests: QueryText = None) -> dict:
         engine = _engine(request)
         start, end = _window(since, until)
+        least = _int(min_requests, "min_requests", 1)
         gateway: Gateway = request.app.state.gateway
         data = await _query(request.app.state.storage, lambda: recommend(
-            engine, gateway.config, _capability(gateway), start, end))
+            engine, _served_pricing(gateway), _capability(gateway), start, end,
+            min_requests=least))
         return {"object": "list", "data": data}
 
     @get("/usage", guards=[admin_guard], summary="The usage rows, newest first, a page at a time (after_id)")

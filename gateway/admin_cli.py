@@ -163,7 +163,8 @@ def _forecast(args: argparse.Namespace) -> Result:
 
 def _recommendations(args: argparse.Namespace) -> Result:
     answer = _call(args, "GET", "/admin/analytics/recommendations",
-                   query={"since": _relative(args.since), "until": _relative(args.until)})
+                   query={"since": _relative(args.since), "until": _relative(args.until),
+                          "min_requests": args.min_requests})
     return answer, lambda a: _table(
         a["data"], ["task", "from_model", "to_model", "requests", "current_cost_usd", "projected_cost_usd",
                     "savings_usd", "savings_pct", "from_capability", "to_capability"], "(no cheaper model found)")
@@ -225,5 +226,7 @@ def add_admin_parser(commands: Any) -> None:
     usage.set_defaults(func=_run(_usage))
     groups.add_parser("forecast", parents=[common], help="budget spend forecasts").set_defaults(
         func=_run(_forecast))
-    groups.add_parser("recommendations", parents=[common, window],
-                      help="cheaper models about as capable, per task").set_defaults(func=_run(_recommendations))
+    advice = groups.add_parser("recommendations", parents=[common, window],
+                               help="cheaper models about as capable, per task")
+    advice.add_argument("--min-requests", type=int, help="answered requests a task and model need (default 10)")
+    advice.set_defaults(func=_run(_recommendations))

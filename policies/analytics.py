@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -12,13 +12,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from config.schema import BudgetConfig, Config
-from policies.budget import BudgetPolicy, counter_key, period_window, reset_iso
+from config.schema import BudgetConfig, Pricing
+from policies.budget import BudgetPolicy, period_window, reset_iso, settled_key
 from policies.database import usage_rows
 from policies.state import StoreUnavailable
 
-__all__ = ["BUCKETS", "CACHE_HITS", "GROUPS", "SAMPLE_ROWS", "budget_usage", "forecast", "iso", "recommend",
-           "summarize", "usage_page"]
+__all__ = ["BUCKETS", "CACHE_HITS", "GROUPS", "MIN_REQUESTS", "SAMPLE_ROWS", "budget_usage", "forecast", "iso",
+           "recommend", "summarize", "usage_page"]
 
 u = usage_rows.c
 CACHE_HITS = ("hit", "semantic-hit")  # what policies/cache.py and semantic_cache.py write for an answer from cache
@@ -28,6 +28,7 @@ GROUPS: dict[str, Any] = {
     "task": u.task, "team": u.team, "route": u.route, "key": u.key_id, "user": u.user, "status": u.status,
 }
 BUCKETS = ("minute", "hour", "day")
+MIN_REQUESTS = 10  # a (task, model) with fewer answered requests in the window is too little to advise on
 SAMPLE_ROWS = 50_000  # percentiles come from at most the latest this many rows of the window (memory stays bounded)
 _SQLITE_BUCKETS = {"minute": "%Y-%m-%d %H:%M:00", "hour": "%Y-%m-%d %H:00:00", "day": "%Y-%m-%d 00:00:00"}
 _MODEL = GROUPS["model"]
@@ -274,8 +275,10 @@ class _BudgetNow:
 
 async def _budgets_now(engine: AsyncEngine | None, budgets: Sequence[BudgetConfig], policy: BudgetPolicy | None,
                        now: datetime) -> list[_BudgetNow]:
-    """Each budget's members this period with what they used: the live counter where the budget policy's store
-    answers (reservations in flight included), else the usage rows."""
+    """Each budget's members this period with what they used: the larger of the usage rows and the live counter of
+    settled use where the budget policy's store answers (the worst case reserved by requests in flight is not
+    use). The counter is ahead of the rows by what is not yet written; the rows are ahead of a counter the store
+    lost (an in-process store after a restart, Redis without persistence)."""
     live = policy is not None and tuple(policy.budgets) == tuple(budgets)  # counters are keyed by budget index
     out: list[_BudgetNow] = []
     for index, budget in enumerate(budgets):
@@ -288,13 +291,14 @@ async def _budgets_now(engine: AsyncEngine | None, budgets: Sequence[BudgetConfi
             source = "usage_rows"
             if live and policy is not None:
                 try:
-                    counted = {kind: await policy.store.counter(counter_key(index, member, kind, start))
+                    counted = {kind: await policy.store.counter(settled_key(index, member, kind, start))
                                for kind in limits}
                 except StoreUnavailable:
                     pass
                 else:
-                    used.update(counted)
-                    source = "store"
+                    if all(counted[kind] >= used[kind] for kind in limits):
+                        source = "store"
+                    used.update({kind: max(value, used[kind]) for kind, value in counted.items()})
             members.append(_Member(member, {k: used[k] for k in limits}, rows.first, source))
         out.append(_BudgetNow(index, budget, start, end, limits, members))
     return out
@@ -360,13 +364,16 @@ async def forecast(engine: AsyncEngine | None, budgets: Sequence[BudgetConfig], 
 # ---- recommendations: the same traffic on a cheaper model that is about as capable
 
 
-async def recommend(engine: AsyncEngine, gateway_config: Config, capability_of: Callable[[str, str], float],
-                    since: datetime, until: datetime, *, tolerance: float = 0.05) -> list[dict]:
-    """For each (task, served model) with answered traffic in [since, until): the model of the config that would
-    have cost least for the same tokens at its own pricing, among those whose capability for the task (as
-    `capability_of(model_id, task)` scores it for automatic routing) is at most `tolerance` below the current
-    one's; only where it saves money. Requests without a task (manual routes) and cache hits are not counted; the
-    current cost is what the rows were billed. Largest savings first."""
+async def recommend(engine: AsyncEngine, candidates: Mapping[str, Pricing | None],
+                    capability_of: Callable[[str, str], float], since: datetime, until: datetime, *,
+                    tolerance: float = 0.05, min_requests: int | None = None) -> list[dict]:
+    """For each (task, served model) with at least `min_requests` (None: MIN_REQUESTS, 10) answered requests in
+    [since, until), so that advice never rests on a handful of requests: the model
+    of `candidates` (model id -> the pricing that id is served at now, None: unknown) that would have cost least
+    for the same tokens, among those whose capability for the task (as `capability_of(model_id, task)` scores it
+    for automatic routing) is at most `tolerance` below the current one's; only where it saves money. Requests
+    without a task (manual routes) and cache hits are not counted; the current cost is what the rows were billed.
+    Largest savings first."""
     charged = sa.or_(u.cache.is_(None), u.cache.not_in(CACHE_HITS))
     query = (sa.select(u.task, u.model_served, sa.func.count(), sa.func.sum(u.prompt_tokens),
                        sa.func.sum(u.completion_tokens), sa.func.sum(u.cost_usd))
@@ -375,11 +382,12 @@ async def recommend(engine: AsyncEngine, gateway_config: Config, capability_of: 
              .group_by(u.task, u.model_served))
     async with engine.connect() as connection:
         traffic = (await connection.execute(query)).all()
-    priced = [(m.id, m.known_pricing) for m in gateway_config.models if m.backend_kind != "embeddings"]
+    least = MIN_REQUESTS if min_requests is None else min_requests
+    priced = list(candidates.items())
     advice = []
     for task, model, requests, prompt, completion, cost in traffic:
         prompt, completion, current = int(prompt or 0), int(completion or 0), float(cost or 0.0)
-        if current <= 0:
+        if current <= 0 or requests < least:
             continue
         base = model.partition("@")[0]
         have = capability_of(model, task)

@@ -21,7 +21,7 @@ from protocol.errors import BudgetExceeded, ServiceUnavailable
 from protocol.openai import ChatCompletionRequest, ParsedEmbeddings, ParsedRequest, message_text
 
 __all__ = ["DEFAULT_NEW_TOKENS", "BudgetPolicy", "counter_key", "estimate_prompt_tokens", "period_window", "reset_iso",
-           "worst_case_tokens"]
+           "settled_key", "worst_case_tokens"]
 
 log = logging.getLogger("pointsman.policies")
 
@@ -91,7 +91,8 @@ class _Counter:
     budget: BudgetConfig
     member: str
     kind: Kind
-    key: str
+    key: str  # what is used plus what requests in flight reserved: what approve checks against the limit
+    settled: str  # what settled requests used, nothing reserved: what alerts and forecasts read
     limit: float
     start: int  # when its period started (epoch seconds; 0 for `total`)
     end: int | None  # when its period ends (epoch seconds); None: never
@@ -136,6 +137,10 @@ class BudgetPolicy:
     usage minus the reservation (tokens the context reports, `ctx.cost_usd` at the served model's price; nothing
     for a cache hit or a request that failed before any output) in one `adjust`. When a fallback served instead,
     the reserved model's own `model` budgets are refunded and the served model's are charged what it used.
+
+    Beside each counter a second one (`settled_key`) holds settled use alone: approve makes it in the same
+    `reserve` (adding 0) and settle adds the actual usage to it in the same `adjust`, so it costs no round trip.
+    Alerts and forecasts read it, so that another request's worst case in flight is never taken for use.
 
     A store that cannot be reached refuses requests with a 503 naming the budget under `on_store_error: deny` (the
     default) and lets them through unreserved under `allow` (a warning once per outage). A settle that cannot
@@ -184,10 +189,13 @@ class BudgetPolicy:
                 fallbacks_from = position + 1
                 break
             try:
-                result = await self.store.reserve([
-                    Reservation(c.key, amount, c.limit, None if c.end is None else c.end - now + _SLACK_S)
-                    for c, amount in zip(counters, amounts, strict=True)
-                ])
+                # each settled counter rides along with 0 (never refused: after the real ones, so `failed` indexes
+                # `counters`): made here so that settle's adjust finds it, in the same round trip
+                items = [Reservation(c.key, amount, c.limit, None if c.end is None else c.end - now + _SLACK_S)
+                         for c, amount in zip(counters, amounts, strict=True)]
+                items += [Reservation(c.settled, 0.0, _UNBOUNDED, item.ttl_s)
+                          for c, item in zip(counters, items, strict=True)]
+                result = await self.store.reserve(items)
             except StoreUnavailable as exc:
                 self._store_failed(exc)
                 denying = next((c for c in counters if c.budget.on_store_error == "deny"), None)
@@ -231,14 +239,17 @@ class BudgetPolicy:
                 usd = ctx.cost_usd or 0.0
             served = ctx.model
             deltas: list[tuple[str, float]] = []
+            settled: list[tuple[str, float]] = []
             charged: list[tuple[_Counter, float]] = []
             for counter, amount in zip(reserved.counters, reserved.amounts, strict=True):
                 actual = tokens if counter.kind == "tokens" else usd
                 if counter.budget.scope == "model" and counter.member != served:
                     actual = 0.0  # reserved for a model that did not serve
-                deltas.append((counter.key, actual - amount))  # a 0 delta still reads the value for the alerts
+                deltas.append((counter.key, actual - amount))
+                settled.append((counter.settled, actual))  # a 0 delta still reads the value for the alerts
                 charged.append((counter, actual))
-            used: list[float | None] = list(await self.store.adjust(deltas))
+            # one round trip: the reservations become the actual use, and the settled counters grow by it
+            used: list[float | None] = list(await self.store.adjust(deltas + settled))[len(deltas):]
             if served is not None and served != reserved.model and (tokens or usd):
                 fallback = await self._charge_fallback(ctx, served, tokens, usd)
                 charged += fallback
@@ -303,8 +314,9 @@ class BudgetPolicy:
         start, end = period_window(budget.period, now)
         cached = self._counter_cache.get((index, member, start))
         if cached is None:
-            cached = tuple(_Counter(index, budget, member, kind, counter_key(index, member, kind, start), float(limit),
-                                    start, end, _alert_from(budget, limit))
+            cached = tuple(_Counter(index, budget, member, kind, counter_key(index, member, kind, start),
+                                    settled_key(index, member, kind, start), float(limit), start, end,
+                                    _alert_from(budget, limit))
                            for kind, limit in (("tokens", budget.max_tokens), ("usd", budget.max_cost_usd))
                            if limit is not None)
             if len(self._counter_cache) >= _COUNTER_CACHE:
@@ -399,17 +411,17 @@ class BudgetPolicy:
                    for c in self._counters(ctx, served, now, models_only=True)]
         if charged:
             await self.store.reserve([
-                Reservation(c.key, amount, _UNBOUNDED, None if c.end is None else c.end - now + _SLACK_S)
-                for c, amount in charged
+                Reservation(key, amount, _UNBOUNDED, None if c.end is None else c.end - now + _SLACK_S)
+                for c, amount in charged for key in (c.key, c.settled)
             ])
         return charged
 
     async def _alert(self, alerts: BudgetAlerts, watched: Sequence[tuple[_Counter, float, float | None]]) -> None:
         """After a settle: each counter of `_watched` alerts for the thresholds its charge crossed (`used - charge`
-        before, `used` after; reservations of requests still running count as used). A used value of None is read
-        back here. A store that fails here only loses the alerts."""
+        before, `used` after, both its settled use: reservations of requests still running do not count). A used
+        value of None is read back here. A store that fails here only loses the alerts."""
         unknown = [c for c, _, value in watched if value is None]
-        read = iter(await asyncio.gather(*(self.store.counter(c.key) for c in unknown), return_exceptions=True)
+        read = iter(await asyncio.gather(*(self.store.counter(c.settled) for c in unknown), return_exceptions=True)
                     if unknown else ())
         for counter, amount, value in watched:
             after = next(read) if value is None else value
@@ -450,7 +462,13 @@ def _alert_from(budget: BudgetConfig, limit: float) -> float:
 
 
 def counter_key(index: int | str, member: str, kind: str, start: int) -> str:
+    """The counter approve reserves on: settled use plus the worst case of the requests in flight."""
     return f"budget:{index}:{member}:{kind}:{start}"
+
+
+def settled_key(index: int | str, member: str, kind: str, start: int) -> str:
+    """The counter of settled use alone (no reservations), beside `counter_key`'s: alerts and forecasts read it."""
+    return f"budget:{index}:{member}:{kind}:{start}:settled"
 
 
 def _amount(kind: Kind, value: float) -> str:

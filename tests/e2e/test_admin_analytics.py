@@ -151,13 +151,36 @@ def test_budgets_and_forecasts_read_the_live_counters(served):
 
 
 def test_recommendations_advise_the_cheaper_model(served):
-    status, advice = _get(served.url + "/admin/analytics/recommendations?since=-1h")
+    status, advice = _get(served.url + "/admin/analytics/recommendations?since=-1h&min_requests=3")
     assert status == 200 and len(advice["data"]) == 1
     (one,) = advice["data"]
     assert (one["task"], one["from_model"], one["to_model"], one["requests"]) == (
         served.extra["task"], "big", "small", 3)
     assert one["current_cost_usd"] == pytest.approx(240e-6) and one["projected_cost_usd"] == pytest.approx(24e-6)
     assert one["savings_pct"] == pytest.approx(90) and (one["from_capability"], one["to_capability"]) == (0.9, 0.88)
+    # by default a (task, model) needs MIN_REQUESTS (10) answered requests before any advice
+    assert _get(served.url + "/admin/analytics/recommendations?since=-1h")[1]["data"] == []
+    status, bad = _get(served.url + "/admin/analytics/recommendations?min_requests=0")
+    assert status == 400 and bad["error"]["param"] == "min_requests"
+
+
+def test_recommendations_price_a_model_as_its_production_version(upstream, tmp_path):
+    # small's production version costs 50 / 100 per million tokens: dearer than big, so nothing to advise
+    config = _config(upstream.url).replace(
+        "    capabilities: {code: 0.88", "    versions: [{version: 1.0.0, stage: production, pricing: "
+        "{input_per_mtok: 50.0, output_per_mtok: 100.0}}]\n    capabilities: {code: 0.88")
+    assert "version: 1.0.0" in config
+    server = start_gateway(tmp_path, config)
+    try:
+        for _ in range(2):
+            status, headers, _ = http("POST", server.url + "/v1/chat/completions", {"model": "auto", "messages": HELLO},
+                                      headers=ADMIN)
+            assert status == 200 and headers["x-pointsman-model"] == "big"
+        _until(lambda: _get(server.url + "/admin/analytics?since=-1h")[1]["totals"]["requests"] == 2, "two rows")
+        status, advice = _get(server.url + "/admin/analytics/recommendations?since=-1h&min_requests=1")
+        assert status == 200 and advice["data"] == []
+    finally:
+        server.stop()
 
 
 def test_readonly_keys_read_aggregates_but_not_rows(served):
@@ -192,6 +215,8 @@ def test_cli_usage_forecast_and_recommendations(served):
     forecast = _cli(served, "forecast")
     assert forecast.returncode == 0 and "static-0" in forecast.stdout and "RUNS_OUT_AT" in forecast.stdout
     advice = _cli(served, "recommendations", "--json", "--since", "1h")
+    assert advice.returncode == 0 and json.loads(advice.stdout)["data"] == []  # 3 requests: below MIN_REQUESTS
+    advice = _cli(served, "recommendations", "--json", "--since", "1h", "--min-requests", "3")
     assert [(a["from_model"], a["to_model"]) for a in json.loads(advice.stdout)["data"]] == [("big", "small")]
     bad = _cli(served, "usage", "--group-by", "colour")
     assert bad.returncode == 1 and "HTTP 400" in bad.stderr and "group_by" in bad.stderr and bad.stdout == ""

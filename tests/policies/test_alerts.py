@@ -183,3 +183,22 @@ async def test_a_failing_webhook_is_retried_and_never_raises_into_settle(caplog:
     assert [a["member"] for a in alerts_logged(caplog)] == ["u2"]  # the alert is logged all the same
     await alerts.aclose()
     await store.aclose()
+
+
+async def test_another_requests_reservation_in_flight_is_not_use(store: StateStore,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A request that settles while another holds its worst case alerts on settled use alone (no false 50%)."""
+    caplog.set_level(logging.INFO, logger="pointsman.alerts")
+    user = uuid.uuid4().hex
+    policy = BudgetPolicy([BudgetConfig(scope="user", match=user, period="day", max_tokens=1000, alert_at=[0.5])],
+                          store, clock=lambda: NOON, alerts=BudgetAlerts(None, store, clock=lambda: NOON))
+    body = {"model": "cheap", "max_tokens": 600, "messages": [{"role": "user", "content": ""}]}
+    slow = RequestContext(decode_request(body, ChatCompletionRequest), principal=Principal(key_id="k"), user=user)
+    await policy.approve(slow, _Decision())  # 604 tokens reserved, still running
+    await charge(policy, user, 5)  # settles while the reservation is held
+    assert alerts_logged(caplog) == []
+    slow.model, slow.prompt_tokens, slow.completion_tokens = "cheap", 4, 4
+    await policy.settle(slow, Outcome("ok"))
+    assert alerts_logged(caplog) == []  # 13 tokens used in all
+    await charge(policy, user, 500)
+    assert [(a["threshold"], a["used"]) for a in alerts_logged(caplog)] == [(0.5, 513.0)]

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from config.schema import BudgetConfig, Config
+from config.schema import BudgetConfig, Config, Pricing
 from policies import analytics
 from policies.analytics import budget_usage, forecast, recommend, summarize, usage_page
 from policies.budget import BudgetPolicy, period_window
@@ -192,22 +192,24 @@ async def test_forecast_and_budgets_read_the_live_counters(engine, dead_store):
     store = LocalStore()
     policy = BudgetPolicy(BUDGETS, store)
     start, _ = period_window("day", NOW.timestamp())
-    await store.reserve([Reservation(f"budget:0:*:tokens:{start}", 800, 10_000)])
-    await store.reserve([Reservation(f"budget:1:t1:tokens:{start}", 120, 10_000)])
+    await store.reserve([Reservation(f"budget:0:*:tokens:{start}:settled", 800, 10_000)])
+    await store.reserve([Reservation(f"budget:0:*:usd:{start}:settled", 0.5, 10_000)])
+    await store.reserve([Reservation(f"budget:1:t1:tokens:{start}:settled", 470, 10_000)])
+    await store.reserve([Reservation(f"budget:1:t1:tokens:{start}", 5000, 10_000)])  # in flight: not use
     report = _rows(await forecast(engine, BUDGETS, policy, NOW))
     glob = report[(0, "*", "tokens")]
     assert (glob["used"], glob["source"], glob["projected"]) == (800, "store", pytest.approx(1600))
     assert glob["runs_out_at"] == "2026-01-05T13:30:00Z"  # 100 left at 66.7 an hour
-    assert report[(0, "*", "usd")]["used"] == 0  # the store answered: nothing counted there
-    assert (report[(1, "t1", "tokens")]["used"], report[(1, "t1", "tokens")]["alert"]) == (120, False)
+    assert report[(0, "*", "usd")]["used"] == 0.5
+    assert (report[(1, "t1", "tokens")]["used"], report[(1, "t1", "tokens")]["alert"]) == (470, True)
     budgets = await budget_usage(engine, BUDGETS, policy, NOW)
     assert [b["budget"] for b in budgets] == [0, 1, 2, 3]
     team = budgets[1]
     assert (team["scope"], team["period"], team["limit_tokens"], team["resets_at"]) == (
         "team", "day", 500, "2026-01-06T00:00:00Z")
     assert team["members"] == [
-        {"member": "t1", "source": "store", "used_tokens": 120, "remaining_tokens": 380},
-        {"member": "t2", "source": "store", "used_tokens": 0, "remaining_tokens": 500}]
+        {"member": "t1", "source": "store", "used_tokens": 470, "remaining_tokens": 30},
+        {"member": "t2", "source": "usage_rows", "used_tokens": 50, "remaining_tokens": 450}]
     # a store that cannot be reached: the usage rows answer instead
     down = _rows(await forecast(engine, BUDGETS, BudgetPolicy(BUDGETS, dead_store), NOW))
     assert (down[(0, "*", "tokens")]["used"], down[(0, "*", "tokens")]["source"]) == (500, "usage_rows")
@@ -216,7 +218,7 @@ async def test_forecast_and_budgets_read_the_live_counters(engine, dead_store):
 async def test_budgets_without_a_database_show_the_members_known_without_rows():
     store = LocalStore()
     start, _ = period_window("day", NOW.timestamp())
-    await store.reserve([Reservation(f"budget:2:k9:usd:{start}", 0.25, 10)])
+    await store.reserve([Reservation(f"budget:2:k9:usd:{start}:settled", 0.25, 10)])
     budgets = await budget_usage(None, BUDGETS, BudgetPolicy(BUDGETS, store), NOW)
     assert [[m["member"] for m in b["members"]] for b in budgets] == [["*"], [], ["k9"], []]
     assert budgets[2]["members"][0] == {"member": "k9", "source": "store", "used_usd": 0.25, "remaining_usd": 0.25}
@@ -231,6 +233,7 @@ def _model(model_id: str, code: float, price: tuple[float, float] | None) -> dic
 CONFIG = msgspec.convert({"models": [_model("a", 0.9, (10, 20)), _model("b", 0.87, (1, 2)),
                                      _model("c", 0.5, (0.1, 0.1)), _model("unpriced", 1.0, None)]}, Config)
 _MODELS = {m.id: m for m in CONFIG.models}
+PRICED = {m.id: m.known_pricing for m in CONFIG.models}
 
 
 def _capability(model_id: str, task: str) -> float:
@@ -238,7 +241,7 @@ def _capability(model_id: str, task: str) -> float:
 
 
 async def test_recommendations_name_the_cheapest_model_about_as_capable(engine):
-    advice = await recommend(engine, CONFIG, _capability, _at(9, 0), _at(13, 0))
+    advice = await recommend(engine, PRICED, _capability, _at(9, 0), _at(13, 0), min_requests=1)
     # code on a: b (0.87, within 0.05 of 0.9) at a tenth of the price; c is cheaper but far less capable, and an
     # unpriced model is never advised. chat on b: both score the neutral 0.5, c is cheapest. Cache hits (r2, r4)
     # and errors (r3) are not counted.
@@ -250,7 +253,31 @@ async def test_recommendations_name_the_cheapest_model_about_as_capable(engine):
     assert first["savings_usd"] == pytest.approx(0.0036) and first["savings_pct"] == pytest.approx(90)
     assert (first["from_capability"], first["to_capability"]) == (0.9, 0.87)
     assert advice[2]["savings_usd"] == pytest.approx(0.00004 - 0.000004)
-    strict = await recommend(engine, CONFIG, _capability, _at(9, 0), _at(13, 0), tolerance=0.01)
+    strict = await recommend(engine, PRICED, _capability, _at(9, 0), _at(13, 0), tolerance=0.01,
+                             min_requests=1)
     assert [a["from_model"] for a in strict] == ["b"]  # b is no longer close enough to a
-    assert await recommend(engine, CONFIG, _capability, _at(20, 0), _at(21, 0)) == []
+    assert await recommend(engine, PRICED, _capability, _at(20, 0), _at(21, 0), min_requests=1) == []
 
+
+
+async def test_recommendations_price_each_model_as_it_is_served_and_need_enough_requests(engine):
+    # b's production version costs 50 / 100 per million tokens: dearer than a, never advised for a's traffic
+    served = {**PRICED, "b": msgspec.convert({"input_per_mtok": 50, "output_per_mtok": 100}, Pricing)}
+    advice = await recommend(engine, served, _capability, _at(9, 0), _at(13, 0), min_requests=1)
+    assert [(a["task"], a["from_model"], a["to_model"]) for a in advice] == [("chat", "b", "c")]
+    # one request per (task, model) is too little to advise on by default
+    assert await recommend(engine, PRICED, _capability, _at(9, 0), _at(13, 0)) == []
+    assert [a["requests"] for a in await recommend(engine, PRICED, _capability, _at(9, 0), _at(13, 0),
+                                                     min_requests=2)] == []
+
+
+async def test_a_counter_the_store_lost_does_not_hide_the_usage_rows(engine):
+    """After a restart the in-process store's counters start from zero: the rows of the period still count."""
+    policy = BudgetPolicy(BUDGETS, LocalStore())  # a new process: no counter at all
+    report = _rows(await forecast(engine, BUDGETS, policy, NOW))
+    glob = report[(0, "*", "tokens")]
+    assert (glob["used"], glob["source"], glob["alert"]) == (500, "usage_rows", True)
+    assert report[(1, "t1", "tokens")]["used"] == 450
+    budgets = await budget_usage(engine, BUDGETS, policy, NOW)
+    assert budgets[1]["members"][0] == {"member": "t1", "source": "usage_rows", "used_tokens": 450,
+                                        "remaining_tokens": 50}
