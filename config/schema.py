@@ -266,6 +266,12 @@ class OpenAIModel(_ModelBase, tag="openai", kw_only=True):
             raise ValueError("set base_url (one upstream) or deployments (several)")
         if self.base_url is not None and self.deployments:
             raise ValueError("set base_url or deployments, not both (each deployment has its own base_url)")
+        # the balancer adds and divides them: an infinite weight, or a sum past a float, would make NaNs of it
+        for number, deployment in enumerate(self.deployments, 1):
+            if not math.isfinite(deployment.weight):
+                raise ValueError(f"model {self.id!r}: deployment {number}: weight must be a finite number")
+        if not math.isfinite(sum(d.weight for d in self.deployments)):
+            raise ValueError(f"model {self.id!r}: the deployments' weights sum to more than a float can hold")
 
     @property
     def sent_model(self) -> str:

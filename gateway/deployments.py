@@ -4,7 +4,8 @@ lease that books one attempt's outcome into all of them in one place."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 from backends.base import Backend
 from config.schema import Config, ModelConfig
@@ -23,14 +24,17 @@ class Lease:
     The only place that writes in-flight counts, EWMA figures and breaker results, for plain requests, streams
     and stream continuations alike. A failure counts against the breaker only when the upstream is to blame: a
     retryable UpstreamError (connect, timeout, 5xx, 429). A 4xx means the upstream answered (a breaker success);
-    a cancellation (the client left, the gateway stops) is neither.
+    a cancellation (the client left, the gateway stops) is neither, and hands back a half-open breaker's probe slot
+    if this attempt held it, so that the next request probes instead of waiting for the probe's timeout.
     """
 
-    __slots__ = ("index", "pool", "record", "started")
+    __slots__ = ("index", "pool", "probe", "record", "started")
 
     def __init__(self, pool: DeploymentPool, index: int, record: AttemptRecord) -> None:
         self.pool, self.index, self.record = pool, index, record
         self.started = record.started
+        # leased right after the breaker's allow(): a probe out now is this attempt's
+        self.probe = pool.breakers[index].probe()
 
     @property
     def key(self) -> str:
@@ -54,6 +58,7 @@ class Lease:
                 self.pool.breakers[self.index].record_success()  # it answered: the request was at fault
             self.record.error = exc.code or type(exc).__name__
         else:
+            self.pool.breakers[self.index].release(self.probe)  # no verdict on the upstream
             self.record.error = type(exc).__name__ if isinstance(exc, Exception) else "cancelled"
         self.record.ok, self.record.ended, self.record.ttft_s = False, state.now(), ttft_s
 
@@ -61,16 +66,17 @@ class Lease:
 class DeploymentPool:
     """A model's deployments at run time: live figures, one breaker each, the balancing strategy."""
 
-    def __init__(self, model: ModelConfig, backend: Backend, config: Config) -> None:
+    def __init__(self, model: ModelConfig, backend: Backend, config: Config, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         keys = getattr(backend, "deployments", None) or [(model.id, 1.0)]
-        self.states = [DeploymentState(key, weight) for key, weight in keys]
-        self.live = ModelLive(self.states)
+        self.states = [DeploymentState(key, weight, clock=clock) for key, weight in keys]
         b = config.routing.circuit_breaker
         self.breakers = [
             CircuitBreaker(failures=b.failures, cooldown_s=b.cooldown_s, error_rate=b.error_rate,
-                           window_s=b.window_s, min_requests=b.min_requests)
+                           window_s=b.window_s, min_requests=b.min_requests, clock=clock)
             for _ in self.states
         ]
+        self.live = ModelLive(self.states, self.breakers)
         self.healthy = [True] * len(self.states)
         self.strategy = make_strategy(model.load_balancing or config.routing.load_balancing)
         self.max_attempts = config.routing.retries + 1
@@ -94,10 +100,20 @@ class DeploymentPool:
         return any(h and b.state != "open" for h, b in zip(self.healthy, self.breakers, strict=True))
 
     def targets(self, rng: random.Random) -> list[int]:
-        """Every deployment index, best first: the strategy's order, healthy ones before unhealthy."""
-        if len(self.states) == 1:  # most models: nothing to order
+        """Every deployment index, best first: the strategy's order over those whose breakers let requests through
+        now (so those share an open one's turns: a rotation never hands its whole share to the next in line), then
+        the refusing ones; healthy ones before unhealthy."""
+        n = len(self.states)
+        if n == 1:  # most models: nothing to order
             return [0]
-        order = self.strategy.order(self.states, rng)
+        taking = [i for i, breaker in enumerate(self.breakers) if breaker.retry_in_s() is None]
+        if len(taking) == n:
+            order = self.strategy.order(self.states, rng)
+        elif not taking:
+            return list(range(n))  # every breaker refuses: no turn to hand out
+        else:
+            order = [taking[k] for k in self.strategy.order([self.states[i] for i in taking], rng)]
+            order += [i for i in range(n) if i not in taking]
         if False in self.healthy:  # stable: keeps the strategy's order within each group
             order.sort(key=lambda i: not self.healthy[i])
         return order

@@ -309,10 +309,14 @@ class Gateway:
                                   code="no_model_meets_requirements")
             return ServiceUnavailable(f"No model can take this request now ({reasons}).")
         names = ", ".join(a.model.id for a in decision.attempts)
-        return ServiceUnavailable(
+        error = ServiceUnavailable(
             f"No deployment of {names} can take requests now: their circuit breakers are open after repeated "
             "failures; retry after the cooldown."
         )
+        retry_after = decision.retry_after()  # when the first of their breakers half-opens
+        if retry_after is not None:
+            error.headers = {"retry-after": str(retry_after)}
+        return error
 
 
 def _restrict(decision: Decision, principal: Principal, explain: bool, named: set[str]) -> None:

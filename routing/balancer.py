@@ -109,8 +109,9 @@ class LatencyEWMA:
 
 
 class PowerOfTwo:
-    """Two random candidates, the less loaded wins; near least-outstanding quality without every router
-    chasing the same minimum. The retries follow least outstanding."""
+    """Two random candidates, the less loaded wins (a tie: the heavier, then either, at random); near
+    least-outstanding quality without every router chasing the same minimum. The retries follow least
+    outstanding."""
 
     name: ClassVar[str] = "power_of_two"
 
@@ -118,8 +119,8 @@ class PowerOfTwo:
         n = len(states)
         if n < 2:
             return list(range(n))
-        a, b = rng.sample(range(n), 2)
-        chosen = min(a, b, key=lambda i: (states[i].in_flight, -states[i].weight, i))
+        a, b = rng.sample(range(n), 2)  # in random order: min keeps `a` on a tie, never the lower index
+        chosen = min(a, b, key=lambda i: (states[i].in_flight, -states[i].weight))
         return [chosen, *_least_outstanding(states, [i for i in range(n) if i != chosen])]
 
 

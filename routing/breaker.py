@@ -25,7 +25,8 @@ class CircuitBreaker:
     Open: `allow()` is False for `cooldown_s`. Then half-open: `allow()` lets exactly one probe through at a
     time; its success closes the breaker (counts reset), its failure re-opens it for another cooldown. Results
     arriving while open, or half-open with no probe out, are from requests sent before the trip: ignored.
-    A probe whose result never comes back (its caller died) is given up after `probe_timeout_s`, so the
+    A probe that ends with no verdict (cancelled: its client left) hands its slot back with `release`, so the
+    next request probes; one whose result never comes back at all is given up after `probe_timeout_s`, so the
     breaker cannot stay shut forever.
     """
 
@@ -35,6 +36,7 @@ class CircuitBreaker:
         "_consecutive",
         "_opened_at",
         "_probe_since",
+        "_probes",
         "_state",
         "_width",
         "cooldown_s",
@@ -73,6 +75,7 @@ class CircuitBreaker:
         self._consecutive = 0
         self._opened_at = 0.0
         self._probe_since: float | None = None
+        self._probes = 0  # probes let through so far: the id of the latest, for `release`
         self._width = window_s / _BUCKETS
         self._buckets: deque[list[int]] = deque()  # [bucket index, requests, failures], oldest first
 
@@ -98,10 +101,31 @@ class CircuitBreaker:
         if self._probe_out(now):
             return False
         self._probe_since = now
+        self._probes += 1
         return True
 
     def _probe_out(self, now: float) -> bool:
         return self._probe_since is not None and now - self._probe_since < self.probe_timeout_s
+
+    def probe(self) -> int | None:
+        """The id of the probe out now (to hand to `release`), None when none is."""
+        now = self._clock()
+        return self._probes if self._state_at(now) == HALF_OPEN and self._probe_out(now) else None
+
+    def release(self, probe: int | None) -> None:
+        """Probe `probe` ended with no verdict (cancelled): free its slot, so the next request probes. Neither
+        a success nor a failure; a later probe's slot, or one given up already, is left alone."""
+        if probe is not None and probe == self._probes and self.probe() is not None:
+            self._probe_since = None
+
+    def retry_in_s(self) -> float | None:
+        """None when `allow()` would let a request through now; else how soon it may: the rest of the cooldown
+        when open, 0 while a probe is out (its answer may come any moment). Reading it changes nothing."""
+        now = self._clock()
+        state = self._state_at(now)
+        if state == OPEN:
+            return max(0.0, self._opened_at + self.cooldown_s - now)
+        return 0.0 if state == HALF_OPEN and self._probe_out(now) else None
 
     def record_success(self) -> None:
         now = self._clock()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from routing.breaker import CircuitBreaker
+
 __all__ = ["ALPHA", "SOFT_IN_FLIGHT", "SOFT_QUEUE", "DeploymentState", "ModelLive"]
 
 Clock = Callable[[], float]
@@ -128,12 +130,25 @@ def _weighted_mean(pairs: Iterable[tuple[float, float | None]]) -> float | None:
 
 
 class ModelLive:
-    """A model's deployments together, with the aggregates the auto-router's scorer reads."""
+    """A model's deployments together, with the aggregates the auto-router's scorer reads, and their breakers
+    (one per deployment, in the same order; none given: nothing known about them)."""
 
-    __slots__ = ("states",)
+    __slots__ = ("breakers", "states")
 
-    def __init__(self, states: Sequence[DeploymentState]) -> None:
+    def __init__(self, states: Sequence[DeploymentState], breakers: Sequence[CircuitBreaker] = ()) -> None:
         self.states = list(states)
+        self.breakers = list(breakers)
+
+    def retry_in_s(self) -> float | None:
+        """None when a deployment's breaker lets requests through now (or none is known); else how soon the
+        first of them may (see CircuitBreaker.retry_in_s)."""
+        soonest: float | None = None
+        for breaker in self.breakers:
+            wait = breaker.retry_in_s()
+            if wait is None:
+                return None
+            soonest = wait if soonest is None else min(soonest, wait)
+        return soonest
 
     @property
     def ttft_s(self) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -34,10 +35,31 @@ class Decision:
     skipped: dict[str, str] = field(default_factory=dict)
     # filled in by the service for explanations: each chain model's deployments and their breaker states
     deployments: dict[str, list[dict]] = field(default_factory=dict)
+    # the models' live state, set by the Router: read only when it is explained or nothing could be tried
+    live: Mapping[str, ModelLive] | None = field(default=None, repr=False)
 
     @property
     def mode(self) -> str:
         return self.attempts[0].route if self.attempts else "none"
+
+    def _waits(self) -> dict[str, float]:
+        """The attempts' models that no deployment of takes requests now (every breaker refuses), with how
+        soon one may: a request skips them (DeploymentPool.attempts)."""
+        if not self.live:
+            return {}
+        waits = {}
+        for attempt in self.attempts:
+            live = self.live.get(attempt.model.id)
+            wait = live.retry_in_s() if live is not None else None
+            if wait is not None:
+                waits[attempt.model.id] = wait
+        return waits
+
+    def retry_after(self) -> int | None:
+        """Whole seconds (at least 1) until a deployment of one of the attempts' models may take requests again,
+        when their breakers refuse them now: a Retry-After. None when one takes them now, or nothing is known."""
+        wait = min(self._waits().values(), default=None)
+        return None if wait is None else max(1, math.ceil(wait))
 
     def exclude(self, reasons: Mapping[str, str]) -> None:
         """Take these models out of the attempts, as skipped and ineligible candidates, each with its reason."""
@@ -49,10 +71,18 @@ class Decision:
                            else c for c in self.candidates]
 
     def explain(self) -> dict:
+        """As a request would go now: a model whose breakers all refuse is skipped (with when it may take
+        requests again), the next one serves."""
         analysis = self.analysis
+        attempts, skipped = self.attempts, self.skipped
+        if waits := self._waits():
+            attempts = [a for a in attempts if a.model.id not in waits]
+            skipped = {**skipped, **{model_id: "no deployment takes requests now: circuit breakers open after "
+                                     f"repeated failures (retry in {max(1, math.ceil(wait))} s)"
+                                     for model_id, wait in waits.items()}}
         return {
-            "model": self.attempts[0].model.id if self.attempts else None,
-            "mode": self.mode,
+            "model": attempts[0].model.id if attempts else None,
+            "mode": attempts[0].route if attempts else "none",
             "task": analysis.task if analysis else None,
             "task_confidence": round(analysis.confidence, 4) if analysis else None,
             "complexity": round(analysis.complexity, 4) if analysis else None,
@@ -62,9 +92,9 @@ class Decision:
                  "reason": c.reason}
                 for c in self.candidates
             ],
-            "chain": [a.model.id for a in self.attempts],
+            "chain": [a.model.id for a in attempts],
             "requested": self.chain,
-            "skipped": self.skipped,
+            "skipped": skipped,
             "deployments": self.deployments,
         }
 
@@ -125,7 +155,7 @@ class Router:
         # the request's needs are worked out only when something reads them: a manual request to a model with
         # no context_window (the hot path) never does
         need: Need | None = None
-        decision = Decision([], [e.name for e in plan.chain], analysis)
+        decision = Decision([], [e.name for e in plan.chain], analysis, live=self.live)
         seen: set[str] = set()
         for position, element in enumerate(plan.chain):
             label = "fallback" if position else ("manual" if element.model is not None else "auto")

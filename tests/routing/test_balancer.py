@@ -209,6 +209,15 @@ def test_power_of_two_never_picks_the_most_loaded() -> None:
     assert PowerOfTwo().order(states(4), rng) == [0] and PowerOfTwo().order([], rng) == []
 
 
+def test_power_of_two_breaks_ties_at_random() -> None:
+    """Idle, equal deployments: each is chosen about as often, the last one included (not by index)."""
+    p2, rng = PowerOfTwo(), random.Random(11)
+    firsts = Counter(p2.order(states(0, 0, 0), rng)[0] for _ in range(3000))
+    assert all(900 < firsts[i] < 1100 for i in range(3)), firsts
+    heavier = states(0, 0, weights=(1.0, 2.0))  # a tie on load still goes to the heavier one
+    assert {p2.order(heavier, rng)[0] for _ in range(50)} == {1}
+
+
 def test_load_signal_scores() -> None:
     a, b, c, d = states(0, 0, 0, 4)
     a.apply_signals(running=10.0, waiting=0.0, kv_cache_usage=0.5, now=0.0)  # 1 + 1 = 2

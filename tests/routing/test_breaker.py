@@ -183,3 +183,39 @@ def test_rejects_nonsense_settings() -> None:
         CircuitBreaker(failures=0)
     with pytest.raises(ValueError):
         CircuitBreaker(error_rate=0.0)
+
+
+def test_a_cancelled_probe_hands_its_slot_back() -> None:
+    """A probe whose client gave up says nothing about the upstream: the next request probes at once, instead of
+    the breaker refusing everything until probe_timeout_s."""
+    b, clock = breaker(cooldown_s=10.0, probe_timeout_s=60.0)
+    trip(b)
+    assert b.probe() is None  # open: no probe out
+    clock.now += 10.0
+    assert b.allow()
+    first = b.probe()
+    assert first is not None and not b.allow()
+    b.release(first)
+    assert b.state == "half_open" and b.opened_count == 1  # neither a success nor a failure
+    assert b.allow()  # the next probe
+    second = b.probe()
+    b.release(first)  # a stale id leaves the newer probe's slot alone
+    assert not b.allow()
+    b.release(None)  # a lease that held no probe
+    assert not b.allow()
+    b.record_success()
+    assert b.state == "closed"
+    b.release(second)  # too late to matter: closed stays closed
+    assert b.state == "closed" and b.allow()
+
+
+def test_retry_in_s_says_how_soon_allow_may_say_yes() -> None:
+    b, clock = breaker(cooldown_s=10.0)
+    assert b.retry_in_s() is None  # closed
+    trip(b)
+    clock.now += 2.5
+    assert b.retry_in_s() == pytest.approx(7.5)
+    clock.now += 7.5
+    assert b.retry_in_s() is None  # half-open, the probe slot free
+    assert b.allow()
+    assert b.retry_in_s() == 0.0  # a probe out: its answer may come any moment

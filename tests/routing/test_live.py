@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from routing.breaker import CircuitBreaker
 from routing.live import ALPHA, SOFT_IN_FLIGHT, DeploymentState, ModelLive
 
 
@@ -119,3 +120,16 @@ def test_model_live_aggregates() -> None:
     assert live.latency_s == 4.0
     assert live.load == pytest.approx((1 * a.load() + 3 * b.load() + 1 * c.load()) / 5)
     assert 0.0 < live.load < 1.0
+
+
+def test_model_live_retry_in_s_is_the_soonest_breaker() -> None:
+    now = [0.0]
+    breakers = [CircuitBreaker(failures=1, cooldown_s=c, clock=lambda: now[0]) for c in (30.0, 10.0)]
+    live = ModelLive([DeploymentState("a"), DeploymentState("b")], breakers)
+    assert ModelLive([DeploymentState("a")]).retry_in_s() is None  # no breakers known
+    breakers[0].record_failure()
+    assert live.retry_in_s() is None  # b still takes requests
+    breakers[1].record_failure()
+    assert live.retry_in_s() == 10.0
+    now[0] = 12.0
+    assert live.retry_in_s() is None  # b half-open: it takes a probe

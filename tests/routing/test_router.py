@@ -7,6 +7,7 @@ import pytest
 
 from config.loader import ConfigError, parse_config
 from protocol.openai import ChatCompletionRequest, decode_request
+from routing.breaker import CircuitBreaker
 from routing.classifier import TaskClassifier, prompt_text
 from routing.live import DeploymentState, ModelLive
 from routing.resolve import ModelTable
@@ -116,3 +117,43 @@ models:
     assert [d.base_url for d in config.models[0].all_deployments] == ["http://127.0.0.1:1/v1", "http://127.0.0.1:2/v1"]
     single = parse_config("models: [{id: s, backend: openai, base_url: 'http://127.0.0.1:3/v1', api_key: k}]")
     assert [(d.base_url, d.api_key) for d in single.models[0].all_deployments] == [("http://127.0.0.1:3/v1", "k")]
+
+
+TWO = """
+models:
+  - {id: single-a, backend: openai, base_url: "http://127.0.0.1:1/v1"}
+  - {id: single-b, backend: openai, base_url: "http://127.0.0.1:2/v1"}
+"""
+
+
+class _Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_explanation_skips_a_named_model_whose_breakers_all_refuse(classifier):
+    """/v1/route says what a request would do: a named model with no deployment taking requests is skipped (the
+    request's DeploymentPool.attempts would yield none), the next element serves; the attempts stay as they were."""
+    clock = _Clock()
+    breakers = {name: [CircuitBreaker(failures=1, cooldown_s=10.0, clock=clock)] for name in ("single-a", "single-b")}
+    live = {name: ModelLive([DeploymentState(name)], breakers[name]) for name in breakers}
+    breakers["single-b"][0].record_failure()  # open for 10 s
+    decision = decide(TWO, classifier, model="single-b:single-a", live=live)
+    assert [a.model.id for a in decision.attempts] == ["single-b", "single-a"]  # what the request does: unchanged
+    explained = decision.explain()
+    assert (explained["model"], explained["mode"], explained["chain"]) == ("single-a", "fallback", ["single-a"])
+    assert "circuit breakers open" in explained["skipped"]["single-b"]
+    assert "retry in 10 s" in explained["skipped"]["single-b"]
+
+    alone = decide(TWO, classifier, model="single-b", live=live)
+    explained = alone.explain()
+    assert (explained["model"], explained["mode"], explained["chain"]) == (None, "none", [])
+    assert "single-b" in explained["skipped"]
+    assert alone.retry_after() == 10
+    clock.now += 9.2
+    assert alone.retry_after() == 1  # whole seconds, rounded up
+    clock.now += 0.8  # half-open: it takes a probe
+    assert alone.explain()["model"] == "single-b" and alone.retry_after() is None
+    assert decide(TWO, classifier, model="single-a", live=live).retry_after() is None  # closed: nothing to wait for
