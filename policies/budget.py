@@ -138,8 +138,8 @@ class BudgetPolicy:
     for a cache hit or a request that failed before any output) in one `adjust`. When a fallback served instead,
     the reserved model's own `model` budgets are refunded and the served model's are charged what it used.
 
-    Beside each counter a second one (`settled_key`) holds settled use alone: approve makes it in the same
-    `reserve` (adding 0) and settle adds the actual usage to it in the same `adjust`, so it costs no round trip.
+    Beside each counter a second one (`settled_key`) holds settled use alone: settle adds the actual usage to it in
+    the same `adjust` (no round trip more), and makes it, once a period, when that finds none.
     Alerts and forecasts read it, so that another request's worst case in flight is never taken for use.
 
     A store that cannot be reached refuses requests with a 503 naming the budget under `on_store_error: deny` (the
@@ -189,13 +189,10 @@ class BudgetPolicy:
                 fallbacks_from = position + 1
                 break
             try:
-                # each settled counter rides along with 0 (never refused: after the real ones, so `failed` indexes
-                # `counters`): made here so that settle's adjust finds it, in the same round trip
-                items = [Reservation(c.key, amount, c.limit, None if c.end is None else c.end - now + _SLACK_S)
-                         for c, amount in zip(counters, amounts, strict=True)]
-                items += [Reservation(c.settled, 0.0, _UNBOUNDED, item.ttl_s)
-                          for c, item in zip(counters, items, strict=True)]
-                result = await self.store.reserve(items)
+                result = await self.store.reserve([
+                    Reservation(c.key, amount, c.limit, None if c.end is None else c.end - now + _SLACK_S)
+                    for c, amount in zip(counters, amounts, strict=True)
+                ])
             except StoreUnavailable as exc:
                 self._store_failed(exc)
                 denying = next((c for c in counters if c.budget.on_store_error == "deny"), None)
@@ -250,6 +247,8 @@ class BudgetPolicy:
                 charged.append((counter, actual))
             # one round trip: the reservations become the actual use, and the settled counters grow by it
             used: list[float | None] = list(await self.store.adjust(deltas + settled))[len(deltas):]
+            if None in used:  # a settled counter this period has not made yet (adjust makes none): made here, once
+                await self._make_settled(charged, used)
             if served is not None and served != reserved.model and (tokens or usd):
                 fallback = await self._charge_fallback(ctx, served, tokens, usd)
                 charged += fallback
@@ -261,6 +260,15 @@ class BudgetPolicy:
             self._store_failed(exc)
         except Exception:
             log.exception("budget: settling request %s failed", ctx.request_id)
+
+    async def _make_settled(self, charged: list[tuple[_Counter, float]], used: list[float | None]) -> None:
+        """Add their use to the settled counters `adjust` did not find, making them (they expire with their period);
+        their `used` stays None, read back by the alerts. Two requests doing so at once each add their own use."""
+        now = self.clock()
+        await self.store.reserve([
+            Reservation(c.settled, actual, _UNBOUNDED, None if c.end is None else c.end - now + _SLACK_S)
+            for (c, actual), value in zip(charged, used, strict=True) if value is None
+        ])
 
     async def remaining(self, ctx: RequestContext) -> list[dict[str, Any]]:
         """Each budget that applies to the caller (not `model` budgets): scope, member, period, limits, what is

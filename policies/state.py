@@ -309,24 +309,34 @@ class LocalStore:
         return total, values[max(since - first, 0):]
 
     async def reserve(self, items: Sequence[Reservation]) -> ReserveResult:
-        for item in items:
-            check_ttl(item.ttl_s)
         now = self._clock()
+        counters = self._counters
         pending: dict[str, float] = {}  # a key named twice is checked against its running total
-        for i, item in enumerate(items):
-            current = pending[item.key] if item.key in pending else self._counter(item.key, now)
-            if current + item.amount > item.limit:
+        for i, item in enumerate(items):  # every TTL checked, every sum tried, before anything is written
+            key, ttl_s = item.key, item.ttl_s
+            if ttl_s is not None and not ttl_s > 0:
+                check_ttl(ttl_s)  # raises
+            if key in pending:
+                current = pending[key]
+            else:
+                entry = counters.get(key)
+                current = 0.0 if entry is None else entry[0]
+                if entry is not None and entry[1] <= now:  # expired: its period is over
+                    del counters[key]
+                    current = 0.0
+            total = current + item.amount
+            if total > item.limit:
                 return ReserveResult(False, i, current, float(item.limit))
-            pending[item.key] = current + item.amount
+            pending[key] = total
         for item in items:
             value = pending.pop(item.key, None)
             if value is None:
                 continue
-            old = self._counters.get(item.key)  # expired ones were dropped by the check above
-            expires = math.inf if old is None else old[1]
-            if expires == math.inf and item.ttl_s is not None:
-                expires = now + item.ttl_s
-            self._counters[item.key] = (value, expires)
+            old = counters.get(item.key)  # expired ones were dropped above; a new one gets the item's TTL
+            if old is not None and old[1] != math.inf:
+                counters[item.key] = (value, old[1])
+            else:
+                counters[item.key] = (value, math.inf if item.ttl_s is None else now + item.ttl_s)
         self._wrote(now)
         return RESERVED
 
