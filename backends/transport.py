@@ -74,6 +74,13 @@ class InvalidHeader(ValueError):
 RELAYED_PREFIXES = (b"retry-after", b"x-ratelimit-")
 MAX_RELAYED = 32
 MAX_RELAYED_VALUE = 256
+_RELAYED_NAMES = tuple(prefix.decode() for prefix in RELAYED_PREFIXES)
+# a relayed value the gateway's server can write: latin-1 text (aiohttp decodes bytes that are not UTF-8 to
+# surrogates) without the control characters uvicorn refuses in a value (tab is allowed). An upstream's
+# x-ratelimit-* holding \x01 or \x7f made uvicorn raise once the response had started (the client got no status
+# line), one holding \xff\xfe a 500: such a header is dropped and the response goes out. Names need no check: aiohttp's
+# parser refuses a name that is not a token
+_SENDABLE = re.compile("[\t\x20-\x7e\x80-\xff]*")
 
 
 class Response(Protocol):
@@ -197,7 +204,7 @@ class _AiohttpResponse:
 
     def relayed_headers(self) -> dict[str, str]:
         found = [(k, v) for k, v in self.headers.items()
-                 if k.encode("latin-1").startswith(RELAYED_PREFIXES) and len(v) <= MAX_RELAYED_VALUE]
+                 if k.startswith(_RELAYED_NAMES) and len(v) <= MAX_RELAYED_VALUE and _SENDABLE.fullmatch(v)]
         return dict(found[:MAX_RELAYED])
 
     async def body(self) -> bytes:

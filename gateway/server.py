@@ -111,13 +111,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.logger.warning(msg)
             self.send_400_response(msg)
             return
-        except httptools.HttpParserUpgrade:
-            self._phase = _IDLE
-            self._cancel_timer()
+        except httptools.HttpParserUpgrade as upgrade:
             if self._should_upgrade():
+                self._phase = _IDLE
+                self._cancel_timer()
                 self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
+                return
+            # an upgrade not taken (h2c, or any but WebSocket; CONNECT too): llhttp ended the request at its head,
+            # skipping its body, and would read that body as the next request (uvicorn 0.54 answered the request
+            # with no body, then the request smuggled in it: Kludex/uvicorn#2722). It is plain HTTP/1.1 instead
+            # (RFC 9110 7.8): a parser that knows only its framing headers reads its body, and the requests after it
+            _PlainAfterUpgrade(self)  # becomes self.parser
+            self.data_received(data[upgrade.args[0]:])
             return
 
         # a read that ends between requests (the hot path) leaves the timer as it is: it finds the connection idle
@@ -157,6 +162,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             cycle.__class__ = _CloseDelimitedCycle if self.scope["http_version"] == "1.0" else _Cycle
 
     def on_message_complete(self) -> None:
+        if self.parser.should_upgrade():  # ended at the head by an upgrade: data_received reads on (or hands over)
+            return
         self._phase = _IDLE
         _message_complete(self)
 
@@ -250,6 +257,41 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.write(b"".join(head) + b"connection: close\r\n\r\n" + body)
 
 
+class _PlainAfterUpgrade:
+    """The callbacks of the parser that goes on where an upgrade not taken stopped the connection's: it is first fed
+    a head of just the request's framing headers (content-length, transfer-encoding), whose callbacks stop here, so
+    that it reads the request's body as llhttp would have without the upgrade; everything after reaches the
+    protocol (its body, its end, the requests that follow), one call through this object each."""
+
+    __slots__ = ("on_body", "on_message_complete", "protocol", "replaying")
+
+    def __init__(self, protocol: GuardedHttpToolsProtocol) -> None:
+        self.protocol, self.replaying = protocol, True
+        self.on_body, self.on_message_complete = protocol.on_body, protocol.on_message_complete
+        parser = protocol.parser = httptools.HttpRequestParser(self)  # before the head: a request with no body ends
+        parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
+        framing = [b"%s: %s\r\n" % pair for pair in protocol.headers if pair[0] in _BODY_FRAMING]
+        parser.feed_data(b"POST / HTTP/1.1\r\n%s\r\n" % b"".join(framing))  # checked once already: it parses
+        self.replaying = False
+
+    def on_message_begin(self) -> None:
+        if not self.replaying:
+            self.protocol.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self.replaying:
+            self.protocol.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.replaying:
+            self.protocol.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if not self.replaying:
+            self.protocol.on_headers_complete()
+
+
+_BODY_FRAMING = frozenset((b"content-length", b"transfer-encoding"))
 # the `code` of each refusal the protocol itself sends (the request never reached the app)
 _PROTOCOL_ERROR_CODES = {400: "invalid_http_request", 408: "request_timeout", 431: "request_header_fields_too_large"}
 _COPY_BYTES = 64 * 1024  # a body up to this size is copied behind its head (one buffer); a larger one goes by writev

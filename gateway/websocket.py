@@ -6,12 +6,14 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Sequence
+from http import HTTPStatus
 from typing import Any
 
 import msgspec
 from litestar import Router, WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
 
 from gateway.auth import principal_of
 from gateway.generate import POLICY_HEADERS
@@ -55,6 +57,33 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         await super().send(message)
         if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
             self.handshake_complete = True
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.handshake_initiated and self.conn.handshake_exc is not None and not self.transport.is_closing():
+            self._refuse_handshake(self.conn.handshake_exc)
+
+    def _refuse_handshake(self, exc: Exception) -> None:
+        """websockets could not read the upgrade request (a body, a line too long, too many headers): it
+        queues a reply or an EOF that uvicorn 0.54 never writes, so the client waited with no answer and no timer
+        (the HTTP protocol stops its clock when it hands over). Answered here, in OpenAI's error shape, and closed."""
+        self.conn.data_to_send()  # dropped: ours replaces it
+        status = 400
+        if isinstance(exc, RequestLineTooLong):
+            status = 414
+        elif isinstance(exc, (HeaderLineTooLong, TooManyHeaders)):
+            status = 431
+        reason = exc.__cause__ or exc
+        body = error_body(f"Invalid WebSocket handshake: {reason}.", "invalid_request_error", _REFUSAL_CODES[status])
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
+        head += [b"%s: %s\r\n" % pair for pair in self.default_headers]
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+        self.handshake_initiated = self.handshake_complete = self.close_sent = True
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+
+_REFUSAL_CODES = {400: "invalid_http_request", 414: "uri_too_long", 431: "request_header_fields_too_large"}
 
 
 def _fresh_request_id() -> str:

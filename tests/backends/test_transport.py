@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from uvicorn.protocols.http.httptools_impl import HEADER_VALUE_RE
 
 from backends.http1 import ConnectionPool
 from backends.openai_upstream import open_transport
@@ -277,3 +278,19 @@ def unused_port_url(unused_tcp_port: int) -> Iterator[str]:
 async def test_aiohttp_transport_connect_refused(unused_port_url: str, transports) -> None:
     with pytest.raises(ConnectError):
         await opened(transports, unused_port_url).request("GET", "/", timeout=2.0)
+
+
+async def test_aiohttp_relays_only_header_values_the_server_can_write(transports) -> None:
+    """Control bytes (uvicorn refuses them once the response has started: the client got no status line) and
+    bytes that are not UTF-8 (a surrogate no latin-1 head can hold: a 500) drop that header; a tab stays."""
+    odd = [b"x-ratelimit-remaining-requests: 9\x01", b"x-ratelimit-limit-requests: 5\x7f", b"retry-after: \xff\xfe",
+           b"x-ratelimit-reset-requests: 1s\t2", b"x-ratelimit-limit-tokens: 7"]
+    async with RawServer(keep_alive(answer(b"ok", *odd))) as server:
+        transport = AiohttpTransport(server.url)
+        transports.append(transport)
+        response = await transport.request("GET", "/", timeout=5.0)
+        relayed = response.relayed_headers()
+        assert await response.body() == b"ok"
+    assert relayed == {"x-ratelimit-reset-requests": "1s\t2", "x-ratelimit-limit-tokens": "7"}
+    for name, value in relayed.items():  # what the gateway's server writes: latin-1, none of uvicorn's refused bytes
+        assert not HEADER_VALUE_RE.search(value.encode("latin-1")), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http
 import json
 import select
 import socket
@@ -14,6 +15,7 @@ import pytest
 import uvicorn
 
 from gateway.server import http_protocol
+from gateway.websocket import WebSocketProtocol
 from tests.conftest import free_port, start_gateway
 
 HEADER_TIMEOUT = 0.5
@@ -210,6 +212,81 @@ def test_a_request_that_does_not_parse_gets_400_in_openai_shape(server):
     assert json.loads(body) == {"error": {"message": "Invalid HTTP request received.",
                                           "type": "invalid_request_error", "param": None,
                                           "code": "invalid_http_request"}}
+
+
+def sized_responses(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """(status line, body) of each content-length framed response in `raw`, in order."""
+    out = []
+    while raw:
+        head, _, raw = raw.partition(b"\r\n\r\n")
+        status, *lines = head.split(b"\r\n")
+        length = int(dict(line.lower().split(b": ", 1) for line in lines)[b"content-length"])
+        out.append((status, raw[:length]))
+        raw = raw[length:]
+    return out
+
+
+SMUGGLED = b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n"  # answered chunked: it must never be
+LAST = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("writes", [1, 3])
+def test_an_upgrade_not_taken_is_plain_http_with_its_body(server, framing, writes):
+    """An h2c offer with a body is served as plain HTTP/1.1 (RFC 9110 7.8): one request, one answer, the body
+    read. llhttp ends an upgrade's request at its head: uvicorn answered it with no body, then parsed the body as a
+    request of its own (smuggled past whatever checked the first), or dropped it and what followed it."""
+    if framing == "chunked":
+        body, sent = SMUGGLED, b"%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)
+        head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    else:
+        body = sent = SMUGGLED
+        head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(SMUGGLED)
+    head += b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+    parts = [head + sent + LAST] if writes == 1 else [head, sent, LAST]
+    with connect(server) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for part in parts:
+            sock.sendall(part)
+        raw = read_until_closed(sock)
+    assert b"HTTP/1.1 101" not in raw
+    assert sized_responses(raw) == [(b"HTTP/1.1 200 OK", b"%d" % len(body)), (b"HTTP/1.1 200 OK", b"0")]
+
+
+def test_an_upgrade_not_taken_without_a_body_answers_the_requests_after_it(server):
+    """A GET offering h2c, then a request in the same read: both answered (the second was dropped)."""
+    with connect(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+                     b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc" + LAST)
+        raw = read_until_closed(sock)
+    assert [answer for _, answer in sized_responses(raw)] == [b"0", b"3", b"0"]
+
+
+@pytest.fixture(scope="module")
+def ws_server() -> Iterator[tuple[str, int]]:
+    yield from serve(ws=WebSocketProtocol)
+
+
+WS_HEAD = (b"Host: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+
+
+@pytest.mark.parametrize(("request_", "status", "reason"), [
+    (b"GET /ws HTTP/1.1\r\n" + WS_HEAD + b"Content-Length: 5\r\n\r\nhello", 400, "unsupported request body"),
+    (b"GET /ws HTTP/1.1\r\n" + WS_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400,
+     "transfer codings aren't supported"),
+    (b"GET /ws HTTP/1.1\r\n" + WS_HEAD + b"X-A: b\r\n" * 130 + b"\r\n", 431, "no more than 128 headers"),
+])
+def test_a_websocket_upgrade_websockets_cannot_read_is_refused_and_closed(ws_server, request_, status, reason):
+    """websockets refuses such a handshake and queues a reply or an EOF that uvicorn never writes: the connection
+    hung, unanswered and with no clock running (the HTTP protocol stops its own when it hands over)."""
+    with connect(ws_server) as sock:
+        sock.sendall(request_)
+        raw = read_until_closed(sock)
+    (line, body), = sized_responses(raw)
+    assert line == b"HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase.encode())
+    assert b"connection: close" in raw and b"content-type: application/json" in raw
+    assert reason in json.loads(body)["error"]["message"]
 
 
 def test_a_head_under_the_limit_with_a_large_body_is_served(server):
