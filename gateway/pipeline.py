@@ -193,7 +193,7 @@ class Pipeline:
             raise
         ttft = time.monotonic() - lease.started
         relay = StreamRelay(self.gateway, ctx, request, attempt, lease, ttft)
-        shown = None if first is not None and relay.hidden(first) else first
+        shown = None if first is None else relay.shown(first)
         return StreamStart(shown, relay.run(first, rest), route_headers(ctx, attempt, prepared, relayed),
                            relay.assembled)
 

@@ -39,6 +39,7 @@ class StreamRelay:
         self.gateway, self.ctx, self.attempt = gateway, ctx, attempt
         self.request = request  # as the model got it: asking for usage, which a client that did not ask never sees
         self.hide_usage = not ctx.request.include_usage
+        self.chat = isinstance(ctx.request.body, ChatCompletionRequest)
         self.backend = gateway.backends[attempt.model.id]
         self.pool = gateway.pools[attempt.model.id]
         self.lease, self.ttft = lease, ttft
@@ -66,13 +67,13 @@ class StreamRelay:
         except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deeply to skip
             raise self._invalid() from None
 
-    def _observe(self, payload: bytes) -> bool:
+    def _observe(self, payload: bytes) -> bytes | None:
         """Learn what a payload says (text, calls, finish, usage); one that is no JSON object ends the stream, as
-        an upstream fault, before it reaches the client (the first was checked by the backend). Returns whether
-        the client gets it: not a last chunk of only usage that it did not ask for."""
+        an upstream fault, before it reaches the client (the first was checked by the backend). Returns what the
+        client gets of it (see `_shown`)."""
         view = self._view(payload)
         if view is None:
-            return True
+            return payload
         if view.error is not None:  # the upstream failed mid-stream and said so: a failure like a broken stream
             raise UpstreamStatusError(502, payload)  # (relayed as this error event, or continued elsewhere)
         if self.chunk_id is None:
@@ -94,20 +95,27 @@ class StreamRelay:
             if choice.finish_reason is not None:
                 self.finished = True
                 self.finish_reason, self.stop_reason = choice.finish_reason, choice.stop_reason
-        return not self._hides(view)
+        return self._shown(view, payload)
 
-    def _hides(self, view: ChunkView) -> bool:
-        return self.hide_usage and view.usage is not None and not view.choices
-
-    def hidden(self, payload: bytes) -> bool:
-        """Whether the client does not get `payload`: a chunk of only usage, which it did not ask for (the first
-        payload is sent by the caller; `run` counts it)."""
+    def _shown(self, view: ChunkView, payload: bytes) -> bytes | None:
+        """`payload` as a client that did not ask for usage gets it (it did ask: as it is): a chunk of only usage
+        kept back (None), a `usage` beside choices dropped (vLLM's continuous usage; the `"usage": null` a model
+        asked for usage puts on a text completion's chunks, where OpenAI's spec has no null; a chat chunk may
+        carry one)."""
         if not self.hide_usage or b'"usage"' not in payload:
-            return False
+            return payload
+        if view.usage is None:
+            return payload if self.chat else _without_usage(payload)
+        return _without_usage(payload) if view.choices else None
+
+    def shown(self, payload: bytes) -> bytes | None:
+        """What the client gets of the first payload, which the caller sends (`run` counts it)."""
+        if not self.hide_usage or b'"usage"' not in payload:
+            return payload
         try:
-            return self._hides(chunk_view(payload))
+            return self._shown(chunk_view(payload), payload)
         except (msgspec.DecodeError, RecursionError):  # a ValidationError too: `run` judges it
-            return False
+            return payload
 
     def _invalid(self, what: str = "a stream payload that is not a JSON object") -> UpstreamInvalidResponse:
         return UpstreamInvalidResponse(f"deployment {self.lease.index} of {self.attempt.model.id} sent {what}")
@@ -185,8 +193,8 @@ class StreamRelay:
                 current = rest
                 try:
                     async for payload in current:
-                        if self._observe(payload):
-                            yield payload
+                        if (shown := self._observe(payload)) is not None:
+                            yield shown
                 except UpstreamError as exc:
                     self.lease.fail(exc, ttft_s=self.ttft)
                     nxt = self._next_deployment(tried) if exc.retryable and self._can_continue() else None
@@ -323,3 +331,13 @@ def _well_formed(delta: Any) -> bool:
     return (isinstance(function, dict) and isinstance(delta.get("index", 0), int)
             and all(isinstance(value, str | None) for value in (delta.get("id"), delta.get("type"),
                                                                 function.get("name"), function.get("arguments"))))
+
+
+def _without_usage(chunk: bytes) -> bytes:
+    """A chunk without its `usage` field: cut from the bytes as OpenAI and vLLM write a null one, else re-encoded."""
+    for null in (b',"usage":null', b', "usage": null'):
+        if null in chunk:
+            return chunk.replace(null, b"", 1)
+    decoded = msgspec.json.decode(chunk)
+    decoded.pop("usage", None)
+    return msgspec.json.encode(decoded)

@@ -201,3 +201,28 @@ async def test_a_first_payload_of_only_usage_is_kept_from_a_client_that_did_not_
               chunk({}, "stop")]
     chunks, ctx, _ = await _run([script, [], []], {})
     assert all(c["choices"] for c in chunks) and ctx.prompt_tokens == 5
+
+
+async def test_usage_a_client_did_not_ask_for_is_dropped_from_every_chunk():
+    """Asked for usage on the client's behalf, a model puts `"usage":null` on a text completion's chunks (which the
+    spec's CompletionUsage does not allow) or, as vLLM's continuous usage, counts beside each chunk's choices."""
+    from protocol.openai import CompletionRequest
+
+    config = parse_config(CONFIG)
+    text = {"id": "c", "object": "text_completion", "created": 1, "model": "m"}
+    script = [{**text, "choices": [{"index": 0, "text": "hi", "finish_reason": None, "logprobs": None}],
+               "usage": None},
+              {**text, "choices": [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": None}],
+               "usage": None},
+              {**text, "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}]
+    backend = Scripted(config.models[0], [script, [], []])
+    ctx = RequestContext(decode_request({"model": "m", "prompt": "go", "stream": True}, CompletionRequest))
+    started = await Pipeline(Gateway(config, {"m": backend}), PolicyChain()).stream(ctx)
+    chunks = [json.loads(started.first)] + [json.loads(p) async for p in started.rest]
+    assert len(chunks) == 2 and all("usage" not in c for c in chunks) and ctx.prompt_tokens == 2
+    continuous = [chunk({"role": "assistant", "content": ""}, usage={"prompt_tokens": 3, "completion_tokens": 0}),
+                  chunk({"content": "a"}, usage={"prompt_tokens": 3, "completion_tokens": 1}), chunk({}, "stop")]
+    chunks, ctx, _ = await _run([continuous, [], []], {})
+    assert all("usage" not in c for c in chunks) and ctx.prompt_tokens == 3
+    chunks, _, _ = await _run([continuous, [], []], {"stream_options": {"include_usage": True}})
+    assert chunks[1]["usage"]["completion_tokens"] == 1  # asked for: as it came
