@@ -93,6 +93,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline = self.loop.time() + self._header_timeout
         self._timer = self.loop.call_at(self._deadline, self._on_read_timeout)
 
+    def _invalid_request(self) -> None:
+        msg = "Invalid HTTP request received."
+        self.logger.warning(msg)
+        self.send_400_response(msg)
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._cancel_timer()
@@ -100,30 +105,35 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         # uvicorn 0.54's version, plus the 431 and the timer bookkeeping once the read is parsed; without its
         # cancelling of the keep-alive timer, which this protocol never arms (see on_response_complete)
-        self._read_len = len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _HeadersTooLarge):
-                self._refuse(431)
+        while True:  # once more for each upgrade not taken in this read, with the bytes after its head
+            self._read_len = len(data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                if isinstance(exc.__context__, _HeadersTooLarge):
+                    self._refuse(431)
+                    return
+                self._invalid_request()
                 return
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
-            return
-        except httptools.HttpParserUpgrade as upgrade:
-            if self._should_upgrade():
-                self._phase = _IDLE
-                self._cancel_timer()
-                self.handle_websocket_upgrade()
-                return
-            # an upgrade not taken (h2c, or any but WebSocket; CONNECT too): llhttp ended the request at its head,
-            # skipping its body, and would read that body as the next request (uvicorn 0.54 answered the request
-            # with no body, then the request smuggled in it: Kludex/uvicorn#2722). It is plain HTTP/1.1 instead
-            # (RFC 9110 7.8): a parser that knows only its framing headers reads its body, and the requests after it
-            _PlainAfterUpgrade(self)  # becomes self.parser
-            self.data_received(data[upgrade.args[0]:])
-            return
+            except httptools.HttpParserUpgrade as upgrade:
+                if self._should_upgrade():
+                    self._phase = _IDLE
+                    self._cancel_timer()
+                    self.handle_websocket_upgrade()
+                    return
+                # an upgrade not taken (h2c, or any but WebSocket; CONNECT too): llhttp ended the request at its
+                # head, skipping its body, and would read that body as the next request (uvicorn 0.54 answered the
+                # request with no body, then the request smuggled in it: Kludex/uvicorn#2722). It is plain
+                # HTTP/1.1 instead (RFC 9110 7.8): a parser that knows only its framing headers reads its body, and
+                # the requests after it
+                try:
+                    _PlainAfterUpgrade(self)  # becomes self.parser
+                except httptools.HttpParserError:  # framing llhttp let pass for an upgrade (transfer-encoding gzip)
+                    self._invalid_request()
+                    return
+                data = data[upgrade.args[0]:]
+                continue
+            break
 
         # a read that ends between requests (the hot path) leaves the timer as it is: it finds the connection idle
         # or busy when it fires
@@ -271,7 +281,7 @@ class _PlainAfterUpgrade:
         parser = protocol.parser = httptools.HttpRequestParser(self)  # before the head: a request with no body ends
         parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
         framing = [b"%s: %s\r\n" % pair for pair in protocol.headers if pair[0] in _BODY_FRAMING]
-        parser.feed_data(b"POST / HTTP/1.1\r\n%s\r\n" % b"".join(framing))  # checked once already: it parses
+        parser.feed_data(b"POST / HTTP/1.1\r\n%s\r\n" % b"".join(framing))  # may raise: see data_received
         self.replaying = False
 
     def on_message_begin(self) -> None:

@@ -262,6 +262,27 @@ def test_an_upgrade_not_taken_without_a_body_answers_the_requests_after_it(serve
     assert [answer for _, answer in sized_responses(raw)] == [b"0", b"3", b"0"]
 
 
+def test_an_upgrade_with_framing_only_an_upgrade_lets_pass_is_a_400(server):
+    """llhttp takes Transfer-Encoding identity or gzip on an upgrade's head; the plain parser refused it inside the
+    upgrade handler: an uncaught error, a traceback and no answer."""
+    with connect(server) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\nConnection: Upgrade\r\n"
+                     b"Upgrade: h2c\r\n\r\n")
+        raw = read_until_closed(sock)
+    (line, body), = sized_responses(raw)
+    assert line == b"HTTP/1.1 400 Bad Request" and b"invalid_http_request" in body
+
+
+def test_many_upgrades_not_taken_in_one_read_are_all_answered(server):
+    """Each one recursed once into data_received: 2,000 in one write were a RecursionError, no answer at all and
+    thousands of traceback lines."""
+    requests = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n" * 2000
+    with connect(server) as sock:
+        sock.sendall(requests + LAST)
+        raw = read_until_closed(sock)
+    assert len(sized_responses(raw)) == 2001
+
+
 @pytest.fixture(scope="module")
 def ws_server() -> Iterator[tuple[str, int]]:
     yield from serve(ws=WebSocketProtocol)
