@@ -293,6 +293,9 @@ class Scheduler:
         self._abort({id(s.group): s.group for s in admitted if s.group.error is not None})
         newcomers = [seq for seq in newcomers if seq.group.error is None]
         for part in _prefill_parts(newcomers):
+            part = [seq for seq in part if seq.group.error is None]  # a sibling in an earlier part may have failed
+            if not part:  # (its group is over: a row of it would never be sampled, and feed -1 to the next step)
+                continue
             cache, mask, logits = self._prefill(part)
             produced += len(part)
             self._rows.extend(part)

@@ -271,3 +271,32 @@ async def test_max_tokens_inside_a_required_call_leaks_no_markup(backend: Transf
         chunks = [msgspec.json.decode(c) async for c in backend.stream(
             chat("weather?", tools=TOOLS, tool_choice="required", max_tokens=max_tokens, stream=True))]
         assert not any(ch["delta"].get("content") for c in chunks for ch in c["choices"])
+
+
+class _FailFirst(_Faulty):
+    def decoder(self, job: Any, on_text: Any) -> Any:
+        inner = self.engine.decoder(job, on_text)
+        return _Exploding(inner, 0) if id(job) in self.bad else inner  # raises on its first push (its prefill)
+
+
+async def test_a_request_failed_in_one_prefill_part_leaves_no_row_in_the_next(backend: Any) -> None:
+    """Prompts of different lengths are prefilled in parts: one failing in the first part ended its request, and
+    its long sibling, prefilled in the second part all the same, sat in the batch never sampled (token -1), so the
+    next decode step failed every request in it (here an unrelated one)."""
+    model = _FailFirst(backend._engine, False)
+    scheduler = Scheduler(model, max_concurrency=8, max_queue=8, name="orphan")
+    prepare = backend._engine.prepare
+    victim_jobs, _ = prepare(check_request(chat("victim", max_tokens=40, ignore_eos=True)))
+    jobs, _ = prepare(check_request(completion(["x", "x", "x", "y " * 300], max_tokens=40, ignore_eos=True)))
+    model.bad = {id(jobs[0])}
+    done = {"victim": threading.Event(), "failing": threading.Event()}
+    victim, failing = Group(victim_jobs, None, done["victim"].set), Group(jobs, None, done["failing"].set)
+    try:
+        scheduler.submit(victim)
+        scheduler.submit(failing)
+        model.gate.set()
+        assert await asyncio.to_thread(done["failing"].wait, 30) and failing.error is not None
+        assert await asyncio.to_thread(done["victim"].wait, 30)
+        assert victim.error is None
+    finally:
+        await asyncio.to_thread(scheduler.close)
