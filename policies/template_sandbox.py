@@ -19,7 +19,7 @@ __all__ = ["MAX_OUTPUT", "MAX_STEPS", "RENDER_LIMIT_S", "RenderLimit", "SafeTemp
 MAX_OUTPUT = 100_000  # characters one render may produce, and the largest string or list it may build
 MAX_STEPS = 100_000  # loop iterations plus calls (functions, methods, macros) per render
 MAX_RANGE = 10_000  # items one range() may hold
-RENDER_LIMIT_S = 0.05  # wall time per render, checked every few loop iterations and at every call and filter
+RENDER_LIMIT_S = 0.05  # CPU time per render, checked every few loop iterations and at every call and filter
 _CHECK_EVERY = 256
 MAX_PRECISION = 1000  # digits round() may be asked for (it computes 10 ** precision)
 
@@ -79,7 +79,7 @@ def _call_step(steps: int = 1) -> None:
 def _check(budget: _Budget) -> None:
     if budget.steps > MAX_STEPS:
         raise RenderLimit(f"the template took more than {MAX_STEPS} steps (loop iterations, lookups and calls)")
-    if time.monotonic() > budget.deadline:
+    if time.thread_time() > budget.deadline:  # CPU time: a stall of the thread (the GIL, the host) is no render
         raise RenderLimit(f"the template took longer than {RENDER_LIMIT_S * 1000:g} ms to render")
 
 
@@ -346,9 +346,9 @@ class SafeTemplate:
 
     def render(self, variables: dict[str, Any], deadline: float | None = None) -> str:
         """The rendered text; RenderLimit, SecurityError or another TemplateError (or a Python error a
-        filter raised) when it cannot be rendered. `deadline` (time.monotonic()): one shared by several
-        templates rendered for one request; RENDER_LIMIT_S from now when None."""
-        _local.budget = _Budget(time.monotonic() + RENDER_LIMIT_S if deadline is None else deadline)
+        filter raised) when it cannot be rendered. `deadline` (time.thread_time(): the rendering thread's CPU
+        time): one shared by several templates rendered for one request; RENDER_LIMIT_S from now when None."""
+        _local.budget = _Budget(time.thread_time() + RENDER_LIMIT_S if deadline is None else deadline)
         try:
             out: list[str] = []
             size = 0

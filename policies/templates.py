@@ -104,7 +104,7 @@ class CompiledVersion:
         """(role, text) per message; a 400 when the sandbox refuses or the template fails. Runs on the event loop:
         a typical render takes microseconds (a thread hop would cost several times that) and the sandbox stops any
         render at its time budget, each filter and call bounded before it runs."""
-        deadline = time.monotonic() + RENDER_LIMIT_S  # one budget for all the messages, not one each
+        deadline = time.thread_time() + RENDER_LIMIT_S  # one CPU budget for all the messages, not one each
         try:
             return [(role, template.render(values, deadline)) for role, template in self.messages]
         except SecurityError as exc:

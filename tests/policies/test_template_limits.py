@@ -166,3 +166,14 @@ async def test_one_time_budget_covers_all_of_a_versions_messages(monkeypatch):
 
 def test_the_rendered_text_stays_bounded():
     assert len(SafeTemplate("{{ ('x' * 40000)|tojson }}").render({})) == 40002 < MAX_OUTPUT
+
+
+def test_a_stalled_thread_is_not_a_slow_render(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget is the render's CPU time: measured on the wall clock, any stall of the event loop's thread over
+    50 ms (the GIL, a busy host) failed ordinary templates now and then."""
+    import time
+
+    wall = iter(range(0, 10**9, 3600))  # every reading an hour after the last: a thread stalled at each step
+    monkeypatch.setattr(time, "monotonic", lambda: float(next(wall)))
+    template = SafeTemplate("{% for x in items %}{{ x|upper }} {% endfor %}{{ items|join(',')|length }}")
+    assert template.render({"items": ["a", "b", "c"]}) == "A B C 5"
