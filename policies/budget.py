@@ -265,10 +265,11 @@ class BudgetPolicy:
         """Add their use to the settled counters `adjust` did not find, making them (they expire with their period);
         their `used` stays None, read back by the alerts. Two requests doing so at once each add their own use."""
         now = self.clock()
-        await self.store.reserve([
-            Reservation(c.settled, actual, _UNBOUNDED, None if c.end is None else c.end - now + _SLACK_S)
-            for (c, actual), value in zip(charged, used, strict=True) if value is None
-        ])
+        made = [Reservation(c.settled, actual, _UNBOUNDED, None if c.end is None else c.end - now + _SLACK_S)
+                for (c, actual), value in zip(charged, used, strict=True)
+                if value is None and (c.end is None or c.end - now + _SLACK_S > 0)]  # a period over: no counter
+        if made:
+            await self.store.reserve(made)
 
     async def remaining(self, ctx: RequestContext) -> list[dict[str, Any]]:
         """Each budget that applies to the caller (not `model` budgets): scope, member, period, limits, what is

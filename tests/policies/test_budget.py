@@ -354,3 +354,21 @@ async def test_a_model_scope_counts_every_version_as_the_model() -> None:
     assert scope_member("model", "chat", ctx, "chat@2.0.0") == "chat"
     assert scope_member("model", None, ctx, "chat@2.0.0") == "chat"
     assert scope_member("model", "chat", ctx, "other") is None
+
+
+async def test_a_settle_after_its_period_is_over_makes_no_counter(caplog: pytest.LogCaptureFixture) -> None:
+    """A stream that ends more than a minute after its hour made a settled counter with a negative TTL: a
+    ValueError, logged as a failed settle, which also skipped the alerts."""
+    from policies.state import LocalStore
+
+    now = [datetime(2024, 5, 1, 12, 59, 50, tzinfo=UTC).timestamp()]
+    store = LocalStore(clock=lambda: now[0])
+    policy = BudgetPolicy([BudgetConfig(scope="key", period="hour", max_tokens=100_000)], store,
+                          clock=lambda: now[0])
+    context = ctx()
+    await policy.approve(context, decision("cheap"))
+    now[0] += 130  # the stream ends at 13:02:00
+    context.record_usage(MODELS["cheap"], 14, 300)
+    with caplog.at_level(logging.WARNING, logger="pointsman.policies"):
+        await policy.settle(context, Outcome("ok"))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
