@@ -182,7 +182,7 @@ class Router:
                 if candidate.eligible and candidate.model not in seen:
                     seen.add(candidate.model)
                     decision.attempts.append(Attempt(self.table.get(candidate.model), label))
-        if decision.skipped and need is not None:
+        if decision.skipped and need is not None and request.body.fallback_mode != "none":  # none: no fallback
             self._fall_back_to_larger_context(decision, need, seen)
         return decision
 
