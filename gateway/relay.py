@@ -197,9 +197,10 @@ class StreamRelay:
                             yield shown
                 except UpstreamError as exc:
                     self.lease.fail(exc, ttft_s=self.ttft)
-                    nxt = self._next_deployment(tried) if exc.retryable and self._can_continue() else None
-                    continuation = self._continuation() if nxt is not None else None
-                    if continuation is None:
+                    # the continuation first: choosing the next deployment takes a half-open breaker's probe
+                    continuation = self._continuation() if exc.retryable and self._can_continue() else None
+                    nxt = self._next_deployment(tried) if continuation is not None else None
+                    if nxt is None:
                         raise
                     log.warning("%s deployment %s broke mid-stream (%s); continuing on %s",
                                 self.attempt.model.id, self.lease.index, exc.message, nxt)

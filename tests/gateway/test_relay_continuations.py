@@ -226,3 +226,27 @@ async def test_usage_a_client_did_not_ask_for_is_dropped_from_every_chunk():
     assert all("usage" not in c for c in chunks) and ctx.prompt_tokens == 3
     chunks, _, _ = await _run([continuous, [], []], {"stream_options": {"include_usage": True}})
     assert chunks[1]["usage"]["completion_tokens"] == 1  # asked for: as it came
+
+
+async def test_a_stream_that_will_not_be_continued_takes_no_probe_from_a_half_open_deployment():
+    """The next deployment was chosen before the continuation was found impossible (its max_tokens used up): the
+    choice took a half-open breaker's one probe, held until the probe's timeout, and no request reached it."""
+    from routing.breaker import CircuitBreaker
+
+    now = [0.0]
+    config = parse_config(CONFIG)
+    backend = Scripted(config.models[0], [[chunk({"role": "assistant", "content": ""}), chunk({"content": "a"}),
+                                            chunk({"content": "b"}), BREAK], [], []])
+    gateway = Gateway(config, {"m": backend})
+    pool = gateway.pools["m"]
+    for index in (1, 2):  # both others open, then past their cooldown: half-open, one probe each
+        pool.breakers[index] = breaker = CircuitBreaker(failures=1, cooldown_s=1, clock=lambda: now[0])
+        breaker.record_failure()
+    now[0] = 5.0
+    request = decode_request({"model": "m", "stream": True, "max_tokens": 2,
+                              "messages": [{"role": "user", "content": "go"}]}, ChatCompletionRequest)
+    ctx = RequestContext(request, request_id="r")
+    with pytest.raises(UpstreamUnavailable):
+        async for _ in (await Pipeline(gateway, PolicyChain()).stream(ctx)).rest:
+            pass
+    assert pool.breakers[1].allow() and pool.breakers[2].allow()  # each probe still there for a request
