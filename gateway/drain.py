@@ -43,7 +43,10 @@ class Drain:
         handing_on = self._previous
         if handing_on is None:
             return
-        if self.draining or self.delay_s <= 0 or reloading():  # a SIGHUP retiring this worker: no drain
+        if reloading():  # a SIGHUP retiring this worker, the replica serving on: no drain, /ready stays 200
+            handing_on(sig, frame)
+            return
+        if self.draining or self.delay_s <= 0:
             self.draining = True
             if self._timer is not None:
                 self._timer.cancel()
