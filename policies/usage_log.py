@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from policies.database import usage_rows
+from policies.database import storable, usage_rows
 
 __all__ = ["CHUNK_ROWS", "UsageLog", "UsageRow"]
 
@@ -73,12 +73,13 @@ _FIELDS = UsageRow.__struct_fields__
 CHUNK_ROWS = 100
 
 
-def _fitted(length: int | None) -> Callable[[str | None], str | None]:
-    """A column's text as it can be stored: PostgreSQL refuses NUL (it becomes U+FFFD) and text longer than a
-    `String(n)` column (it is cut)."""
+def _fitted(column: sa.Column) -> Callable[[str | None], str | None]:
+    """A column's text as it can be stored (see policies.database.storable): NUL becomes U+FFFD, and text longer
+    than a `String(n)` column is cut."""
+    length = column.type.length  # type: ignore[attr-defined]
 
     def fit(value: str | None) -> str | None:
-        if value is None or ("\x00" not in value and (length is None or len(value) <= length)):
+        if value is None or storable(value, column):
             return value
         return value.replace("\x00", "\ufffd")[:length]
 
@@ -110,7 +111,7 @@ class _CompiledInsert:
             if (process := type_.dialect_impl(dialect).bind_processor(dialect)) is not None:
                 self._processors.append((i, process))
             if isinstance(type_, sa.String):  # text from clients: make it fit, so that no row is refused for it
-                self._processors.append((i, _fitted(type_.length)))
+                self._processors.append((i, _fitted(usage_rows.c[name])))
 
     def params(self, rows: list[UsageRow]) -> list[tuple[Any, ...]]:
         columns: list[Any] = list(zip(*map(self._values, rows), strict=True))
