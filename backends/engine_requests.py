@@ -168,7 +168,8 @@ def _response_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 # keywords a schema's grammar (xgrammar) does not hold the output to: strict mode refuses them, as OpenAI's does
-_UNENFORCED = ("allOf", "not", "if", "then", "else", "uniqueItems", "multipleOf", "contains", "minContains",
+# (oneOf: the grammar takes it as anyOf, so an answer matching two branches would pass; OpenAI refuses it too)
+_UNENFORCED = ("allOf", "oneOf", "not", "if", "then", "else", "uniqueItems", "multipleOf", "contains", "minContains",
                "maxContains", "dependentRequired", "dependentSchemas", "unevaluatedProperties", "unevaluatedItems")
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")

@@ -212,6 +212,7 @@ async def test_stop_strings_apply_only_before_the_grammar_takes_hold() -> None:
     ({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 7}}}, "multipleOf"),
     ({"anyOf": []}, "anyOf"),
     ({"oneOf": []}, "oneOf"),
+    ({"type": "object", "properties": {"v": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}}, "oneOf"),
     ({"type": "array", "items": {"not": {"type": "string"}}}, "not"),
 ])
 async def test_strict_schema_keywords_the_grammar_ignores_are_a_400(schema: dict, keyword: str) -> None:
