@@ -163,16 +163,20 @@ def analytics_router(read_guard: Callable[..., Any], admin_guard: Callable[..., 
         return {"object": "list", "data": data}
 
     @get("/analytics/recommendations", guards=[read_guard],
-         summary="Cheaper models about as capable for each task, with the savings on the window's traffic")
+         summary="Cheaper models about as capable for each task, with the savings on the window's traffic "
+                 "(everyone's, or one team's or key's)")
     async def recommendations(request: Request, since: QueryText = None, until: QueryText = None,
-                              min_requests: QueryText = None) -> dict:
+                              min_requests: QueryText = None, team: QueryText = None,
+                              key_id: QueryText = None) -> dict:
         engine = _engine(request)
         start, end = _window(since, until)
         least = _int(min_requests, "min_requests", 1)
+        u = usage_rows.c  # text no row can hold is a 400, not a query the database refuses
+        teamed, keyed = checked(team or None, u.team, "team"), checked(key_id or None, u.key_id, "key_id")
         gateway: Gateway = request.app.state.gateway
         data = await _query(request.app.state.storage, lambda: recommend(
             engine, _served_pricing(gateway), _capability(gateway), start, end,
-            min_requests=least))
+            min_requests=least, team=teamed, key_id=keyed))
         return {"object": "list", "data": data}
 
     @get("/usage", guards=[admin_guard], summary="The usage rows, newest first, a page at a time (after_id)")

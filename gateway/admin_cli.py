@@ -164,7 +164,7 @@ def _forecast(args: argparse.Namespace) -> Result:
 def _recommendations(args: argparse.Namespace) -> Result:
     answer = _call(args, "GET", "/admin/analytics/recommendations",
                    query={"since": _relative(args.since), "until": _relative(args.until),
-                          "min_requests": args.min_requests})
+                          "min_requests": args.min_requests, "team": args.team, "key_id": args.key_id})
     return answer, lambda a: _table(
         a["data"], ["task", "from_model", "to_model", "requests", "current_cost_usd", "projected_cost_usd",
                     "savings_usd", "savings_pct", "from_capability", "to_capability"], "(no cheaper model found)")
@@ -229,4 +229,6 @@ def add_admin_parser(commands: Any) -> None:
     advice = groups.add_parser("recommendations", parents=[common, window],
                                help="cheaper models about as capable, per task")
     advice.add_argument("--min-requests", type=int, help="answered requests a task and model need (default 10)")
+    advice.add_argument("--team", help="only this team's traffic")
+    advice.add_argument("--key-id", help="only this API key's traffic (its id, as `keys list` shows it)")
     advice.set_defaults(func=_run(_recommendations))

@@ -366,19 +366,22 @@ async def forecast(engine: AsyncEngine | None, budgets: Sequence[BudgetConfig], 
 
 async def recommend(engine: AsyncEngine, candidates: Mapping[str, Pricing | None],
                     capability_of: Callable[[str, str], float], since: datetime, until: datetime, *,
-                    tolerance: float = 0.05, min_requests: int | None = None) -> list[dict]:
+                    tolerance: float = 0.05, min_requests: int | None = None, team: str | None = None,
+                    key_id: str | None = None) -> list[dict]:
     """For each (task, served model) with at least `min_requests` (None: MIN_REQUESTS, 10) answered requests in
-    [since, until), so that advice never rests on a handful of requests: the model
+    [since, until), of one `team` or API key (`key_id`) when given (else everyone's), so that advice never rests
+    on a handful of requests: the model
     of `candidates` (model id -> the pricing that id is served at now, None: unknown) that would have cost least
     for the same tokens, among those whose capability for the task (as `capability_of(model_id, task)` scores it
     for automatic routing) is at most `tolerance` below the current one's; only where it saves money. Requests
     without a task (manual routes) and cache hits are not counted; the current cost is what the rows were billed.
     Largest savings first."""
     charged = sa.or_(u.cache.is_(None), u.cache.not_in(CACHE_HITS))
+    whose = [*([u.team == team] if team is not None else []), *([u.key_id == key_id] if key_id is not None else [])]
     query = (sa.select(u.task, u.model_served, sa.func.count(), sa.func.sum(u.prompt_tokens),
                        sa.func.sum(u.completion_tokens), sa.func.sum(u.cost_usd))
              .where(u.created_at >= since, u.created_at < until, u.status == "ok", u.task.is_not(None),
-                    u.model_served.is_not(None), charged)
+                    u.model_served.is_not(None), charged, *whose)
              .group_by(u.task, u.model_served))
     async with engine.connect() as connection:
         traffic = (await connection.execute(query)).all()

@@ -162,6 +162,12 @@ def test_recommendations_advise_the_cheaper_model(served):
     assert _get(served.url + "/admin/analytics/recommendations?since=-1h")[1]["data"] == []
     status, bad = _get(served.url + "/admin/analytics/recommendations?min_requests=0")
     assert status == 400 and bad["error"]["param"] == "min_requests"
+    # one key's or team's traffic: the requests came with the static admin key, which has no team
+    mine = _get(served.url + "/admin/analytics/recommendations?since=-1h&min_requests=3&key_id=static-0")[1]
+    assert [(a["from_model"], a["requests"]) for a in mine["data"]] == [("big", 3)]
+    assert _get(served.url + "/admin/analytics/recommendations?since=-1h&min_requests=3&team=t9")[1]["data"] == []
+    status, bad = _get(served.url + "/admin/analytics/recommendations?team=a%00b")
+    assert status == 400 and bad["error"]["param"] == "team"
 
 
 def test_recommendations_price_a_model_as_its_production_version(upstream, tmp_path):
@@ -218,6 +224,9 @@ def test_cli_usage_forecast_and_recommendations(served):
     assert advice.returncode == 0 and json.loads(advice.stdout)["data"] == []  # 3 requests: below MIN_REQUESTS
     advice = _cli(served, "recommendations", "--json", "--since", "1h", "--min-requests", "3")
     assert [(a["from_model"], a["to_model"]) for a in json.loads(advice.stdout)["data"]] == [("big", "small")]
+    for whose, expected in ((["--key-id", "static-0"], 1), (["--team", "t9"], 0)):
+        advice = _cli(served, "recommendations", "--json", "--since", "1h", "--min-requests", "3", *whose)
+        assert advice.returncode == 0 and len(json.loads(advice.stdout)["data"]) == expected, advice.stderr
     bad = _cli(served, "usage", "--group-by", "colour")
     assert bad.returncode == 1 and "HTTP 400" in bad.stderr and "group_by" in bad.stderr and bad.stdout == ""
     nokey = _cli(served, "forecast", key=None)

@@ -260,6 +260,17 @@ async def test_recommendations_name_the_cheapest_model_about_as_capable(engine):
 
 
 
+async def test_recommendations_of_one_team_or_key_count_only_its_traffic(engine):
+    def advised(**whose):
+        return recommend(engine, PRICED, _capability, _at(9, 0), _at(13, 0), min_requests=1, **whose)
+
+    # t1 and k1 sent the code traffic on a (r1, r6), t2 and k2 the chat traffic on b (r7)
+    assert [(a["task"], a["from_model"]) for a in await advised(team="t1")] == [("code", "a@1.0.0"), ("code", "a")]
+    assert [(a["task"], a["from_model"]) for a in await advised(key_id="k2")] == [("chat", "b")]
+    assert [a["from_model"] for a in await advised(team="t1", key_id="k1")] == ["a@1.0.0", "a"]
+    assert await advised(team="t1", key_id="k2") == [] and await advised(team="nobody") == []
+
+
 async def test_recommendations_price_each_model_as_it_is_served_and_need_enough_requests(engine):
     # b's production version costs 50 / 100 per million tokens: dearer than a, never advised for a's traffic
     served = {**PRICED, "b": msgspec.convert({"input_per_mtok": 50, "output_per_mtok": 100}, Pricing)}
