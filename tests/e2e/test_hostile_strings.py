@@ -107,3 +107,28 @@ def test_model_version_longer_than_its_column_is_a_400(gateway):
     answer = _post(gateway, "/admin/models/chat-a/versions", {"version": "1.0.0-" + "a" * 100, "stage": "dev"})
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "version"
     assert "Traceback" not in gateway.output()
+
+
+@pytest.mark.parametrize(("method", "suffix"), [("GET", ""), ("PATCH", ""), ("POST", "/pause"), ("POST", "/stop"),
+                                                ("POST", "/promote"), ("GET", "/results")])
+def test_experiment_names_with_nul_are_404(gateway, method, suffix):
+    body = {"variant": "a"} if suffix == "/promote" else {"status": "paused"} if method == "PATCH" else None
+    answer = httpx.request(method, f"{gateway.url}/admin/experiments/e%00x{suffix}", json=body, headers=HEADERS)
+    assert answer.status_code == 404 and answer.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("hostile", [{"name": "e\x00x"}, {"variants": [{"name": "a\x00", "model": "chat-a"},
+                                                                      {"name": "b", "model": "chat-a"}]},
+                                     {"primary_metric": "feedback:q\x00"}, {"target": "chat-a\x00"}])
+def test_experiments_with_nul_in_their_text_are_refused_or_kept_whole(gateway, hostile):
+    name = "nul-" + uuid.uuid4().hex[:8]
+    body = {"name": name, "target": "chat-a", "status": "draft",
+            "variants": [{"name": "a", "model": "chat-a"}, {"name": "b", "model": "chat-a"}], **hostile}
+    answer = _post(gateway, "/admin/experiments", body)
+    if answer.status_code == 201:  # kept: then read back whole
+        created = answer.json()
+        again = httpx.get(f"{gateway.url}/admin/experiments/{created['name']}", headers=HEADERS)
+        assert again.status_code == 200 and again.json() == created
+    else:
+        assert answer.status_code == 400, answer.text
+    assert "Traceback" not in gateway.output()
