@@ -120,8 +120,9 @@ async def _explain(request: Request) -> dict:
     raw = decode_object(data) if data else {}
     if "messages" not in raw:
         prompt = raw.pop("prompt", None)
-        if not isinstance(prompt, str):
-            raise BadRequest("Send a chat request's 'messages', or a 'prompt' string.", param="messages")
+        if not isinstance(prompt, str):  # the field at fault: a 'prompt' sent that is no string, else 'messages'
+            raise BadRequest("Send a chat request's 'messages', or a 'prompt' string.",
+                             param="messages" if prompt is None else "prompt")
         raw["messages"] = [{"role": "user", "content": prompt}]
     if not any(k in raw for k in ("model", "auto_select", "preferred_model", "models")):
         raw["model"] = "auto"

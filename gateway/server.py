@@ -1,5 +1,6 @@
-"""uvicorn's httptools protocol with read timeouts, a header size limit, close-delimited HTTP/1.0 streams, and a
-response head checked in two passes rather than two regex searches per header and written with its body."""
+"""uvicorn's httptools protocol with read timeouts, a header size limit, RFC 9112's Host and transfer-coding checks,
+close-delimited HTTP/1.0 streams, and a response head checked in two passes rather than two regex searches per
+header and written with its body."""
 
 from __future__ import annotations
 
@@ -31,8 +32,13 @@ _headers_complete = HttpToolsProtocol.on_headers_complete
 _message_complete = HttpToolsProtocol.on_message_complete
 
 
-class _HeadersTooLarge(Exception):
-    """Raised inside a parser callback to stop parsing; httptools hands it back as the error's __context__."""
+class _Refused(Exception):
+    """Raised inside a parser callback to stop parsing and refuse the request with `status` (and close);
+    httptools hands it back as the error's __context__."""
+
+    def __init__(self, status: int, message: str | None = None) -> None:
+        super().__init__(status, message)
+        self.status, self.message = status, message
 
 
 def http_protocol(
@@ -61,6 +67,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
       paused because the app has not taken the body yet, or an `Expect: 100-continue` not answered yet.
     - size: request line plus headers over `max_header_bytes` gets 431 and close. Counted exactly when the head
       completes, and as raw bytes read while it is still incomplete (so one endless header is cut off early).
+    - head: a request past HTTP/1.0 without a Host header, or any with two, gets 400 (RFC 9112 3.2); a transfer
+      coding other than chunked, which llhttp lets pass before a final chunked, 501 (6.1). Either is answered after
+      the responses to the requests pipelined before it, then the connection closes.
     - HTTP/1.0: a response with no content-length goes out unframed, ended by closing the connection, since
       HTTP/1.0 clients cannot read chunked transfer-encoding.
     - keep-alive: a connection idle for uvicorn's `timeout_keep_alive` after a response is closed quietly.
@@ -86,6 +95,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._read_len = 0
         self._held_for_app = False  # the last timeout found the app not yet asking for an Expect: 100 body
         self._idle_until = 0.0  # loop time when the keep-alive ends, set as each response completes
+        # this request's Host headers plus twice its Transfer-Encoding ones: 1, the usual head, needs no closer look
+        self._marks = 0
 
     # connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -110,8 +121,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as exc:
-                if isinstance(exc.__context__, _HeadersTooLarge):
-                    self._refuse(431)
+                refused = exc.__context__
+                if isinstance(refused, _Refused):
+                    self._refuse(refused.status, refused.message)
                     return
                 self._invalid_request()
                 return
@@ -159,11 +171,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._deadline = 0.0
             self._header_bytes = 0
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # uvicorn 0.54's, also marking the headers _check_head reads: one set lookup where uvicorn compared once
+        name = name.lower()
+        if name in _MARKED:
+            if name == b"host":
+                self._marks += 1
+            elif name == b"transfer-encoding":
+                self._marks += 2
+            elif value.lower() == b"100-continue":
+                self.expect_100_continue = True
+        self.headers.append((name, value))
+
     def on_headers_complete(self) -> None:
         limit = self._max_header_bytes
         # the head is no bigger than the bytes read since it began: count it exactly only when those could exceed
         if self._header_bytes + self._read_len > limit and self._head_size() > limit:
-            raise _HeadersTooLarge
+            raise _Refused(431)
+        if self._marks != 1 and (refused := self._check_head()) is not None:  # not the usual head: a closer look
+            self._answer_in_turn(refused)
+            return
+        self._marks = 0
         self._phase = _BODY
         self._deadline = 0.0
         _headers_complete(self)
@@ -190,6 +218,40 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         until = self._idle_until = self.loop.time() + self.timeout_keep_alive
         if self._timer is None or self._timer.when() > until:  # none armed, or armed for later (a read deadline)
             self._arm(until)
+
+    def _check_head(self) -> _Refused | None:
+        """The refusal of a head RFC 9112 refuses: no Host in a request past HTTP/1.0 or more than one (3.2, a 400),
+        a transfer coding besides chunked, which llhttp passes but nothing here decodes (6.1, a 501), or chunked
+        twice or not last (6.3, a 400)."""
+        hosts = 0
+        codings: list[bytes] = []
+        for name, value in self.headers:
+            if name == b"host":
+                hosts += 1
+            elif name == b"transfer-encoding":  # a list, possibly over several lines; empty elements are ignored
+                codings += [coding for part in value.split(b",") if (coding := part.strip().lower())]
+        if hosts > 1:
+            return _Refused(400, "Invalid HTTP request: more than one Host header.")
+        if not hosts and self.parser.get_http_version() != "1.0":
+            return _Refused(400, "Invalid HTTP request: HTTP/1.1 requires a Host header.")
+        if codings and codings != [b"chunked"]:
+            if codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+                return _Refused(400, "Invalid HTTP request: chunked must be the last transfer coding, and only once.")
+            unknown = ", ".join(c.decode("latin-1") for c in codings[:-1])
+            return _Refused(501, f"Transfer-Encoding {unknown} is not supported: send the body chunked only.")
+        return None
+
+    def _answer_in_turn(self, refused: _Refused) -> None:
+        """Answer this request with `refused` and close, but after the responses to the requests before it (a
+        pipeline): uvicorn's own exchange, given an app that answers the refusal with `connection: close`."""
+        if self.parser.should_upgrade():  # uvicorn starts no exchange for an upgrade: refused (and closed) now
+            raise refused
+        self._marks = 1  # checked: the ordinary path starts the exchange
+        app, self.app = self.app, _Refusal(refused.status, refused.message or "")
+        try:
+            self.on_headers_complete()
+        finally:
+            self.app = app
 
     # timeouts
     def _head_size(self) -> int:
@@ -238,8 +300,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._refuse(408)
 
-    def _refuse(self, status: int) -> None:
-        """Close the connection, answering `status` first unless a response is already on the wire."""
+    def _refuse(self, status: int, message: str | None = None) -> None:
+        """Close the connection, answering `status` (with `message`, else its phrase) first unless a response is
+        already on the wire."""
         cycle = self.cycle
         if self._phase == _BODY:  # the app holds this request: it now reads http.disconnect, its replies are dropped
             answer = not cycle.response_started
@@ -249,7 +312,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             answer = cycle is None or cycle.response_complete
         if answer:
-            self._write_error(status, http.HTTPStatus(status).phrase)
+            self._write_error(status, message or http.HTTPStatus(status).phrase)
         self._phase = _IDLE
         self.transport.close()
 
@@ -260,11 +323,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _write_error(self, status: int, message: str) -> None:
         """A closing error response whose body is OpenAI's error object, as the app's own errors are."""
-        body = error_body(message, "invalid_request_error", _PROTOCOL_ERROR_CODES.get(status))
+        body = _refusal_body(status, message)
         head = [b"HTTP/1.1 %d %s\r\n" % (status, http.HTTPStatus(status).phrase.encode())]
         head += [b"%s: %s\r\n" % pair for pair in self.server_state.default_headers]
         head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
         self.transport.write(b"".join(head) + b"connection: close\r\n\r\n" + body)
+
+
+def _refusal_body(status: int, message: str) -> bytes:
+    return error_body(message, "invalid_request_error", _PROTOCOL_ERROR_CODES.get(status))
+
+
+class _Refusal:
+    """An ASGI app that answers with a refusal of the protocol's own, as _write_error words it, and closes."""
+
+    __slots__ = ("body", "status")
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status, self.body = status, _refusal_body(status, message)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(self.body)),
+            (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class _PlainAfterUpgrade:
@@ -303,7 +385,10 @@ class _PlainAfterUpgrade:
 
 _BODY_FRAMING = frozenset((b"content-length", b"transfer-encoding"))
 # the `code` of each refusal the protocol itself sends (the request never reached the app)
-_PROTOCOL_ERROR_CODES = {400: "invalid_http_request", 408: "request_timeout", 431: "request_header_fields_too_large"}
+_PROTOCOL_ERROR_CODES = {400: "invalid_http_request", 408: "request_timeout", 431: "request_header_fields_too_large",
+                         501: "unsupported_transfer_coding"}
+# the request headers on_header marks for _check_head; `expect`, which uvicorn reads, in the same lookup
+_MARKED = frozenset((b"host", b"transfer-encoding", b"expect"))
 _COPY_BYTES = 64 * 1024  # a body up to this size is copied behind its head (one buffer); a larger one goes by writev
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 # the bytes uvicorn allows in a header name and in a value: each of its two patterns is one character class, so

@@ -255,7 +255,7 @@ class Gateway:
         analysis = await self.analyse(request) if plan.automatic or explain else None
         decision = self.router.decide(plan, request, analysis)
         if principal.restricted:
-            _restrict(decision, principal, explain, self._named(decision))
+            _restrict(decision, principal, explain, self._named(decision), request)
         if explain:
             decision.deployments = {a.model.id: self.pools[a.model.id].describe() for a in decision.attempts}
         return decision
@@ -294,12 +294,13 @@ class Gateway:
         return self.table.not_found(name, principal.may_use) if name is not None and principal.restricted else error
 
     @staticmethod
-    def nothing_to_try(decision: Decision) -> GatewayError:
+    def nothing_to_try(decision: Decision, request: ParsedRequest | ParsedEmbeddings | None = None) -> GatewayError:
+        """Why `decision` left nothing to try; a too-long prompt's 400 names `request`'s prompt field."""
         if not decision.attempts and decision.skipped:
             return BadRequest(
                 "The prompt plus max_tokens is longer than the context window of every model that could take it: "
                 + "; ".join(f"{m}: {r}" for m, r in decision.skipped.items()),
-                param="messages", code="context_length_exceeded",
+                param="messages" if request is None else request.prompt_param, code="context_length_exceeded",
             )
         if not decision.attempts:
             reasons = "; ".join(f"{c.model}: {c.reason}" for c in decision.candidates)
@@ -319,7 +320,8 @@ class Gateway:
         return error
 
 
-def _restrict(decision: Decision, principal: Principal, explain: bool, named: set[str]) -> None:
+def _restrict(decision: Decision, principal: Principal, explain: bool, named: set[str],
+              request: ParsedRequest | ParsedEmbeddings | None = None) -> None:
     """Take the models the caller's key may not use out of the decision (ineligible, with the reason), so that
     neither automatic routing nor a fallback reaches them. Nothing left to try is a 403 when the client named a
     model it may not use (`named`: the ids its chain names); else the error the key's own models give when the
@@ -340,7 +342,7 @@ def _restrict(decision: Decision, principal: Principal, explain: bool, named: se
     error = Gateway.nothing_to_try(Decision(
         [], decision.chain, decision.analysis, own,
         {model_id: why for model_id, why in decision.skipped.items() if principal.may_use(model_id)},
-    ))
+    ), request)
     if isinstance(error, BadRequest):  # the request itself: it fits none of them, or meets no route requirement
         raise error
     reasons = "; ".join(f"{c.model}: {c.reason}" for c in own) or "none of them can be chosen automatically"

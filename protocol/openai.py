@@ -182,6 +182,11 @@ class ParsedRequest(Struct):
         return [stop] if isinstance(stop, str) else [s for s in stop if s]
 
     @property
+    def prompt_param(self) -> str:
+        """The field that holds the prompt, which a too-long prompt's error names: `prompt` or `messages`."""
+        return "prompt" if type(self.body) is CompletionRequest else "messages"
+
+    @property
     def include_usage(self) -> bool:
         opts = self.body.stream_options
         return bool(opts and opts.include_usage)
@@ -224,6 +229,9 @@ def decode_request(data: bytes | dict[str, Any], kind: type[ChatCompletionReques
     """Decode and validate a request body; errors become 400 with `param` naming the field."""
     raw = decode_object(data) if isinstance(data, bytes) else data
     body = convert_struct(raw, kind)
+    if body.stream_options is not None and not body.stream:  # OpenAI's 400: options for a stream never sent
+        raise BadRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                         param="stream_options")
     if type(body) is ChatCompletionRequest and not body.messages and body.template is None:
         raise BadRequest("Invalid value for 'messages': expected at least one message (or a 'template').",
                          param="messages")
@@ -271,6 +279,8 @@ class ParsedEmbeddings(Struct):
     body: EmbeddingRequest
     raw: dict[str, Any]
     inputs: list[str] | list[list[int]]
+
+    prompt_param = "input"  # the field a too-long input's error names, as ParsedRequest.prompt_param
 
 
 def decode_embedding_request(data: bytes) -> ParsedEmbeddings:

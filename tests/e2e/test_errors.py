@@ -133,7 +133,7 @@ def test_sdk_sees_typed_errors(gateway):
         ("/v1/route", {"model": "auto", "messages": [{"role": "user", "content": "x"}], "route": {"prefer": "x"}},
          "route.prefer"),
         ("/v1/models/recommend", {}, "messages"),
-        ("/models/recommend", {"prompt": 5}, "messages"),
+        ("/models/recommend", {"prompt": 5}, "prompt"),  # sent, and no string: the field at fault
         ("/v1/chat/completions", {"models": "remote-a", "messages": MSG}, "models"),
         ("/v1/chat/completions", {"preferred_model": 3, "messages": MSG}, "preferred_model"),
     ],

@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import threading
 from typing import Any
 
 import httpx
+import openai
 import pytest
+import uvicorn
 from litestar.exceptions import ClientException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
 from config.loader import parse_config
 from gateway.app import HOT_ROUTES, create_app
 from gateway.hot_routes import read_body
-from tests.gateway.live import serve
+from tests.conftest import free_port
+from tests.gateway.live import serve, wait_for
 
 
 def _receiver(*messages: dict[str, Any]):
@@ -172,3 +177,75 @@ def test_guards_answer_directly_as_through_litestar(guarded_urls, headers):
                       for url in guarded_urls)
     assert _seen(direct) == _seen(routed)
     assert direct.status_code == (200 if headers.get("authorization") == "Bearer sk-hot" else 401)
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+def test_stream_options_without_a_stream_is_refused_to_the_sdk(app_url, kind):
+    """OpenAI's 400 for `stream_options` on a request that does not stream, through the openai SDK."""
+    client = openai.OpenAI(base_url=app_url[1] + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        if kind == "chat":
+            client.chat.completions.create(model="remote-a", messages=[{"role": "user", "content": "hi"}],
+                                           stream_options={"include_usage": True})
+        else:
+            client.completions.create(model="remote-a", prompt="hi", stream_options={"include_usage": True})
+    assert caught.value.param == "stream_options" and caught.value.type == "invalid_request_error"
+    assert "only allowed when 'stream' is enabled" in caught.value.message
+
+
+@pytest.fixture(scope="module")
+def served_guarded(upstream):
+    """The app behind the gateway's own HTTP protocol (gateway/server.py), as `pointsman serve` runs it."""
+    from gateway.server import http_protocol
+
+    port = free_port()
+    config = uvicorn.Config(_app(upstream, "metrics: {enabled: true}"), host="127.0.0.1", port=port, loop="uvloop",
+                            http=http_protocol(), lifespan="on", log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 20, "the server to start")
+    yield "127.0.0.1", port
+    server.should_exit = True
+    thread.join(20)
+
+
+def _exchange(sock: socket.socket, buffer: bytes, method: str, path: str) -> tuple[bytes, dict[bytes, bytes], bytes,
+                                                                                   bytes]:
+    """One request on a kept-alive connection: its status line, headers and body (none for HEAD, whatever its
+    content-length says), and what was read past them."""
+    sock.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\n\r\n" % (method.encode(), path.encode()))
+    while b"\r\n\r\n" not in buffer:
+        buffer += sock.recv(65536)
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = dict(line.lower().split(b": ", 1) for line in lines)
+    size = 0 if method == "HEAD" else int(headers[b"content-length"])
+    while len(rest) < size:
+        rest += sock.recv(65536)
+    return status, headers, rest[:size], rest[size:]
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/remote-a", "/health", "/ready", "/metrics", "/dashboard/",
+                                  "/dashboard/nope", "/v1/nowhere", "/v1/chat/completions", "/openapi/openapi.json"])
+def test_head_is_answered_as_get_without_a_body(served_guarded, path):
+    """RFC 9110 9.3.2: HEAD answers as GET would, with no content (Litestar alone answered 405 for a route with no
+    HEAD handler). A body sent after the head would be read as the start of the next response on the connection."""
+    with socket.create_connection(served_guarded, timeout=10) as sock:
+        status, headers, body, rest = _exchange(sock, b"", "HEAD", path)
+        assert body == b""
+        got_status, got_headers, got_body, rest = _exchange(sock, rest, "GET", path)
+        assert rest == b""
+        again, *_ = _exchange(sock, b"", "HEAD", path)  # and the connection stays usable
+    assert status == got_status == again and got_status.startswith(b"HTTP/1.1 ")
+    assert headers.get(b"content-type") == got_headers.get(b"content-type")
+    assert headers.get(b"allow") == got_headers.get(b"allow")
+    # /metrics: its counters move between the two requests; /v1/nowhere: its 404 names the method it was sent
+    if path not in ("/metrics", "/v1/nowhere"):
+        assert int(headers[b"content-length"]) == len(got_body)
+
+
+@pytest.mark.parametrize("payload,param", [({}, "messages"), ({"prompt": 5}, "prompt"), ({"prompt": ["a"]}, "prompt")])
+def test_route_explanations_name_the_field_at_fault(app_url, payload, param):
+    response = httpx.post(app_url[1] + "/v1/route", json=payload)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param

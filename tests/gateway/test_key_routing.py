@@ -10,7 +10,7 @@ from config.loader import parse_config
 from gateway.service import Gateway
 from policies.context import Principal
 from protocol.errors import BadRequest, GatewayError, ModelNotFound, PermissionDenied
-from protocol.openai import ChatCompletionRequest, decode_request
+from protocol.openai import ChatCompletionRequest, CompletionRequest, decode_request
 
 CONFIG = """
 routing: {health_check_s: 0}
@@ -53,6 +53,11 @@ async def test_a_prompt_no_model_of_the_key_fits_is_a_context_error_not_a_403(ga
     with pytest.raises(BadRequest) as caught:
         await gateway.decide(ask("tiny", "word " * 400), False, LIMITED)
     assert caught.value.code == "context_length_exceeded" and "secret" not in caught.value.message
+    assert caught.value.param == "messages"
+    completion = decode_request({"model": "tiny", "prompt": "word " * 400}, CompletionRequest)
+    with pytest.raises(BadRequest) as caught:
+        await gateway.decide(completion, False, LIMITED)
+    assert caught.value.code == "context_length_exceeded" and caught.value.param == "prompt"
 
 
 async def test_naming_a_model_the_key_may_not_use_is_a_403(gateway):

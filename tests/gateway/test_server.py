@@ -214,6 +214,76 @@ def test_a_request_that_does_not_parse_gets_400_in_openai_shape(server):
                                           "code": "invalid_http_request"}}
 
 
+def refusal(raw: bytes) -> tuple[int, dict]:
+    """The status and error object of a closing refusal, checked to be OpenAI-shaped and to say it closes."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"connection: close" in head and b"content-type: application/json" in head
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] is None
+    return int(head.split(b" ", 2)[1]), error
+
+
+@pytest.mark.parametrize("request_,why", [
+    (b"GET / HTTP/1.1\r\n\r\n", "requires a Host"),
+    (b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nok", "requires a Host"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", "more than one Host"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nhost: x\r\n\r\n", "more than one Host"),
+    (b"GET / HTTP/1.0\r\nHost: x\r\nHost: y\r\n\r\n", "more than one Host"),
+])
+def test_a_missing_or_repeated_host_gets_400_and_close(server, request_, why):
+    """RFC 9112 3.2: an HTTP/1.1 request without Host, or any request with more than one, is a 400."""
+    with connect(server) as sock:
+        sock.sendall(request_)
+        status, error = refusal(read_until_closed(sock))
+    assert status == 400 and why in error["message"] and error["code"] == "invalid_http_request"
+
+
+def test_http10_needs_no_host(server):
+    with connect(server) as sock:
+        sock.sendall(b"POST / HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc")
+        status, _, body = split(read_until_closed(sock))
+    assert status.startswith(b"HTTP/1.1 200") and body == b"3"
+
+
+@pytest.mark.parametrize("codings", [[b"gzip, chunked"], [b"gzip", b"chunked"], [b"deflate,  , Chunked"]])
+def test_a_transfer_coding_besides_chunked_gets_501_and_close(server, codings):
+    """RFC 9112 6.1: a transfer coding the server does not understand is a 501, and the connection closes (its
+    body cannot be read); llhttp passes any coding before a final chunked."""
+    head = b"".join(b"Transfer-Encoding: %s\r\n" % value for value in codings)
+    with connect(server) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n3\r\nabc\r\n0\r\n\r\n" + LAST)
+        raw = read_until_closed(sock)
+    status, error = refusal(raw)
+    assert status == 501 and error["code"] == "unsupported_transfer_coding" and "not supported" in error["message"]
+    assert raw.count(b"HTTP/1.1 ") == 1  # nothing after it is read
+
+
+def test_chunked_twice_gets_400(server):
+    with connect(server) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n"
+                     b"\r\n3\r\nabc\r\n0\r\n\r\n")
+        assert refusal(read_until_closed(sock))[0] == 400
+
+
+def test_each_request_on_a_connection_is_checked_on_its_own(server):
+    """The marks on_header leaves start again with each request: a chunked request then plain ones are served,
+    and a later request without Host is refused after them."""
+    with connect(server) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+                     b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        *served, (status, body) = sized_responses(read_until_closed(sock))
+    assert served == [(b"HTTP/1.1 200 OK", b"3"), (b"HTTP/1.1 200 OK", b"0")]
+    assert status.startswith(b"HTTP/1.1 400 ") and "Host" in json.loads(body)["error"]["message"]
+
+
+def test_a_request_after_an_upgrade_not_taken_is_checked_too(server):
+    with connect(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+                     b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\nHost: x\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        served, (status, _) = sized_responses(read_until_closed(sock))
+    assert served == (b"HTTP/1.1 200 OK", b"0") and status.startswith(b"HTTP/1.1 501 ")
+
+
 def sized_responses(raw: bytes) -> list[tuple[bytes, bytes]]:
     """(status line, body) of each content-length framed response in `raw`, in order."""
     out = []
@@ -297,6 +367,10 @@ WS_HEAD = (b"Host: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSock
     (b"GET /ws HTTP/1.1\r\n" + WS_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400,
      "transfer codings aren't supported"),
     (b"GET /ws HTTP/1.1\r\n" + WS_HEAD + b"X-A: b\r\n" * 130 + b"\r\n", 431, "no more than 128 headers"),
+    # the protocol's own checks (RFC 9112), before any handover
+    (b"GET /ws HTTP/1.1\r\n" + WS_HEAD.replace(b"Host: x\r\n", b"") + b"\r\n", 400, "requires a Host"),
+    (b"GET /ws HTTP/1.1\r\n" + WS_HEAD + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501,
+     "not supported"),
 ])
 def test_a_websocket_upgrade_websockets_cannot_read_is_refused_and_closed(ws_server, request_, status, reason):
     """websockets refuses such a handshake and queues a reply or an EOF that uvicorn never writes: the connection
