@@ -381,6 +381,11 @@ class RoutingConfig(_Frozen, kw_only=True):
     # extra attempts per model, each on another deployment, before moving to the next chain element
     retries: Annotated[int, Meta(ge=0, le=10)] = 2
     circuit_breaker: BreakerConfig = BreakerConfig()
+    # a whole request's deadline (from its arrival) across retries and fallbacks: each attempt's timeout is cut
+    # to what is left and none starts after it (504). A stream already sending is not cut. null: no deadline
+    request_timeout_s: PositiveFloat | None = None
+    # an upstream's 429 keeps its deployment out of routing for the Retry-After it sends, at most this long; 0: never
+    rate_limit_hold_max_s: Annotated[float, Meta(ge=0)] = 300.0
     # active health checks (and vLLM /metrics polls) every this many seconds; 0 turns them off
     health_check_s: Annotated[float, Meta(ge=0)] = 5.0
     # expected completion length when a request sets no max_tokens (for cost and context checks)

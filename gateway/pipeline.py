@@ -19,8 +19,10 @@ from gateway.relay import StreamRelay
 from gateway.service import Gateway
 from policies.base import PolicyChain
 from policies.context import Outcome, Reply, RequestContext
-from protocol.errors import GatewayError, UpstreamError
+from protocol.errors import GatewayError, UpstreamError, UpstreamTimeout
 from protocol.openai import chunk_view
+from routing.breaker import CircuitBreaker
+from routing.retry_after import retry_after_s
 from routing.router import Attempt, Decision
 
 if TYPE_CHECKING:
@@ -202,36 +204,88 @@ class Pipeline:
                              ) -> tuple[Attempt, Lease, dict[str, str], T]:
         """Try the decision's models in order and each one's deployments in the balancer's order, until `call`
         succeeds: retryable failures (connect, timeout, 5xx, 429) move on, anything else ends the request.
-        Returns the attempt, its lease, the upstream headers to relay (Retry-After, x-ratelimit-*) and the result."""
+        With routing.request_timeout_s, each attempt gets only what is left of the request's deadline, and none
+        starts after it (504). Returns the attempt, its lease, the upstream headers to relay (Retry-After,
+        x-ratelimit-*) and the result."""
         gateway, traced = self.gateway, self._attempt
         last: GatewayError | None = None
+        routing = gateway.config.routing  # per request: a reload may change it
+        deadline = ctx.deadline
+        if routing.request_timeout_s is not None:
+            whole = ctx.started + routing.request_timeout_s
+            deadline = ctx.deadline = whole if deadline is None else min(deadline, whole)
+        left = 0.0
         for attempt in decision.attempts:
             backend, pool = gateway.backends.get(attempt.model.id), gateway.pools.get(attempt.model.id)
             if backend is None or pool is None:
                 continue  # removed by a config reload since the decision
             for index in pool.attempts(gateway.rng):
-                if ctx.deadline is not None and time.monotonic() >= ctx.deadline:
-                    raise last or gateway.nothing_to_try(decision)
+                if deadline is not None and (left := deadline - time.monotonic()) <= 0:
+                    breaker = pool.breakers[index]
+                    breaker.release(breaker.probe())  # not tried: a half-open breaker's probe slot, just taken
+                    raise _deadline_passed(routing.request_timeout_s, last)
                 lease = pool.lease(index)
                 ctx.attempts.append(lease.record)
                 relayed: dict[str, str] = {}
                 try:
                     if traced is None:
-                        result = await call(backend, index, relayed)
+                        pending = call(backend, index, relayed)
                     else:  # a client span per attempt, its id sent upstream as the traceparent
-                        result = await traced(ctx, attempt, backend, index, call, relayed)
+                        pending = traced(ctx, attempt, backend, index, call, relayed)
+                    result = await (pending if deadline is None else _within(pending, left))
                 except UpstreamError as exc:
                     lease.fail(exc)
+                    if exc.status == 429 and len(pool.breakers) > 1:  # one deployment: its 429 is relayed, as is
+                        _hold(pool.breakers[index], exc, routing.rate_limit_hold_max_s)
                     if not exc.retryable:
                         raise
                     last = exc
                     log.warning("%s deployment %s failed (%s); trying the next", attempt.model.id, index, exc.message)
                     continue
+                except _DeadlineCut:
+                    # the request's deadline ended it: that is the deployment's timeout only when it had the
+                    # request's whole time to itself (the first attempt); a later one ends with no verdict
+                    first = lease.record is ctx.attempts[0]
+                    lease.fail(UpstreamTimeout("request deadline") if first else TimeoutError())
+                    lease.record.error = "request_timeout"
+                    raise _deadline_passed(routing.request_timeout_s, last) from None
                 except BaseException as exc:
                     lease.fail(exc)
                     raise
                 return attempt, lease, relayed, result
-        raise last or gateway.nothing_to_try(decision)
+        raise last or decision.rate_limited() or gateway.nothing_to_try(decision, ctx.request)
+
+
+class _DeadlineCut(Exception):
+    """An attempt ran into the request's deadline (not the upstream's own timeout)."""
+
+
+async def _within(pending: Awaitable[T], seconds: float) -> T:
+    """`pending`, cancelled after `seconds`: then _DeadlineCut (a TimeoutError of its own passes as it is)."""
+    timeout = asyncio.timeout(seconds)
+    try:
+        async with timeout:
+            return await pending
+    except TimeoutError:
+        if timeout.expired():
+            raise _DeadlineCut from None
+        raise
+
+
+def _deadline_passed(timeout_s: float | None, last: GatewayError | None) -> UpstreamTimeout:
+    """The 504 a request gets when its deadline passes before any deployment answered."""
+    whole = f" (routing.request_timeout_s: {timeout_s:g} s)" if timeout_s is not None else ""
+    tail = f"; the last failure: {last.message}" if last is not None else ""
+    return UpstreamTimeout(f"No deployment answered within the request's deadline{whole}{tail}")
+
+
+def _hold(breaker: CircuitBreaker, exc: UpstreamError, cap_s: float) -> None:
+    """An upstream's 429: keep its deployment out of routing for the Retry-After it sent, at most `cap_s`, so
+    its model's other deployments serve meanwhile. A model's only deployment is not held (LiteLLM's choice too):
+    its own 429 and Retry-After reach the client, and the next request may fit a limit this one did not."""
+    wait = retry_after_s(exc.headers)
+    if wait is not None and cap_s > 0:
+        breaker.hold(min(wait, cap_s))
 
 
 async def first_payload(stream: AsyncIterator[bytes]) -> tuple[bytes | None, AsyncIterator[bytes]]:

@@ -91,19 +91,20 @@ class LatencyEWMA:
 
     A deployment with no latency yet counts as the best one observed, so it gets tried, and once it has a
     request in flight it pays the same in-flight penalty as the rest (a flat 0 would pull every request to it
-    until its first one finished).
+    until its first one finished). So does one with a single sample: that one likely paid for connection
+    setup, and an outlier must not starve the deployment of the second sample that replaces it.
     """
 
     name: ClassVar[str] = "latency_ewma"
 
     def order(self, states: Sequence[DeploymentState], rng: random.Random) -> list[int]:
-        known = [s.ewma_latency_s for s in states if s.ewma_latency_s is not None]
+        latencies = [None if s.samples == 1 else s.ewma_latency_s for s in states]
+        known = [latency for latency in latencies if latency is not None]
         best = min(known) if known else 1.0  # with nothing known this reduces to least outstanding
 
-        def key(i: int) -> tuple[float, int, float, int]:
-            s = states[i]
-            latency = best if s.ewma_latency_s is None else s.ewma_latency_s
-            return (latency * (1 + s.in_flight), s.ewma_latency_s is not None, -s.weight, i)
+        def key(i: int) -> tuple[float, bool, float, int]:
+            s, latency = states[i], latencies[i]
+            return ((best if latency is None else latency) * (1 + s.in_flight), latency is not None, -s.weight, i)
 
         return sorted(range(len(states)), key=key)
 

@@ -28,12 +28,16 @@ class CircuitBreaker:
     A probe that ends with no verdict (cancelled: its client left) hands its slot back with `release`, so the
     next request probes; one whose result never comes back at all is given up after `probe_timeout_s`, so the
     breaker cannot stay shut forever.
+
+    `hold(s)` (an upstream's 429 with a Retry-After) also refuses requests for `s` seconds, whatever the state;
+    it is no verdict: the state, counts and results of requests already sent are untouched.
     """
 
     __slots__ = (
         "_buckets",
         "_clock",
         "_consecutive",
+        "_held_until",
         "_opened_at",
         "_probe_since",
         "_probes",
@@ -75,6 +79,7 @@ class CircuitBreaker:
         self._consecutive = 0
         self._opened_at = 0.0
         self._probe_since: float | None = None
+        self._held_until = -math.inf  # refuses requests until this time (an upstream's Retry-After)
         self._probes = 0  # probes let through so far: the id of the latest, for `release`
         self._width = window_s / _BUCKETS
         self._buckets: deque[list[int]] = deque()  # [bucket index, requests, failures], oldest first
@@ -93,6 +98,8 @@ class CircuitBreaker:
     def allow(self) -> bool:
         """May a request go to this deployment now? In half-open, True claims the single probe slot."""
         now = self._clock()
+        if now < self._held_until:
+            return False
         state = self._state_at(now)
         if state == CLOSED:
             return True
@@ -120,12 +127,28 @@ class CircuitBreaker:
 
     def retry_in_s(self) -> float | None:
         """None when `allow()` would let a request through now; else how soon it may: the rest of the cooldown
-        when open, 0 while a probe is out (its answer may come any moment). Reading it changes nothing."""
+        when open, 0 while a probe is out (its answer may come any moment), at least the rest of a hold. Reading
+        it changes nothing."""
         now = self._clock()
         state = self._state_at(now)
         if state == OPEN:
-            return max(0.0, self._opened_at + self.cooldown_s - now)
-        return 0.0 if state == HALF_OPEN and self._probe_out(now) else None
+            wait: float | None = max(0.0, self._opened_at + self.cooldown_s - now)
+        else:
+            wait = 0.0 if state == HALF_OPEN and self._probe_out(now) else None
+        if now < self._held_until:
+            return max(wait or 0.0, self._held_until - now)
+        return wait
+
+    def hold(self, seconds: float) -> None:
+        """Refuse requests for the next `seconds` (an upstream's 429 asked to wait); a longer hold already on
+        stays."""
+        if seconds > 0:
+            self._held_until = max(self._held_until, self._clock() + seconds)
+
+    def held_s(self) -> float | None:
+        """The rest of a hold, None when none is on."""
+        rest = self._held_until - self._clock()
+        return rest if rest > 0 else None
 
     def record_success(self) -> None:
         now = self._clock()
@@ -197,6 +220,8 @@ class CircuitBreaker:
             "window_error_rate": failed / requests if requests else None,
             "retry_in_s": max(0.0, self._opened_at + self.cooldown_s - now) if state == OPEN else None,
             "probe_in_flight": state == HALF_OPEN and self._probe_out(now),
+            # an upstream 429's Retry-After: no request goes here until it has passed
+            "rate_limited_for_s": self._held_until - now if now < self._held_until else None,
             "opened_count": self.opened_count,
             "failures": self.failures,
             "cooldown_s": self.cooldown_s,

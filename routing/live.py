@@ -19,8 +19,8 @@ SOFT_IN_FLIGHT = 16.0
 SOFT_QUEUE = 4.0
 
 
-def _ewma(old: float | None, sample: float) -> float:
-    return sample if old is None else old + ALPHA * (sample - old)
+def _ewma(old: float | None, sample: float, seeded: bool) -> float:
+    return old + ALPHA * (sample - old) if seeded and old is not None else sample
 
 
 def _saturate(x: float, half: float) -> float:
@@ -40,6 +40,7 @@ class DeploymentState:
         "key",
         "kv_cache_usage",
         "running",
+        "samples",
         "signals_at",
         "waiting",
         "weight",
@@ -52,6 +53,7 @@ class DeploymentState:
         self.ewma_latency_s: float | None = None  # full request, start to last byte
         self.ewma_ttft_s: float | None = None
         self.ewma_tokens_per_s: float | None = None  # decode speed: tokens over the time after the first one
+        self.samples = 0  # successes fed to the EWMAs
         # vLLM's own view, polled from /metrics; None until a poll succeeds
         self.running: float | None = None
         self.waiting: float | None = None
@@ -71,19 +73,22 @@ class DeploymentState:
         self, started: float, ok: bool, ttft_s: float | None = None, completion_tokens: int | None = None
     ) -> None:
         """Count a request out. Only successes feed the EWMAs: a fast 500 or a timeout says nothing about
-        speed (the circuit breaker tracks failures)."""
+        speed (the circuit breaker tracks failures). The first success often paid for connection setup (TCP,
+        TLS, a cold upstream), so it only stands in until the second replaces it; blending starts at the third."""
         self.in_flight = max(0, self.in_flight - 1)
         if not ok:
             return
         elapsed = max(0.0, self._clock() - started)
-        self.ewma_latency_s = _ewma(self.ewma_latency_s, elapsed)
+        self.samples += 1
+        seeded = self.samples > 2
+        self.ewma_latency_s = _ewma(self.ewma_latency_s, elapsed, seeded)
         if ttft_s is not None:
-            self.ewma_ttft_s = _ewma(self.ewma_ttft_s, max(0.0, ttft_s))
+            self.ewma_ttft_s = _ewma(self.ewma_ttft_s, max(0.0, ttft_s), seeded)
         if completion_tokens:
             # without a TTFT (non-streaming) the whole request is the best decode-time estimate we have
             decode_s = elapsed - ttft_s if ttft_s is not None and elapsed > ttft_s else elapsed
             if decode_s > 0:
-                self.ewma_tokens_per_s = _ewma(self.ewma_tokens_per_s, completion_tokens / decode_s)
+                self.ewma_tokens_per_s = _ewma(self.ewma_tokens_per_s, completion_tokens / decode_s, seeded)
 
     def apply_signals(
         self, running: float | None, waiting: float | None, kv_cache_usage: float | None, now: float
@@ -149,6 +154,10 @@ class ModelLive:
                 return None
             soonest = wait if soonest is None else min(soonest, wait)
         return soonest
+
+    def rate_limited(self) -> bool:
+        """Whether every deployment is held out by an upstream's 429 (see CircuitBreaker.hold)."""
+        return bool(self.breakers) and all(breaker.held_s() is not None for breaker in self.breakers)
 
     @property
     def ttft_s(self) -> float | None:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from config.schema import Config, EmbeddingModel, ModelConfig
-from protocol.errors import BadRequest
+from protocol.errors import BadRequest, RateLimited
 from protocol.openai import ChatCompletionRequest, ParsedRequest, message_text
 from routing.classifier import PromptAnalysis
 from routing.live import ModelLive
@@ -61,6 +61,23 @@ class Decision:
         wait = min(self._waits().values(), default=None)
         return None if wait is None else max(1, math.ceil(wait))
 
+    def rate_limited(self) -> RateLimited | None:
+        """A 429 with `retry-after` when rate-limit holds are what keep every attempt's deployments out (each
+        got a 429 with a Retry-After lately): the client should slow down, as the upstream asked; else None."""
+        if not self.live or not self.attempts:
+            return None
+        for attempt in self.attempts:
+            live = self.live.get(attempt.model.id)
+            if live is None or not live.rate_limited():
+                return None
+        names = ", ".join(a.model.id for a in self.attempts)
+        error = RateLimited(f"Every deployment of {names} is rate limited by its upstream (HTTP 429); retry after "
+                            "the time it asked for.")
+        retry_after = self.retry_after()
+        if retry_after is not None:
+            error.headers = {"retry-after": str(retry_after)}
+        return error
+
     def exclude(self, reasons: Mapping[str, str]) -> None:
         """Take these models out of the attempts, as skipped and ineligible candidates, each with its reason."""
         if not reasons:
@@ -70,16 +87,23 @@ class Decision:
         self.candidates = [replace(c, eligible=False, reason=reasons[c.model]) if c.eligible and c.model in reasons
                            else c for c in self.candidates]
 
+    def _wait_reason(self, model_id: str, wait: float) -> str:
+        live = self.live.get(model_id) if self.live else None
+        why = ("rate limited by the upstream (HTTP 429 with a Retry-After)" if live is not None and live.rate_limited()
+               else "circuit breakers open after repeated failures")
+        return f"no deployment takes requests now: {why} (retry in {max(1, math.ceil(wait))} s)"
+
     def explain(self) -> dict:
         """As a request would go now: a model whose breakers all refuse is skipped (with when it may take
         requests again), the next one serves."""
         analysis = self.analysis
-        attempts, skipped = self.attempts, self.skipped
+        attempts, skipped, candidates = self.attempts, self.skipped, self.candidates
         if waits := self._waits():
             attempts = [a for a in attempts if a.model.id not in waits]
-            skipped = {**skipped, **{model_id: "no deployment takes requests now: circuit breakers open after "
-                                     f"repeated failures (retry in {max(1, math.ceil(wait))} s)"
-                                     for model_id, wait in waits.items()}}
+            reasons = {model_id: self._wait_reason(model_id, wait) for model_id, wait in waits.items()}
+            skipped = {**skipped, **reasons}
+            candidates = [replace(c, eligible=False, reason=reasons[c.model]) if c.eligible and c.model in reasons
+                          else c for c in candidates]
         return {
             "model": attempts[0].model.id if attempts else None,
             "mode": attempts[0].route if attempts else "none",
@@ -90,7 +114,7 @@ class Decision:
             "candidates": [
                 {"model": c.model, "score": c.score, "components": c.components, "eligible": c.eligible,
                  "reason": c.reason}
-                for c in self.candidates
+                for c in candidates
             ],
             "chain": [a.model.id for a in attempts],
             "requested": self.chain,

@@ -6,10 +6,31 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, ClassVar
 
 import uvicorn
 
+from policies.context import Outcome, RequestContext
 from tests.conftest import free_port
+
+
+class Capture:
+    """A policy that keeps each request's context as it settles, by request id: what tests read back."""
+
+    name: ClassVar[str] = "capture"
+    stage: ClassVar[int] = 50
+
+    def __init__(self) -> None:
+        self.settled: dict[str, RequestContext] = {}
+
+    async def admit(self, ctx: RequestContext) -> None:
+        return None
+
+    async def approve(self, ctx: RequestContext, decision: Any) -> None:
+        return None
+
+    async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
+        self.settled[ctx.request_id] = ctx
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:

@@ -249,3 +249,22 @@ def test_plain_client_that_leaves_cancels_its_upstream_request(live, upstream):
     assert gateway.pools["remote-a"].states[0].in_flight == 0
     # a client leaving is not the upstream's failure
     assert breaker.snapshot()["window_failures"] == failures
+
+
+def test_a_prompt_too_long_for_every_model_names_the_field_it_came_in():
+    """400 context_length_exceeded with `param` as OpenAI names it: `prompt` on /v1/completions (it said
+    `messages` there too), `messages` on chat."""
+    config = """
+routing: {health_check_s: 0}
+storage: {database_url: ""}
+models:
+  - {id: tiny, backend: openai, base_url: "http://127.0.0.1:1/v1", context_window: 40}
+"""
+    long = "word " * 400
+    with serve(create_app(parse_config(config))) as url:
+        for path, body, param in [("/v1/completions", {"model": "tiny", "prompt": long}, "prompt"),
+                                  ("/v1/chat/completions",
+                                   {"model": "tiny", "messages": [{"role": "user", "content": long}]}, "messages")]:
+            status, _, raw = http("POST", url + path, body)
+            error = json.loads(raw)["error"]
+            assert (status, error["code"], error["param"]) == (400, "context_length_exceeded", param), raw

@@ -172,6 +172,25 @@ def test_latency_ewma_tries_unknown_deployments() -> None:
     assert LatencyEWMA().order(states(2, 0, 1), RNG) == [1, 2, 0]  # nothing known: least outstanding
 
 
+def test_latency_ewma_does_not_starve_a_deployment_on_its_first_sample() -> None:
+    """One slow first request (connection setup) must not keep a deployment out: it counts as unknown until a
+    second sample replaces that one."""
+    clock = FakeClock()
+    warm, cold = DeploymentState("warm", clock=clock), DeploymentState("cold", clock=clock)
+    for state, seconds in ((warm, 0.2), (warm, 0.2), (cold, 3.0)):
+        started = state.begin()
+        clock.now += seconds
+        state.end(started, ok=True)
+    assert LatencyEWMA().order([warm, cold], RNG) == [1, 0]  # cold's one sample is provisional: tried again
+    started = cold.begin()
+    clock.now += 0.1
+    cold.end(started, ok=True)
+    assert cold.ewma_latency_s == pytest.approx(0.1)
+    assert LatencyEWMA().order([warm, cold], RNG) == [1, 0]  # now known, and faster
+    warm.ewma_latency_s = 0.05
+    assert LatencyEWMA().order([warm, cold], RNG) == [0, 1]
+
+
 def test_latency_ewma_settles_on_the_fast_deployment_in_simulation() -> None:
     clock = FakeClock()
     pool = [DeploymentState("fast", clock=clock), DeploymentState("slow", clock=clock)]

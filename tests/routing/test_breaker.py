@@ -169,6 +169,7 @@ def test_snapshot_shape() -> None:
         "window_error_rate": 1.0,
         "retry_in_s": None,
         "probe_in_flight": False,
+        "rate_limited_for_s": None,
         "opened_count": 0,
         "failures": 5,
         "cooldown_s": 10.0,
@@ -219,3 +220,33 @@ def test_retry_in_s_says_how_soon_allow_may_say_yes() -> None:
     assert b.retry_in_s() is None  # half-open, the probe slot free
     assert b.allow()
     assert b.retry_in_s() == 0.0  # a probe out: its answer may come any moment
+
+
+def test_a_hold_refuses_requests_until_it_passes_and_is_no_verdict() -> None:
+    b, clock = breaker()
+    b.record_failure()
+    b.hold(7.0)
+    assert not b.allow() and b.state == "closed"  # a hold is no breaker state: nothing to probe after it
+    assert b.retry_in_s() == pytest.approx(7.0) and b.held_s() == pytest.approx(7.0)
+    assert b.snapshot()["rate_limited_for_s"] == pytest.approx(7.0)
+    b.record_success()  # a request sent before the 429 still counts
+    assert b.snapshot()["consecutive_failures"] == 0
+    b.hold(2.0)  # a shorter hold keeps the longer one
+    b.hold(0.0)
+    clock.now += 6.5
+    assert not b.allow() and b.retry_in_s() == pytest.approx(0.5)
+    clock.now += 0.5
+    assert b.allow() and b.retry_in_s() is None and b.held_s() is None
+    assert b.snapshot()["rate_limited_for_s"] is None
+
+
+def test_a_hold_on_an_open_breaker_waits_for_the_later_of_the_two() -> None:
+    b, clock = breaker(cooldown_s=10.0)
+    trip(b)
+    b.hold(30.0)
+    assert b.retry_in_s() == pytest.approx(30.0)
+    clock.now += 10.0
+    assert b.state == "half_open" and not b.allow()  # the hold outlasts the cooldown: no probe yet
+    assert b.probe() is None
+    clock.now += 20.0
+    assert b.allow() and b.probe() is not None

@@ -27,18 +27,40 @@ def test_begin_end_counts_and_never_goes_negative() -> None:
     assert s.in_flight == 0
 
 
-def test_latency_ewma_with_alpha() -> None:
+def test_latency_ewma_seeds_from_the_second_sample_then_blends_with_alpha() -> None:
     clock = FakeClock()
     s = DeploymentState("a", clock=clock)
-    started = s.begin()
-    clock.now += 2.0
-    s.end(started, ok=True)
-    assert s.ewma_latency_s == 2.0  # the first sample is taken as is
-    started = s.begin()
-    clock.now += 1.0
-    s.end(started, ok=True)
-    assert ALPHA == 0.3
-    assert s.ewma_latency_s == pytest.approx(2.0 + 0.3 * (1.0 - 2.0))
+    for seconds in (2.0, 1.0, 2.0):
+        started = s.begin()
+        clock.now += seconds
+        s.end(started, ok=True)
+        if s.samples == 1:
+            assert s.ewma_latency_s == 2.0  # the first sample stands in until the second
+        elif s.samples == 2:
+            assert s.ewma_latency_s == 1.0  # the second replaces it: the first often paid for connection setup
+    assert ALPHA == 0.3 and s.samples == 3
+    assert s.ewma_latency_s == pytest.approx(1.0 + 0.3 * (2.0 - 1.0))
+
+
+def test_a_first_sample_outlier_does_not_dominate_the_estimate() -> None:
+    """An idle deployment's first request pays for TCP/TLS setup (3 s); its next ones take 0.2 s, then it slows
+    to 0.5 s: the estimate follows the later samples, not the outlier (blending it in from the start left 0.67 s
+    after five 0.2 s samples)."""
+    clock = FakeClock()
+    s = DeploymentState("a", clock=clock)
+
+    def serve(seconds: float) -> None:
+        started = s.begin()
+        clock.now += seconds
+        s.end(started, ok=True, ttft_s=seconds / 2)
+
+    serve(3.0)
+    for _ in range(5):
+        serve(0.2)
+    assert s.ewma_latency_s == pytest.approx(0.2) and s.ewma_ttft_s == pytest.approx(0.1)
+    for _ in range(10):
+        serve(0.5)
+    assert s.ewma_latency_s == pytest.approx(0.5, abs=0.01)
 
 
 def test_failures_do_not_touch_the_ewmas() -> None:

@@ -157,3 +157,29 @@ def test_an_explanation_skips_a_named_model_whose_breakers_all_refuse(classifier
     clock.now += 0.8  # half-open: it takes a probe
     assert alone.explain()["model"] == "single-b" and alone.retry_after() is None
     assert decide(TWO, classifier, model="single-a", live=live).retry_after() is None  # closed: nothing to wait for
+
+
+def test_a_model_held_out_by_upstream_429s_is_skipped_and_refused_as_rate_limited(classifier):
+    """A deployment held by an upstream 429's Retry-After is skipped as an open breaker would be, with its own
+    reason; when holds are all that is left, the answer is a 429 with a retry-after, not a 503."""
+    clock = _Clock()
+    breakers = {name: [CircuitBreaker(clock=clock)] for name in ("single-a", "single-b")}
+    live = {name: ModelLive([DeploymentState(name)], breakers[name]) for name in breakers}
+    breakers["single-b"][0].hold(12.0)
+    decision = decide(TWO, classifier, model="single-b:single-a", live=live)
+    explained = decision.explain()
+    assert explained["chain"] == ["single-a"]
+    assert "rate limited by the upstream (HTTP 429" in explained["skipped"]["single-b"]
+    assert "retry in 12 s" in explained["skipped"]["single-b"]
+    assert decision.rate_limited() is None  # single-a takes requests
+
+    auto = decide(TWO, classifier, model="auto", live=live)
+    held = next(c for c in auto.explain()["candidates"] if c["model"] == "single-b")
+    assert not held["eligible"] and "rate limited" in held["reason"]
+
+    breakers["single-a"][0].hold(5.0)
+    error = decide(TWO, classifier, model="single-b:single-a", live=live).rate_limited()
+    assert error is not None and error.status == 429 and error.code == "rate_limit_exceeded"
+    assert error.headers == {"retry-after": "5"}  # the soonest a deployment takes requests again
+    clock.now += 5.0
+    assert decide(TWO, classifier, model="single-b:single-a", live=live).rate_limited() is None
