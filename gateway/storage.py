@@ -41,12 +41,14 @@ class Storage:
         self.embedder: Embedder | None = None  # loaded on first use, only when the semantic cache is on
         self.experiments: ExperimentStore | None = None  # with a database: the experiments' rows and snapshot
         self.templates: TemplatePolicy | None = None  # prompt templates; experiments render through it too
+        self.keyed = False  # API keys from the database, each with its own budget, are in use
 
     def policies(self, config: PoliciesConfig, resolve: Callable[[str], str], keyed: bool = False) -> list[Policy]:
         """The policies the config asks for, on this storage; `resolve` maps a model name to its id. `keyed`: API
         keys from the database are in use, and each may carry its own budget and rate limit, so both policies run
         even when the config sets none."""
         policies: list[Policy] = []
+        self.keyed = keyed
         if config.rate_limits or keyed:
             policies.append(RateLimitPolicy(config.rate_limits, self.state))
         if config.cache is not None and config.cache.mode != "off":
@@ -83,6 +85,8 @@ class Storage:
     async def start(self) -> None:
         if self.engine is not None and self.usage is not None:
             await migrate(self.engine)  # a no-op at the newest revision; replicas starting together take turns
+            if self.budgets is not None and isinstance(self.state, LocalStore):  # Redis keeps its counters
+                await self.budgets.seed(self.engine, keys=self.keyed)  # before serving: the store started empty
             self.usage.start()
         if self.templates is not None:
             await self.templates.start()  # seeds the config's versions, loads them all, follows changes

@@ -12,11 +12,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from config.schema import BudgetConfig, ModelConfig, Period, TransformersModel
 from policies.alerts import BudgetAlerts
+from policies.api_keys import principal_of_row
 from policies.base import COMPLETIONS, STAGES, no_op
 from policies.context import Outcome, Reply, RequestContext, embedding_tokens, scope_member
+from policies.database import api_keys
 from policies.state import Reservation, StateStore, StoreUnavailable
+from policies.usage_log import charged_usage
 from protocol.errors import BudgetExceeded, ServiceUnavailable
 from protocol.openai import ChatCompletionRequest, ParsedEmbeddings, ParsedRequest, message_text
 
@@ -29,6 +35,7 @@ DEFAULT_NEW_TOKENS = 256  # what a request without max_tokens may generate, for 
 _SLACK_S = 60.0  # a counter outlives its period by this much, so that a late settle still finds it
 _UNBOUNDED = sys.float_info.max  # a limit that any amount fits: charges what was served, unconditionally
 _PERIOD_S = {"minute": 60, "hour": 3600, "day": 86400}
+_SEED_TIMEOUT_S = 30.0  # seeding the counters from the usage rows delays startup at most this long
 Kind = Literal["tokens", "usd"]
 
 
@@ -135,8 +142,9 @@ class BudgetPolicy:
 
     The reservation is priced at the first model that fits; settle adjusts every reserved counter by the actual
     usage minus the reservation (tokens the context reports, `ctx.cost_usd` at the served model's price; nothing
-    for a cache hit or a request that failed before any output) in one `adjust`. When a fallback served instead,
-    the reserved model's own `model` budgets are refunded and the served model's are charged what it used.
+    for a cache hit or a request that failed before any output) in one `adjust`. When a fallback of another model
+    served instead (a version counts as its model), the reserved model's own `model` budgets are refunded and the
+    served model's are charged what it used, also when nothing applied to the first attempt.
 
     Beside each counter a second one (`settled_key`) holds settled use alone: settle adds the actual usage to it in
     the same `adjust` (no round trip more), and makes it, once a period, when that finds none.
@@ -147,9 +155,13 @@ class BudgetPolicy:
     reach the store leaves the worst case counted.
 
     An API key's own budget (`Principal.budget`, scope `key`) applies beside the config's, as budget "key".
+
+    An in-process store starts empty: `seed`, run once before the gateway serves, starts the current period's
+    counters at what the usage rows say settle charged (Redis keeps its counters and needs none).
     """
 
-    __slots__ = ("_counter_cache", "_down", "_numbered", "_unpriced", "_usd", "alerts", "budgets", "clock", "store")
+    __slots__ = ("_counter_cache", "_down", "_model_budgets", "_numbered", "_unpriced", "_usd", "alerts", "budgets",
+                 "clock", "store")
 
     name: ClassVar[str] = "budget"
     stage: ClassVar[int] = STAGES["budget"]
@@ -164,6 +176,7 @@ class BudgetPolicy:
         self._down = False  # the store failed and has not answered since: warned once already
         self._unpriced: set[str] = set()  # models already warned about for unknown pricing
         self._usd = any(b.max_cost_usd is not None for b in self.budgets)  # whether unknown pricing matters
+        self._model_budgets = any(b.scope == "model" for b in self.budgets)  # (an API key's own is scope key)
         # (budget index, member, period start) -> its counters: the same few are built for request after request
         self._counter_cache: dict[tuple[int | str, str, int], tuple[_Counter, ...]] = {}
         self._numbered: tuple[tuple[int | str, BudgetConfig], ...] = tuple(enumerate(self.budgets))
@@ -186,6 +199,8 @@ class BudgetPolicy:
                 continue
             counters, amounts = self._charges(ctx, model, now)
             if not counters:
+                if self._model_budgets and position + 1 < len(attempts):  # a fallback that serves is charged
+                    ctx.state[self.name] = _Reserved(model.id, (), ())
                 fallbacks_from = position + 1
                 break
             try:
@@ -235,21 +250,22 @@ class BudgetPolicy:
                 tokens = float((ctx.prompt_tokens or 0) + (ctx.completion_tokens or 0))
                 usd = ctx.cost_usd or 0.0
             served = ctx.model
+            served_model = None if served is None else served.partition("@")[0]  # a version counts as its model
             deltas: list[tuple[str, float]] = []
             settled: list[tuple[str, float]] = []
             charged: list[tuple[_Counter, float]] = []
             for counter, amount in zip(reserved.counters, reserved.amounts, strict=True):
                 actual = tokens if counter.kind == "tokens" else usd
-                if counter.budget.scope == "model" and counter.member != served:
+                if counter.budget.scope == "model" and counter.member != served_model:
                     actual = 0.0  # reserved for a model that did not serve
                 deltas.append((counter.key, actual - amount))
                 settled.append((counter.settled, actual))  # a 0 delta still reads the value for the alerts
                 charged.append((counter, actual))
             # one round trip: the reservations become the actual use, and the settled counters grow by it
-            used: list[float | None] = list(await self.store.adjust(deltas + settled))[len(deltas):]
+            used: list[float | None] = list(await self.store.adjust(deltas + settled))[len(deltas):] if deltas else []
             if None in used:  # a settled counter this period has not made yet (adjust makes none): made here, once
                 await self._make_settled(charged, used)
-            if served is not None and served != reserved.model and (tokens or usd):
+            if served_model is not None and served_model != reserved.model.partition("@")[0] and (tokens or usd):
                 fallback = await self._charge_fallback(ctx, served, tokens, usd)
                 charged += fallback
                 used += [None] * len(fallback)
@@ -270,6 +286,47 @@ class BudgetPolicy:
                 if value is None and (c.end is None or c.end - now + _SLACK_S > 0)]  # a period over: no counter
         if made:
             await self.store.reserve(made)
+
+    async def seed(self, engine: AsyncEngine, *, keys: bool = False, timeout_s: float = _SEED_TIMEOUT_S) -> int:
+        """Start the current period's counters (both kinds) at what the usage rows say their members were charged
+        so far: an in-process store starts empty after a restart. One grouped query per budget (API keys' own
+        budgets with `keys`: one per period), run before the gateway serves, since a request charged meanwhile
+        would count twice. A database that cannot be read leaves the counters at zero, with one warning. Returns
+        how many counters were seeded."""
+        try:
+            return await asyncio.wait_for(self._seed(engine, keys), timeout_s)
+        except Exception as exc:  # the database, its driver, the timeout: the counters stay at zero, as before
+            log.warning("budget: counters start at zero: the usage rows could not be read (%s: %s)",
+                        type(exc).__name__, exc)
+            return 0
+
+    async def _seed(self, engine: AsyncEngine, keys: bool) -> int:
+        now = self.clock()
+        until = datetime.fromtimestamp(now, UTC)
+        budgets: list[tuple[int | str, BudgetConfig]] = list(self._numbered)
+        if keys:
+            budgets += [("key", budget) for budget in await _key_budgets(engine)]
+        charged: dict[tuple[str, str | None, int], dict[str, tuple[float, float]]] = {}
+        made: list[Reservation] = []
+        for index, budget in budgets:
+            start, end = period_window(budget.period, now)
+            match = None if index == "key" else budget.match  # the keys' own: one query for all of them
+            asked = (budget.scope, match, start)
+            if asked not in charged:
+                charged[asked] = await charged_usage(engine, budget.scope, match,
+                                                     datetime.fromtimestamp(start, UTC), until)
+            found = charged[asked]
+            members = found.items() if index != "key" else [(m, found[m]) for m in (budget.match,) if m in found]
+            ttl = None if end is None else end - now + _SLACK_S
+            for member, (tokens, usd) in members:
+                for kind, limit, used in (("tokens", budget.max_tokens, tokens), ("usd", budget.max_cost_usd, usd)):
+                    if limit is not None and used > 0:  # both counters: nothing is reserved before serving
+                        made += [Reservation(counter_key(index, member, kind, start), used, _UNBOUNDED, ttl),
+                                 Reservation(settled_key(index, member, kind, start), used, _UNBOUNDED, ttl)]
+        if made:
+            await self.store.reserve(made)
+        log.info("budget: %d counters seeded from the usage rows", len(made) // 2)
+        return len(made) // 2
 
     async def remaining(self, ctx: RequestContext) -> list[dict[str, Any]]:
         """Each budget that applies to the caller (not `model` budgets): scope, member, period, limits, what is
@@ -453,6 +510,14 @@ class BudgetPolicy:
 
 
 _COUNTER_CACHE = 10_000
+
+
+async def _key_budgets(engine: AsyncEngine) -> list[BudgetConfig]:
+    """The own budgets of the API keys stored in the database that are not revoked."""
+    query = sa.select(api_keys).where(api_keys.c.budget.is_not(None), api_keys.c.revoked_at.is_(None))
+    async with engine.connect() as connection:
+        rows = (await connection.execute(query)).all()
+    return [budget for row in rows if (budget := principal_of_row(row).budget) is not None]
 
 
 def _watched(charged: Sequence[tuple[_Counter, float]], used: Sequence[float | None]

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from policies.database import storable, usage_rows
 
-__all__ = ["CHUNK_ROWS", "UsageLog", "UsageRow"]
+__all__ = ["CHUNK_ROWS", "UsageLog", "UsageRow", "charged_usage"]
 
 log = logging.getLogger("pointsman.usage")
 
@@ -308,3 +308,41 @@ class UsageLog:
             log.error("usage log: %d oldest rows dropped: more than %d were waiting",
                       self.dropped - self._dropped_logged, self.max_pending)
             self._dropped_logged = self.dropped
+
+
+_u = usage_rows.c
+# a budget scope's member as the rows name it (policies.context.scope_member); a literal, not a bound parameter,
+# so that PostgreSQL sees the grouped expression and the selected one as the same
+_MEMBERS: dict[str, Any] = {"key": sa.func.coalesce(_u.key_id, sa.literal_column("'anonymous'")),
+                            "user": _u.user, "team": _u.team, "model": _u.model_served}
+_CACHE_HITS = ("hit", "semantic-hit")
+
+
+async def charged_usage(engine: AsyncEngine, scope: str, match: str | None, since: datetime, until: datetime
+                        ) -> dict[str, tuple[float, float]]:
+    """Each member of a budget scope (only `match` when set) with the (tokens, USD) its rows created in
+    [since, until) were charged, counted as BudgetPolicy.settle counts them: a policy's own answer (a cache hit)
+    was never reserved, so nothing; a failed request its tokens (usually none). One grouped query; a model's
+    versions (id@1.2.0) count as the model."""
+    tokens = sa.func.sum(sa.func.coalesce(_u.prompt_tokens, 0) + sa.func.coalesce(_u.completion_tokens, 0))
+    usd = sa.func.sum(sa.func.coalesce(_u.cost_usd, 0.0))
+    query = sa.select(tokens, usd).where(_u.created_at >= since, _u.created_at < until, _u.status != "answered",
+                                         sa.or_(_u.cache.is_(None), _u.cache.not_in(_CACHE_HITS)))
+    if scope == "global":  # one member, "*" (PostgreSQL refuses to group by a constant)
+        query = query.add_columns(sa.literal_column("'*'"))
+    else:
+        member = _MEMBERS[scope]
+        query = query.add_columns(member).where(member.is_not(None)).group_by(member)
+        if match is not None:
+            query = query.where(sa.or_(member == match, member.startswith(match + "@", autoescape=True))
+                                if scope == "model" else member == match)
+    async with engine.connect() as connection:
+        rows = (await connection.execute(query)).all()
+    charged: dict[str, tuple[float, float]] = {}
+    for used_tokens, used_usd, name in rows:
+        if used_tokens is None and used_usd is None:  # global, no rows: SUM over nothing
+            continue
+        name = str(name).partition("@")[0] if scope == "model" else str(name)
+        before = charged.get(name, (0.0, 0.0))
+        charged[name] = (before[0] + float(used_tokens or 0), before[1] + float(used_usd or 0.0))
+    return charged

@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import sqlalchemy as sa
 from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from policies.database import open_engine
+from policies.database import migrate, open_engine
 from policies.redis_state import RedisStore
 from policies.state import LocalStore, StateStore
 from tests.conftest import free_port, redis_url
@@ -99,3 +100,19 @@ async def pg_schema() -> AsyncIterator[str]:
     schema = await new_schema()
     yield schema
     await pg(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def engine(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[AsyncEngine]:
+    """A migrated database of each kind: a file under tmp_path, or a PostgreSQL schema of its own (a module may
+    define its own `engine`, as test_analytics.py does, with rows in it)."""
+    if request.param == "sqlite":
+        url, schema = f"sqlite+aiosqlite:///{tmp_path / 'pointsman.db'}", None
+    else:
+        url, schema = PG_URL, await new_schema()
+    await migrate(url, schema=schema)
+    db = open_engine(url, schema=schema)
+    yield db
+    await db.dispose()
+    if schema is not None:
+        await pg(f"DROP SCHEMA {schema} CASCADE")

@@ -4,15 +4,12 @@ persistence across a restart, two replicas in step, usage rows with the arm, fee
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from config.schema import ExperimentConfig
 from policies.context import Outcome, Principal, RequestContext
-from policies.database import migrate, open_engine
 from policies.experiments import (
     ExperimentConflict,
     ExperimentPolicy,
@@ -29,7 +26,7 @@ from policies.usage import UsagePolicy
 from policies.usage_log import UsageLog
 from protocol.errors import BadRequest, NotFound
 from protocol.openai import ChatCompletionRequest, decode_request
-from tests.policies.conftest import PG_URL, eventually, new_schema, pg
+from tests.policies.conftest import eventually
 
 session_loop = pytest.mark.asyncio(loop_scope="session")  # fixtures and tests share one loop
 UNITS = [f"user-{i}" for i in range(10_000)]
@@ -86,20 +83,6 @@ def test_config_validation():
     with pytest.raises(msgspec.ValidationError, match="Expected `float` >= 0"):
         _experiment(variants=[{"name": "a", "model": "x", "weight": -1}, {"name": "b", "model": "y"}])
     assert _experiment(primary_metric="feedback:quality").control.name == "control"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def engine(request, tmp_path) -> AsyncIterator[AsyncEngine]:
-    if request.param == "sqlite":
-        url, schema = f"sqlite+aiosqlite:///{tmp_path / 'pointsman.db'}", None
-    else:
-        url, schema = PG_URL, await new_schema()
-    await migrate(url, schema=schema)
-    db = open_engine(url, schema=schema)
-    yield db
-    await db.dispose()
-    if schema is not None:
-        await pg(f"DROP SCHEMA {schema} CASCADE")
 
 
 def _ctx(model: str = "chat-default", user: str | None = "alice", key: str | None = None) -> RequestContext:

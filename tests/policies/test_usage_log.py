@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -16,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from policies.database import migrate, open_engine, usage_rows
 from policies.usage_log import CHUNK_ROWS, UsageLog, UsageRow
 from tests.conftest import free_port
-from tests.policies.conftest import PG_HOST, PG_PORT, PG_URL, eventually, new_schema, pg
+from tests.policies.conftest import PG_HOST, PG_PORT, PG_URL, eventually
 
 FAST = {"retry_initial_s": 0.02, "retry_max_s": 0.1}  # backoff short enough for tests to wait on
 
@@ -26,21 +25,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")  # fixtures and tests sha
 async def eventually_15s(check) -> float:
     """Database outages and retries with backoff: up to 15 s."""
     return await eventually(check, within_s=15.0, every_s=0.01)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def engine(request, tmp_path) -> AsyncIterator[AsyncEngine]:
-    """A migrated database of each kind: a file under tmp_path, or a schema of its own."""
-    if request.param == "sqlite":
-        url, schema = f"sqlite+aiosqlite:///{tmp_path / 'usage.db'}", None
-    else:
-        url, schema = PG_URL, await new_schema()
-    await migrate(url, schema=schema)
-    db = open_engine(url, schema=schema)
-    yield db
-    await db.dispose()
-    if schema is not None:
-        await pg(f"DROP SCHEMA {schema} CASCADE")
 
 
 def count_inserts(engine: AsyncEngine) -> list[int | str]:
