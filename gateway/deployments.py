@@ -97,7 +97,10 @@ class DeploymentPool:
         ]
 
     def available(self) -> bool:
-        return any(h and b.state != "open" for h, b in zip(self.healthy, self.breakers, strict=True))
+        """Whether some deployment can take a request now: healthy, its breaker not open, and not held out by
+        an upstream's 429 (automatic routing scores only such models; /v1/models shows it as `status`)."""
+        return any(h and b.state != "open" and b.held_s() is None
+                   for h, b in zip(self.healthy, self.breakers, strict=True))
 
     def targets(self, rng: random.Random) -> list[int]:
         """Every deployment index, best first: the strategy's order over those whose breakers let requests through

@@ -41,12 +41,17 @@ class GatewayCollector:
         breakers = GaugeMetricFamily("pointsman_circuit_breaker_state",
                                      "Circuit breaker per deployment: 0 closed, 1 half_open, 2 open",
                                      labels=["model", "deployment"])
+        held = GaugeMetricFamily("pointsman_upstream_rate_limited_seconds",
+                                 "Seconds a deployment stays out of routing for its upstream's 429 (0: none)",
+                                 labels=["model", "deployment"])
         for model_id, pool in list(self.gateway.pools.items()):
             in_flight.add_metric([model_id], sum(state.in_flight for state in pool.states))
             for state, breaker in zip(pool.states, pool.breakers, strict=True):
                 breakers.add_metric([model_id, state.key], _BREAKER.get(breaker.state, 0.0))
+                held.add_metric([model_id, state.key], breaker.held_s() or 0.0)
         yield in_flight
         yield breakers
+        yield held
 
 
 class BudgetCollector:

@@ -184,3 +184,13 @@ def test_deployment_weights_must_be_finite_and_sum_finitely(weights):
     deployments = ", ".join(f'{{base_url: "http://127.0.0.1:{n}/v1", weight: {w}}}' for n, w in enumerate(weights, 1))
     with pytest.raises(ConfigError, match="model 'm'.*(finite|float can hold)"):
         parse_config(f"models: [{{id: m, backend: openai, deployments: [{deployments}]}}]")
+
+
+def test_a_model_whose_deployments_are_all_held_by_429s_is_not_available(pool):
+    """/v1/models' status and automatic routing's eligibility read this: a held model takes no request."""
+    *others, last = pool.breakers
+    for breaker in others:
+        breaker.hold(30)
+    assert pool.available()  # the last deployment takes requests
+    last.hold(30)
+    assert not pool.available()

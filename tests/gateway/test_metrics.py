@@ -12,7 +12,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import Metrics
+from config.loader import parse_config
+from gateway.metrics import GatewayCollector, Metrics
+from gateway.service import Gateway
 from policies.context import AttemptRecord, Outcome, RequestContext
 from policies.metrics import REQUEST_LOG, MetricsPolicy, RequestMetrics
 from protocol.errors import BadRequest
@@ -154,3 +156,16 @@ def test_metrics_after_known_traffic(upstream, tmp_path, workers: int, request: 
         assert len(lines) == 6 and {line["model"] for line in lines} == {"remote-a", "none"}
     finally:
         server.stop()
+
+
+async def test_a_deployment_held_by_an_upstream_429_shows_in_its_gauge():
+    gateway = Gateway(parse_config("""
+routing: {health_check_s: 0}
+models:
+  - {id: pair, backend: openai, deployments: [{base_url: "http://127.0.0.1:1/v1"}, {base_url: "http://127.0.0.1:2/v1"}]}
+"""))
+    gateway.pools["pair"].breakers[1].hold(30)
+    (held,) = [m for m in GatewayCollector(gateway).collect() if m.name == "pointsman_upstream_rate_limited_seconds"]
+    await gateway.aclose()
+    seconds = {s.labels["deployment"]: s.value for s in held.samples}
+    assert len(seconds) == 2 and sorted(seconds.values())[0] == 0.0 and 29 < sorted(seconds.values())[1] <= 30
