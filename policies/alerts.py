@@ -60,31 +60,52 @@ class BudgetAlerts:
         never). Never raises."""
         if limit <= 0 or used_after <= used_before or not any(t <= used_after / limit for t in thresholds):
             return
-        marks = {t: f"alert:{budget_index}:{member}:{kind}:{period_start}:{t:g}" for t in thresholds}
+        marks = {t: _mark(budget_index, member, kind, period_start, t) for t in thresholds}
         due = sorted(t for t, key in marks.items() if t <= used_after / limit and key not in self._taken)
         if not due:
             return
-        now = self.clock()
-        ttl = _TOTAL_TTL_S if resets_at is None else max(resets_at - now, 0.0) + _SLACK_S
+        ttl = self._ttl(resets_at)
         for threshold in due:
-            key = marks[threshold]
-            try:
-                first = (await self.store.reserve([Reservation(key, 1.0, 1.0, ttl)])).ok
-            except StoreUnavailable as exc:
-                log.warning("budget alert skipped (the state store cannot be reached): %s", exc)
+            first = await self._take(marks[threshold], ttl)
+            if first is None:
                 return
-            except Exception:
-                log.exception("budget alert skipped: deduplicating it failed")
-                return
-            self._taken[key] = None
-            if len(self._taken) > _REMEMBER:
-                del self._taken[next(iter(self._taken))]
             if first:
                 self._fire({
                     "event": "budget_alert", "budget": budget_index, "member": member, "kind": kind,
                     "period_start": _iso(period_start), "threshold": threshold, "used": used_after, "limit": limit,
                     "resets_at": "never" if resets_at is None else _iso(resets_at),
                 })
+
+    async def passed(self, budget_index: int | str, member: str, period_start: int, kind: str, used: float,
+                     limit: float, thresholds: Sequence[float], resets_at: float | None) -> None:
+        """Take the marks of the thresholds `used` has reached, firing nothing: a counter seeded after a restart
+        (BudgetPolicy.seed) alerted for those before it, and an in-process store forgot their marks. Never
+        raises."""
+        if limit <= 0:
+            return
+        ttl = self._ttl(resets_at)
+        for threshold in sorted(t for t in thresholds if t <= used / limit):
+            if await self._take(_mark(budget_index, member, kind, period_start, threshold), ttl) is None:
+                return
+
+    def _ttl(self, resets_at: float | None) -> float | None:
+        return _TOTAL_TTL_S if resets_at is None else max(resets_at - self.clock(), 0.0) + _SLACK_S
+
+    async def _take(self, key: str, ttl: float | None) -> bool | None:
+        """Reserve the mark `key`: True when this call took it first, False when it was taken, None when the
+        store failed (logged)."""
+        try:
+            first = (await self.store.reserve([Reservation(key, 1.0, 1.0, ttl)])).ok
+        except StoreUnavailable as exc:
+            log.warning("budget alert skipped (the state store cannot be reached): %s", exc)
+            return None
+        except Exception:
+            log.exception("budget alert skipped: deduplicating it failed")
+            return None
+        self._taken[key] = None
+        if len(self._taken) > _REMEMBER:
+            del self._taken[next(iter(self._taken))]
+        return first
 
     async def aclose(self, timeout_s: float = 5.0) -> None:
         """Let the deliveries in flight finish (up to `timeout_s`, then cancel them), then close the client."""
@@ -123,6 +144,11 @@ class BudgetAlerts:
             if response.status_code < 500 and response.status_code != 429:
                 break  # the webhook refuses this alert: trying again would not help
         log.error("budget alert webhook %s failed after %d tries (%s): %s", url, attempt + 1, problem, body)
+
+
+def _mark(budget_index: int | str, member: str, kind: str, period_start: int, threshold: float) -> str:
+    """The state-store key whose reservation says this threshold has alerted in this period."""
+    return f"alert:{budget_index}:{member}:{kind}:{period_start}:{threshold:g}"
 
 
 def _iso(epoch: float) -> str:

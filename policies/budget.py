@@ -308,6 +308,7 @@ class BudgetPolicy:
             budgets += [("key", budget) for budget in await _key_budgets(engine)]
         charged: dict[tuple[str, str | None, int], dict[str, tuple[float, float]]] = {}
         made: list[Reservation] = []
+        alerted: list[tuple[int | str, str, int, str, float, float, BudgetConfig, float | None]] = []
         for index, budget in budgets:
             start, end = period_window(budget.period, now)
             match = None if index == "key" else budget.match  # the keys' own: one query for all of them
@@ -323,8 +324,12 @@ class BudgetPolicy:
                     if limit is not None and used > 0:  # both counters: nothing is reserved before serving
                         made += [Reservation(counter_key(index, member, kind, start), used, _UNBOUNDED, ttl),
                                  Reservation(settled_key(index, member, kind, start), used, _UNBOUNDED, ttl)]
+                        alerted.append((index, member, start, kind, used, float(limit), budget, end))
         if made:
             await self.store.reserve(made)
+        if self.alerts is not None:  # the thresholds passed before the restart alerted then: not again
+            for index, member, start, kind, used, limit, budget, end in alerted:
+                await self.alerts.passed(index, member, start, kind, used, limit, budget.alert_at, end)
         log.info("budget: %d counters seeded from the usage rows", len(made) // 2)
         return len(made) // 2
 

@@ -145,6 +145,25 @@ async def test_forecast_and_alerts_read_the_seeded_use(engine: AsyncEngine, capl
         await after.aclose()
 
 
+async def test_a_threshold_passed_before_the_restart_does_not_alert_again(engine: AsyncEngine,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    budgets = [BudgetConfig(scope="global", max_tokens=1000, alert_at=[0.5, 0.8])]
+    before, after = Replica(engine, budgets, alerts=True), Replica(engine, budgets, alerts=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pointsman.alerts"):
+            await before.serve(ctx(), decision("cheap"), MODELS["cheap"], (200, 400))  # 60%: the 50% alert
+            assert await after.policy.seed(engine) == 1
+            context = ctx()
+            await after.policy.approve(context, decision("cheap"))
+            context.record_usage(MODELS["cheap"], 50, 200)
+            await after.policy.settle(context, Outcome("ok"))  # 850 of 1000: only the 80% alert is new
+        alerts = [msgspec.json.decode(r.getMessage()) for r in caplog.records if r.name == "pointsman.alerts"]
+        assert [(a["threshold"], a["used"]) for a in alerts] == [(0.5, 600), (0.8, 850)]
+    finally:
+        await before.aclose()
+        await after.aclose()
+
+
 async def test_api_keys_own_budgets_are_seeded(engine: AsyncEngine) -> None:
     keys = KeyStore(engine)
     spec = KeySpec(budget=KeyBudget(period="day", max_tokens=500, max_cost_usd=1.0))
