@@ -254,6 +254,9 @@ class OpenAIBackend:
         # `launch:`: the gateway runs the server itself (started by start(), stopped by aclose()), unless the
         # parent of several workers runs it for them
         self.supervisor = EngineSupervisor.for_model(model) if launched_here(model) else None
+        # what a chat or completions request sends upstream without: the gateway's own fields, and stream_options
+        # where the model says the server refuses it
+        self._unsent = GATEWAY_FIELDS if getattr(model, "stream_usage", True) else GATEWAY_FIELDS | {"stream_options"}
         sent, ours = model.sent_model, model.id
         # `"model":"x"` (compact, as vLLM sends it) and `"model": "x"` (as OpenAI and json.dumps write it), each
         # with ours to put in its place: outside a string a JSON quote is never escaped, so either can only be a
@@ -262,10 +265,10 @@ class OpenAIBackend:
             (b'"model"' + sep + _encode(sent), b'"model"' + sep + _encode(ours)) for sep in (b":", b": "))
 
     def _body(self, request: ParsedRequest | ParsedEmbeddings) -> bytes:
-        return self._encoded(request.raw)
+        return self._encoded(request.raw, self._unsent)
 
-    def _encoded(self, body: dict[str, Any]) -> bytes:
-        raw: dict[str, Any] = {k: v for k, v in body.items() if k not in GATEWAY_FIELDS}
+    def _encoded(self, body: dict[str, Any], unsent: frozenset[str] = GATEWAY_FIELDS) -> bytes:
+        raw: dict[str, Any] = {k: v for k, v in body.items() if k not in unsent}
         raw["model"] = self.model.sent_model
         return _encode(raw)
 

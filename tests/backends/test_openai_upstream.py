@@ -275,3 +275,40 @@ async def test_a_full_pool_names_the_upstream_without_its_password() -> None:
         await asyncio.gather(first, return_exceptions=True)
         await held.aclose()
         server.close()
+
+
+async def test_stream_usage_false_sends_no_stream_options() -> None:
+    """A server that refuses fields it does not know (as Mistral's 422s do): `stream_usage: false` keeps the
+    gateway's `stream_options` (every stream asks for usage) from it, and the stream goes through."""
+    bodies: list[dict] = []
+
+    async def strict(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        bodies.append(body)
+        if "stream_options" in body:
+            return web.json_response({"detail": "extra fields not permitted: stream_options"}, status=422)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: " + chunk("hi", "stop") + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", strict)
+    runner = web.AppRunner(app, shutdown_timeout=0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+    asked = request(stream=True).asking_usage()  # as the pipeline sends every stream
+    try:
+        sends, holds = backend(url), backend(url, stream_usage=False)
+        with pytest.raises(UpstreamStatusError) as refused:
+            [p async for p in sends.stream(asked)]
+        assert refused.value.status == 422
+        payloads = [json.loads(p) async for p in holds.stream(asked)]
+        assert payloads[0]["choices"][0]["delta"]["content"] == "hi"
+        assert "stream_options" in bodies[0] and "stream_options" not in bodies[1]
+        await sends.aclose()
+        await holds.aclose()
+    finally:
+        await runner.cleanup()
