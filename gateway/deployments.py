@@ -14,6 +14,7 @@ from protocol.errors import UpstreamError
 from routing.balancer import make_strategy
 from routing.breaker import CircuitBreaker
 from routing.live import DeploymentState, ModelLive
+from routing.retry_after import retry_after_s
 
 __all__ = ["DeploymentPool", "Lease"]
 
@@ -95,6 +96,14 @@ class DeploymentPool:
              "breaker": breaker.snapshot()}
             for state, breaker, healthy in zip(self.states, self.breakers, self.healthy, strict=True)
         ]
+
+    def hold(self, index: int, exc: UpstreamError, cap_s: float) -> None:
+        """An upstream's 429: keep deployment `index` out of routing for the Retry-After it sent, at most `cap_s`,
+        so the other deployments serve meanwhile. A model's only deployment is not held (LiteLLM's choice too):
+        its own 429 and Retry-After reach the client, and the next request may fit a limit this one did not."""
+        wait = retry_after_s(exc.headers) if len(self.breakers) > 1 and cap_s > 0 else None
+        if wait is not None:
+            self.breakers[index].hold(min(wait, cap_s))
 
     def available(self) -> bool:
         """Whether some deployment can take a request now: healthy, its breaker not open, and not held out by

@@ -21,8 +21,6 @@ from policies.base import PolicyChain
 from policies.context import Outcome, Reply, RequestContext
 from protocol.errors import GatewayError, UpstreamError, UpstreamTimeout
 from protocol.openai import chunk_view
-from routing.breaker import CircuitBreaker
-from routing.retry_after import retry_after_s
 from routing.router import Attempt, Decision
 
 if TYPE_CHECKING:
@@ -235,8 +233,8 @@ class Pipeline:
                     result = await (pending if deadline is None else _within(pending, left))
                 except UpstreamError as exc:
                     lease.fail(exc)
-                    if exc.status == 429 and len(pool.breakers) > 1:  # one deployment: its 429 is relayed, as is
-                        _hold(pool.breakers[index], exc, routing.rate_limit_hold_max_s)
+                    if exc.status == 429:
+                        pool.hold(index, exc, routing.rate_limit_hold_max_s)
                     if not exc.retryable:
                         raise
                     last = exc
@@ -277,15 +275,6 @@ def _deadline_passed(timeout_s: float | None, last: GatewayError | None) -> Upst
     whole = f" (routing.request_timeout_s: {timeout_s:g} s)" if timeout_s is not None else ""
     tail = f"; the last failure: {last.message}" if last is not None else ""
     return UpstreamTimeout(f"No deployment answered within the request's deadline{whole}{tail}")
-
-
-def _hold(breaker: CircuitBreaker, exc: UpstreamError, cap_s: float) -> None:
-    """An upstream's 429: keep its deployment out of routing for the Retry-After it sent, at most `cap_s`, so
-    its model's other deployments serve meanwhile. A model's only deployment is not held (LiteLLM's choice too):
-    its own 429 and Retry-After reach the client, and the next request may fit a limit this one did not."""
-    wait = retry_after_s(exc.headers)
-    if wait is not None and cap_s > 0:
-        breaker.hold(min(wait, cap_s))
 
 
 async def first_payload(stream: AsyncIterator[bytes]) -> tuple[bytes | None, AsyncIterator[bytes]]:

@@ -197,6 +197,8 @@ class StreamRelay:
                             yield shown
                 except UpstreamError as exc:
                     self.lease.fail(exc, ttft_s=self.ttft)
+                    if exc.status == 429:  # a continuation refused: that deployment waits out its Retry-After
+                        self.pool.hold(self.lease.index, exc, self.gateway.config.routing.rate_limit_hold_max_s)
                     # the continuation first: choosing the next deployment takes a half-open breaker's probe
                     continuation = self._continuation() if exc.retryable and self._can_continue() else None
                     nxt = self._next_deployment(tried) if continuation is not None else None

@@ -14,7 +14,7 @@ from gateway.pipeline import Pipeline
 from gateway.service import Gateway
 from policies.base import STAGES, PolicyChain
 from policies.context import Outcome, RequestContext
-from protocol.errors import UpstreamInvalidResponse, UpstreamUnavailable
+from protocol.errors import UpstreamInvalidResponse, UpstreamStatusError, UpstreamUnavailable
 from protocol.openai import ChatCompletionRequest, ParsedRequest, decode_request
 
 CONFIG = """
@@ -26,6 +26,7 @@ models:
                   {base_url: "http://127.0.0.1:3/v1"}]
 """
 BREAK = object()  # in a script: the connection breaks here
+RATE_LIMITED = object()  # in a script: the upstream answers 429 with a Retry-After of 20 s
 
 
 def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, **extra) -> dict:
@@ -56,6 +57,8 @@ class Scripted:
         for item in self.scripts[deployment]:
             if item is BREAK:
                 raise UpstreamUnavailable("connection reset", code="upstream_stream_broken")
+            if item is RATE_LIMITED:
+                raise UpstreamStatusError(429, b'{"error": {"message": "slow down"}}', headers={"retry-after": "20"})
             yield json.dumps(item).encode()
 
 
@@ -250,3 +253,19 @@ async def test_a_stream_that_will_not_be_continued_takes_no_probe_from_a_half_op
         async for _ in (await Pipeline(gateway, PolicyChain()).stream(ctx)).rest:
             pass
     assert pool.breakers[1].allow() and pool.breakers[2].allow()  # each probe still there for a request
+
+
+async def test_a_continuation_refused_with_a_429_holds_that_deployment_and_goes_on():
+    """A 429 opening a continuation keeps that deployment out for its Retry-After, as a 429 at the start does."""
+    config = parse_config(CONFIG)
+    first = [chunk({"role": "assistant", "content": ""}), chunk({"content": "a"}), BREAK]
+    rest = [chunk({"role": "assistant", "content": ""}), chunk({"content": "b"}), chunk({}, "stop")]
+    backend = Scripted(config.models[0], [first, [RATE_LIMITED], rest])
+    gateway = Gateway(config, {"m": backend})
+    request = decode_request({"model": "m", "stream": True, "messages": [{"role": "user", "content": "go"}]},
+                             ChatCompletionRequest)
+    started = await Pipeline(gateway, PolicyChain()).stream(RequestContext(request, request_id="r"))
+    chunks = [json.loads(started.first), *[json.loads(p) async for p in started.rest]]
+    assert _text(chunks) == "ab" and [index for index, _ in backend.got] == [0, 1, 2]
+    held = [breaker.held_s() for breaker in gateway.pools["m"].breakers]
+    assert held[0] is None and held[2] is None and 19 < held[1] <= 20
