@@ -32,7 +32,8 @@ def _refused(url: str) -> bool:
         httpx.get(url + "/health", timeout=1)
     except httpx.ConnectError:
         return True
-    except httpx.TimeoutException:
+    except (httpx.TimeoutException, httpx.ReadError, httpx.RemoteProtocolError):
+        # waiting, or accepted into the backlog just as the listener closed (reset): the next try tells
         return False
     return False
 
