@@ -13,7 +13,7 @@ from protocol.openai import ChatCompletionRequest, ParsedRequest, message_text
 from routing.classifier import PromptAnalysis
 from routing.live import ModelLive
 from routing.resolve import ModelTable, Plan
-from routing.scoring import Candidate, Need, score_models
+from routing.scoring import RATE_LIMITED, UNAVAILABLE, Candidate, Need, score_models
 
 __all__ = ["Attempt", "Decision", "Router", "auto_excluded", "rough_prompt_tokens"]
 
@@ -62,20 +62,26 @@ class Decision:
         return None if wait is None else max(1, math.ceil(wait))
 
     def rate_limited(self) -> RateLimited | None:
-        """A 429 with `retry-after` when rate-limit holds are what keep every attempt's deployments out (each
-        got a 429 with a Retry-After lately): the client should slow down, as the upstream asked; else None."""
-        if not self.live or not self.attempts:
+        """A 429 with `retry-after` when rate-limit holds are what keep every model that would serve out (each
+        deployment got a 429 with a Retry-After lately): the client should slow down, as the upstream asked; else
+        None. Those models are the attempts', or, when automatic routing found none eligible, the candidates it
+        set aside as held, provided none was set aside as down (then the 503 says so)."""
+        if not self.live:
             return None
-        for attempt in self.attempts:
-            live = self.live.get(attempt.model.id)
-            if live is None or not live.rate_limited():
-                return None
-        names = ", ".join(a.model.id for a in self.attempts)
-        error = RateLimited(f"Every deployment of {names} is rate limited by its upstream (HTTP 429); retry after "
-                            "the time it asked for.")
-        retry_after = self.retry_after()
-        if retry_after is not None:
-            error.headers = {"retry-after": str(retry_after)}
+        if self.attempts:
+            models = [a.model.id for a in self.attempts]
+        elif any(c.reason == UNAVAILABLE for c in self.candidates):
+            return None
+        else:
+            models = [c.model for c in self.candidates if c.reason == RATE_LIMITED]
+        lives = [self.live.get(model_id) for model_id in models]
+        if not lives or any(live is None or not live.rate_limited() for live in lives):
+            return None
+        error = RateLimited(f"Every deployment of {', '.join(models)} is rate limited by its upstream (HTTP 429); "
+                            "retry after the time it asked for.")
+        waits = [wait for live in lives if live is not None and (wait := live.retry_in_s()) is not None]
+        if waits:
+            error.headers = {"retry-after": str(max(1, math.ceil(min(waits))))}
         return error
 
     def exclude(self, reasons: Mapping[str, str]) -> None:

@@ -9,7 +9,7 @@ from config.schema import ModelConfig, Profile
 from protocol.openai import RouteRequirements
 from routing.live import ModelLive
 
-__all__ = ["Candidate", "Need", "score_models"]
+__all__ = ["RATE_LIMITED", "UNAVAILABLE", "Candidate", "Need", "score_models"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +65,15 @@ def _cost(model: ModelConfig, need: Need) -> float | None:
     return (need.prompt_tokens * price.input_per_mtok + need.output_tokens * price.output_per_mtok) / 1e6
 
 
-def _ineligible(model: ModelConfig, need: Need, available: bool, excluded: str) -> str:
+UNAVAILABLE = "no deployment available (circuit open or unhealthy)"
+RATE_LIMITED = "every deployment rate limited by its upstream (HTTP 429 with a Retry-After)"
+
+
+def _ineligible(model: ModelConfig, need: Need, available: bool, excluded: str, held: bool) -> str:
     if excluded:
         return excluded
     if not available:
-        return "no deployment available (circuit open or unhealthy)"
+        return RATE_LIMITED if held else UNAVAILABLE
     window = model.context_window
     needed = need.context_needed
     if window is not None and needed > window:
@@ -122,7 +126,9 @@ def score_models(
         }
         score = sum(w * c for w, c in zip(weights, components.values(), strict=True)) / total
         unmet = _unmet(model, need, latency)  # kept on the candidate also when another reason comes first
-        reason = _ineligible(model, need, available.get(model.id, True), excluded.get(model.id, "")) or unmet
+        usable = available.get(model.id, True)
+        held = not usable and state is not None and state.rate_limited()
+        reason = _ineligible(model, need, usable, excluded.get(model.id, ""), held) or unmet
         if not reason:
             reason = "eligible" if cost is not None else "eligible; price unknown (no pricing), cost scored 0.5"
         candidate = Candidate(model.id, round(score, 4), components, reason.startswith("eligible"), reason,

@@ -20,9 +20,9 @@ def live(tmp_path_factory):
     deployments = f"[{{base_url: '{a.url}'}}, {{base_url: '{b.url}'}}]"
     config = parse_config(f"""
 models:
-  - {{id: pair, backend: openai, upstream_model: mock-model, deployments: {deployments}}}
+  - {{id: pair, backend: openai, upstream_model: mock-model, deployments: {deployments}, auto: false}}
   - {{id: both, backend: openai, upstream_model: mock-model, deployments: {deployments}}}
-  - {{id: solo, backend: openai, upstream_model: mock-model, base_url: '{a.url}'}}
+  - {{id: solo, backend: openai, upstream_model: mock-model, base_url: '{a.url}', auto: false}}
 routing: {{health_check_s: 0, rate_limit_hold_max_s: 5}}
 storage: {{database_url: ''}}
 """)
@@ -86,3 +86,16 @@ def test_a_models_only_deployment_is_not_held(live):
     assert status == 429 and headers["retry-after"] == "7"
     assert gateway.pools["solo"].breakers[0].held_s() is None
     assert _chat(url, "solo-2", "solo", "hello")[0] == 200
+
+
+def test_automatic_routing_with_every_candidate_held_answers_429_too(live):
+    """`auto` finds the held model unavailable, so its decision has no attempts: it was a 503 blaming breakers,
+    without retry-after."""
+    url, _, _ = live
+    assert _chat(url, "auto-1", "both", "status:429")[0] == 429  # both deployments held (again)
+    status, headers, body = _chat(url, "auto-2", "auto", "hello")
+    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded" and "both" in body["error"]["message"]
+    assert 1 <= int(headers["retry-after"]) <= 5
+    status, _, raw = http("POST", url + "/v1/route", {"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+    [candidate] = [c for c in json.loads(raw)["candidates"] if c["model"] == "both"]
+    assert not candidate["eligible"] and "rate limited by its upstream" in candidate["reason"]
