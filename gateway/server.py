@@ -166,6 +166,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # parser callbacks
     def on_message_begin(self) -> None:
         _begin(self)
+        self._marks = 0  # here, not only once the head is checked: a chunked body's trailers pass on_header too
         if self._phase != _HEADERS:  # a later request (not the first): its clock starts when this read ends
             self._phase = _HEADERS
             self._deadline = 0.0
@@ -191,7 +192,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._marks != 1 and (refused := self._check_head()) is not None:  # not the usual head: a closer look
             self._answer_in_turn(refused)
             return
-        self._marks = 0
         self._phase = _BODY
         self._deadline = 0.0
         _headers_complete(self)

@@ -643,3 +643,25 @@ def test_the_head_check_finds_what_uvicorns_patterns_find():
     for sample in samples:
         assert bool(sample.translate(None, _NAME_BYTES)) == bool(HEADER_RE.search(sample)), sample
         assert bool(sample.translate(None, _VALUE_BYTES)) == bool(HEADER_VALUE_RE.search(sample)), sample
+
+
+def test_a_host_trailer_does_not_excuse_the_next_request_from_host(server):
+    """A chunked body's trailers reach on_header too: one named Host counted for the next request's head."""
+    with connect(server) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\r\nabc\r\n0\r\nHost: y\r\n\r\n"   # a trailer named Host
+                     b"GET / HTTP/1.1\r\n\r\n"             # no Host at all: RFC 9112 3.2 says 400
+                     + LAST)                               # closes the connection either way
+        first, (status, body), *_ = sized_responses(read_until_closed(sock))
+    assert first == (b"HTTP/1.1 200 OK", b"3")
+    assert status.startswith(b"HTTP/1.1 400 "), (status, body)
+
+
+def test_a_hostless_request_after_a_chunked_one_is_refused(server):
+    with connect(server) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\r\nabc\r\n0\r\n\r\n"
+                     b"GET / HTTP/1.1\r\n\r\n")
+        first, (status, body) = sized_responses(read_until_closed(sock))
+    assert first == (b"HTTP/1.1 200 OK", b"3")
+    assert status.startswith(b"HTTP/1.1 400 ")
