@@ -176,7 +176,12 @@ async def _translated(request: Request, body: ResponsesRequest, raw: dict[str, A
         await store.save(principal, answer, messages, model)
 
     dialect = ResponsesDialect(ResponseShape(body), model or "", conversation, save if body.stored else None)
-    app = await generate(request, parsed, dialect)
+    try:
+        app = await generate(request, parsed, dialect)
+    except GatewayError as exc:
+        if exc.param == "messages":  # the conversation was made of `input` (after any stored history): its field
+            exc.param = "input"
+        raise
     if not body.stream:
         await dialect.keep()
     return app

@@ -253,7 +253,7 @@ def test_plain_client_that_leaves_cancels_its_upstream_request(live, upstream):
 
 def test_a_prompt_too_long_for_every_model_names_the_field_it_came_in():
     """400 context_length_exceeded with `param` as OpenAI names it: `prompt` on /v1/completions (it said
-    `messages` there too), `messages` on chat."""
+    `messages` there too), `messages` on chat, `input` on /v1/responses (translated to a chat request)."""
     config = """
 routing: {health_check_s: 0}
 storage: {database_url: ""}
@@ -264,7 +264,8 @@ models:
     with serve(create_app(parse_config(config))) as url:
         for path, body, param in [("/v1/completions", {"model": "tiny", "prompt": long}, "prompt"),
                                   ("/v1/chat/completions",
-                                   {"model": "tiny", "messages": [{"role": "user", "content": long}]}, "messages")]:
+                                   {"model": "tiny", "messages": [{"role": "user", "content": long}]}, "messages"),
+                                  ("/v1/responses", {"model": "tiny", "input": long}, "input")]:
             status, _, raw = http("POST", url + path, body)
             error = json.loads(raw)["error"]
             assert (status, error["code"], error["param"]) == (400, "context_length_exceeded", param), raw
