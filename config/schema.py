@@ -258,8 +258,8 @@ class OpenAIModel(_ModelBase, tag="openai", kw_only=True):
     # POST /v1/responses: `translate` serves it through the upstream's chat completions; `native` relays it to the
     # upstream's own /responses unchanged (OpenAI, and vLLM, which defaults to it)
     responses: Literal["translate", "native"] = "translate"
-    # false: streams go upstream without `stream_options`, for a server that refuses fields it does not know; its
-    # streams are then counted without the upstream's usage (no prompt tokens, a token per content chunk)
+    # false: streams go upstream without `stream_options` (the client's own too), for a server that refuses fields
+    # it does not know; its streams then carry no usage chunk, and are counted without (a token per content chunk)
     stream_usage: bool = True
 
     def __post_init__(self) -> None:
