@@ -45,8 +45,10 @@ def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float
     whose `x-ratelimit-remaining-*` is 0 or not given. None when no header says, or it says nothing positive."""
     wait: float | None = None
     if (ms := headers.get("retry-after-ms")) is not None:
-        wait = _duration(ms)
-        wait = None if wait is None else wait / 1000
+        try:  # a number of milliseconds (OpenAI's), never a duration with units
+            wait = float(ms) / 1000
+        except ValueError:
+            wait = None
     if wait is None and (value := headers.get("retry-after")) is not None:
         wait = _retry_after(value.strip(), time.time() if now is None else now)
     if wait is None:
