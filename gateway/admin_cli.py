@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -36,10 +37,10 @@ def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = 
     if body is not None:
         data = json.dumps(body).encode()
         headers["content-type"] = "application/json"
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
         with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
-            return json.loads(response.read() or b"null")
+            raw = response.read()
     except urllib.error.HTTPError as exc:
         raw = exc.read()
         try:
@@ -50,6 +51,12 @@ def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = 
     except (urllib.error.URLError, OSError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         raise AdminError(f"cannot reach {args.url}: {reason}") from None
+    except (ValueError, http.client.HTTPException) as exc:  # no scheme, a bad port (InvalidURL), a broken answer
+        raise AdminError(f"cannot call {args.url!r}: {exc}") from None
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:  # a proxy's HTML page, say
+        raise AdminError(f"{args.url} did not answer JSON (is --url the gateway?)") from None
 
 
 # ---- output

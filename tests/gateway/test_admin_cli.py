@@ -48,3 +48,38 @@ def test_keys_create_with_no_models_asks_for_none_not_all(calls, models):
     made.clear()
     main(["admin", "keys", "create"])
     assert made == [("POST", "/admin/keys", {"role": "user"})]  # no --models: all ("*")
+
+
+@pytest.mark.parametrize("url", ["localhost", "http://127.0.0.1:80x"])
+def test_a_malformed_url_is_one_error_line_not_a_traceback(url, capsys):
+    """No scheme, or a bad port: urllib's ValueError and InvalidURL went uncaught (a traceback)."""
+    assert main(["admin", "keys", "list", "--url", url, "--key", "k"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pointsman: ") and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_an_answer_that_is_not_json_is_one_error_line(capsys):
+    """A proxy's HTML page where the gateway should be: json.loads' error went uncaught."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>captive portal</html>")
+
+        def log_message(self, *args) -> None:  # noqa: ANN002
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert main(["admin", "keys", "list", "--url", url, "--key", "k"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("pointsman: ") and "did not answer JSON" in err
+    finally:
+        server.shutdown()
+        server.server_close()
