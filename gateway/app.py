@@ -182,7 +182,8 @@ async def feedback(request: Request) -> dict:
     if storage.engine is None:
         raise BadRequest("Feedback is kept in the database: set storage.database_url.")
     score = decode_feedback(await request.body())
-    return await add_feedback(storage.engine, score, storage.usage.flush if storage.usage is not None else None)
+    return await add_feedback(storage.engine, score, storage.usage.flush if storage.usage is not None else None,
+                              principal_of(request.scope))
 
 
 def _routable(gateway: Gateway, name: str) -> bool:

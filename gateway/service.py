@@ -22,6 +22,7 @@ from protocol.openai import ModelCard, ModelList, ParsedEmbeddings, ParsedReques
 from routing.classifier import PromptAnalysis, TaskClassifier, request_text
 from routing.resolve import ModelTable, Versions
 from routing.router import Attempt, Decision, Router
+from routing.scoring import CONTEXT_TOO_SMALL
 
 __all__ = ["Gateway"]
 
@@ -207,7 +208,10 @@ class Gateway:
                                if principal.may_use(base)])
 
     def model_card(self, name: str, principal: Principal = ANONYMOUS) -> ModelCard:
-        model = self.table.get(name)
+        try:
+            model = self.table.get(name)
+        except GatewayError as exc:  # its 404 lists the models: only those the key may use
+            raise self._for_key(exc, principal) from None
         if not principal.may_use(model.id):
             # as OpenAI: a model the key cannot use does not exist for it
             raise self.table.not_found(name, principal.may_use)
@@ -296,10 +300,13 @@ class Gateway:
     @staticmethod
     def nothing_to_try(decision: Decision, request: ParsedRequest | ParsedEmbeddings | None = None) -> GatewayError:
         """Why `decision` left nothing to try; a too-long prompt's 400 names `request`'s prompt field."""
-        if not decision.attempts and decision.skipped:
+        too_long = dict(decision.skipped)  # models named, skipped for their context window
+        if not too_long and all(c.reason.startswith(CONTEXT_TOO_SMALL) for c in decision.candidates):
+            too_long = {c.model: c.reason for c in decision.candidates}  # automatic routing's, all for that
+        if not decision.attempts and too_long:
             return BadRequest(
                 "The prompt plus max_tokens is longer than the context window of every model that could take it: "
-                + "; ".join(f"{m}: {r}" for m, r in decision.skipped.items()),
+                + "; ".join(f"{m}: {r}" for m, r in too_long.items()),
                 param="messages" if request is None else request.prompt_param, code="context_length_exceeded",
             )
         if not decision.attempts:
@@ -329,7 +336,9 @@ def _restrict(decision: Decision, principal: Principal, explain: bool, named: se
     reasons: never one naming models the key may not use. An explanation just shows it."""
     models = ", ".join(principal.allowed_models)
     reason = f"not allowed for this API key (its models: {models})"
-    candidates = {a.model.id for a in decision.attempts} | {c.model for c in decision.candidates if c.eligible}
+    # ineligible candidates and skipped models too: an error about them would name them
+    candidates = {a.model.id for a in decision.attempts} | {c.model for c in decision.candidates}
+    candidates |= set(decision.skipped)
     refused = {model_id: reason for model_id in candidates if not principal.may_use(model_id)}
     if not refused:
         return

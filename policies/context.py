@@ -39,8 +39,16 @@ class Principal:
         return "*" not in self.allowed_models
 
     def may_use(self, model_id: str) -> bool:
-        """Whether the key's model globs allow `model_id` (a version, `id@1.2.0`, counts as its model)."""
-        return "*" in self.allowed_models or _allowed(self.allowed_models, model_id.partition("@")[0])
+        """Whether the key's model globs allow `model_id`: a version, `id@1.2.0`, counts as its model, and a glob
+        may also name versions (`id@2.0.0`, `id@*`)."""
+        if "*" in self.allowed_models:
+            return True
+        base = model_id.partition("@")[0]
+        return _allowed(self.allowed_models, base) or (base != model_id and _allowed(self.allowed_models, model_id))
+
+    def may_route(self, name: str) -> bool:
+        """Whether every model a chain (`a:b`) or a single name may reach is one the key may use."""
+        return "*" in self.allowed_models or all(self.may_use(part) for part in name.split(":"))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from config.schema import EXPERIMENT_METRICS, ExperimentConfig, ExperimentVariant, check_experiments
 from policies.base import STAGES, no_op
-from policies.context import Outcome, Reply, RequestContext
+from policies.context import Outcome, Principal, Reply, RequestContext
 from policies.database import experiments as experiments_table
 from policies.database import feedback as feedback_table
 from policies.database import storable, usage_rows
@@ -158,7 +158,8 @@ class Live:
 class ExperimentPolicy:
     """Stage 40: puts a request for an experiment's target into its unit's arm (model, params, template), marks
     it NAME=VARIANT in the context, the usage row and the `x-pointsman-experiment` header. The unit is the
-    request's user (`user` field or x-pointsman-user), else its API key; a request with neither is not enrolled."""
+    request's user (`user` field or x-pointsman-user), else its API key; a request with neither is not enrolled,
+    nor is one whose API key may not use its arm's model (it goes to the target it named)."""
 
     name: ClassVar[str] = "experiment"
     stage: ClassVar[int] = STAGES["experiment"]
@@ -177,8 +178,13 @@ class ExperimentPolicy:
             return None
         config = live.config
         unit = ctx.user or ctx.principal.key_id
+        may_route = ctx.principal.may_route
         if config.status == "running" and unit is not None and enrolled(config.name, unit, config.traffic):
             arm = live.arms[assign(config.name, unit, live.weights)]
+            if not may_route(arm.model):
+                # an arm the caller's key may not use: the request goes to its target as sent, outside the
+                # experiment (never refused for, nor told of, a model the client did not ask for)
+                return None
             if self.routable(arm.model):
                 arm.apply(ctx, self.render)
                 ctx.experiment = tag = f"{config.name}={arm.name}"
@@ -187,10 +193,11 @@ class ExperimentPolicy:
             # the arm's model is gone (a reload removed it): the control serves the request, which stays out of
             # the results, so that neither arm is charged with requests it did not get as assigned
             self._log_gone(config.name, arm)
-            live.control.apply(ctx, self.render)
+            if may_route(live.control.model):
+                live.control.apply(ctx, self.render)
             return None
         arm = live.fallback(self.routable)
-        if arm is not None:
+        if arm is not None and may_route(arm.model):
             arm.apply(ctx, self.render)
         return None
 
@@ -546,26 +553,30 @@ class AmbiguousAnswer(ExperimentConflict):
     code = "ambiguous_id"
 
 
-async def _answers(engine: AsyncEngine, answer_id: str) -> list[Sequence[Any]]:
+async def _answers(engine: AsyncEngine, answer_id: str, caller: Principal | None) -> list[Sequence[Any]]:
     """The usage rows (at most two, oldest first) that `answer_id` names: those whose answer has that id, else
-    (no such answer) those of the request with that id. The answer's id is indexed; the request id is looked up
-    only when no answer has the id."""
+    (no such answer) those of the request with that id; of the `caller`'s own API key unless it is an admin (or
+    None: anyone's). The answer's id is indexed; the request id is looked up only when no answer has the id."""
     u = usage_rows.c
     picked = (u.request_id, u.experiment, u.variant, u.completion_id)
+    # another key's answer is no answer for this caller (its score, experiment and arm are not the caller's)
+    own = () if caller is None or caller.role == "admin" else (
+        u.key_id.is_(None) if caller.key_id is None else u.key_id == caller.key_id,)
     async with engine.connect() as connection:
         rows: list[Sequence[Any]] = []
         if storable(answer_id, u.completion_id):
             rows = list((await connection.execute(
-                sa.select(*picked).where(u.completion_id == answer_id).order_by(u.id).limit(2))).all())
+                sa.select(*picked).where(u.completion_id == answer_id, *own).order_by(u.id).limit(2))).all())
         if not rows and storable(answer_id, u.request_id):
             rows = list((await connection.execute(
-                sa.select(*picked).where(u.request_id == answer_id).order_by(u.id).limit(2))).all())
+                sa.select(*picked).where(u.request_id == answer_id, *own).order_by(u.id).limit(2))).all())
     return rows
 
 
 async def add_feedback(engine: AsyncEngine, feedback: Feedback,
-                       flush: Callable[[], Awaitable[None]] | None = None) -> dict:
-    """Store a score for the request that produced answer `feedback.id`, with that request's experiment arm.
+                       flush: Callable[[], Awaitable[None]] | None = None, caller: Principal | None = None) -> dict:
+    """Store a score for the request that produced answer `feedback.id`, with that request's experiment arm. A
+    `caller` that is not an admin scores only its own API key's answers: another key's is a 404, as unknown.
 
     `id` is the answer's own id (the upstream's `id` field, handed on unchanged) or the gateway's request id (the
     `x-request-id` header of the answer). An upstream may give several answers the same id (some servers always
@@ -576,11 +587,11 @@ async def add_feedback(engine: AsyncEngine, feedback: Feedback,
     this replica's queued rows and the lookup runs once more. 404 for an id no request produced, 409 for a second
     score under the same metric (a unique constraint, so replicas cannot both accept one).
     """
-    rows = await _answers(engine, feedback.id)
+    rows = await _answers(engine, feedback.id, caller)
     if not rows and flush is not None:
         with contextlib.suppress(Exception):  # the database is down: the lookup below says 404 or fails itself
             await flush()
-        rows = await _answers(engine, feedback.id)
+        rows = await _answers(engine, feedback.id, caller)
     if not rows:
         raise NotFound(f"No answer with id {feedback.id!r} is known to this gateway.", param="id")
     if len(rows) > 1:

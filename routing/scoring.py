@@ -9,7 +9,7 @@ from config.schema import ModelConfig, Profile
 from protocol.openai import RouteRequirements
 from routing.live import ModelLive
 
-__all__ = ["RATE_LIMITED", "UNAVAILABLE", "Candidate", "Need", "score_models"]
+__all__ = ["CONTEXT_TOO_SMALL", "RATE_LIMITED", "UNAVAILABLE", "Candidate", "Need", "score_models"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +66,7 @@ def _cost(model: ModelConfig, need: Need) -> float | None:
 
 
 UNAVAILABLE = "no deployment available (circuit open or unhealthy)"
+CONTEXT_TOO_SMALL = "context window"  # how the reason of a candidate whose window the prompt overruns begins
 RATE_LIMITED = "every deployment rate limited by its upstream (HTTP 429 with a Retry-After)"
 
 
@@ -77,7 +78,7 @@ def _ineligible(model: ModelConfig, need: Need, available: bool, excluded: str, 
     window = model.context_window
     needed = need.context_needed
     if window is not None and needed > window:
-        return f"context window {window} < {needed} tokens needed"
+        return f"{CONTEXT_TOO_SMALL} {window} < {needed} tokens needed"
     return ""
 
 
