@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, Router, get, post
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, ValidationException
 from litestar.params import FromPath
 from litestar.types import ASGIApp
 
@@ -237,11 +237,17 @@ def _render_gateway_error(request: Request, exc: GatewayError) -> Response:
 def _render_http_error(request: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     message = exc.detail if status != 404 else f"Unknown route: {request.method} {request.url.path}"
+    param = None
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
+        first = exc.extra[0]  # a query or path parameter Litestar could not convert: say which, as OpenAI does
+        if isinstance(first, dict) and isinstance(first.get("key"), str):
+            param = first["key"]
+            message = f"Invalid value for '{param}': {first.get('message') or 'not accepted'}."
     path = request.url.path
     if path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/"):  # a wrong method or path under it
         return anthropic_error(request, status, str(message), getattr(exc, "headers", None))
     return Response(
-        http_error_body(status, str(message)),
+        http_error_body(status, str(message), param),
         status_code=status,
         media_type=MediaType.JSON,
         headers={**(getattr(exc, "headers", None) or {}), "x-request-id": request_id_of(request.scope)},

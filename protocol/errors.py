@@ -155,9 +155,10 @@ INTERNAL_ERROR_BODY = error_body(INTERNAL_FAILURE, "api_error", "internal_error"
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 401: "invalid_api_key"}
 
 
-def http_error_body(status: int, message: str) -> bytes:
+def http_error_body(status: int, message: str, param: str | None = None) -> bytes:
     """OpenAI's error object for an HTTP error the framework raised rather than the gateway."""
-    return error_body(message, "invalid_request_error" if status < 500 else "api_error", HTTP_ERROR_CODES.get(status))
+    return error_body(message, "invalid_request_error" if status < 500 else "api_error", HTTP_ERROR_CODES.get(status),
+                      param)
 
 
 class UpstreamInvalidResponse(UpstreamError):

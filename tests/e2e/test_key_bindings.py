@@ -146,3 +146,10 @@ def test_a_version_glob_is_either_refused_or_honoured(gateway, glob):
     assert created.status_code == 201, created.text
     answer = _post(gateway, created.json()["key"], "/v1/chat/completions", {"model": "ver@2.0.0", "messages": HELLO})
     assert answer.status_code == 200, answer.text
+
+
+def test_a_query_parameter_the_framework_cannot_convert_is_named(gateway):
+    """Litestar's own validation error said only "Validation failed for GET ..." with `param: null`."""
+    answer = httpx.get(gateway.url + "/admin/keys?revoked=maybe", headers={"authorization": f"Bearer {ADMIN}"})
+    error = answer.json()["error"]
+    assert answer.status_code == 400 and error["param"] == "revoked" and "'revoked'" in error["message"], answer.text
