@@ -53,10 +53,10 @@ class Lease:
         state = self.pool.states[self.index]
         state.end(self.started, ok=False)
         if isinstance(exc, UpstreamError):
-            if exc.retryable:
+            if exc.retryable and exc.status != 429:
                 self.pool.breakers[self.index].record_failure()
-            else:
-                self.pool.breakers[self.index].record_success()  # it answered: the request was at fault
+            else:  # it answered: the request was at fault, or it is rate limited (a hold keeps it out, not the breaker)
+                self.pool.breakers[self.index].record_success()
             self.record.error = exc.code or type(exc).__name__
         else:
             self.pool.breakers[self.index].release(self.probe)  # no verdict on the upstream

@@ -272,7 +272,7 @@ class Gateway:
             plan = self.table.plan(request.body.model)
         except GatewayError as exc:
             raise self._for_key(exc, principal) from None
-        decision = Decision([], [e.name for e in plan.chain])
+        decision = Decision([], [e.name for e in plan.chain], live=self.router.live)  # for retry-after and holds
         for position, element in enumerate(plan.chain):
             model = element.model
             if model is None:
