@@ -202,11 +202,12 @@ def _check_extras(request: ParsedRequest, chat: bool) -> dict[str, Any]:
     allowed = _ENGINE_EXTRAS | _HARMLESS_EXTRAS | (_CHAT_EXTRAS if chat else set())
     values: dict[str, Any] = {}
     for key in request.extra_fields:
+        value = request.raw[key]
+        if value is None:  # null asks for nothing, even of a field this engine cannot honour
+            continue
         if key not in allowed:
             raise _unsupported(key)
-        value = request.raw[key]
-        if value is not None:
-            values[key] = _check_extra(key, value)
+        values[key] = _check_extra(key, value)
     return values
 
 

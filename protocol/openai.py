@@ -63,6 +63,7 @@ __all__ = [
     "decode_struct",
     "chunk_view",
     "usage_count",
+    "without_nulls",
     "message_text",
     "new_id",
 ]
@@ -224,10 +225,21 @@ def decode_struct(data: bytes, kind: type[T]) -> T:
     return convert_struct(decode_object(data or b"{}"), kind)
 
 
+# fields OpenAI's spec makes nullable that have a default here: null means the default (the SDK sends n=None)
+_NULL_MEANS_DEFAULT = frozenset({"n", "stream", "echo"})
+
+
+def without_nulls(raw: dict[str, Any], fields: frozenset[str]) -> dict[str, Any]:
+    """`raw` without those of `fields` whose value is null (the field as not given)."""
+    return {k: v for k, v in raw.items() if v is not None or k not in fields}
+
+
 def decode_request(data: bytes | dict[str, Any], kind: type[ChatCompletionRequest] | type[CompletionRequest],
                    ) -> ParsedRequest:
     """Decode and validate a request body; errors become 400 with `param` naming the field."""
     raw = decode_object(data) if isinstance(data, bytes) else data
+    if raw.get("stream", False) is None or raw.get("n", 1) is None or raw.get("echo", False) is None:
+        raw = without_nulls(raw, _NULL_MEANS_DEFAULT)
     body = convert_struct(raw, kind)
     if body.stream_options is not None and not body.stream:  # OpenAI's 400: options for a stream never sent
         raise BadRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.",

@@ -17,6 +17,7 @@ from protocol.openai import (
     answer_text,
     decode_object,
     usage_count,
+    without_nulls,
 )
 
 __all__ = [
@@ -80,6 +81,8 @@ class ResponsesRequest(Struct, kw_only=True):
 def decode_responses_request(data: bytes) -> tuple[ResponsesRequest, dict[str, Any]]:
     """The request and its raw body; a 400 naming the field for anything this gateway cannot serve."""
     raw = decode_object(data)
+    if raw.get("stream", False) is None:  # nullable in OpenAI's spec: not streamed
+        raw = without_nulls(raw, frozenset({"stream"}))
     try:
         request = msgspec.convert(raw, ResponsesRequest)
     except msgspec.ValidationError as exc:
