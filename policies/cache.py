@@ -107,9 +107,9 @@ class ExactCache:
     choice (`auto`, `auto-*`), a chain (`a:b`) or nothing at all (routing fields only, `auto_select`) bypasses,
     since the model that will serve is not known before routing. Plain answers are stored, and streamed ones as
     the gateway puts them back together (`Outcome.body`: one choice, streamed to its finish_reason; with usage
-    only when the client asked for it); a stored answer is replayed to plain and streamed requests alike
-    (a replayed stream carries no logprobs). An answer served by another model than the one requested (a
-    fallback) is not stored.
+    only when the client asked for it); a stored answer is replayed to plain and streamed requests alike (a
+    replayed stream carries no logprobs: a stream asking for them is a miss, see `usable`). An answer served by
+    another model than the one requested (a fallback) is not stored.
 
     Request headers (from `ctx.state["request_headers"]`): `cache-control: no-cache` skips the lookup,
     `no-store` skips storing, `x-pointsman-cache-ttl: SECONDS` sets this entry's TTL. The outcome goes to
@@ -211,10 +211,20 @@ def usable(entry: dict[str, Any], ctx: RequestContext) -> bool:
     """Whether a stored answer can answer this request: one without `usage` (put together from a stream whose
     client did not ask for usage) only answers streams that do not ask for it either. A plain answer always
     carries `usage`, and `stream_options.include_usage` promises a last chunk with it; such a request is a miss,
-    and its answer, usage included, takes the entry's place."""
+    and its answer, usage included, takes the entry's place. So is a request for logprobs that the entry cannot
+    give: a stream's (a replay has none), or a plain one's when the entry has none (kept from a stream)."""
+    body = ctx.request.body
+    if body.logprobs is not None and body.logprobs is not False and (body.stream or not _has_logprobs(entry)):
+        return False
     if isinstance(entry.get("usage"), dict):
         return True
-    return ctx.request.body.stream and not ctx.request.include_usage
+    return body.stream and not ctx.request.include_usage
+
+
+def _has_logprobs(entry: dict[str, Any]) -> bool:
+    choices = entry.get("choices")
+    return isinstance(choices, list) and bool(choices) and all(
+        isinstance(c, dict) and c.get("logprobs") is not None for c in choices)
 
 
 def answer_from(ctx: RequestContext, model: str, entry: dict[str, Any], kind: str) -> Reply:
