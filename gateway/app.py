@@ -369,7 +369,8 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     app.state.versions = versions
     # through the gateway: a reload replaces its model table
     keyed = auth.enabled and auth.keys is not None  # database keys, each with its own budget and rate limit
-    own = storage.policies(config.policies, lambda name: gateway.table.resolve(name), keyed)
+    own = storage.policies(config.policies, lambda name: gateway.table.resolve(name), keyed,
+                           lambda name: gateway.table.first_id(name))
     own += storage.template_policy(config.templates)
     own += storage.experiment_policy(config.experiments, lambda name: _routable(gateway, name))
     app.state.metrics, observing = observe_policies(config, gateway, storage.budgets)  # metrics and JSON request lines

@@ -43,14 +43,16 @@ class Storage:
         self.templates: TemplatePolicy | None = None  # prompt templates; experiments render through it too
         self.keyed = False  # API keys from the database, each with its own budget, are in use
 
-    def policies(self, config: PoliciesConfig, resolve: Callable[[str], str], keyed: bool = False) -> list[Policy]:
-        """The policies the config asks for, on this storage; `resolve` maps a model name to its id. `keyed`: API
-        keys from the database are in use, and each may carry its own budget and rate limit, so both policies run
-        even when the config sets none."""
+    def policies(self, config: PoliciesConfig, resolve: Callable[[str], str], keyed: bool = False,
+                 first_id: Callable[[str], str] | None = None) -> list[Policy]:
+        """The policies the config asks for, on this storage; `resolve` maps a model name to its id, `first_id` a
+        name (a chain too) to the id of the model it routes to first. `keyed`: API keys from the database are in
+        use, and each may carry its own budget and rate limit, so both policies run even when the config sets
+        none."""
         policies: list[Policy] = []
         self.keyed = keyed
         if config.rate_limits or keyed:
-            policies.append(RateLimitPolicy(config.rate_limits, self.state))
+            policies.append(RateLimitPolicy(config.rate_limits, self.state, first_id or resolve))
         if config.cache is not None and config.cache.mode != "off":
             policies.append(ExactCache(config.cache, self.state, resolve))
             if config.cache.semantic.enabled:

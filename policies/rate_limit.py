@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -109,14 +109,17 @@ class RateLimitPolicy:
     An API key's own limit (`Principal.rate_limit`, scope `key`) applies beside the config's, as bucket "key".
     """
 
-    __slots__ = ("_down", "_members", "_numbered", "limits", "store")
+    __slots__ = ("_down", "_members", "_model_of", "_numbered", "limits", "store")
 
     name: ClassVar[str] = "rate_limit"
     stage: ClassVar[int] = STAGES["rate_limit"]
     endpoints: ClassVar[frozenset[str]] = COMPLETIONS | {"embeddings"}
 
-    def __init__(self, limits: Sequence[RateLimitConfig], store: StateStore) -> None:
+    def __init__(self, limits: Sequence[RateLimitConfig], store: StateStore,
+                 model_of: Callable[[str], str] | None = None) -> None:
         self.limits = tuple(limits)
+        # the configured id a model name counts as (an alias, a chain's first model): one bucket per model
+        self._model_of = model_of
         self._numbered: tuple[tuple[int | str, RateLimitConfig], ...] = tuple(enumerate(self.limits))
         self.store = store
         self._down = False  # the store failed and has not answered since: warned once already
@@ -187,8 +190,12 @@ class RateLimitPolicy:
         buckets: list[_Bucket] = []
         own = ctx.principal.rate_limit  # the API key's own limit, beside the config's
         for index, limit in (self._numbered if own is None else (*self._numbered, ("key", own))):
-            # model scope: the model asked for; a request that names none (automatic routing) is not counted
-            member = scope_member(limit.scope, limit.match, ctx, ctx.request.body.model)
+            # model scope: the model asked for (its alias, or a chain, as the model it routes to first); a request
+            # that names none (automatic routing) is not counted
+            model = ctx.request.body.model
+            if limit.scope == "model" and model is not None and self._model_of is not None:
+                model = self._model_of(model)
+            member = scope_member(limit.scope, limit.match, ctx, model)
             if member is None:
                 continue
             made = self._members.get((index, member))

@@ -88,6 +88,16 @@ class ModelTable:
             raise self.not_found(name)
         return element.model
 
+    def first_id(self, name: str) -> str:
+        """The id of the model `name` routes to first: a model's or alias's own, a chain's first element's; any
+        other name (auto, a profile, an unknown one) unchanged."""
+        try:
+            plan = self.plan(name)
+        except GatewayError:
+            return name
+        first = plan.chain[0].model if plan.chain else None
+        return first.id if first is not None else name
+
     def resolve(self, name: str) -> str:
         """A model id or alias as its configured id; any other name (auto, a chain) unchanged."""
         element = self.by_name.get(name)
