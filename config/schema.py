@@ -259,7 +259,7 @@ class OpenAIModel(_ModelBase, tag="openai", kw_only=True):
     # upstream's own /responses unchanged (OpenAI, and vLLM, which defaults to it)
     responses: Literal["translate", "native"] = "translate"
     # false: streams go upstream without `stream_options` (the client's own too), for a server that refuses fields
-    # it does not know; its streams then carry no usage chunk, and are counted without (a token per content chunk)
+    # it does not know; its streams then carry no usage chunk, and their prompt is counted by estimate
     stream_usage: bool = True
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from gateway.deployments import Lease
+from policies.budget import estimate_prompt_tokens
 from policies.context import RequestContext
 from protocol.errors import UpstreamError, UpstreamInvalidResponse, UpstreamStatusError
 from protocol.openai import ChatCompletionRequest, ChunkView, ParsedRequest, chunk_view, decode_request
@@ -223,8 +224,13 @@ class StreamRelay:
                 self.lease.ok(ttft_s=self.ttft, completion_tokens=self.completion_tokens)
                 return
         finally:
-            # what was generated counts, however the stream ended (a budget settles on it)
-            self.ctx.record_usage(self.attempt.model, self.prompt_tokens, self.completion_tokens)
+            # what was generated counts, however the stream ended (a budget settles on it); a stream that ended
+            # before the upstream's usage (left, broken, or a model that sends none) counts its prompt as the
+            # budgets estimate it: the upstream has read it all the same
+            prompt = self.prompt_tokens
+            if prompt is None:
+                prompt = estimate_prompt_tokens(self.ctx.request)
+            self.ctx.record_usage(self.attempt.model, prompt, self.completion_tokens)
 
     def assembled(self) -> bytes | None:
         """The finished stream as the plain answer it stands for (a chat.completion or text_completion), for

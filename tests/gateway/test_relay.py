@@ -14,6 +14,7 @@ from config.loader import parse_config
 from gateway.pipeline import Pipeline
 from gateway.service import Gateway
 from policies.base import PolicyChain
+from policies.budget import estimate_prompt_tokens
 from policies.context import RequestContext
 from protocol.errors import UpstreamInvalidResponse, UpstreamStatusError, UpstreamUnavailable
 from protocol.openai import ChatCompletionRequest, ParsedRequest, decode_request
@@ -296,7 +297,7 @@ class HugeUsageBackend(ScriptedBackend):
 async def test_usage_no_answer_has_is_not_believed(usage):
     """10**400 failed the float arithmetic of throughput and cost (OverflowError: a 500 for a plain request, an
     internal_error event after a finished stream); a negative count credited budgets; past 2**31 - 1 the
-    usage row was refused. Such figures are dropped: the stream's own count stands in."""
+    usage row was refused. Such figures are dropped: the stream's own count (and the prompt's estimate) stand in."""
     config = parse_config(CONFIG.replace("backend: openai", "backend: openai\n    pricing: {input_per_mtok: 1}"))
     gateway = Gateway(config, {"m": HugeUsageBackend(config.models[0], usage)})
     pipeline = Pipeline(gateway, PolicyChain())
@@ -310,4 +311,5 @@ async def test_usage_no_answer_has_is_not_believed(usage):
     ctx = RequestContext(streamed, request_id="streamed")
     chunks = await _collect(pipeline, ctx)
     assert chunks[-1]["usage"] == usage  # relayed as it came: the client's to judge
-    assert (ctx.prompt_tokens, ctx.completion_tokens) == (None, 1) and ctx.attempts[-1].ok
+    # the prompt as budgets estimate it, the stream's own count of its tokens
+    assert (ctx.prompt_tokens, ctx.completion_tokens) == (estimate_prompt_tokens(streamed), 1) and ctx.attempts[-1].ok
