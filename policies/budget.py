@@ -203,27 +203,27 @@ class BudgetPolicy:
                     ctx.state[self.name] = _Reserved(model.id, (), ())
                 fallbacks_from = position + 1
                 break
-            try:
-                result = await self.store.reserve([
-                    Reservation(c.key, amount, c.limit, None if c.end is None else c.end - now + _SLACK_S)
-                    for c, amount in zip(counters, amounts, strict=True)
-                ])
-            except StoreUnavailable as exc:
-                self._store_failed(exc)
-                denying = next((c for c in counters if c.budget.on_store_error == "deny"), None)
-                if denying is not None:
-                    raise ServiceUnavailable(
-                        f"budgets cannot be checked (the state store cannot be reached) and the "
-                        f"{denying.describe()} (budget #{denying.index}) refuses requests then "
-                        "(on_store_error: deny); try again shortly"
-                    ) from exc
-                break  # every applicable budget allows: through, unreserved
-            self._store_answered()
+            # a fallback may serve instead: the budgets every model shares are reserved at the dearest worst case
+            # of the chain from here, so that no fallback spends what was not reserved
+            later = [a.model for a in attempts[position + 1:] if a.model.id not in dropped and a.model.id != model.id]
+            covering = self._covering(ctx, counters, amounts, later) if later else amounts
+            result = await self._reserve(counters, covering, now)
+            if result is not None and not result.ok and covering is not amounts \
+                    and counters[result.failed or 0].budget.scope != "model":
+                # the fallbacks' worst case does not fit, this model's own may: it serves alone
+                result = await self._reserve(counters, amounts, now)
+                if result is not None and result.ok:
+                    for other in later:
+                        dropped.add(other.id)
+                        decision.skipped[other.id] = "budget: no room left for this fallback's worst case"
+                covering = amounts
+            if result is None:
+                break  # the store is down and every applicable budget allows then: through, unreserved
             if result.ok:
-                ctx.state[self.name] = _Reserved(model.id, tuple(counters), tuple(amounts))
+                ctx.state[self.name] = _Reserved(model.id, tuple(counters), tuple(covering))
                 fallbacks_from = position + 1
                 break
-            failed, needed = counters[result.failed or 0], amounts[result.failed or 0]
+            failed, needed = counters[result.failed or 0], covering[result.failed or 0]
             refusal = _refusal(failed, result.current, needed, now)
             if failed.budget.scope != "model":
                 raise refusal
@@ -231,12 +231,75 @@ class BudgetPolicy:
             dropped.add(model.id)
             decision.skipped[model.id] = f"budget exceeded: {refusal.message}"
             last_refusal = refusal
-        if fallbacks_from < len(attempts):  # the attempt that goes first has fallbacks: those spent are dropped
-            await self._drop_spent_fallbacks(ctx, decision, attempts[fallbacks_from:], dropped, now)
+        if fallbacks_from < len(attempts):  # the attempt that goes first has fallbacks: their model budgets too
+            await self._reserve_fallbacks(ctx, decision, attempts[fallbacks_from:], dropped, now)
         if dropped:
             decision.attempts[:] = [a for a in decision.attempts if a.model.id not in dropped]
         if not decision.attempts and last_refusal is not None:
             raise last_refusal
+
+    async def _reserve(self, counters: Sequence[_Counter], amounts: Sequence[float], now: float) -> Any:
+        """Reserve `amounts` on `counters` at once; None when the store cannot be reached and every counter
+        allows then (a `deny` budget raises 503)."""
+        try:
+            result = await self.store.reserve(_reservations(counters, amounts, now))
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+            denying = next((c for c in counters if c.budget.on_store_error == "deny"), None)
+            if denying is not None:
+                raise ServiceUnavailable(
+                    f"budgets cannot be checked (the state store cannot be reached) and the "
+                    f"{denying.describe()} (budget #{denying.index}) refuses requests then "
+                    "(on_store_error: deny); try again shortly"
+                ) from exc
+            return None
+        self._store_answered()
+        return result
+
+    def _covering(self, ctx: RequestContext, counters: Sequence[_Counter], amounts: Sequence[float],
+                  later: Sequence[ModelConfig]) -> list[float]:
+        """`amounts`, but for the counters every model shares (not `model` budgets): the largest worst case of
+        this model and the `later` ones."""
+        tokens = max((self._worst_case(ctx, m)[0] for m in later), default=0.0)
+        usd = max((self._worst_case(ctx, m)[1] for m in later), default=0.0)
+        return [a if c.budget.scope == "model" else max(a, tokens if c.kind == "tokens" else usd)
+                for c, a in zip(counters, amounts, strict=True)]
+
+    async def _reserve_fallbacks(self, ctx: RequestContext, decision: Any, later: Sequence[Any],
+                                 dropped: set[str], now: float) -> None:
+        """Reserve each later attempt's own `model` budgets for its worst case (settle charges the one that served
+        and refunds the rest); one that cannot take it is dropped, with the reason. A store that cannot be reached
+        leaves a fallback in, charged in settle if it serves."""
+        reserved = ctx.state.get(self.name)
+        added: list[tuple[_Counter, float]] = []
+        held = {c.key for c in reserved.counters} if isinstance(reserved, _Reserved) else set()
+        for attempt in later:
+            model = attempt.model
+            if model.id in dropped:
+                continue
+            charges = self._charges(ctx, model, now, models_only=True)
+            # a counter reserved already (another version of the same model): once is enough
+            kept = [(c, a) for c, a in zip(*charges, strict=True) if c.key not in held]
+            if not kept:
+                continue
+            counters, amounts = [c for c, _ in kept], [a for _, a in kept]
+            held.update(c.key for c in counters)
+            try:
+                result = await self.store.reserve(_reservations(counters, amounts, now))
+            except StoreUnavailable as exc:
+                self._store_failed(exc)
+                continue
+            if result.ok:
+                added += zip(counters, amounts, strict=True)
+            else:
+                failed = counters[result.failed or 0]
+                dropped.add(model.id)
+                decision.skipped[model.id] = (
+                    f"budget exceeded: {_refusal(failed, result.current, amounts[result.failed or 0], now).message}")
+        if added:
+            base = reserved if isinstance(reserved, _Reserved) else _Reserved(later[0].model.id, (), ())
+            ctx.state[self.name] = _Reserved(base.model, base.counters + tuple(c for c, _ in added),
+                                             base.amounts + tuple(a for _, a in added))
 
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
         """Adjust what approve reserved to what was actually used; never raises (the response is out)."""
@@ -265,7 +328,9 @@ class BudgetPolicy:
             used: list[float | None] = list(await self.store.adjust(deltas + settled))[len(deltas):] if deltas else []
             if None in used:  # a settled counter this period has not made yet (adjust makes none): made here, once
                 await self._make_settled(charged, used)
-            if served_model is not None and served_model != reserved.model.partition("@")[0] and (tokens or usd):
+            if (served_model is not None and served_model != reserved.model.partition("@")[0] and (tokens or usd)
+                    and not any(c.budget.scope == "model" and c.member == served_model for c in reserved.counters)):
+                # a fallback whose model budgets were not reserved (the store was down then): charged now
                 fallback = await self._charge_fallback(ctx, served, tokens, usd)
                 charged += fallback
                 used += [None] * len(fallback)
@@ -442,15 +507,6 @@ class BudgetPolicy:
         tokens, usd = self._worst_case(ctx, model)
         return counters, [tokens if c.kind == "tokens" else usd for c in counters]
 
-    async def _drop_spent_fallbacks(self, ctx: RequestContext, decision: Any, later: Sequence[Any],
-                                    dropped: set[str], now: float) -> None:
-        """Remove later attempts whose `model` budgets could not cover this request's worst case now (read, not
-        reserved: a fallback that serves is charged in settle)."""
-        spent = await self.spent(ctx, [a.model for a in later if a.model.id not in dropped], now)
-        for model_id, reason in spent.items():
-            dropped.add(model_id)
-            decision.skipped[model_id] = reason
-
     async def spent(self, ctx: RequestContext, models: Sequence[ModelConfig], now: float | None = None
                     ) -> dict[str, str]:
         """The models whose `model` budgets cannot cover this request's worst case now, each with the reason
@@ -515,6 +571,12 @@ class BudgetPolicy:
 
 
 _COUNTER_CACHE = 10_000
+
+
+def _reservations(counters: Sequence[_Counter], amounts: Sequence[float], now: float) -> list[Reservation]:
+    """`amounts` on `counters`, each within its limit, kept until its period has ended."""
+    return [Reservation(c.key, amount, c.limit, None if c.end is None else c.end - now + _SLACK_S)
+            for c, amount in zip(counters, amounts, strict=True)]
 
 
 async def _key_budgets(engine: AsyncEngine) -> list[BudgetConfig]:
