@@ -205,14 +205,15 @@ class BudgetPolicy:
                 break
             # a fallback may serve instead: the budgets every model shares are reserved at the dearest worst case
             # of the chain from here, so that no fallback spends what was not reserved
-            later = [a.model for a in attempts[position + 1:] if a.model.id not in dropped and a.model.id != model.id]
+            later = [a.model for a in attempts[position + 1:] if a.model.id not in dropped and a.model.id != model.id
+                     ] if position + 1 < len(attempts) else None
             covering = self._covering(ctx, counters, amounts, later) if later else amounts
             result = await self._reserve(counters, covering, now)
             if result is not None and not result.ok and covering is not amounts \
                     and counters[result.failed or 0].budget.scope != "model":
                 # the fallbacks' worst case does not fit, this model's own may: it serves alone
                 result = await self._reserve(counters, amounts, now)
-                if result is not None and result.ok:
+                if result is not None and result.ok and later:
                     for other in later:
                         dropped.add(other.id)
                         decision.skipped[other.id] = "budget: no room left for this fallback's worst case"

@@ -189,10 +189,11 @@ class RateLimitPolicy:
     def _buckets(self, ctx: RequestContext) -> list[_Bucket]:
         buckets: list[_Bucket] = []
         own = ctx.principal.rate_limit  # the API key's own limit, beside the config's
+        asked = ctx.request.body.model
         for index, limit in (self._numbered if own is None else (*self._numbered, ("key", own))):
             # model scope: the model asked for (its alias, or a chain, as the model it routes to first); a request
             # that names none (automatic routing) is not counted
-            model = ctx.request.body.model
+            model = asked
             if limit.scope == "model" and model is not None and self._model_of is not None:
                 model = self._model_of(model)
             member = scope_member(limit.scope, limit.match, ctx, model)
