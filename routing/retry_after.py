@@ -27,9 +27,14 @@ def _duration(text: str) -> float | None:
 
 
 def _retry_after(value: str, now: float) -> float | None:
-    """RFC 9110's Retry-After: delay-seconds or an HTTP date."""
+    """RFC 9110's Retry-After: delay-seconds or an HTTP date; a header sent twice, as the client joins it ("5, 5"),
+    the longer of its delays."""
     try:
         return float(value)
+    except ValueError:
+        pass
+    try:
+        return max(float(part) for part in value.split(","))
     except ValueError:
         pass
     try:

@@ -17,6 +17,7 @@ NOW = 1_800_000_000.0
     ({"retry-after": email.utils.formatdate(NOW + 30, usegmt=True)}, 30.0),
     ({"retry-after-ms": "2500", "retry-after": "3"}, 2.5),  # the finer one wins, as OpenAI's SDK reads them
     ({"retry-after-ms": "1s", "retry-after": "3"}, 3.0),  # milliseconds are a number: "1s" is none (not 1 ms)
+    ({"retry-after": "5, 7"}, 7.0),  # sent twice, joined: the longer
     ({"x-ratelimit-reset-requests": "6m0s", "x-ratelimit-remaining-requests": "0"}, 360.0),
     ({"x-ratelimit-reset-requests": "1s", "x-ratelimit-remaining-requests": "0",
       "x-ratelimit-reset-tokens": "20ms", "x-ratelimit-remaining-tokens": "5000"}, 1.0),  # the limit that is spent
