@@ -112,8 +112,8 @@ _COUNT_OK = {"application/json": {"type": "object", "required": ["input_tokens"]
 async def create_message(request: Request) -> ASGIApp:
     body, raw = decode_messages(await request.body())
     parsed = decode_request(to_chat(body, raw), ChatCompletionRequest)
-    return await generate(request, parsed, MessagesDialect(body.model, body.stop_sequences),
-                          {"request-id": request_id_of(request.scope)})
+    dialect = MessagesDialect(body.model, body.stop_sequences, estimate_prompt_tokens(parsed))
+    return await generate(request, parsed, dialect, {"request-id": request_id_of(request.scope)})
 
 
 @post("/messages/count_tokens", status_code=200,

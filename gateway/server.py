@@ -19,6 +19,8 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+from gateway.anthropic import MESSAGES_PATH
+from protocol.anthropic import error_body as anthropic_error_body
 from protocol.errors import error_body
 
 __all__ = ["GuardedHttpToolsProtocol", "http_protocol"]
@@ -335,18 +337,24 @@ def _refusal_body(status: int, message: str) -> bytes:
 
 
 class _Refusal:
-    """An ASGI app that answers with a refusal of the protocol's own, as _write_error words it, and closes."""
+    """An ASGI app that answers with a refusal of the protocol's own, as _write_error words it (in Anthropic's
+    shape under /v1/messages, as every error there is), and closes."""
 
-    __slots__ = ("body", "status")
+    __slots__ = ("message", "status")
 
     def __init__(self, status: int, message: str) -> None:
-        self.status, self.body = status, _refusal_body(status, message)
+        self.status, self.message = status, message
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/"):
+            body = anthropic_error_body(self.status, self.message)
+        else:
+            body = _refusal_body(self.status, self.message)
         await send({"type": "http.response.start", "status": self.status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(self.body)),
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
             (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": self.body})
+        await send({"type": "http.response.body", "body": body})
 
 
 class _PlainAfterUpgrade:

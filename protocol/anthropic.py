@@ -176,7 +176,7 @@ class MessagesRequest(CountTokensRequest, kw_only=True):
     top_k: Annotated[int, Meta(ge=0, le=MAX_COUNT)] | None = None
     metadata: _Metadata | None = None
     output_config: _OutputConfig | None = None
-    stream: bool = False
+    stream: bool | None = None  # null, as the SDK sends stream=None: not streamed
 
 
 def decode_messages(data: bytes) -> tuple[MessagesRequest, dict[str, Any]]:
@@ -413,7 +413,8 @@ def _tool_input(name: str, arguments: str | dict[str, Any] | None, cut: bool) ->
     return {}
 
 
-def message_from_chat(body: bytes, stops: frozenset[str] = frozenset(), model: str = "") -> MessageResponse:
+def message_from_chat(body: bytes, stops: frozenset[str] = frozenset(), model: str = "",
+                      estimate: int | None = None) -> MessageResponse:
     """A chat.completion body as a Message (its first choice: the request asks for one); one whose fields do not
     have their types is an answer the gateway cannot read: 502, never an empty message."""
     try:
@@ -437,8 +438,8 @@ def message_from_chat(body: bytes, stops: frozenset[str] = frozenset(), model: s
     usage = answer.usage or _UsageView()
     return MessageResponse(id=_message_id(answer.id), model=answer.model or model, content=content,
                            stop_reason=stop_reason, stop_sequence=stop_sequence,
-                           usage=MessageUsage(input_tokens=usage.prompt_tokens or 0,
-                                              output_tokens=usage.completion_tokens or 0))
+                           usage=MessageUsage(input_tokens=usage.prompt_tokens if usage.prompt_tokens is not None
+                                              else estimate or 0, output_tokens=usage.completion_tokens or 0))
 
 
 def _frame(event: bytes, data: dict[str, Any]) -> bytes:
@@ -454,11 +455,12 @@ class StreamTranslator:
     message_stop at `close`. The usage arrives last (`stream_options.include_usage`), so message_start says
     input_tokens 0 and message_delta carries both counts (the SDKs take message_delta's as the totals)."""
 
-    __slots__ = ("blocks", "finish", "input_tokens", "matched", "model", "open", "output_tokens", "pieces",
-                 "refused", "started", "stops", "tools")
+    __slots__ = ("blocks", "estimate", "finish", "input_tokens", "matched", "model", "open", "output_tokens",
+                 "pieces", "refused", "started", "stops", "tools")
 
-    def __init__(self, stops: frozenset[str] = frozenset(), model: str = "") -> None:
+    def __init__(self, stops: frozenset[str] = frozenset(), model: str = "", estimate: int | None = None) -> None:
         self.stops, self.model = stops, model
+        self.estimate = estimate  # the prompt's tokens as estimated: the input when the upstream reports none
         self.started = False
         self.blocks = 0  # content blocks opened so far
         self.open: int | None = None  # the open block's index
@@ -512,8 +514,9 @@ class StreamTranslator:
         self._close_open(out)
         stop_reason, stop_sequence = _stop(self.finish, self.matched, bool(self.tools), self.stops, self.refused)
         usage = {"output_tokens": self.output_tokens if self.output_tokens is not None else self.pieces}
-        if self.input_tokens is not None:
-            usage["input_tokens"] = self.input_tokens
+        input_tokens = self.input_tokens if self.input_tokens is not None else self.estimate
+        if input_tokens is not None:  # as the gateway counts it: the estimate when the upstream sent no usage
+            usage["input_tokens"] = input_tokens
         out.append(_frame(b"message_delta", {"type": "message_delta",
                                              "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                                              "usage": usage}))
@@ -569,17 +572,18 @@ class StreamTranslator:
 class MessagesDialect:
     """Chat answers as /v1/messages answers (gateway/generate.py's Dialect)."""
 
-    __slots__ = ("model", "stops")
+    __slots__ = ("estimate", "model", "stops")
 
-    def __init__(self, model: str = "", stop_sequences: list[str] | None = None) -> None:
+    def __init__(self, model: str = "", stop_sequences: list[str] | None = None, estimate: int | None = None) -> None:
         self.model = model  # the requested name, for a stream that ends before its first chunk
         self.stops = frozenset(stop_sequences or ())
+        self.estimate = estimate  # the prompt's estimated tokens: the input count when the upstream gives none
 
     def plain(self, body: bytes) -> bytes:
-        return _encode(message_from_chat(body, self.stops, self.model))
+        return _encode(message_from_chat(body, self.stops, self.model, self.estimate))
 
     async def stream(self, payloads: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        translator = StreamTranslator(self.stops, self.model)
+        translator = StreamTranslator(self.stops, self.model, self.estimate)
         async for payload in payloads:
             frames = translator.feed(payload)
             if frames:
