@@ -14,6 +14,7 @@ import pytest
 from websockets.sync.client import connect
 
 from tests.conftest import start_gateway, start_upstream
+from tests.e2e.test_websocket import _answer
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +23,8 @@ def gw(tmp_path_factory):
     first, second, solo = start_upstream(tmp, name="a"), start_upstream(tmp, name="b"), start_upstream(tmp)
     config = f"""
 models:
-  - id: pair
-    backend: openai
-    upstream_model: mock-model
-    deployments:
-      - {{base_url: "{first.url}"}}
-      - {{base_url: "{second.url}"}}
+  - {{id: pair, backend: openai, upstream_model: mock-model,
+      deployments: [{{base_url: "{first.url}"}}, {{base_url: "{second.url}"}}]}}
   - {{id: solo, backend: openai, base_url: "{solo.url}", upstream_model: mock-model}}
   - {{id: nousage, backend: openai, base_url: "{solo.url}", upstream_model: mock-model, stream_usage: false}}
 routing: {{health_check_s: 0, request_timeout_s: 1, circuit_breaker: {{failures: 1000, cooldown_s: 1}}}}
@@ -143,15 +140,6 @@ def test_missing_host_on_messages_is_anthropic_shaped(gw):
                             b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
     assert status == 400
     assert body.get("type") == "error" and body["error"]["type"] == "invalid_request_error", body
-
-
-def _answer(ws):
-    chunks = []
-    while True:
-        message = json.loads(ws.recv(timeout=30))
-        if "done" in message or "error" in message:
-            return chunks, message
-        chunks.append(message)
 
 
 def _ws(gw):
