@@ -372,7 +372,8 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     own = storage.policies(config.policies, lambda name: gateway.table.resolve(name), keyed,
                            lambda name: gateway.table.first_id(name))
     own += storage.template_policy(config.templates)
-    own += storage.experiment_policy(config.experiments, lambda name: _routable(gateway, name))
+    own += storage.experiment_policy(config.experiments, lambda name: _routable(gateway, name),
+                                     lambda name: gateway.table.ids_of(name))
     app.state.metrics, observing = observe_policies(config, gateway, storage.budgets)  # metrics and JSON request lines
     app.state.extra_metrics = extra_metrics
     own += observing

@@ -67,14 +67,15 @@ class Storage:
         return policies
 
     def experiment_policy(self, experiments: list[ExperimentConfig], routable: Callable[[str], bool],
-                          ) -> list[Policy]:
+                          ids_of: Callable[[str], tuple[str, ...]] | None = None) -> list[Policy]:
         """The experiment policy, whenever there is a database (experiments may also be created through the
-        admin API); `routable` says whether a name is a model, alias or chain of its own."""
+        admin API); `routable` says whether a name is a model, alias or chain of its own, `ids_of` which model
+        ids it names."""
         if self.engine is None:  # the config refuses experiments without a database
             return []
         self.experiments = ExperimentStore(self.engine, self.state, experiments)
         render = self.templates.render_into if self.templates is not None else None  # built just before
-        return [ExperimentPolicy(self.experiments, routable, render)]
+        return [ExperimentPolicy(self.experiments, routable, render, ids_of)]
 
     def template_policy(self, templates: list[TemplateConfig]) -> list[Policy]:
         """The template policy: with a database always (templates may be added through the admin API), else

@@ -46,10 +46,6 @@ class Principal:
         base = model_id.partition("@")[0]
         return _allowed(self.allowed_models, base) or (base != model_id and _allowed(self.allowed_models, model_id))
 
-    def may_route(self, name: str) -> bool:
-        """Whether every model a chain (`a:b`) or a single name may reach is one the key may use."""
-        return "*" in self.allowed_models or all(self.may_use(part) for part in name.split(":"))
-
 
 @functools.lru_cache(maxsize=4096)
 def _allowed(patterns: tuple[str, ...], model_id: str) -> bool:

@@ -165,9 +165,11 @@ class ExperimentPolicy:
     stage: ClassVar[int] = STAGES["experiment"]
 
     def __init__(self, store: ExperimentStore, routable: Callable[[str], bool], render: Render | None = None,
-                 ) -> None:
+                 ids_of: Callable[[str], tuple[str, ...]] | None = None) -> None:
         self.store = store
         self.routable = routable  # whether a model name routes (the gateway's table, which a reload replaces)
+        # the model ids a name (a chain's elements, an alias's model) names, as the table parses it
+        self.ids_of = ids_of or (lambda name: (name,))
         self.render = render  # the template policy's render_into, when templates are on
         self._gone: set[tuple[str, str, str]] = set()  # (experiment, variant, model) already logged as gone
 
@@ -178,10 +180,10 @@ class ExperimentPolicy:
             return None
         config = live.config
         unit = ctx.user or ctx.principal.key_id
-        may_route = ctx.principal.may_route
+        principal = ctx.principal
         if config.status == "running" and unit is not None and enrolled(config.name, unit, config.traffic):
             arm = live.arms[assign(config.name, unit, live.weights)]
-            if not may_route(arm.model):
+            if not self._may_route(principal, arm.model):
                 # an arm the caller's key may not use: the request goes to its target as sent, outside the
                 # experiment (never refused for, nor told of, a model the client did not ask for)
                 return None
@@ -193,13 +195,17 @@ class ExperimentPolicy:
             # the arm's model is gone (a reload removed it): the control serves the request, which stays out of
             # the results, so that neither arm is charged with requests it did not get as assigned
             self._log_gone(config.name, arm)
-            if may_route(live.control.model):
+            if self._may_route(principal, live.control.model):
                 live.control.apply(ctx, self.render)
             return None
         arm = live.fallback(self.routable)
-        if arm is not None and may_route(arm.model):
+        if arm is not None and self._may_route(principal, arm.model):
             arm.apply(ctx, self.render)
         return None
+
+    def _may_route(self, principal: Principal, name: str) -> bool:
+        """Whether every model `name` names is one the caller's key may use."""
+        return not principal.restricted or all(principal.may_use(i) for i in self.ids_of(name))
 
     def _log_gone(self, experiment: str, arm: Arm) -> None:
         key = (experiment, arm.name, arm.model)

@@ -88,6 +88,15 @@ class ModelTable:
             raise self.not_found(name)
         return element.model
 
+    def ids_of(self, name: str) -> tuple[str, ...]:
+        """The ids of the models `name` names: a model's or alias's own, a chain's elements' (an automatic element
+        names none: it chooses among the models the caller may use); an unknown name, itself."""
+        try:
+            plan = self.plan(name)
+        except GatewayError:
+            return (name,)
+        return tuple(e.model.id for e in plan.chain if e.model is not None)
+
     def first_id(self, name: str) -> str:
         """The id of the model `name` routes to first: a model's or alias's own, a chain's first element's; any
         other name (auto, a profile, an unknown one) unchanged."""

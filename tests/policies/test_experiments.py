@@ -92,6 +92,27 @@ def _ctx(model: str = "chat-default", user: str | None = "alice", key: str | Non
 
 
 @session_loop
+async def test_a_key_that_may_not_use_an_arms_model_is_not_enrolled(engine, store: StateStore):
+    """The arm's model names are parsed as routing parses them: `org/model:v2` is one model (splitting it on the
+    colon refused a key allowed exactly that model)."""
+    experiment = _experiment(variants=[{"name": "control", "model": "org/model:v2", "weight": 1},
+                                       {"name": "other", "model": "org/model:v2", "weight": 1}])
+    experiments = ExperimentStore(engine, store, [experiment], poll_s=0.02)
+    await experiments.start()
+    ids = {"org/model:v2": ("org/model:v2",)}
+    policy = ExperimentPolicy(experiments, routable=lambda _: True, ids_of=lambda name: ids.get(name, (name,)))
+    try:
+        for allowed, enrolled_ in ((("org/model:v2",), True), (("small",), False)):
+            ctx = _ctx(key="k")
+            ctx.principal = Principal(key_id="k", role="user", allowed_models=allowed)
+            await policy.admit(ctx)
+            assert (ctx.experiment is not None) is enrolled_
+            assert ctx.request.body.model == ("org/model:v2" if enrolled_ else "chat-default")
+    finally:
+        await experiments.aclose()
+
+
+@session_loop
 async def test_the_policy_puts_a_request_into_its_arm(engine, store: StateStore):
     experiments = ExperimentStore(engine, store, [_experiment()], poll_s=0.02)
     await experiments.start()

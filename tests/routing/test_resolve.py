@@ -86,3 +86,12 @@ def test_plan_request_joins_the_fields(table):
            "fallback_mode": "remote-b:auto-fast"}
     plan = table.plan_request(decode_request(raw, ChatCompletionRequest).body)
     assert [(e.model.id if e.model else e.profile) for e in plan.chain] == ["smollm2", "remote-b", "fast"]
+
+
+def test_ids_of_parses_names_with_colons_as_routing_does(table):
+    """What an experiment checks a key against: a model whose id has a colon is one model, not two."""
+    assert table.ids_of("org/model:v2") == ("org/model:v2",)
+    assert table.ids_of("small:org/model:v2") == ("smollm2", "org/model:v2")
+    assert table.ids_of("remote-a:auto") == ("remote-a",)  # auto chooses among the caller's own
+    assert table.ids_of("nope") == ("nope",)
+    assert table.first_id("small:remote-b") == "smollm2" and table.first_id("auto") == "auto"
