@@ -31,10 +31,15 @@ from protocol.anthropic import (
 from protocol.errors import INTERNAL_FAILURE, GatewayError
 from protocol.openai import ChatCompletionRequest, ParsedRequest, decode_request
 
-__all__ = ["MESSAGES_PATH", "anthropic_error", "anthropic_router", "estimate_input_tokens"]
+__all__ = ["MESSAGES_PATH", "anthropic_error", "anthropic_router", "estimate_input_tokens", "under_messages"]
 
 log = logging.getLogger("pointsman")
 MESSAGES_PATH = "/v1/messages"  # under it, every error is in Anthropic's shape, the router's own 404 and 405 too
+
+
+def under_messages(path: str) -> bool:
+    """Whether `path` is /v1/messages or under it, where errors take Anthropic's shape."""
+    return path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
 
 
 def _ids(request: Request) -> dict[str, str]:
@@ -112,7 +117,7 @@ _COUNT_OK = {"application/json": {"type": "object", "required": ["input_tokens"]
 async def create_message(request: Request) -> ASGIApp:
     body, raw = decode_messages(await request.body())
     parsed = decode_request(to_chat(body, raw), ChatCompletionRequest)
-    dialect = MessagesDialect(body.model, body.stop_sequences, estimate_prompt_tokens(parsed))
+    dialect = MessagesDialect(body.model, body.stop_sequences, lambda: estimate_prompt_tokens(parsed))
     return await generate(request, parsed, dialect, {"request-id": request_id_of(request.scope)})
 
 

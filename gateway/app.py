@@ -24,7 +24,7 @@ from gateway.admin_analytics import analytics_router
 from gateway.admin_experiments import experiments_router
 from gateway.admin_keys import keys_router
 from gateway.admin_templates import templates_router
-from gateway.anthropic import MESSAGES_PATH, anthropic_error, anthropic_router
+from gateway.anthropic import anthropic_error, anthropic_router, under_messages
 from gateway.auth import ANALYTICS, READ, USE, Authenticator, principal_of
 from gateway.dashboard import dashboard_router
 from gateway.drain import Drain
@@ -244,7 +244,7 @@ def _render_http_error(request: Request, exc: HTTPException) -> Response:
             param = first["key"]
             message = f"Invalid value for '{param}': {first.get('message') or 'not accepted'}."
     path = request.url.path
-    if path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/"):  # a wrong method or path under it
+    if under_messages(path):  # a wrong method or path under it
         return anthropic_error(request, status, str(message), getattr(exc, "headers", None))
     return Response(
         http_error_body(status, str(message), param),

@@ -19,7 +19,7 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-from gateway.anthropic import MESSAGES_PATH
+from gateway.anthropic import under_messages
 from protocol.anthropic import error_body as anthropic_error_body
 from protocol.errors import error_body
 
@@ -346,8 +346,7 @@ class _Refusal:
         self.status, self.message = status, message
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        path = scope.get("path", "")
-        if path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/"):
+        if under_messages(scope.get("path", "")):
             body = anthropic_error_body(self.status, self.message)
         else:
             body = _refusal_body(self.status, self.message)

@@ -261,8 +261,8 @@ class BudgetPolicy:
                   later: Sequence[ModelConfig]) -> list[float]:
         """`amounts`, but for the counters every model shares (not `model` budgets): the largest worst case of
         this model and the `later` ones."""
-        tokens = max((self._worst_case(ctx, m)[0] for m in later), default=0.0)
-        usd = max((self._worst_case(ctx, m)[1] for m in later), default=0.0)
+        worst = [self._worst_case(ctx, m) for m in later]
+        tokens, usd = max(t for t, _ in worst), max(u for _, u in worst)
         return [a if c.budget.scope == "model" else max(a, tokens if c.kind == "tokens" else usd)
                 for c, a in zip(counters, amounts, strict=True)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -414,7 +414,7 @@ def _tool_input(name: str, arguments: str | dict[str, Any] | None, cut: bool) ->
 
 
 def message_from_chat(body: bytes, stops: frozenset[str] = frozenset(), model: str = "",
-                      estimate: int | None = None) -> MessageResponse:
+                      estimate: Callable[[], int] | None = None) -> MessageResponse:
     """A chat.completion body as a Message (its first choice: the request asks for one); one whose fields do not
     have their types is an answer the gateway cannot read: 502, never an empty message."""
     try:
@@ -439,7 +439,8 @@ def message_from_chat(body: bytes, stops: frozenset[str] = frozenset(), model: s
     return MessageResponse(id=_message_id(answer.id), model=answer.model or model, content=content,
                            stop_reason=stop_reason, stop_sequence=stop_sequence,
                            usage=MessageUsage(input_tokens=usage.prompt_tokens if usage.prompt_tokens is not None
-                                              else estimate or 0, output_tokens=usage.completion_tokens or 0))
+                                              else estimate() if estimate is not None else 0,
+                                              output_tokens=usage.completion_tokens or 0))
 
 
 def _frame(event: bytes, data: dict[str, Any]) -> bytes:
@@ -458,7 +459,8 @@ class StreamTranslator:
     __slots__ = ("blocks", "estimate", "finish", "input_tokens", "matched", "model", "open", "output_tokens",
                  "pieces", "refused", "started", "stops", "tools")
 
-    def __init__(self, stops: frozenset[str] = frozenset(), model: str = "", estimate: int | None = None) -> None:
+    def __init__(self, stops: frozenset[str] = frozenset(), model: str = "",
+                 estimate: Callable[[], int] | None = None) -> None:
         self.stops, self.model = stops, model
         self.estimate = estimate  # the prompt's tokens as estimated: the input when the upstream reports none
         self.started = False
@@ -514,7 +516,9 @@ class StreamTranslator:
         self._close_open(out)
         stop_reason, stop_sequence = _stop(self.finish, self.matched, bool(self.tools), self.stops, self.refused)
         usage = {"output_tokens": self.output_tokens if self.output_tokens is not None else self.pieces}
-        input_tokens = self.input_tokens if self.input_tokens is not None else self.estimate
+        input_tokens = self.input_tokens
+        if input_tokens is None and self.estimate is not None:
+            input_tokens = self.estimate()
         if input_tokens is not None:  # as the gateway counts it: the estimate when the upstream sent no usage
             usage["input_tokens"] = input_tokens
         out.append(_frame(b"message_delta", {"type": "message_delta",
@@ -574,7 +578,8 @@ class MessagesDialect:
 
     __slots__ = ("estimate", "model", "stops")
 
-    def __init__(self, model: str = "", stop_sequences: list[str] | None = None, estimate: int | None = None) -> None:
+    def __init__(self, model: str = "", stop_sequences: list[str] | None = None,
+                 estimate: Callable[[], int] | None = None) -> None:
         self.model = model  # the requested name, for a stream that ends before its first chunk
         self.stops = frozenset(stop_sequences or ())
         self.estimate = estimate  # the prompt's estimated tokens: the input count when the upstream gives none
