@@ -3,11 +3,13 @@ mock upstream (tests/e2e/upstream.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import Process, free_port, fresh_pg_database, start_gateway, start_upstream
@@ -58,3 +60,14 @@ policies:
 """
 
     return make
+
+
+def send(urls: list[str], bodies: list[dict]) -> list[httpx.Response]:
+    """Each body POSTed to /v1/chat/completions, all at once, taking the replicas in turn."""
+
+    async def all_at_once() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(client.post(urls[i % len(urls)] + "/v1/chat/completions", json=body)
+                                          for i, body in enumerate(bodies)))
+
+    return asyncio.run(all_at_once())

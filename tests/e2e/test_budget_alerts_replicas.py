@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
 import httpx
 
-from tests.e2e.replicas import one_model, replicas
+from tests.e2e.replicas import one_model, replicas, send
 
 THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
@@ -29,16 +28,12 @@ def _alerts(*gateways) -> list[dict]:
     return found
 
 
-async def _flood(urls: list[str], total: int) -> list[httpx.Response]:
-    body = {"model": "remote-a", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
-    async with httpx.AsyncClient(timeout=30) as client:
-        return await asyncio.gather(*(client.post(urls[i % 2] + "/v1/chat/completions", json=body)
-                                      for i in range(total)))
+BODY = {"model": "remote-a", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
 
 
 def test_each_threshold_alerts_once_across_replicas(tmp_path):
     with replicas(tmp_path, _config) as (first, second, _):
-        answers = asyncio.run(_flood([first.url, second.url], 80))
+        answers = send([first.url, second.url], [BODY] * 80)
         served = sum(1 for a in answers if a.status_code == 200)
         used = next(b for b in httpx.get(first.url + "/v1/usage").json()["budgets"])["used_tokens"]
         expected = [t for t in THRESHOLDS if t * 200 <= used]

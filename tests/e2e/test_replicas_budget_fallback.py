@@ -5,12 +5,10 @@ runs, and settle to the actual usage afterwards ..., so a budget is never exceed
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 
 from tests.conftest import free_port
-from tests.e2e.replicas import replicas
+from tests.e2e.replicas import replicas, send
 
 LIMIT_USD = 0.02
 PRICE = 1000.0  # USD per million tokens on the fallback: 0.001 USD a token
@@ -32,16 +30,12 @@ policies:
 """
 
 
-async def _flood(urls: list[str], total: int) -> list[httpx.Response]:
-    body = {"model": "cheap:pricey", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
-    async with httpx.AsyncClient(timeout=30) as client:
-        return await asyncio.gather(*(client.post(urls[i % 2] + "/v1/chat/completions", json=body)
-                                      for i in range(total)))
+BODY = {"model": "cheap:pricey", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
 
 
 def test_usd_budget_is_not_overspent_by_concurrent_fallbacks_to_a_pricier_model(tmp_path):
     with replicas(tmp_path, _config) as (first, second, _):
-        answers = asyncio.run(_flood([first.url, second.url], 40))
+        answers = send([first.url, second.url], [BODY] * 40)
         served = [a for a in answers if a.status_code == 200]
         # 502: `cheap` (dead) tried alone, where the budget had no room left for `pricey`'s worst case
         assert all(a.status_code in (200, 429, 502) for a in answers), [a.text for a in answers
@@ -76,7 +70,7 @@ policies:
 
 def test_a_model_token_budget_is_not_overspent_by_concurrent_fallbacks_to_it(tmp_path):
     with replicas(tmp_path, _model_budget_config) as (first, second, _):
-        answers = asyncio.run(_flood([first.url, second.url], 40))
+        answers = send([first.url, second.url], [BODY] * 40)
         served = [a for a in answers if a.status_code == 200]
         assert served and all(a.headers["x-pointsman-model"] == "pricey" for a in served)
         used = sum(a.json()["usage"]["total_tokens"] for a in served)

@@ -3,11 +3,7 @@ and whichever name of the model a request uses."""
 
 from __future__ import annotations
 
-import asyncio
-
-import httpx
-
-from tests.e2e.replicas import replicas
+from tests.e2e.replicas import replicas, send
 
 RPM = 5
 
@@ -26,12 +22,6 @@ policies:
 """
 
 
-async def _send(urls: list[str], bodies: list[dict]) -> list[httpx.Response]:
-    async with httpx.AsyncClient(timeout=30) as client:
-        return await asyncio.gather(*(client.post(urls[i % len(urls)] + "/v1/chat/completions", json=body)
-                                      for i, body in enumerate(bodies)))
-
-
 def _chat(model: str, user: str | None = None) -> dict:
     body = {"model": model, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
     if user:
@@ -43,7 +33,7 @@ def test_a_user_rpm_is_one_bucket_across_replicas(tmp_path):
     with replicas(tmp_path, _config) as (first, second, _):
         urls = [first.url, second.url]
         # a user's rpm across both replicas: RPM served (one more may refill meanwhile), the rest refused
-        answers = asyncio.run(_send(urls, [_chat("remote-b", "u1")] * (3 * RPM)))
+        answers = send(urls, [_chat("remote-b", "u1")] * (3 * RPM))
         served = [a for a in answers if a.status_code == 200]
         assert RPM <= len(served) <= RPM + 1, [a.status_code for a in answers]
         remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in served)
@@ -55,7 +45,7 @@ def test_a_model_rpm_counts_its_alias_and_chains_too(tmp_path):
         urls = [first.url, second.url]
         # remote-a's own rpm: the same model asked for by its id, its alias, or a chain starting with it
         names = ["remote-a", "ra", "remote-a:remote-b"]
-        answers = asyncio.run(_send(urls, [_chat(names[i % 3]) for i in range(3 * RPM)]))
+        answers = send(urls, [_chat(names[i % 3]) for i in range(3 * RPM)])
         by_remote_a = [a for a in answers if a.status_code == 200 and a.headers["x-pointsman-model"] == "remote-a"]
         assert len(by_remote_a) <= RPM + 1, (
             f"remote-a's {RPM} rpm limit let {len(by_remote_a)} of {3 * RPM} requests through to remote-a: "
