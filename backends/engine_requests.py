@@ -15,8 +15,12 @@ __all__ = ["Plan", "check_request"]
 # non-standard fields this engine honours (vLLM's names); chat-only ones are unknown to /v1/completions
 _ENGINE_EXTRAS = {"top_k", "repetition_penalty", "min_tokens", "ignore_eos"}
 _CHAT_EXTRAS = {"continue_final_message", "add_generation_prompt"}
-# standard OpenAI fields that msgspec's request Structs do not declare but that change nothing here
-_HARMLESS_EXTRAS = {"metadata", "store", "service_tier"}
+# standard OpenAI fields that msgspec's request Structs do not declare but that change nothing here: the prompt
+# cache's routing hints (the engine keeps no prompt cache between requests) and the end user's id for abuse checks
+_HARMLESS_EXTRAS = {"metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
+                    "safety_identifier"}
+_CACHE_RETENTION = ("in_memory", "24h")  # OpenAI's values for prompt_cache_retention
+_SAFETY_ID_MAX = 64  # OpenAI's maxLength for safety_identifier
 _BOOL_EXTRAS = {"ignore_eos", "continue_final_message", "add_generation_prompt"}
 _MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit (chat's top_logprobs, at most 20, is checked when decoding)
 
@@ -226,6 +230,12 @@ def _check_extra(key: str, value: Any) -> Any:
         raise _invalid(key, "a boolean")
     if key == "store" and value is not False:
         raise _unsupported("store", " (nothing is stored)")
+    if key in ("prompt_cache_key", "safety_identifier") and not isinstance(value, str):
+        raise _invalid(key, "a string")
+    if key == "safety_identifier" and len(value) > _SAFETY_ID_MAX:
+        raise _invalid(key, f"a string of at most {_SAFETY_ID_MAX} characters")
+    if key == "prompt_cache_retention" and value not in _CACHE_RETENTION:
+        raise _invalid(key, " or ".join(repr(v) for v in _CACHE_RETENTION))
     return value
 
 

@@ -299,8 +299,13 @@ async def test_harmless_fields_pass() -> None:
         "seed": 1,
         "stop": "x",
         "top_k": -1,
+        # the prompt cache's hints and the end user's id: the SDK sends them, they change no output here
+        "prompt_cache_key": "tenant-7",
+        "prompt_cache_retention": "24h",
+        "safety_identifier": "user-1234",
     }
     check_request(chat(**fields))
+    check_request(completion("hi", prompt_cache_key="k", safety_identifier="s"))
     check_request(chat(stream=True, stream_options={"include_usage": True}))  # on a stream, as OpenAI takes it
 
 
@@ -328,6 +333,9 @@ async def test_unsupported_messages(message: dict, param: str) -> None:
         {"ignore_eos": "yes"},
         {"min_tokens": 5, "max_tokens": 2},
         {"continue_final_message": True},
+        {"prompt_cache_key": 7},
+        {"safety_identifier": "x" * 65},
+        {"prompt_cache_retention": "forever"},
     ],
 )
 async def test_invalid_extras(fields: dict) -> None:
