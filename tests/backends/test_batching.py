@@ -19,24 +19,11 @@ from backends.batching import Group, Job, KVBatch, Scheduler
 from backends.engine_requests import check_request
 from backends.generation import DecodeResult, IncrementalDetokenizer, decode
 from backends.transformers_engine import TransformersBackend
-from config.schema import TransformersModel
 from protocol.errors import EngineOverloaded, GatewayError, ServiceUnavailable
-from protocol.openai import ChatCompletionRequest, CompletionRequest, ParsedRequest, decode_request
-from tests.tiny_model import build_tiny_model
+from protocol.openai import ParsedRequest
+from tests.backends.engines import chat, completion, tiny
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-batching")
-    build_tiny_model(folder)
-    return folder
-
-
-def tiny(folder: Path, **fields: Any) -> TransformersBackend:
-    # a long context (rotary positions have no limit): long requests hold their slot while a test looks
-    return TransformersBackend(TransformersModel(id="tiny", source=str(folder), context_window=100_000, **fields))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -45,15 +32,6 @@ async def backend(tiny_dir: Path) -> Any:
     await engine.start()
     yield engine
     await engine.aclose()
-
-
-def chat(content: str, **fields: Any) -> ParsedRequest:
-    raw = {"model": "tiny", "messages": [{"role": "user", "content": content}], **fields}
-    return decode_request(msgspec.json.encode(raw), ChatCompletionRequest)
-
-
-def completion(prompt: Any, **fields: Any) -> ParsedRequest:
-    return decode_request(msgspec.json.encode({"model": "tiny", "prompt": prompt, **fields}), CompletionRequest)
 
 
 def alone(backend: TransformersBackend, request: ParsedRequest) -> list[DecodeResult]:

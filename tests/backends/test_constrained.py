@@ -21,9 +21,9 @@ from backends.generation import IncrementalDetokenizer, decode
 from backends.transformers_engine import TransformersBackend
 from config.schema import TransformersModel
 from protocol.errors import BadRequest, UnsupportedParameter
-from protocol.openai import ChatCompletionRequest, CompletionRequest, ParsedRequest, decode_request
+from protocol.openai import ChatCompletionRequest, ParsedRequest, decode_request
+from tests.backends.engines import chat, completion, tiny
 from tests.spec.openai import validate
-from tests.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -45,29 +45,12 @@ WORD_FORMAT = {"type": "json_schema", "json_schema": {"name": "word", "schema": 
 PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-constrained")
-    build_tiny_model(folder)
-    return folder
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def backend(tiny_dir: Path) -> Any:
-    engine = TransformersBackend(TransformersModel(id="tiny", source=str(tiny_dir), context_window=4096,
-                                                   max_concurrency=16))
+    engine = tiny(tiny_dir, context_window=4096, max_concurrency=16)
     await engine.start()
     yield engine
     await engine.aclose()
-
-
-def chat(content: str = "hi", **fields: Any) -> ParsedRequest:
-    raw = {"model": "tiny", "messages": [{"role": "user", "content": content}], **fields}
-    return decode_request(msgspec.json.encode(raw), ChatCompletionRequest)
-
-
-def completion(prompt: Any, **fields: Any) -> ParsedRequest:
-    return decode_request(msgspec.json.encode({"model": "tiny", "prompt": prompt, **fields}), CompletionRequest)
 
 
 async def answer(backend: TransformersBackend, request: ParsedRequest) -> dict[str, Any]:

@@ -18,17 +18,9 @@ from backends.engine_requests import check_request
 from backends.generation import SamplingParams, sample_next
 from backends.transformers_engine import TransformersBackend
 from protocol.errors import BadRequest
-from tests.backends.test_batching import chat, completion, tiny
-from tests.tiny_model import build_tiny_model
+from tests.backends.engines import chat, completion, tiny
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-faults")
-    build_tiny_model(folder)
-    return folder
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

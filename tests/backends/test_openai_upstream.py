@@ -14,7 +14,7 @@ from backends.openai_upstream import OpenAIBackend
 from config.schema import Deployment, OpenAIModel
 from protocol.errors import UpstreamInvalidResponse, UpstreamStatusError, UpstreamTimeout, UpstreamUnavailable
 from protocol.openai import ChatCompletionRequest, decode_request
-from tests.backends.test_http1 import wait_for
+from tests.backends.raw_server import wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # the fixtures' servers and pools live in this loop
 

@@ -15,7 +15,8 @@ import pytest_asyncio
 
 from backends.transformers_engine import TransformersBackend
 from config.schema import TransformersModel
-from protocol.openai import ChatCompletionRequest, ParsedRequest, decode_request
+from protocol.openai import ParsedRequest
+from tests.backends import engines
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -46,8 +47,7 @@ async def backend() -> Any:
 
 
 def chat(content: str, **fields: Any) -> ParsedRequest:
-    raw = {"model": MODEL_ID, "messages": [{"role": "user", "content": content}], **fields}
-    return decode_request(msgspec.json.encode(raw), ChatCompletionRequest)
+    return engines.chat(content, model=MODEL_ID, **fields)
 
 
 async def run(backend: TransformersBackend, requests: list[ParsedRequest]) -> list[dict[str, Any]]:

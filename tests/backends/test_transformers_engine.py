@@ -20,10 +20,10 @@ from config.schema import TransformersModel
 from protocol.errors import BadRequest, ServiceUnavailable, UnsupportedParameter
 from protocol.openai import (
     ChatCompletionRequest,
-    CompletionRequest,
     ParsedRequest,
     decode_request,
 )
+from tests.backends import engines
 
 # one event loop for the session (the model loads once, on it); every test here is async so the mark fits all
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -41,13 +41,11 @@ async def backend() -> Any:
 
 
 def chat(content: str = FRANCE, **fields: Any) -> ParsedRequest:
-    raw = {"model": MODEL_ID, "messages": [{"role": "user", "content": content}], **fields}
-    return decode_request(msgspec.json.encode(raw), ChatCompletionRequest)
+    return engines.chat(content, model=MODEL_ID, **fields)
 
 
 def completion(prompt: Any, **fields: Any) -> ParsedRequest:
-    raw = {"model": MODEL_ID, "prompt": prompt, **fields}
-    return decode_request(msgspec.json.encode(raw), CompletionRequest)
+    return engines.completion(prompt, model=MODEL_ID, **fields)
 
 
 async def answer(backend: TransformersBackend, request: ParsedRequest) -> dict[str, Any]:

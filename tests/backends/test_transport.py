@@ -26,7 +26,7 @@ from backends.transport import (
     open_httpx_client,
 )
 from config.schema import TLSConfig
-from tests.backends.test_http1 import RawServer, answer, keep_alive, read_request, wait_for
+from tests.backends.raw_server import RawServer, answer, keep_alive, read_request, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # the fixtures' servers and pools live in this loop
 

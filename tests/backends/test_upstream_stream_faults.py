@@ -18,7 +18,7 @@ from backends.openai_upstream import OpenAIBackend
 from config.schema import OpenAIModel
 from protocol.errors import UpstreamInvalidResponse, UpstreamStatusError, UpstreamTimeout, UpstreamUnavailable
 from protocol.openai import ChatCompletionRequest, decode_request
-from tests.backends.test_http1 import RawServer, read_request
+from tests.backends.raw_server import RawServer, read_request
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
