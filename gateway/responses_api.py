@@ -1,19 +1,20 @@
 """OpenAI's Responses API: POST /v1/responses translated onto chat completions through the one pipeline (or relayed
-as it is to an upstream that serves it natively), and the stored responses behind GET and DELETE
-/v1/responses/{id}, each visible to its caller's key only."""
+as it is to an upstream that serves it natively), and the stored responses behind GET (the object, or with
+`stream=true` its event stream replayed) and DELETE /v1/responses/{id}, each visible to its caller's key only."""
 
 from __future__ import annotations
 
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
 from litestar import MediaType, Request, Response, Router, delete, get, post
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath
+from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp
 
 from config.schema import ModelConfig
@@ -44,6 +45,7 @@ from protocol.responses_api import (
     chat_request,
     decode_responses_request,
     input_messages,
+    replay_events,
     response_of,
     routing_request,
     sse_frame,
@@ -410,12 +412,37 @@ def _not_found(response_id: str) -> NotFound:
     return NotFound(f"Response with id '{response_id}' not found.", param="response_id")
 
 
-@get("/responses/{response_id:str}", summary="Retrieve a stored response (the caller's key's own)")
+_SEQUENCE_NUMBER = re.compile(r"[0-9]{1,18}")
+
+
+def _replay_asked(query: Mapping[str, str]) -> int | None:
+    """GET's `stream` and `starting_after`: None for the object itself; for its event stream, the sequence number
+    after which the replay begins (-1: from the first event). A 400 naming the parameter for any other value."""
+    stream = query.get("stream", "false").lower()
+    if stream not in ("true", "false"):
+        raise BadRequest(f"Invalid value for 'stream': expected true or false, got {stream!r}.", param="stream")
+    after = query.get("starting_after")
+    if after is not None and _SEQUENCE_NUMBER.fullmatch(after) is None:
+        raise BadRequest(f"Invalid value for 'starting_after': expected a sequence number, got {after!r}.",
+                         param="starting_after")
+    if stream == "false":
+        return None
+    return -1 if after is None else int(after)
+
+
+@get("/responses/{response_id:str}", summary="Retrieve a stored response (the caller's key's own); with "
+     "stream=true, its events replayed after `starting_after`")
 async def retrieve_response(request: Request, response_id: FromPath[str]) -> ASGIApp:
+    after = _replay_asked(request.query_params)
     stored = await _store(request).load(principal_of(request.scope), response_id)
     if stored is None:
         raise _not_found(response_id)
-    return JSONBody(bytes(stored.response), {"x-request-id": request_id_of(request.scope)})
+    headers = {"x-request-id": request_id_of(request.scope)}
+    if after is None:
+        return JSONBody(bytes(stored.response), headers)
+    events = replay_events(msgspec.json.decode(stored.response))
+    body = b"".join(sse_frame(event) for event in events if event["sequence_number"] > after)
+    return ASGIResponse(body=body, media_type="text/event-stream", headers={"cache-control": "no-cache", **headers})
 
 
 @delete("/responses/{response_id:str}", status_code=200, summary="Delete a stored response (the caller's key's own)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -30,6 +31,7 @@ __all__ = [
     "input_messages",
     "new_item_id",
     "output_items",
+    "replay_events",
     "response_of",
     "response_usage",
     "routing_request",
@@ -45,6 +47,15 @@ RESPONSES_FIELDS = frozenset({
     "service_tier", "store", "stream", "stream_options", "temperature", "text", "tool_choice", "tools",
     "top_logprobs", "top_p", "truncation", "user",
 })
+# the `include` a translated answer fills in; the other values OpenAI defines (its SDK's ResponseIncludable) name data
+# of items a translated answer never has (hosted tools' results, encrypted reasoning, input images): nothing to add,
+# as for a model of OpenAI's without them
+_LOGPROBS = "message.output_text.logprobs"
+_INCLUDABLE = frozenset({
+    _LOGPROBS, "file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+    "message.input_image.image_url", "computer_call_output.output.image_url", "code_interpreter_call.outputs",
+    "reasoning.encrypted_content",
+})
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 _TOOL_CHOICES = ("auto", "none", "required")
 
@@ -58,6 +69,8 @@ class ResponsesRequest(Struct, kw_only=True):
     max_output_tokens: PositiveInt | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    include: list[str] | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     text: dict[str, Any] | None = None
@@ -76,6 +89,11 @@ class ResponsesRequest(Struct, kw_only=True):
     @property
     def stored(self) -> bool:
         return self.store is not False
+
+    @property
+    def logprobs(self) -> bool:
+        """Whether the output text's logprobs are asked for (`include`)."""
+        return _LOGPROBS in (self.include or ())
 
 
 def decode_responses_request(data: bytes) -> tuple[ResponsesRequest, dict[str, Any]]:
@@ -221,9 +239,19 @@ def _response_format(text: dict[str, Any]) -> dict[str, Any] | None:
     raise BadRequest("'text.format.type' must be text, json_object or json_schema.", param="text.format")
 
 
+def _check_include(include: list[str] | None) -> None:
+    """`include` holds only values OpenAI defines (a 400 naming `include` for any other, as OpenAI answers)."""
+    for i, value in enumerate(include or ()):
+        if value not in _INCLUDABLE:
+            raise BadRequest(f"Invalid value for 'include[{i}]': {value!r}. Supported values are: "
+                             f"{', '.join(repr(v) for v in sorted(_INCLUDABLE))}.", param="include")
+
+
 def chat_request(request: ResponsesRequest, raw: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:
     """The chat completion request that serves `request` over `messages` (a stored conversation, then the input):
-    the instructions go first as a system message; a stream asks for its usage in the last chunk."""
+    the instructions go first as a system message; a stream asks for its usage in the last chunk; the output
+    text's logprobs (`include`) are the chat answer's, with `top_logprobs` alternatives."""
+    _check_include(request.include)
     chat = {k: v for k, v in raw.items() if k not in RESPONSES_FIELDS}
     if request.instructions:
         messages = [{"role": "system", "content": request.instructions}, *messages]
@@ -247,6 +275,10 @@ def chat_request(request: ResponsesRequest, raw: dict[str, Any], messages: list[
         chat["response_format"] = fmt
     if request.reasoning and request.reasoning.get("effort") is not None:
         chat["reasoning_effort"] = request.reasoning["effort"]
+    if request.logprobs:
+        chat["logprobs"] = True
+        if request.top_logprobs is not None:
+            chat["top_logprobs"] = request.top_logprobs
     if request.stream:
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
@@ -293,15 +325,22 @@ def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:
             "parameters": tool.get("parameters"), "strict": tool.get("strict")}
 
 
+# the request's settings a Response echoes (ResponseShape.echo)
+_ECHOED = ("background", "instructions", "max_output_tokens", "metadata", "parallel_tool_calls",
+           "previous_response_id", "reasoning", "store", "temperature", "text", "tool_choice", "tools", "top_p",
+           "truncation", "user", "top_logprobs")
+
+
 class ResponseShape:
     """What every Response object of one request repeats: its id, its creation time and the request's settings
-    (echoed as OpenAI echoes them, defaults filled in)."""
+    (echoed as OpenAI echoes them, defaults filled in); `logprobs`: whether its output text carries them."""
 
-    __slots__ = ("created_at", "echo", "id")
+    __slots__ = ("created_at", "echo", "id", "logprobs")
 
     def __init__(self, request: ResponsesRequest, response_id: str | None = None) -> None:
         self.id = response_id or new_item_id("resp")
         self.created_at = int(time.time())
+        self.logprobs = request.logprobs
         text = dict(request.text) if request.text else {}
         text.setdefault("format", {"type": "text"})
         self.echo: dict[str, Any] = {
@@ -322,6 +361,17 @@ class ResponseShape:
         }
         if request.user is not None:
             self.echo["user"] = request.user
+        if request.top_logprobs is not None:
+            self.echo["top_logprobs"] = request.top_logprobs
+
+    @classmethod
+    def of(cls, response: dict[str, Any]) -> ResponseShape:
+        """The shape of a Response already made (a stored one, replayed): its id, creation time and settings as it
+        echoed them; its output text's logprobs are whatever it holds."""
+        shape = cls.__new__(cls)
+        shape.id, shape.created_at, shape.logprobs = response["id"], response["created_at"], True
+        shape.echo = {key: response[key] for key in _ECHOED if key in response}
+        return shape
 
     def response(self, *, status: str, model: str, output: list[dict[str, Any]], usage: dict[str, Any] | None = None,
                  incomplete: str | None = None, error: GatewayError | None = None) -> dict[str, Any]:
@@ -366,13 +416,52 @@ def _message_item(item_id: str, status: str, parts: list[dict[str, Any]] | None 
     return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": parts or []}
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def _content_part(kind: str, text: str) -> dict[str, Any]:
-    """An output_text part, or the refusal part of an upstream's `refusal`."""
-    return _text_part(text) if kind == "output_text" else {"type": "refusal", "refusal": text}
+def _content_part(kind: str, text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """An output_text part (with its logprobs), or the refusal part of an upstream's `refusal`."""
+    return _text_part(text, logprobs) if kind == "output_text" else {"type": "refusal", "refusal": text}
+
+
+# a chat choice's `logprobs`, as the translation reads them (bytes may be null or left out, as some upstreams do)
+class _TopLogprobView(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class _LogprobView(_TopLogprobView):
+    top_logprobs: list[_TopLogprobView] | None = None
+
+
+class _ChoiceLogprobsView(Struct):
+    content: list[_LogprobView] | None = None
+
+
+def _top(view: _TopLogprobView) -> dict[str, Any]:
+    return {"token": view.token, "logprob": view.logprob,
+            "bytes": view.bytes if view.bytes is not None else list(view.token.encode())}
+
+
+def _output_logprobs(choice: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chat choice's (or chunk's) logprobs of its content as an output_text part holds them (OpenAI's LogProb:
+    token, logprob, bytes, top_logprobs; a token's UTF-8 for bytes an upstream left out). Logprobs that cannot be
+    read are no answer the gateway can read: 502."""
+    try:
+        view = msgspec.convert(choice.get("logprobs"), _ChoiceLogprobsView | None)
+    except msgspec.ValidationError as exc:
+        raise UpstreamInvalidResponse(f"the upstream's logprobs could not be read: {exc}") from None
+    return [] if view is None else [{**_top(t), "top_logprobs": [_top(top) for top in t.top_logprobs or ()]}
+                                    for t in view.content or ()]
+
+
+def _event_logprobs(logprobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Logprobs as the output_text delta and done events carry them (the spec's ResponseLogProb: no bytes)."""
+    return [{"token": t["token"], "logprob": t["logprob"],
+             "top_logprobs": [{"token": top["token"], "logprob": top["logprob"]} for top in t["top_logprobs"]]}
+            for t in logprobs]
 
 
 # what the translation reads of a chat answer or chunk, to check its types: any other field is not read
@@ -406,14 +495,15 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
             "arguments": arguments}
 
 
-def output_items(message: dict[str, Any], finish_reason: str | None) -> list[dict[str, Any]]:
-    """A chat completion's message as output items: its text (and refusal) as a message item (also when there is
-    nothing else), then one function_call item per tool call. An incomplete answer's last item is the one cut
-    off: it is `incomplete`, as in a stream."""
+def output_items(message: dict[str, Any], finish_reason: str | None,
+                 logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """A chat completion's message as output items: its text (with `logprobs`, when asked for) and refusal as a
+    message item (also when there is nothing else), then one function_call item per tool call. An incomplete
+    answer's last item is the one cut off: it is `incomplete`, as in a stream."""
     items = []
     calls = message.get("tool_calls") or []
     text, refusal = answer_text(message.get("content")), message.get("refusal")
-    parts = [_text_part(text)] if text or not (refusal or calls) else []
+    parts = [_text_part(text, logprobs)] if text or not (refusal or calls) else []
     if refusal:
         parts.append(_content_part("refusal", refusal))
     if parts:
@@ -441,7 +531,8 @@ def response_of(shape: ResponseShape, completion: dict[str, Any], model: str) ->
     incomplete = _incomplete(finish)
     response = shape.response(status="incomplete" if incomplete else "completed",
                               model=completion.get("model") or model,
-                              output=output_items(choice.get("message") or {}, finish),
+                              output=output_items(choice.get("message") or {}, finish,
+                                                  _output_logprobs(choice) if shape.logprobs else None),
                               usage=response_usage(completion.get("usage")), incomplete=incomplete)
     response.update((k, v) for k, v in completion.items() if k not in _CHAT_FIELDS and k not in response)
     return response
@@ -456,10 +547,12 @@ class StreamTranslator:
     first chunk; for text a message item, its output_text part and the deltas; for each tool call a function_call
     item and its argument deltas; each item closed (done events) when the next begins or the choice finishes;
     then `response.completed` (or `response.incomplete`) with the whole output and the usage. `output` and
-    `final` hold the answer once `finish` has run."""
+    `final` hold the answer once `finish` has run. The output text's deltas carry their logprobs when the shape
+    asks for them; `item_ids`, when given, are the items' ids in order (a replay's: see replay_events)."""
 
-    def __init__(self, shape: ResponseShape, model: str) -> None:
+    def __init__(self, shape: ResponseShape, model: str, item_ids: Iterable[str] = ()) -> None:
         self.shape, self.model = shape, model
+        self.ids = iter(item_ids)
         self.sequence = 0
         self.started = False
         self.output: list[dict[str, Any]] = []  # finished items, in order
@@ -491,7 +584,7 @@ class StreamTranslator:
                 continue  # one choice: the Responses API has no `n`
             delta = choice.get("delta") or {}
             if text := answer_text(delta.get("content")):
-                events += self._text("output_text", text)
+                events += self._text("output_text", text, _output_logprobs(choice) if self.shape.logprobs else [])
             if refusal := delta.get("refusal"):
                 events += self._text("refusal", refusal)
             for call in delta.get("tool_calls") or ():
@@ -504,14 +597,23 @@ class StreamTranslator:
     def _index(self) -> int:
         return len(self.output) + (self.open is not None)
 
-    def _text(self, kind: str, text: str) -> list[dict[str, Any]]:
-        """A piece of the message's output_text or refusal part (`kind`), each part opened when it first comes."""
+    def _item_id(self, prefix: str) -> str:
+        return next(self.ids, None) or new_item_id(prefix)
+
+    def _open_message(self, *kinds: str) -> dict[str, Any]:
+        """A message item opened (with parts of `kinds` begun): its output_item.added event."""
+        item = _message_item(self._item_id("msg"), "in_progress")
+        # each part kind -> its pieces, in order; the output text's logprobs
+        self.open = {"item": item, "index": len(self.output), "parts": {k: [] for k in kinds}, "logprobs": []}
+        return self._event("response.output_item.added", output_index=self.open["index"], item=item)
+
+    def _text(self, kind: str, text: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """A piece of the message's output_text (with its tokens' logprobs) or refusal part (`kind`), each part
+        opened when it first comes."""
         events = []
         if self.open is None or "parts" not in self.open:
             events += self._close()
-            item = _message_item(new_item_id("msg"), "in_progress")
-            self.open = {"item": item, "index": len(self.output), "parts": {}}  # kind -> its pieces, in order
-            events.append(self._event("response.output_item.added", output_index=self.open["index"], item=item))
+            events.append(self._open_message())
         item_id, index, parts = self.open["item"]["id"], self.open["index"], self.open["parts"]
         if kind not in parts:
             parts[kind] = []
@@ -519,8 +621,11 @@ class StreamTranslator:
                                       content_index=len(parts) - 1, part=_content_part(kind, "")))
         parts[kind].append(text)
         at = {"item_id": item_id, "output_index": index, "content_index": list(parts).index(kind), "delta": text}
-        events.append(self._event("response.refusal.delta", **at) if kind == "refusal"
-                      else self._event("response.output_text.delta", **at, logprobs=[]))
+        if kind == "refusal":
+            events.append(self._event("response.refusal.delta", **at))
+        else:
+            self.open["logprobs"] += logprobs or ()
+            events.append(self._event("response.output_text.delta", **at, logprobs=_event_logprobs(logprobs or [])))
         return events
 
     def _call(self, call: dict[str, Any]) -> list[dict[str, Any]]:
@@ -529,8 +634,8 @@ class StreamTranslator:
         function = call.get("function") or {}
         if self.open is None or self.open.get("tool") != index:
             events += self._close()
-            item = _call_item(new_item_id("fc"), call.get("id") or new_item_id("call"), function.get("name") or "",
-                              "", "in_progress")
+            item = _call_item(self._item_id("fc"), call.get("id") or new_item_id("call"),
+                              function.get("name") or "", "", "in_progress")
             self.open = {"item": item, "index": len(self.output), "tool": index, "arguments": []}
             events.append(self._event("response.output_item.added", output_index=self.open["index"],
                                       item=dict(item)))
@@ -550,12 +655,14 @@ class StreamTranslator:
         status = "incomplete" if _incomplete(self.finish_reason) else "completed"
         if "parts" in opened:
             events, parts = [], []
+            logprobs = opened["logprobs"]
             for content_index, (kind, pieces) in enumerate(opened["parts"].items()):
                 text = "".join(pieces)
                 at = {"item_id": item["id"], "output_index": index, "content_index": content_index}
                 events.append(self._event("response.refusal.done", **at, refusal=text) if kind == "refusal"
-                              else self._event("response.output_text.done", **at, text=text, logprobs=[]))
-                parts.append(_content_part(kind, text))
+                              else self._event("response.output_text.done", **at, text=text,
+                                               logprobs=_event_logprobs(logprobs)))
+                parts.append(_content_part(kind, text, logprobs))
                 events.append(self._event("response.content_part.done", **at, part=parts[-1]))
             done = _message_item(item["id"], status, parts)
         else:
@@ -580,12 +687,9 @@ class StreamTranslator:
         return [*events, self._event(kind, response=self.final)]
 
     def _empty_message(self) -> list[dict[str, Any]]:
-        item = _message_item(new_item_id("msg"), "in_progress")
-        self.open = {"item": item, "index": 0, "parts": {"output_text": []}}
-        return [self._event("response.output_item.added", output_index=0, item=item),
-                self._event("response.content_part.added", item_id=item["id"], output_index=0, content_index=0,
-                            part=_text_part("")),
-                *self._close()]
+        added = self._open_message("output_text")
+        return [added, self._event("response.content_part.added", item_id=added["item"]["id"], output_index=0,
+                                   content_index=0, part=_text_part("")), *self._close()]
 
     def fail(self, error: GatewayError) -> list[dict[str, Any]]:
         """`response.failed` for an error that broke the stream, with the output finished so far."""
@@ -593,3 +697,36 @@ class StreamTranslator:
         self.open = None
         failed = self.shape.response(status="failed", model=self.model, output=self.output, error=error)
         return [*events, self._event("response.failed", response=failed)]
+
+
+def _replayed_chunks(response: dict[str, Any]) -> list[dict[str, Any]]:
+    """A finished Response's output as the chat chunks that would have streamed it: each content part and each
+    function call whole in one chunk, then the finish its status tells."""
+    deltas: list[tuple[dict[str, Any], Any]] = []
+    for index, item in enumerate(response.get("output") or ()):
+        if item.get("type") == "message":
+            for part in item.get("content") or ():
+                if part.get("type") == "refusal":
+                    deltas.append(({"refusal": part.get("refusal") or ""}, None))
+                else:
+                    deltas.append(({"content": part.get("text") or ""}, {"content": part.get("logprobs") or []}))
+        elif item.get("type") == "function_call":
+            call = {"index": index, "id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments") or ""}}
+            deltas.append(({"tool_calls": [call]}, None))
+    incomplete = (response.get("incomplete_details") or {}).get("reason")
+    finish = {"max_output_tokens": "length", "content_filter": "content_filter"}.get(incomplete, "stop")
+    return [*({"choices": [{"index": 0, "delta": delta, "logprobs": logprobs}]} for delta, logprobs in deltas),
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}]
+
+
+def replay_events(response: dict[str, Any]) -> list[dict[str, Any]]:
+    """A finished Response (a stored one) as its event stream, made by the StreamTranslator from its output fed
+    back as chat chunks (each content part one delta, each call's arguments one): the items keep their ids, the
+    closing event carries the Response as it is. The same Response replays as the same events."""
+    translator = StreamTranslator(ResponseShape.of(response), response.get("model") or "",
+                                  [item.get("id") or "" for item in response.get("output") or ()])
+    events = [event for chunk in _replayed_chunks(response) for event in translator.feed(chunk)]
+    events += translator.finish()
+    events[-1]["response"] = response
+    return events

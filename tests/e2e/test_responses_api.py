@@ -223,6 +223,136 @@ def test_previous_response_follow_up_and_stored_response_lifecycle(served):
     assert stored.output_text == "echo: streamed"
 
 
+LOGPROBS = ["message.output_text.logprobs"]
+
+
+def _token(token: str, logprob: float, with_bytes: bool = True) -> dict:
+    """A logprob entry as the fake upstream makes them up (tests/e2e/upstream.py)."""
+    return {"token": token, "logprob": logprob, **({"bytes": list(token.encode())} if with_bytes else {})}
+
+
+def test_include_output_text_logprobs_plain_and_streamed(served):
+    client = _client(served)
+    response = client.responses.create(model="remote-a", input="one two", include=LOGPROBS, top_logprobs=2,
+                                       store=False)
+    body = _dump(response)
+    validate(body, "Response")
+    part = body["output"][0]["content"][0]
+    assert "".join(t["token"] for t in part["logprobs"]) == part["text"] == "echo: one two"
+    assert part["logprobs"][0] == {**_token("echo:", -0.5), "top_logprobs": [_token("echo:", -0.5),
+                                                                             _token("alt1", -1.5)]}
+    assert response.output[0].content[0].logprobs[2].top_logprobs[1].token == "alt1"  # the SDK's types read it
+    sent = body["x_received"]["body"]  # the chat request asked for them; include stayed here
+    assert (sent["logprobs"], sent["top_logprobs"]) == (True, 2) and "include" not in sent
+    # not asked for: the part's list stays empty, and the upstream is not asked either
+    plain = _dump(client.responses.create(model="remote-a", input="one two", top_logprobs=2, store=False))
+    assert plain["output"][0]["content"][0]["logprobs"] == []
+    assert not {"logprobs", "top_logprobs"} & set(plain["x_received"]["body"])
+    # streamed: each text delta carries its tokens' logprobs (the spec's ResponseLogProb: no bytes)
+    status, _, raw = _post(served, {"model": "remote-a", "input": "three four", "stream": True, "store": False,
+                                    "include": LOGPROBS, "top_logprobs": 1})
+    events = _events(raw)
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert status == 200 and [[t["token"] for t in d["logprobs"]] for d in deltas] == [[d["delta"]] for d in deltas]
+    assert deltas[1]["logprobs"] == [{**_token(" three", -1.0, False), "top_logprobs": [_token(" three", -1.0, False)]}]
+    done = next(e for e in events if e["type"] == "response.output_text.done")
+    assert done["logprobs"] == [t for d in deltas for t in d["logprobs"]]
+    final = events[-1]["response"]["output"][0]["content"][0]
+    assert [t["token"] for t in final["logprobs"]] == ["echo:", " three", " four"]
+    assert final["logprobs"][2] == {**_token(" four", -1.5), "top_logprobs": [_token(" four", -1.5)]}
+    # the SDK reads them off the stream; without the include every list is empty
+    with client.responses.stream(model="remote-a", input="five", include=LOGPROBS, store=False) as stream:
+        tokens = [t.token for e in stream if e.type == "response.output_text.delta" for t in e.logprobs]
+        assert [t.token for t in stream.get_final_response().output[0].content[0].logprobs] == tokens
+    assert tokens == ["echo:", " five"]
+    status, _, raw = _post(served, {"model": "remote-a", "input": "six", "stream": True, "store": False})
+    assert all(e["logprobs"] == [] for e in _events(raw) if e["type"].startswith("response.output_text."))
+
+
+@pytest.mark.parametrize("include", [["reasoning.encrypted_content"], [*LOGPROBS, "file_search_call.results"]])
+def test_an_include_of_data_a_translated_answer_never_has_adds_nothing(served, include):
+    # the Agents SDK sends reasoning.encrypted_content with store=false: a model without reasoning items has none
+    answer = _dump(_client(served).responses.create(model="remote-a", input="one two", include=include, store=False))
+    validate(answer, "Response")
+    assert answer["status"] == "completed" and [item["type"] for item in answer["output"]] == ["message"]
+
+
+@pytest.mark.parametrize("include", [["no.such.thing"], [*LOGPROBS, "message.output_text"]])
+def test_an_include_openai_does_not_define_is_a_400_naming_it(served, include):
+    status, head, error = _post(served, {"model": "remote-a", "input": "x", "include": include})
+    validate(error, "ErrorResponse")
+    assert status == 400 and head["x-request-id"]
+    assert error["error"]["param"] == "include"
+    assert repr(include[-1]) in error["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        _client(served).responses.create(model="remote-a", input="x", include=include, stream=True)
+    assert refused.value.param == "include"
+    # relayed natively, include goes to the upstream as it is
+    answer = _client(served).responses.create(model="native-v", input="y", include=include)
+    assert _dump(answer)["x_received"]["body"]["include"] == include
+
+
+def test_retrieve_stream_replays_the_stored_response(served):
+    client = _client(served)
+    auth = {"authorization": f"Bearer {KEY_A}"}
+    first = client.responses.create(model="remote-a", input="alpha beta", include=LOGPROBS, top_logprobs=1)
+    _, _, raw = http("GET", f"{served.url}/v1/responses/{first.id}", headers=auth)
+    stored = json.loads(raw)
+    status, head, raw = http("GET", f"{served.url}/v1/responses/{first.id}?stream=true", headers=auth)
+    head = {k.lower(): v for k, v in head.items()}
+    assert status == 200 and head["content-type"].startswith("text/event-stream") and head["x-request-id"]
+    events = _events(raw)
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.completed"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-1]["response"] == stored  # the stored object as it is
+    assert events[0]["response"]["id"] == first.id and events[0]["response"]["status"] == "in_progress"
+    assert events[2]["item"]["id"] == events[7]["item"]["id"] == stored["output"][0]["id"]
+    assert events[7]["item"] == stored["output"][0]
+    assert events[4]["delta"] == "echo: alpha beta"
+    assert [t["token"] for t in events[4]["logprobs"]] == ["echo:", " alpha", " beta"]
+    # starting_after: the events after that sequence number, the same as the whole replay's
+    _, _, raw = http("GET", f"{served.url}/v1/responses/{first.id}?stream=true&starting_after=3", headers=auth)
+    assert _events(raw) == events[4:]
+    # the SDK's retrieve(stream=True)
+    replayed = list(client.responses.retrieve(first.id, stream=True))
+    assert [e.type for e in replayed] == [e["type"] for e in events]
+    assert replayed[-1].response.output_text == "echo: alpha beta"
+    after = list(client.responses.retrieve(first.id, stream=True, starting_after=6))
+    assert [e.sequence_number for e in after] == [7, 8]
+    assert list(client.responses.retrieve(first.id, stream=True, starting_after=8)) == []
+    # a streamed tool call, stored: its call replayed with its own ids
+    streamed = list(client.responses.create(model="remote-a", input="tool:lookup z", tools=[TOOL], stream=True))
+    answer = streamed[-1].response
+    _, _, raw = http("GET", f"{served.url}/v1/responses/{answer.id}?stream=true", headers=auth)
+    events = _events(raw)
+    done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
+    assert (done["item_id"], done["arguments"]) == (answer.output[0].id, answer.output[0].arguments)
+    kinds = [e.type for e in streamed]
+    kinds.remove("response.function_call_arguments.delta")  # streamed in two pieces, replayed whole in one
+    assert [e["type"] for e in events] == kinds
+    assert events[-1]["response"]["output"][0]["call_id"] == "call_mock1"
+    # as the plain GET: another key's is not found, no key is a 401
+    for key, code in ((KEY_B, 404), (None, 401)):
+        status, _, raw = http("GET", f"{served.url}/v1/responses/{first.id}?stream=true",
+                              headers={"authorization": f"Bearer {key}"} if key else {})
+        validate(json.loads(raw), "ErrorResponse")
+        assert status == code
+    with pytest.raises(openai.NotFoundError):
+        _client(served, KEY_B).responses.retrieve(first.id, stream=True)
+    # a stream flag or a sequence number that is none: a 400 naming it
+    for query, param in (("stream=maybe", "stream"), ("stream=true&starting_after=x", "starting_after"),
+                         ("stream=true&starting_after=-2", "starting_after")):
+        status, _, raw = http("GET", f"{served.url}/v1/responses/{first.id}?{query}", headers=auth)
+        validate(json.loads(raw), "ErrorResponse")
+        assert status == 400 and json.loads(raw)["error"]["param"] == param
+    # stream=false is the object itself
+    _, _, raw = http("GET", f"{served.url}/v1/responses/{first.id}?stream=false", headers=auth)
+    assert json.loads(raw) == stored
+
+
 @pytest.mark.parametrize(("body", "key", "status", "code"), [
     ({"model": "remote-a", "input": "x"}, None, 401, "invalid_api_key"),
     ({"model": "gpt-9", "input": "x"}, KEY_A, 404, "model_not_found"),
@@ -352,6 +482,25 @@ def test_local_model_plain_and_streamed(gateway):
     text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
     assert "Paris" in text and events[-1]["response"]["output"][0]["content"][0]["text"] == text
     assert events[-1]["response"]["usage"]["output_tokens"] > 0
+
+
+def test_local_model_output_text_logprobs(gateway):
+    """The local engine's own logprobs, through the Responses API: one per generated token, plain and streamed."""
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+    asked = dict(model="small", input="What is the capital of France?", max_output_tokens=6, temperature=0,
+                 include=LOGPROBS, top_logprobs=2, store=False)
+    response = client.responses.create(**asked)
+    body = _dump(response)
+    validate(body, "Response")
+    logprobs = body["output"][0]["content"][0]["logprobs"]
+    assert len(logprobs) == response.usage.output_tokens and all(len(t["top_logprobs"]) == 2 for t in logprobs)
+    assert bytes(b for t in logprobs for b in t["bytes"]).decode() == response.output_text
+    status, _, raw = http("POST", gateway.url + "/v1/responses", {**asked, "stream": True})
+    events = _events(raw)
+    tokens = [t["token"] for e in events if e["type"] == "response.output_text.delta" for t in e["logprobs"]]
+    final = events[-1]["response"]
+    assert status == 200 and tokens == [t["token"] for t in final["output"][0]["content"][0]["logprobs"]]
+    assert len(tokens) == final["usage"]["output_tokens"]
 
 
 def test_local_model_function_call_round_trip_and_json_schema(gateway):

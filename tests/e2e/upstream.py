@@ -12,6 +12,8 @@ A directive written `status:503@model-a` applies only on the upstream started wi
 A request with `continue_final_message` and a final assistant message streams the rest of the echo after it.
 Non-streaming answers carry `x_received` (the body, Authorization and traceparent headers it got) for
 pass-through checks.
+A chat request with `logprobs: true` gets made-up logprobs, one token per word of the echo (as streamed), with
+`top_logprobs` alternatives (the token itself first).
 POST /v1/embeddings answers a vector per input made from the text's sha256 (`dimensions` long, default 8), as
 floats or base64 float32 as asked; a `status:N` directive in an input answers that HTTP error.
 POST /v1/responses answers the echo as a Response object or its event stream (Responses API pass-through).
@@ -77,6 +79,21 @@ def _answer(prompt: str) -> str:
     return FIXED if prompt in ("", "fixed") else f"echo: {prompt}"
 
 
+def _logprobs(body: dict, pieces: list[str]) -> list[dict] | None:
+    """Chat logprobs for `pieces`, one token each, when the request asks for them: the k-th token's logprob is
+    -0.5 * k (from 1), its alternatives' 1 lower each."""
+    if not body.get("logprobs"):
+        return None
+
+    def token(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    top = body.get("top_logprobs") or 0
+    return [{**token(piece, -0.5 * (k + 1)),
+             "top_logprobs": [token(piece if n == 0 else f"alt{n}", -0.5 * (k + 1) - n) for n in range(top)]}
+            for k, piece in enumerate(pieces)]
+
+
 class Upstream:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -132,8 +149,10 @@ class Upstream:
             return await self._stream(request, body, chat, text, model, usage, created, prompt)
         text += " " * max(0, pad - 200)  # plain answers only: a stream sends one chunk per word
         if chat:
+            logprobs = _logprobs(body, [w if i == 0 else " " + w for i, w in enumerate(text.split(" "))])
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                      "finish_reason": "stop", "logprobs": None}
+                      "finish_reason": "stop",
+                      "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}
             obj = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
@@ -261,9 +280,10 @@ class Upstream:
         words = text.split(" ")
         pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
 
-        def chunk(delta: dict | None, finish: str | None, piece: str = "") -> bytes:
+        def chunk(delta: dict | None, finish: str | None, piece: str = "", logprob: dict | None = None) -> bytes:
             if chat:
-                choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+                logprobs = None if logprob is None else {"content": [logprob], "refusal": None}
+                choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
                 obj = "chat.completion.chunk"
             else:
                 choices = [{"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}]
@@ -277,13 +297,14 @@ class Upstream:
             await response.write(chunk({"role": "assistant", "content": ""}, None))
         if _continued_prefix(body) is not None:  # a continuation goes on mid-word: split keeping spaces
             pieces = [p for p in text.replace(" ", "\0 ").split("\0") if p]
+        logprobs = (_logprobs(body, pieces) if chat else None) or [None] * len(pieces)
         for i, piece in enumerate(pieces):
             if breaks is not None and i >= int(breaks):
                 request.transport.close()  # drop the connection mid-stream
                 return response
             if gap:
                 await asyncio.sleep(gap)
-            await response.write(chunk({"content": piece}, None, piece))
+            await response.write(chunk({"content": piece}, None, piece, logprobs[i]))
         await response.write(chunk({}, "stop"))
         if include_usage:
             final = {"id": "mock-1", "object": "chat.completion.chunk" if chat else "text_completion",
