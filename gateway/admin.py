@@ -59,8 +59,10 @@ async def unload_model(request: Request, model_id: FromPath[str]) -> dict:
     return {"id": managed.model.id, "pointsman": managed.describe()}
 
 
-@post("/reload", status_code=200, summary="Reload the config file: add, remove and change models")
+@post("/reload", status_code=200, summary="Reload the config file: add, remove and change models, routing settings")
 async def reload_config(request: Request) -> dict:
+    """`added`, `changed`, `removed` and `kept` model ids, and `restart_required`: the changed sections a reload
+    does not apply (policies, auth, storage...), in force only after a restart."""
     workers = int(os.environ.get(WORKERS_ENV) or 1)
     if workers > 1:  # this request reaches one worker: the others would keep the old config
         raise Conflict(f"This gateway runs {workers} worker processes and a request reaches only one: reload them all "

@@ -137,7 +137,15 @@ def _models_action(args: argparse.Namespace) -> Result:
 
 
 def _models_reload(args: argparse.Namespace) -> Result:
-    return _call(args, "POST", "/admin/reload"), lambda a: _pairs({k: v for k, v in a.items() if k != "object"})
+    def text(answer: Any) -> str:
+        # restart_required: the changed sections a reload does not apply (policies, auth...), shown only when some
+        shown = {k: v for k, v in answer.items() if k != "object" and (k != "restart_required" or v)}
+        lines = _pairs(shown)
+        if answer.get("restart_required"):
+            lines += "\nthese sections take effect only when the gateway restarts (with several workers: SIGHUP)"
+        return lines
+
+    return _call(args, "POST", "/admin/reload"), text
 
 
 def _relative(value: str | None) -> str | None:

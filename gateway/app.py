@@ -50,7 +50,7 @@ from gateway.pipeline import Pipeline
 from gateway.request_id import request_id_of, request_ids
 from gateway.responses import JSONBody, Watches
 from gateway.responses_api import responses_router
-from gateway.service import Gateway
+from gateway.service import Gateway, restart_required
 from gateway.storage import Storage
 from gateway.websocket import websocket_router
 from policies.api_keys import KeyStore
@@ -282,16 +282,29 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     auth = Authenticator(config.auth, KeyStore(storage.engine) if storage.engine is not None else None,
                          storage.state)
 
+    reloading = asyncio.Lock()  # one reload at a time: a SIGHUP beside a POST never applies the older read last
+
     async def reload() -> dict:
+        """Apply the config file's models and routing (Gateway.reload); name the sections that differ from the
+        ones in force but wait for a restart (restart_required): in the answer, and in a warning."""
         if reload_from is None:
             raise BadRequest("This gateway was not started from a config file: there is nothing to reload.")
-        try:
-            fresh = await asyncio.to_thread(reload_from)  # reads and validates the file off the loop
-        except Exception as exc:
-            raise BadRequest(f"The config cannot be reloaded, nothing changed: {exc}") from exc
-        summary = gateway.reload(fresh)
-        await versions.reconfigure({m.id: m.versions for m in fresh.models})
-        return {"object": "reload", **summary}
+        async with reloading:
+            try:
+                fresh = await asyncio.to_thread(reload_from)  # reads and validates the file off the loop
+            except Exception as exc:
+                raise BadRequest(f"The config cannot be reloaded, nothing changed: {exc}") from exc
+            try:
+                summary = gateway.reload(fresh)
+            except ValueError as exc:  # a model's backend cannot be built (a CA bundle not there): nothing switched
+                raise BadRequest(f"The config cannot be reloaded, nothing changed: {exc}") from exc
+            await versions.reconfigure({m.id: m.versions for m in fresh.models})
+        # `config`: what the policies, auth, storage, metrics, tracing, logging and server were built from
+        pending = restart_required(config, fresh)
+        if pending:
+            log.warning("config reload: %s changed but not applied; a restart applies them (SIGHUP restarts the "
+                        "workers when there are several)", ", ".join(pending))
+        return {"object": "reload", **summary, "restart_required": pending}
 
     def on_sighup() -> None:
         task = asyncio.get_running_loop().create_task(reload())

@@ -11,8 +11,10 @@ from collections.abc import Mapping
 from datetime import UTC
 from email.utils import format_datetime
 
+import msgspec
+
 from backends.base import Backend, build_backend
-from config.schema import Config, ModelConfig
+from config.schema import Config, EnginesConfig, ModelConfig
 from gateway.deployments import DeploymentPool
 from gateway.lifecycle import LocalModels, ManagedBackend, drained
 from policies.context import ANONYMOUS, Principal
@@ -24,7 +26,7 @@ from routing.resolve import ModelTable, Versions
 from routing.router import Attempt, Decision, Router
 from routing.scoring import CONTEXT_TOO_SMALL
 
-__all__ = ["Gateway"]
+__all__ = ["RELOADED", "Gateway", "restart_required"]
 
 log = logging.getLogger("pointsman")
 _READY_REUSE_S = 1.0  # /ready answers from a probe this recent
@@ -32,6 +34,9 @@ _READY_REUSE_S = 1.0  # /ready answers from a probe this recent
 _INLINE_CLASSIFY_CHARS = 2_000
 # how often local engines' load figures are copied into the router's live state
 _ENGINE_STATS_S = 0.2
+# the config's top-level sections an in-process reload applies: models and routing (Gateway.reload), engines (the
+# memory budget), responses (read per request from Gateway.config); every other one is built once, at start-up
+RELOADED = frozenset({"models", "routing", "engines", "responses"})
 
 
 class Gateway:
@@ -44,8 +49,10 @@ class Gateway:
         self.version_states: Snapshot = configured_states({m.id: m.versions for m in config.models})
         self.models = _expand(config, self.version_states)
         given = backends or {}
-        self.backends: dict[str, Backend] = {i: given[i] if i in given else self._build(m, config)
-                                             for i, m in self.models.items()}
+        built = _build_all({i: m for i, m in self.models.items() if i not in given}, config.engines)
+        # every model served, and a model a reload took out while requests were in flight on it, until they end
+        self.backends: dict[str, Backend] = {i: given[i] if i in given else self._managed(built[i])
+                                             for i in self.models}
         self.pools = {i: DeploymentPool(m, self.backends[i], config) for i, m in self.models.items()}
         self.table, self.version_of, self.deprecations = _routing(config, self.models, self.version_states)
         self.router = self._router(config, self.table, self.pools)
@@ -54,21 +61,20 @@ class Gateway:
         # seeded from the OS per process: workers must not all draw the same sequence (power-of-two choices)
         self.rng = random.Random()
         self._tasks: list[asyncio.Task] = []
+        self._health: asyncio.Task | None = None
         self._readiness: tuple[float, asyncio.Future[dict[str, bool]]] | None = None  # the last probe: when, what
 
     # ---- lifecycle
 
-    def _build(self, model: ModelConfig, config: Config) -> Backend:
-        """A model's backend; local engines are managed (loaded on demand, within the memory budget)."""
-        backend = build_backend(model, config.engines)
-        return self.local.wrap(backend) if model.backend_kind == "transformers" else backend
+    def _managed(self, backend: Backend) -> Backend:
+        """A local engine is managed (loaded on demand, within the memory budget); others are as built."""
+        return self.local.wrap(backend) if backend.model.backend_kind == "transformers" else backend
 
     def start(self) -> None:
         """Load eager models in the background (/health answers at once, /ready once they are loaded)."""
         self.local.start()
         self._tasks.append(asyncio.create_task(self._load_eager(), name="pointsman-load"))
-        if self.config.routing.health_check_s > 0:
-            self._tasks.append(asyncio.create_task(self._check_health(), name="pointsman-health"))
+        self._start_health_checks()
         self._tasks.append(asyncio.create_task(self._read_engine_stats(), name="pointsman-engine-stats"))
 
     async def _load_eager(self) -> None:
@@ -87,12 +93,24 @@ class Gateway:
                     pool.states[0].apply_signals(figures.running, figures.waiting, figures.kv_cache_usage, now)
             await asyncio.sleep(_ENGINE_STATS_S)
 
+    def _start_health_checks(self) -> None:
+        """Run the health checks when routing.health_check_s asks for them (at start and after a reload) and
+        they do not run yet; a reload to 0 ends them (see _check_health)."""
+        running = self._health is not None and not self._health.done()
+        if not running and self.config.routing.health_check_s > 0:
+            self._health = asyncio.create_task(self._check_health(), name="pointsman-health")
+            self._tasks.append(self._health)
+
     async def _check_health(self) -> None:
-        """Active health checks: mark deployments healthy or not, and read vLLM load signals."""
-        while True:
+        """Active health checks: mark deployments healthy or not, and read vLLM load signals, every
+        routing.health_check_s as the config says now; until a reload sets it to 0 (off)."""
+        while self.config.routing.health_check_s > 0:
             await asyncio.sleep(self.config.routing.health_check_s)
+            if self.config.routing.health_check_s <= 0:
+                return
             for model_id, pool in self.pools.items():
-                probe = getattr(self.backends.get(model_id), "probe", None)  # None: removed by a reload
+                # None: removed by a reload (a model taken out and still draining is probed no more)
+                probe = getattr(self.backends.get(model_id), "probe", None) if model_id in self.models else None
                 if probe is None:
                     continue
                 for index, state in enumerate(pool.states):
@@ -109,8 +127,10 @@ class Gateway:
                         state.clear_signals()  # stale load figures would mislead the balancer
 
     def _router(self, config: Config, table: ModelTable, pools: Mapping[str, DeploymentPool]) -> Router:
+        # the availability of the pools it was built with: a request decided by this router after a reload
+        # swapped them (see decide) reads its own models' pools, never the next config's
         router = Router(config, table, {k: p.live for k, p in pools.items()},
-                        lambda model_id: self.pools[model_id].available())
+                        lambda model_id: pools[model_id].available())
         # a model kept out of automatic selection stays out whichever version serves it
         for base, served in zip(table.base_ids, table.models, strict=True):
             if served.id != base and base in router.excluded:
@@ -121,8 +141,9 @@ class Gateway:
         """Switch to `config`'s models without dropping a request: unchanged models keep their backend, pool
         and loaded weights; added and changed ones get new ones (eager ones start loading now); removed and
         replaced ones finish their requests in flight, then close. Routing settings come from the new config;
-        versions keep their stages (the config's settings, and its stage for a version new to it); policies
-        and storage are not reloaded."""
+        versions keep their stages (the config's settings, and its stage for a version new to it). Only the
+        sections in RELOADED are applied (see restart_required). Raises ValueError, nothing changed, when a
+        model's backend cannot be built."""
         states: Snapshot = {}
         for model in config.models:
             known = self.version_states.get(model.id, {})
@@ -149,31 +170,53 @@ class Gateway:
         kept = {i for i, m in models.items() if old.get(i) == m}
         if config.routing != self.config.routing or config.engines != self.config.engines:
             kept = set()  # pools and managed engines hold those settings: every model gets new ones
-        retired = [(self.backends[i], self.pools[i]) for i in old if i not in kept]
+        built = _build_all({i: m for i, m in models.items() if i not in kept}, config.engines)  # may raise: no change
+        retired = [(i, self.backends[i], self.pools[i]) for i in old if i not in kept]
         self.local.forget(i for i in old if i not in kept)
         if config is not self.config:
             self.local.configure(config.engines)
-        backends = {i: self.backends[i] if i in kept else self._build(m, config) for i, m in models.items()}
+        backends = {i: self.backends[i] if i in kept else self._managed(built[i]) for i in models}
         pools = {i: self.pools[i] if i in kept else DeploymentPool(m, backends[i], config) for i, m in models.items()}
         table, version_of, deprecations = _routing(config, models, states)
         router = self._router(config, table, pools)
+        # a model taken out (no longer in the table: no new request reaches it) keeps its backend and pool by its
+        # id while requests are in flight on it: a stream waiting for its first payload then relays from them;
+        # _retire lets go of them once they are idle
+        leaving = {i for i in self.pools if i not in models and _in_flight(self.pools[i])}
+        backends = {**{i: self.backends[i] for i in leaving}, **backends}
+        pools = {**{i: self.pools[i] for i in leaving}, **pools}
         # one synchronous swap: a request decides and dispatches against one consistent set
         (self.config, self.models, self.version_states, self.backends, self.pools, self.table, self.version_of,
          self.deprecations, self.router) = (config, models, states, backends, pools, table, version_of,
                                             deprecations, router)
         self._readiness = None  # the next /ready probes the models served now
-        for backend, pool in retired:
-            self._tasks.append(asyncio.create_task(_retire(backend, pool), name=f"pointsman-retire-{pool.model_id}"))
+        self._tasks = [task for task in self._tasks if not task.done()]  # earlier switches' ended retires and loads
+        for model_id, backend, pool in retired:
+            self._tasks.append(asyncio.create_task(self._retire(model_id, backend, pool),
+                                                   name=f"pointsman-retire-{model_id}"))
         fresh = [backends[i] for i, m in models.items() if i not in kept and m.eager]
         if fresh:
             self._tasks.append(asyncio.create_task(self._start_all(fresh), name="pointsman-reload-load"))
         self.local.start()
+        self._start_health_checks()
         return {
             "added": [i for i in models if i not in old],
             "changed": [i for i in models if i in old and i not in kept],
-            "removed": [i for i in old if i not in backends],
+            "removed": [i for i in old if i not in models],
             "kept": sorted(kept),
         }
+
+    async def _retire(self, model_id: str, backend: Backend, pool: DeploymentPool, drain_s: float = 600.0) -> None:
+        """Close a model taken out by a reload once its requests in flight have finished (at most `drain_s`);
+        a removed one is then no longer found by its id."""
+        await drained(lambda: _in_flight(pool), drain_s, every_s=0.1)
+        if self.pools.get(model_id) is pool:  # removed, and kept by its id while it drained
+            self.backends = {i: b for i, b in self.backends.items() if i != model_id}
+            self.pools = {i: p for i, p in self.pools.items() if i != model_id}
+        try:
+            await backend.aclose()
+        except Exception:
+            log.exception("closing model %s after a reload failed", backend.model.id)
 
     async def _start_all(self, backends: list[Backend]) -> None:
         results = await asyncio.gather(*(b.start() for b in backends), return_exceptions=True)
@@ -252,16 +295,19 @@ class Gateway:
 
     async def decide(self, request: ParsedRequest, explain: bool = False, principal: Principal = ANONYMOUS
                      ) -> Decision:
+        # one config's table, router and pools throughout: a reload while the prompt is analysed (in a thread
+        # when it is long) must not hand this plan to the next config's router (a profile it no longer has)
+        table, router, pools = self.table, self.router, self.pools
         try:
-            plan = self.table.plan_request(request.body)
+            plan = table.plan_request(request.body)
         except GatewayError as exc:
             raise self._for_key(exc, principal) from None
         analysis = await self.analyse(request) if plan.automatic or explain else None
-        decision = self.router.decide(plan, request, analysis)
+        decision = router.decide(plan, request, analysis)
         if principal.restricted:
-            _restrict(decision, principal, explain, self._named(decision), request)
+            _restrict(decision, principal, explain, _named(table, decision), request)
         if explain:
-            decision.deployments = {a.model.id: self.pools[a.model.id].describe() for a in decision.attempts}
+            decision.deployments = {a.model.id: pools[a.model.id].describe() for a in decision.attempts}
         return decision
 
     def decide_embeddings(self, request: ParsedEmbeddings, principal: Principal = ANONYMOUS) -> Decision:
@@ -284,13 +330,8 @@ class Gateway:
             if all(a.model.id != model.id for a in decision.attempts):
                 decision.attempts.append(Attempt(model, "fallback" if position else "manual"))
         if principal.restricted:
-            _restrict(decision, principal, False, self._named(decision))
+            _restrict(decision, principal, False, _named(self.table, decision))
         return decision
-
-    def _named(self, decision: Decision) -> set[str]:
-        """The ids of the models a decision's chain names (an id or an alias; not an automatic choice)."""
-        elements = (self.table.by_name.get(name) for name in decision.chain)
-        return {element.model.id for element in elements if element is not None and element.model is not None}
 
     def _for_key(self, error: GatewayError, principal: Principal) -> GatewayError:
         """A model's 404 worded for the caller's key: only the models it may use are listed."""
@@ -358,6 +399,38 @@ def _restrict(decision: Decision, principal: Principal, explain: bool, named: se
     raise PermissionDenied(f"No model this API key may use can take this request ({reasons}); its models: {models}.",
                            param="model")
 
+
+def _named(table: ModelTable, decision: Decision) -> set[str]:
+    """The ids of the models a decision's chain names (an id or an alias; not an automatic choice)."""
+    elements = (table.by_name.get(name) for name in decision.chain)
+    return {element.model.id for element in elements if element is not None and element.model is not None}
+
+
+def restart_required(running: Config, fresh: Config) -> list[str]:
+    """The top-level sections of `fresh` that differ from the `running` config's but that a reload does not
+    apply (all but RELOADED, read from Config's own fields: a new section is covered as it is added), in the
+    config's order. `running`: the config the gateway started with, whose sections are in force until a restart."""
+    return [field.name for field in msgspec.structs.fields(Config)
+            if field.name not in RELOADED and getattr(running, field.name) != getattr(fresh, field.name)]
+
+
+def _build_all(models: Mapping[str, ModelConfig], engines: EnginesConfig) -> dict[str, Backend]:
+    """The models' backends, not started (they hold no connection or thread yet): one that cannot be built (a
+    CA bundle that is not there, a header value with a newline) is a ValueError in one line naming its model."""
+    built: dict[str, Backend] = {}
+    for model_id, model in models.items():
+        try:
+            built[model_id] = build_backend(model, engines)
+        except Exception as exc:
+            problem = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise ValueError(f"model {model_id!r}: its backend cannot be built: {problem}") from exc
+    return built
+
+
+def _in_flight(pool: DeploymentPool) -> int:
+    return sum(state.in_flight for state in pool.states)
+
+
 def _expand(config: Config, states: Snapshot) -> dict[str, ModelConfig]:
     """Every model id to serve: the config's models, and each version that is not archived as `id@version`.
     A stored version whose settings no longer fit its model is left out, loudly."""
@@ -406,12 +479,3 @@ def _deprecation_headers(state: VersionState) -> dict[str, str]:
         headers["sunset"] = format_datetime(sunset.astimezone(UTC) if sunset.tzinfo else sunset.replace(tzinfo=UTC),
                                             usegmt=True)
     return headers
-
-
-async def _retire(backend: Backend, pool: DeploymentPool, drain_s: float = 600.0) -> None:
-    """Close a model taken out by a reload once its requests in flight have finished (at most `drain_s`)."""
-    await drained(lambda: sum(state.in_flight for state in pool.states), drain_s, every_s=0.1)
-    try:
-        await backend.aclose()
-    except Exception:
-        log.exception("closing model %s after a reload failed", backend.model.id)
