@@ -135,8 +135,9 @@ def _served_pricing(gateway: Gateway) -> dict[str, Pricing | None]:
     return priced
 
 
-def _budgets(storage: Storage, gateway: Gateway) -> list:
-    return list(storage.budgets.budgets) if storage.budgets is not None else list(gateway.config.policies.budgets)
+def _budgets(storage: Storage) -> list:
+    # the budgets in force: those the policy started with (a reload does not apply policies), none without it
+    return list(storage.budgets.budgets) if storage.budgets is not None else []
 
 
 def analytics_router(read_guard: Callable[..., Any], admin_guard: Callable[..., Any], middleware: list) -> Router:
@@ -158,7 +159,7 @@ def analytics_router(read_guard: Callable[..., Any], admin_guard: Callable[..., 
          summary="Each budget member's spend rate this period, the projection at its end, and when it runs out")
     async def spend_forecast(request: Request) -> dict:
         storage: Storage = request.app.state.storage
-        budgets = _budgets(storage, request.app.state.gateway)
+        budgets = _budgets(storage)
         data = await _query(storage, lambda: forecast(storage.engine, budgets, storage.budgets, datetime.now(UTC)))
         return {"object": "list", "data": data}
 
@@ -197,7 +198,7 @@ def analytics_router(read_guard: Callable[..., Any], admin_guard: Callable[..., 
     @get("/budgets", guards=[read_guard], summary="Each budget with every member's used and remaining amounts now")
     async def budgets(request: Request) -> dict:
         storage: Storage = request.app.state.storage
-        configured = _budgets(storage, request.app.state.gateway)
+        configured = _budgets(storage)
         data = await _query(storage, lambda: budget_usage(storage.engine, configured, storage.budgets,
                                                           datetime.now(UTC)))
         return {"object": "list", "data": data}

@@ -153,11 +153,22 @@ class VersionRegistry:
                        asyncio.create_task(self._poll(), name="pointsman-versions-poll")]
 
     async def reconfigure(self, configured: Mapping[str, Sequence[ModelVersion]]) -> None:
-        """After a config reload: its versions' settings, and a record of the versions new to it."""
+        """After a config reload: its versions' settings, and a record of the versions new to it (without a
+        database, in this process's stages: a known version keeps its stage, a new one takes the config's, as
+        Gateway.reload keeps them)."""
         self.configured = {m: {v.version: v for v in vs} for m, vs in configured.items() if vs}
         if self.engine is not None:
             await self._seed()
             await self.refresh(force=True)
+            return
+        async with self._lock:
+            snapshot: Snapshot = {}
+            for model_id, specs in self.configured.items():
+                known = self.snapshot.get(model_id, {})
+                mine = {v: VersionState(spec, known[v].stage, known[v].since) if v in known
+                        else VersionState(spec, spec.stage) for v, spec in specs.items()}
+                snapshot[model_id] = {**known, **mine}
+            self.snapshot = snapshot
 
     async def aclose(self) -> None:
         for task in self._tasks:

@@ -189,6 +189,23 @@ def test_recommendations_price_a_model_as_its_production_version(upstream, tmp_p
         server.stop()
 
 
+def test_budgets_list_only_those_in_force_after_a_reload(upstream, tmp_path):
+    # without a database, started without budgets, reloaded with two: a reload applies no policy, so none is in
+    # force (it listed the file's two, enforced by nothing)
+    config = _config(upstream.url)
+    budgets = config[config.index("policies:"):]
+    server = start_gateway(tmp_path, config.replace(budgets, "") + "storage: {database_url: ''}\n")
+    try:
+        file = server.extra["config"]
+        file.write_text(file.read_text() + budgets)
+        status, _, raw = http("POST", server.url + "/admin/reload", headers=ADMIN)
+        assert status == 200 and json.loads(raw)["restart_required"] == ["policies"]
+        for path in ("/admin/budgets", "/admin/analytics/forecast"):
+            assert _get(server.url + path) == (200, {"object": "list", "data": []})
+    finally:
+        server.stop()
+
+
 def test_readonly_keys_read_aggregates_but_not_rows(served):
     status, _, raw = http("POST", served.url + "/admin/keys", {"role": "readonly"}, headers=ADMIN)
     assert status == 201

@@ -118,6 +118,18 @@ async def test_without_a_database_stages_live_in_the_process():
     assert [h["reason"] for h in await registry.history("chat")] == ["replaced", "promoted", "rollback", "rollback"]
 
 
+async def test_without_a_database_a_reload_adds_versions_that_can_then_move():
+    seen: list[Snapshot] = []
+    registry = VersionRegistry(None, LocalStore(), CONFIGURED)
+    await registry.start(seen.append)
+    await registry.move("chat", "2.0.0", "production", key_id="k")
+    # the reloaded config adds 3.0.0 and says nothing new of the others: they keep the stages they moved to
+    await registry.reconfigure({"chat": [*CONFIGURED["chat"], ModelVersion(version="3.0.0", stage="dev")]})
+    assert _stages(registry.snapshot) == {"1.0.0": "deprecated", "2.0.0": "production", "3.0.0": "dev"}
+    await registry.move("chat", "3.0.0", "staging", key_id="k")  # was 404 version_not_found
+    assert _stages(seen[-1]) == {"1.0.0": "deprecated", "2.0.0": "production", "3.0.0": "staging"}
+
+
 @pytest.mark.asyncio(loop_scope="session")  # the stores' pools live in the fixtures' loop
 async def test_two_replicas_on_postgresql_agree_on_the_stage(store, pg_schema):
     first, seen_first = await _registry(PG_URL, store, pg_schema)
