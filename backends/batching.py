@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -189,10 +190,20 @@ class Scheduler:
         """Raise EngineOverloaded if a request of `sequences` would be refused now (before tokenizing it): it
         neither fits the free slots nor finds a place in the queue. An idle engine takes any request, even one
         with more choices than max_concurrency (they run as slots free up)."""
-        free = self.max_concurrency - self.running - len(self._queue)
-        idle = self.running == 0 and not self._queue
-        if sequences > free and not idle and self.waiting >= self.max_queue:
-            raise self._overloaded()
+        with self._cond:  # the queue is read through: the thread must not admit meanwhile
+            queued = len(self._queue)
+            if self.running + queued + sequences <= self.max_concurrency or (self.running == 0 and not queued):
+                return
+            held = self._held_back()
+            if held >= self.max_queue:
+                raise self._overloaded(held)
+
+    def _held_back(self) -> int:
+        """The requests waiting for a place: those with a sequence queued beyond the free slots (the queue is
+        admitted in order). One submitted a moment ago that fits a free slot waits only for the thread, not for
+        a place, and does not count against max_queue."""
+        free = max(0, self.max_concurrency - self.running)
+        return len({id(seq.group) for seq in itertools.islice(self._queue, free, None)})
 
     def submit(self, group: Group) -> None:
         """Queue a request's sequences; EngineOverloaded when the batch is full and so is the queue."""
@@ -225,11 +236,11 @@ class Scheduler:
             self._cond.notify()
         self._thread.join()
 
-    def _overloaded(self) -> EngineOverloaded:
+    def _overloaded(self, waiting: int) -> EngineOverloaded:
         wait = self.queue_wait_s or 1.0
         return EngineOverloaded(
             f"The local model is at capacity: {self.running} sequences running (max_concurrency "
-            f"{self.max_concurrency}) and {self.waiting} requests queued (max_queue {self.max_queue}). "
+            f"{self.max_concurrency}) and {waiting} requests queued (max_queue {self.max_queue}). "
             "Retry later.",
             retry_after_s=wait,
         )

@@ -270,13 +270,15 @@ class SequenceDecoder:
         self.finish_reason: str | None = None  # set once finished: "stop" | "length" | "cancelled"
 
     def _release(self, text: str, final: bool = False, cut: bool = False) -> None:
-        # logprobs go out with the text of their tokens; at the end, whatever is left goes with the last piece;
-        # cut by a stop string, only the tokens whose text lies wholly in the output (not the stop string's)
+        # logprobs go out with the piece that completes their token's text (a token whose end is still held back
+        # as a possible stop string waits: the stop string may yet cut it); at the end, whatever is left goes
+        # with the last piece, but cut by a stop string, only the tokens whose text lies wholly in the output
         if text or (final and self._pending):
             self._parts.append(text)
             self._released += len(text)
-            pending = [p for p, end in self._pending if not cut or end <= self._released]
-            self._pending = []
+            whole = [p for p, end in self._pending if end <= self._released]
+            pending = [p for p, _ in self._pending] if final and not cut else whole
+            self._pending = [] if final else self._pending[len(whole):]
             if self._logprobs is not None:
                 self._logprobs.extend(pending)
             if self._on_text is not None:

@@ -217,6 +217,56 @@ async def test_overload_gives_429_and_a_cancelled_waiter_leaves_the_queue(tiny_d
         await backend.aclose()
 
 
+class GatedDecoders:
+    """The tiny engine, except that making a sequence's decoder waits for `gate`: the scheduler's thread holds
+    on to what it admitted while requests keep arriving."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.batchable, self.gate = engine, True, threading.Event()
+
+    def prefill(self, prompts: list[list[int]]) -> Any:
+        return self.engine.prefill(prompts)
+
+    def decode(self, *args: Any) -> Any:
+        return self.engine.decode(*args)
+
+    def decoder(self, job: Job, on_text: Any) -> Any:
+        assert self.gate.wait(30)
+        return self.engine.decoder(job, on_text)
+
+
+async def test_requests_that_fit_the_free_slots_are_not_counted_against_max_queue(
+        backend: TransformersBackend) -> None:
+    """Requests submitted before the scheduler's thread picks them up still fit the free slots: only those
+    beyond the slots wait for a place, and only they count against max_queue (it refused a request with two of
+    the four slots free: "0 sequences running (max_concurrency 2) and 2 requests queued (max_queue 1)")."""
+    model = GatedDecoders(backend._engine)
+    scheduler = Scheduler(model, max_concurrency=2, max_queue=1, name="gated")
+    jobs, _ = backend._engine.prepare(check_request(chat("x", max_tokens=3, ignore_eos=True)))
+    done: list[threading.Event] = []
+
+    def submit() -> Group:
+        done.append(threading.Event())
+        group = Group(jobs, None, done[-1].set)
+        scheduler.submit(group)
+        return group
+
+    try:
+        submit()
+        await until(lambda: scheduler.running == 1, "the first request admitted (held at its decoder)")
+        groups = [submit(), submit()]  # the second fits the free slot; the third waits for a place
+        with pytest.raises(EngineOverloaded) as err:
+            submit()  # a second request waiting for a place: beyond max_queue
+        assert "1 requests queued (max_queue 1)" in err.value.message
+        model.gate.set()
+        for event in done[:3]:
+            assert await asyncio.to_thread(event.wait, 30)
+        assert [g.ordered_results()[0].completion_tokens for g in groups] == [3, 3]
+    finally:
+        model.gate.set()
+        await asyncio.to_thread(scheduler.close)
+
+
 async def test_a_request_with_more_choices_than_slots_still_runs(tiny_dir: Path) -> None:
     backend = tiny(tiny_dir, max_concurrency=2, max_queue=0)
     try:

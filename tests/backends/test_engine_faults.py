@@ -15,7 +15,7 @@ import torch
 
 from backends.batching import Group, Job, Scheduler
 from backends.engine_requests import check_request
-from backends.generation import SamplingParams, sample_next
+from backends.generation import SamplingParams, SequenceDecoder, sample_next
 from backends.transformers_engine import TransformersBackend
 from protocol.errors import BadRequest
 from tests.backends.engines import chat, completion, tiny
@@ -241,6 +241,48 @@ async def test_logprobs_stop_where_the_text_stops(backend: TransformersBackend) 
             assert all(offset < len(text) for offset in choice["logprobs"]["text_offset"])
         else:
             assert "".join(t["token"] for t in choice["logprobs"]["content"]) == text
+
+
+class Words:
+    """A detokenizer over a word list: token i's text is words[i]."""
+
+    def __init__(self, words: list[str]) -> None:
+        self.words = words
+
+    def push(self, token: int) -> str:
+        return self.words[token]
+
+    def flush(self) -> str:
+        return ""
+
+
+@pytest.mark.parametrize(("stop", "text", "kept"), [("al o", "The capit", 1), ("France is", "The capital of ", 3)])
+async def test_a_token_that_a_stop_string_cuts_has_no_logprob_though_its_start_went_out_first(
+        stop: str, text: str, kept: int) -> None:
+    """The token whose text runs into the stop string is cut with it, also when the part of its text before the
+    stop string was released a step earlier, while the rest was held back as a possible stop string (its logprob
+    went out with that part: ' capital' with 'The capit', ' France' with 'The capital of ')."""
+    words = ["The", " capital", " of", " France", " is", "<eos>"]
+    streamed: list[tuple[str, list[int]]] = []
+    decoder = SequenceDecoder([0], SamplingParams(max_new_tokens=10, stop=(stop,), logprobs=0), frozenset({5}),
+                              Words(words),  # type: ignore[arg-type]
+                              on_text=lambda piece, entries: streamed.append((piece, [e.token for e in entries])))
+    for token in range(5):
+        logits = torch.full((len(words),), -5.0)
+        logits[token] = 5.0
+        if not decoder.push(logits):
+            break
+    result = decoder.result()
+    assert (result.text, result.finish_reason) == (text, "stop")
+    assert [e.token for e in result.logprobs or []] == list(range(kept))
+    # streamed: each piece carries the tokens whose text it completes, never one whose text goes on further
+    assert "".join(piece for piece, _ in streamed) == text
+    assert [t for _, tokens in streamed for t in tokens] == list(range(kept))
+    out, covered = "", ""
+    for piece, tokens in streamed:
+        out += piece
+        covered += "".join(words[t] for t in tokens)
+        assert out.startswith(covered)
 
 
 # ---- call markup never reaches the client as text --------------------------------------------------------
