@@ -251,7 +251,8 @@ class Pipeline:
                     lease.fail(exc)
                     raise
                 return attempt, lease, relayed, result
-        raise last or decision.rate_limited() or gateway.nothing_to_try(decision, ctx.request)
+        raise (last or decision.rate_limited() or gateway.removed_since(decision)
+               or gateway.nothing_to_try(decision, ctx.request))
 
 
 class _DeadlineCut(Exception):

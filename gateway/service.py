@@ -19,7 +19,7 @@ from gateway.deployments import DeploymentPool
 from gateway.lifecycle import LocalModels, ManagedBackend, drained
 from policies.context import ANONYMOUS, Principal
 from policies.model_versions import Snapshot, VersionState, configured_states
-from protocol.errors import BadRequest, GatewayError, PermissionDenied, ServiceUnavailable
+from protocol.errors import BadRequest, GatewayError, ModelNotFound, PermissionDenied, ServiceUnavailable
 from protocol.openai import ModelCard, ModelList, ParsedEmbeddings, ParsedRequest
 from routing.classifier import PromptAnalysis, TaskClassifier, request_text
 from routing.resolve import ModelTable, Versions
@@ -337,6 +337,15 @@ class Gateway:
         """A model's 404 worded for the caller's key: only the models it may use are listed."""
         name = getattr(error, "model_name", None)
         return self.table.not_found(name, principal.may_use) if name is not None and principal.restricted else error
+
+    def removed_since(self, decision: Decision) -> ModelNotFound | None:
+        """The 404 of a request whose every model a reload removed after it was decided (none was tried): not
+        an outage of theirs to retry."""
+        gone = [a.model.id for a in decision.attempts if a.model.id not in self.pools]
+        if not gone or len(gone) < len(decision.attempts):
+            return None
+        return ModelNotFound(f"The model '{gone[0]}' was removed by a config reload while this request was routed "
+                             "to it; the models served now are listed at /v1/models.", param="model")
 
     @staticmethod
     def nothing_to_try(decision: Decision, request: ParsedRequest | ParsedEmbeddings | None = None) -> GatewayError:

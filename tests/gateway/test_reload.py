@@ -16,8 +16,11 @@ from config.schema import Config, EnginesConfig, ModelConfig
 from gateway import admin_cli, service
 from gateway.app import create_app
 from gateway.cli import main
+from gateway.pipeline import Pipeline
 from gateway.service import RELOADED, Gateway, restart_required
-from protocol.errors import BadRequest
+from policies.base import PolicyChain
+from policies.context import ANONYMOUS, RequestContext
+from protocol.errors import BadRequest, ModelNotFound
 from protocol.openai import ChatCompletionRequest, ParsedRequest
 
 MODEL = {"id": "a", "backend": "openai", "base_url": "http://127.0.0.1:9/v1", "load": "lazy"}
@@ -180,6 +183,23 @@ async def test_a_removed_model_stays_reachable_by_its_id_until_its_requests_in_f
         assert gateway.backends["gone"] is backend
         lease.ok()
         await _until(lambda: "gone" not in gateway.backends and "gone" not in gateway.pools)
+    finally:
+        await gateway.aclose()
+
+
+async def test_a_request_whose_models_a_reload_removed_after_its_decision_is_a_404_not_an_outage():
+    """Decided, then its only model removed (nothing in flight on it) while a policy's approve ran: every attempt
+    was skipped and the answer blamed open circuit breakers, a 503 to retry after a cooldown that never ends."""
+    gateway = Gateway(_config([MODEL, {**MODEL, "id": "gone"}]))
+    pipeline = Pipeline(gateway, PolicyChain())
+    try:
+        request = _request("gone")
+        ctx = RequestContext(request, ANONYMOUS)
+        decision = await gateway.decide(request)
+        gateway.reload(_config())
+        with pytest.raises(ModelNotFound) as caught:
+            await pipeline._first_success(ctx, decision, lambda *args: asyncio.sleep(0))
+        assert caught.value.status == 404 and "'gone' was removed by a config reload" in caught.value.message
     finally:
         await gateway.aclose()
 
