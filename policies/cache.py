@@ -229,12 +229,14 @@ def _has_logprobs(entry: dict[str, Any]) -> bool:
 
 def answer_from(ctx: RequestContext, model: str, entry: dict[str, Any], kind: str) -> Reply:
     """A stored answer as this request's reply, with a fresh id and time: the JSON body for a plain request, a
-    replayed stream for a streamed one. Notes `kind` (hit, semantic-hit), the model and the usage in ctx."""
+    replayed stream for a streamed one. Notes `kind` (hit, semantic-hit), the model, the usage and a cost of 0 in
+    ctx."""
     chat = isinstance(ctx.request.body, ChatCompletionRequest)
     fresh_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
     usage = entry.get("usage")
     ctx.cache = kind
     ctx.model = model
+    ctx.cost_usd = 0.0  # no model ran: the usage row's tokens are the stored answer's, its cost nothing
     if isinstance(usage, dict):
         ctx.prompt_tokens, ctx.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
     headers = {"x-pointsman-cache": kind, "x-pointsman-model": model}

@@ -28,7 +28,7 @@ from policies.database import feedback as feedback_table
 from policies.database import storable, usage_rows
 from policies.experiment_stats import Summary, always_valid_p, compare_means, compare_proportions
 from policies.state import StateStore
-from protocol.errors import BadRequest, GatewayError, NotFound
+from protocol.errors import BadRequest, BudgetExceeded, GatewayError, NotFound
 from protocol.openai import ChatCompletionRequest, ParsedRequest
 
 __all__ = ["AmbiguousAnswer", "Arm", "ExperimentConflict", "ExperimentPolicy", "ExperimentStore", "Feedback",
@@ -183,21 +183,20 @@ class ExperimentPolicy:
         principal = ctx.principal
         if config.status == "running" and unit is not None and enrolled(config.name, unit, config.traffic):
             arm = live.arms[assign(config.name, unit, live.weights)]
-            if not self._may_route(principal, arm.model):
-                # an arm the caller's key may not use: the request goes to its target as sent, outside the
-                # experiment (never refused for, nor told of, a model the client did not ask for)
+            # an arm the caller's key may not use: the request is served as any outside the experiment is, below
+            # (never refused for, nor told of, a model the client did not ask for)
+            if self._may_route(principal, arm.model):
+                if self.routable(arm.model):
+                    arm.apply(ctx, self.render)
+                    ctx.experiment = tag = f"{config.name}={arm.name}"
+                    ctx.headers["x-pointsman-experiment"] = tag
+                    return None
+                # the arm's model is gone (a reload removed it): the control serves the request, which stays out
+                # of the results, so that neither arm is charged with requests it did not get as assigned
+                self._log_gone(config.name, arm)
+                if self._may_route(principal, live.control.model):
+                    live.control.apply(ctx, self.render)
                 return None
-            if self.routable(arm.model):
-                arm.apply(ctx, self.render)
-                ctx.experiment = tag = f"{config.name}={arm.name}"
-                ctx.headers["x-pointsman-experiment"] = tag
-                return None
-            # the arm's model is gone (a reload removed it): the control serves the request, which stays out of
-            # the results, so that neither arm is charged with requests it did not get as assigned
-            self._log_gone(config.name, arm)
-            if self._may_route(principal, live.control.model):
-                live.control.apply(ctx, self.render)
-            return None
         arm = live.fallback(self.routable)
         if arm is not None and self._may_route(principal, arm.model):
             arm.apply(ctx, self.render)
@@ -219,7 +218,11 @@ class ExperimentPolicy:
         return None
 
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
-        return None  # the usage row carries the arm and the outcome; results are computed from those rows
+        """The usage row carries the arm and the outcome; results are computed from those rows. A request a budget
+        refused after its arm was chosen never reached the arm's model: it leaves the experiment, as one a rate
+        limit refused before the arm was chosen never entered it (it is no error of the arm's)."""
+        if ctx.experiment is not None and isinstance(outcome.error, BudgetExceeded):
+            ctx.experiment = None
 
 
 def _now() -> datetime:

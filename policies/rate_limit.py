@@ -38,6 +38,11 @@ class _Bucket:
         """`cost` units (an estimate or an excess: never negative) to this bucket."""
         return self.one.costing(cost, partial)
 
+    def refund(self, cost: int) -> RateCharge:
+        """`cost` units given back (a negative charge: GCRA moves the bucket's TAT back, and a TAT before now counts
+        as a full bucket, so no refund fills it past its burst)."""
+        return self.one.costing(-cost)
+
 
 @dataclass(slots=True)
 class _Charged:
@@ -98,10 +103,12 @@ class RateLimitPolicy:
     charged (an rpm unit spent on a request a tpm bucket refused), as OpenAI does too. Admitted requests get the
     x-ratelimit-* headers of the most constraining bucket of each unit.
 
-    settle charges the tpm buckets what the actual usage exceeded the estimate by (never a refund: GCRA keeps
-    no ledger), in one `rate_many` call of partial charges: an excess the bucket cannot hold drains it to
-    empty, and later requests wait for it to refill; usage beyond an empty bucket is forgiven, not carried as
-    debt.
+    settle charges the tpm buckets what the actual usage exceeded the estimate by (a smaller usage is no refund),
+    in one `rate_many` call of partial charges: an excess the bucket cannot hold drains it to empty, and later
+    requests wait for it to refill; usage beyond an empty bucket is forgiven, not carried as debt. A request no
+    model ran (answered by the cache, whose usage is the stored answer's, or refused by a later policy such as a
+    budget, or by routing, before any model was tried) gets its estimate back: tpm counts the tokens models read
+    and wrote. Its rpm unit stays spent.
 
     A store that cannot be reached lets requests through under `on_store_error: allow` (a warning once per
     outage) and refuses them with a 503 under `deny`.
@@ -172,19 +179,29 @@ class RateLimitPolicy:
         return None
 
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
-        """Charge the tpm buckets the usage the estimate did not cover; never raises (the response is out)."""
+        """Charge the tpm buckets the usage the estimate did not cover, or give the estimate back when no model
+        ran (a cache hit, a later policy's refusal); never raises (the response is out)."""
         charged = ctx.state.get(self.name)
-        if not isinstance(charged, _Charged) or (ctx.prompt_tokens is None and ctx.completion_tokens is None):
+        if not isinstance(charged, _Charged):
+            return
+        if outcome.status == "answered" or (outcome.status == "error" and not ctx.attempts):  # no model ran
+            if charged.estimate:
+                await self._charge([bucket.refund(charged.estimate) for bucket in charged.buckets], "refunding")
+            return
+        if ctx.prompt_tokens is None and ctx.completion_tokens is None:
             return
         excess = (ctx.prompt_tokens or 0) + (ctx.completion_tokens or 0) - charged.estimate
-        if excess <= 0:
-            return
-        try:  # what a bucket cannot take whole it takes as far as it holds (partial): drained, never in debt
-            await self.store.rate_many([bucket.charge(excess, partial=True) for bucket in charged.buckets])
+        if excess > 0:  # what a bucket cannot take whole it takes as far as it holds (partial): never in debt
+            await self._charge([bucket.charge(excess, partial=True) for bucket in charged.buckets], "charging")
+
+    async def _charge(self, charges: list[RateCharge], doing: str) -> None:
+        """Settle's charges (or refunds) of tokens: logged, never raised."""
+        try:
+            await self.store.rate_many(charges)
         except StoreUnavailable as exc:
             self._store_failed(exc)
         except Exception:
-            log.exception("rate limit: charging %s extra tokens failed", excess)
+            log.exception("rate limit: %s %s tokens failed", doing, abs(charges[0].cost))
 
     def _buckets(self, ctx: RequestContext) -> list[_Bucket]:
         buckets: list[_Bucket] = []

@@ -76,9 +76,11 @@ class RateCharge:
         check_rate(self.rate_per_s, self.burst, self.cost)
 
     def costing(self, cost: float, partial: bool = False) -> RateCharge:
-        """This charge's bucket charged `cost` instead (a count or an estimate of tokens: >= 0 and finite, which
-        the caller guarantees): its rate and burst were checked when this one was built, so the new one is not
-        checked again. A rate limit's per-request charges: 0.3 us where the checked constructor costs 0.75 here."""
+        """This charge's bucket charged `cost` instead (a count or an estimate of tokens, finite, which the caller
+        guarantees): its rate and burst were checked when this one was built, so the new one is not checked
+        again. A rate limit's per-request charges: 0.3 us where the checked constructor costs 0.75 here. A
+        negative `cost` is a refund, always allowed: it moves the TAT back, and `gcra` (RedisStore's script too)
+        takes a TAT before now as a full bucket, so a refund never fills one past its burst."""
         charge = _new_charge(RateCharge)
         charge.key, charge.rate_per_s, charge.burst, charge.cost, charge.partial = (
             self.key, self.rate_per_s, self.burst, cost, partial)

@@ -107,7 +107,7 @@ async def test_miss_then_store_then_hit_with_a_fresh_id(store: StateStore) -> No
     reply = await cache.admit(again)
     assert reply is not None and reply.headers == {"x-pointsman-cache": "hit", "x-pointsman-model": "org/fast-model"}
     assert again.cache == "hit" and again.model == "org/fast-model"
-    assert (again.prompt_tokens, again.completion_tokens, again.cost_usd) == (7, 3, None)
+    assert (again.prompt_tokens, again.completion_tokens, again.cost_usd) == (7, 3, 0.0)
     body = msgspec.json.decode(reply.body)
     validate(body, "CreateChatCompletionResponse")
     assert body["id"].startswith("chatcmpl-") and body["id"] != "chatcmpl-upstream"

@@ -146,6 +146,24 @@ async def test_settle_without_usage_or_admission_charges_nothing(store: StateSto
     assert last.headers["x-ratelimit-remaining-tokens"] == "0"
 
 
+async def test_a_request_no_model_ran_gets_its_token_estimate_back_but_not_its_request(store: StateStore) -> None:
+    """A cache hit (a policy's answer, whose usage is the stored answer's) and a later policy's refusal before any
+    model was tried cost no tokens: the estimate admit charged is given back; the rpm unit stays spent. A refund
+    never fills a bucket past its burst."""
+    policy = RateLimitPolicy([RateLimitConfig(scope="key", rpm=10, tpm=100)], store)
+    hit = ctx(max_tokens=60)
+    assert await policy.admit(hit) is None
+    hit.prompt_tokens, hit.completion_tokens = 30, 30  # the stored answer's usage
+    await policy.settle(hit, Outcome("answered"))
+    refused_later = ctx(max_tokens=60)
+    assert await policy.admit(refused_later) is None
+    await policy.settle(refused_later, Outcome("error", error=RateLimited("a budget's 429")))
+    last = ctx(max_tokens=60)
+    assert await policy.admit(last) is None
+    assert last.headers["x-ratelimit-remaining-tokens"] == "40"  # 100 - 60: nothing left of the two before
+    assert last.headers["x-ratelimit-remaining-requests"] == "7"
+
+
 async def test_two_replicas_sharing_a_store_share_the_limit_exactly(store: StateStore) -> None:
     limits = [RateLimitConfig(scope="key", rpm=10)]
     replicas = (RateLimitPolicy(limits, store), RateLimitPolicy(limits, store))
