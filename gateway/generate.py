@@ -89,7 +89,7 @@ async def generate(request: Request, parsed: ParsedRequest, dialect: Dialect | N
         raise
     answered = isinstance(result, Reply)
     deprecated = state.gateway.deprecations  # a deprecated version answers with Deprecation (and Sunset)
-    if deprecated and not answered and (extra := deprecated.get(result.headers.get("x-pointsman-model", ""))):
+    if deprecated and (extra := deprecated.get(result.headers.get("x-pointsman-model", ""))):  # a hit's too
         result.headers.update(extra)
     reply_headers = {**ctx.headers, **result.headers, "x-request-id": ctx.request_id} if answered else result.headers
     if headers:

@@ -101,6 +101,20 @@ async def _load(url: str, total: int = 300, concurrency: int = 24) -> tuple[list
     return results, sent_in_all, switches
 
 
+def test_a_cache_hit_from_a_deprecated_version_says_so_too(upstreams, tmp_path):
+    config = _config(upstreams, "{database_url: ''}")
+    config += "policies:\n  cache: {mode: always, ttl_s: 60}\n"
+    gateway = start_gateway(tmp_path, config)
+    try:
+        assert _stage(gateway.url, "2.0.0", "production").status_code == 200  # 1.0.0 deprecated
+        first, hit = _chat(gateway.url, "chat@1.0.0"), _chat(gateway.url, "chat@1.0.0")
+        assert (first.headers["x-pointsman-cache"], hit.headers["x-pointsman-cache"]) == ("miss", "hit")
+        assert hit.headers["deprecation"] == first.headers["deprecation"]  # a hit said nothing of it
+        assert "deprecation" not in _chat(gateway.url).headers  # 2.0.0's answers, hit or not
+    finally:
+        gateway.stop()
+
+
 def test_promote_and_rollback_under_load_fail_no_request_and_survive_a_restart(upstreams, tmp_path):
     config = _config(upstreams, f"{{database_url: 'sqlite+aiosqlite:///{tmp_path}/versions.db'}}")
     gateway = start_gateway(tmp_path, config)
