@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
@@ -72,8 +73,19 @@ class _Chunk(msgspec.Struct):
     choices: list[_Choice] = []
 
 
+class _NamedObject(msgspec.Struct):
+    """As _AnyObject, also reading the top-level `model`: an embeddings answer's name, found in the same scan."""
+
+    error: Any = None
+    model: Any = None
+
+
 _check_object = msgspec.json.Decoder(_AnyObject).decode
+_check_named = msgspec.json.Decoder(_NamedObject).decode
 _chunk_choices = msgspec.json.Decoder(_Chunk).decode
+# where an answer's top-level `model` member is looked for before the whole body is decoded: its head (vLLM and
+# TEI write `model` before `data`) and its tail (OpenAI writes it after)
+_MODEL_WINDOW = 4096
 
 
 def open_transport(base_url: str, *, headers: Mapping[str, str] | None = None, tls: TLSConfig | None = None,
@@ -319,7 +331,34 @@ class OpenAIBackend:
         model name swapped for the upstream's, and the answer's swapped back; errors relayed as for chat."""
         if self.supervisor is not None:  # a managed engine starts (or fails fast) as for chat
             await self.supervisor.ensure()
-        return await self._post_object(self.upstreams[deployment], "/embeddings", self._body(request), headers)
+        upstream = self.upstreams[deployment]
+        content = await upstream.post("/embeddings", self._body(request), headers)
+        try:
+            answer = _check_named(content)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise _invalid(upstream.shown_url + "/embeddings", f"a body that is not a JSON object: {exc}") from exc
+        if answer.error is not None:
+            raise UpstreamStatusError(_error_status(answer.error), content)
+        if self._rename is None or not isinstance(answer.model, str) or answer.model == self.model.id:
+            return content
+        return self._renamed_embeddings(content, answer.model)
+
+    def _renamed_embeddings(self, content: bytes, named: str) -> bytes:
+        """Our model name in place of `named`, the answer's top-level `model` (the upstream's name for the model
+        may differ from the one sent: OpenAI answers text-embedding-ada-002 as ...-002-v2, TEI with its own id):
+        the member is found in the answer's head or tail and only its value replaced, so a large answer (60 MB
+        for 2048 float vectors of 1536) is neither searched nor decoded whole, each of which holds the event loop
+        (a worker thread would still hold the GIL) for tenths of a second. Written any other way, it is decoded
+        and re-encoded."""
+        value = _encode(named)
+        member = re.compile(rb'"model"\s*:\s*' + re.escape(value))
+        found = member.search(content, 0, _MODEL_WINDOW)
+        if found is None:
+            found = next(reversed(list(member.finditer(content, max(0, len(content) - _MODEL_WINDOW)))), None)
+        if found is None:
+            return self._rewrite(content)
+        end, whole = found.end(), memoryview(content)  # one copy of the answer: the joined one
+        return b"".join((whole[:end - len(value)], _encode(self.model.id), whole[end:]))
 
     def stream(self, request: ParsedRequest, deployment: int = 0,
                headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
