@@ -55,14 +55,18 @@ def status_class(outcome: Outcome) -> str:
     return f"{error.status // 100}xx" if error is not None else "2xx"
 
 
-def _model_of(ctx: RequestContext) -> str:
-    """The served model's id; else the first model routing chose; else "none" (never the requested name, which
-    the client controls and which would make the label unbounded)."""
+def _labels_of(ctx: RequestContext) -> tuple[str, str]:
+    """The model and route labels: the served model's and the route it came by; else, for a request that routing
+    chose for but that no model served (upstream failures after retries), the first choice's model and route;
+    else "none" and "none" (never the requested name, which the client controls and which would make the label
+    unbounded)."""
     if ctx.model is not None:
-        return ctx.model
-    decision = ctx.decision
-    attempts = getattr(decision, "attempts", None)
-    return attempts[0].model.id if attempts else "none"
+        return ctx.model, ctx.route or "none"
+    attempts = getattr(ctx.decision, "attempts", None)
+    if attempts:
+        first = attempts[0]
+        return first.model.id, ctx.route or first.route
+    return "none", ctx.route or "none"
 
 
 class _Series:
@@ -105,7 +109,7 @@ class MetricsPolicy:
     async def settle(self, ctx: RequestContext, outcome: Outcome) -> None:
         now = time.monotonic()
         duration = now - ctx.started
-        model, route, status = _model_of(ctx), ctx.route or "none", status_class(outcome)
+        (model, route), status = _labels_of(ctx), status_class(outcome)
         if self.metrics is not None:
             self._count(ctx, duration, now, model, route, status)
         if self.log is not None:
