@@ -96,6 +96,8 @@ async def _embeddings(request: Request, body: bytes) -> ASGIApp:
     user = parsed.body.user or request.headers.get("x-pointsman-user")
     ctx = RequestContext(parsed, principal_of(scope), request_id_of(scope), user)  # type: ignore[arg-type]
     pipeline: Pipeline = request.app.state.pipeline
+    if pipeline.tracing is not None:  # the client's traceparent: the request span becomes its child
+        pipeline.tracing.accept(ctx, scope["headers"])
     served = await pipeline.embed(ctx)
     if not pipeline.embedding_policies:
         return JSONBody(served.body, served.headers)

@@ -97,10 +97,12 @@ class Pipeline:
             traced._decide = tracing.decide(gateway.decide)
             traced._attempt = tracing.attempt
             # both pipelines' own methods, bound once before these replace them: a request makes no closure
-            complete, stream, settle = self.complete, self.stream, self.settle
+            complete, stream, settle, embed = self.complete, self.stream, self.settle, self.embed
             complete_traced, stream_traced, settle_traced = traced.complete, traced.stream, traced.settle
+            embed_traced = traced.embed
             self.complete = lambda ctx: tracing.complete(ctx, complete, complete_traced)  # type: ignore[method-assign]
             self.stream = lambda ctx: tracing.stream(ctx, stream, stream_traced)  # type: ignore[method-assign]
+            self.embed = lambda ctx: tracing.embed(ctx, embed, embed_traced)  # type: ignore[method-assign]
             self.settle = lambda ctx, outcome: (  # type: ignore[method-assign]
                 settle_traced if tracing.sampled(ctx) else settle)(ctx, outcome)
 

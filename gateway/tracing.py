@@ -23,7 +23,7 @@ from gateway.spans import RecordedSpan, SpanSink, new_span_id, new_trace_id
 from policies.base import PolicyChain
 from policies.context import Outcome, Reply, RequestContext
 from protocol.errors import GatewayError, UpstreamStatusError
-from protocol.openai import ChatCompletionRequest, chunk_view
+from protocol.openai import ChatCompletionRequest, ParsedEmbeddings, chunk_view
 
 if TYPE_CHECKING:
     from routing.router import Attempt
@@ -122,6 +122,11 @@ class Tracing:
             return None
         OUTGOING_HEADERS.set(None)  # not an earlier request's of this task (a WebSocket's requests share one)
         body = ctx.request.body
+        if isinstance(ctx.request, ParsedEmbeddings):
+            span = ctx.state[_SPAN] = self.sink.start(f"embeddings {body.model}", parent, SpanKind.SERVER, {
+                "gen_ai.operation.name": "embeddings", "gen_ai.request.model": body.model,
+                "pointsman.request_id": ctx.request_id})
+            return span
         operation = "chat" if isinstance(body, ChatCompletionRequest) else "text_completion"
         attributes: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.request.model": body.model,
                                       "pointsman.request_id": ctx.request_id}
@@ -168,6 +173,16 @@ class Tracing:
         around it."""
         span = self._start_request(ctx)
         return plain(ctx) if span is None else self._complete(ctx, span, traced)
+
+    def embed(self, ctx: RequestContext, plain: Step[T], traced: Step[T]) -> Awaitable[T]:
+        """An embeddings request, as `complete` (its answer's vectors are not read for the span)."""
+        span = self._start_request(ctx)
+        return plain(ctx) if span is None else self._embed(ctx, span, traced)
+
+    async def _embed(self, ctx: RequestContext, span: RecordedSpan, traced: Step[T]) -> T:
+        result = await self._under_span(ctx, span, traced)
+        self._end_request(ctx, span)
+        return result
 
     def stream(self, ctx: RequestContext, plain: Step[T], traced: Step[T]) -> Awaitable[T]:
         """As `complete`, but a stream's span ends when its last chunk has gone (or it broke, or the client left)."""

@@ -130,7 +130,7 @@ def test_each_request_is_counted_once_logged_once_and_traced(upstream, tmp_path,
         lines = wait_for(lambda: (got := request_lines()) and len(got) == len(ids) and got, what="every line")
         page = httpx.get(url + "/metrics", headers=AUTH, timeout=10).text
         spans = wait_for(lambda: (s := exporter.get_finished_spans()) and
-                         sum(x.parent is None for x in s) == len(ids) - 1 and s, what="every request span")
+                         sum(x.parent is None for x in s) == len(ids) and s, what="every request span")
     got = {(s.name, tuple(sorted(s.labels.items()))): s.value
            for family in text_string_to_metric_families(page) for s in family.samples}
     counted = {tuple(dict(k[1])[n] for n in ("model", "route", "status")): v
@@ -162,8 +162,13 @@ def test_each_request_is_counted_once_logged_once_and_traced(upstream, tmp_path,
     assert (flaky["route"], flaky["http_status"]) == ("manual", 503)
     assert [line["status"] for line in lines].count("cancelled") == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "flaky" not in r.getMessage()]
-    roots = [s for s in spans if s.parent is None]  # every request but the embeddings one (pipeline.embed: untraced)
-    assert not any(s.name.startswith("embeddings") for s in spans)
+    roots = [s for s in spans if s.parent is None]
+    # the embeddings request has its span too (it had none), its attempt's span under it
+    (embedding,) = [s for s in roots if s.name == "embeddings emb"]
+    assert embedding.attributes["gen_ai.operation.name"] == "embeddings" and embedding.status.is_ok
+    assert embedding.attributes["gen_ai.usage.input_tokens"] > 0
+    assert [s.name for s in spans if s.context.trace_id == embedding.context.trace_id and s.parent is not None] == [
+        "upstream emb"]
     failed = {s.attributes.get("error.type") for s in roots if not s.status.is_ok}
     assert failed == {"mock_503", "upstream_unavailable", "rate_limit_exceeded", "budget_exceeded",
                       "CancelledError"}
