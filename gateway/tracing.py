@@ -121,21 +121,20 @@ class Tracing:
                                                           parent.trace_flags, parent.trace_state)))
             return None
         OUTGOING_HEADERS.set(None)  # not an earlier request's of this task (a WebSocket's requests share one)
-        body = ctx.request.body
-        if isinstance(ctx.request, ParsedEmbeddings):
-            span = ctx.state[_SPAN] = self.sink.start(f"embeddings {body.model}", parent, SpanKind.SERVER, {
-                "gen_ai.operation.name": "embeddings", "gen_ai.request.model": body.model,
-                "pointsman.request_id": ctx.request_id})
-            return span
-        operation = "chat" if isinstance(body, ChatCompletionRequest) else "text_completion"
+        request = ctx.request
+        body = request.body
+        embeddings = isinstance(request, ParsedEmbeddings)
+        operation = ("embeddings" if embeddings else "chat" if isinstance(body, ChatCompletionRequest)
+                     else "text_completion")
         attributes: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.request.model": body.model,
                                       "pointsman.request_id": ctx.request_id}
-        if (max_tokens := ctx.request.max_new_tokens) is not None:
-            attributes["gen_ai.request.max_tokens"] = max_tokens
-        if body.temperature is not None:
-            attributes["gen_ai.request.temperature"] = body.temperature
-        if body.top_p is not None:
-            attributes["gen_ai.request.top_p"] = body.top_p
+        if not embeddings:  # the sampling settings a generation has
+            if (max_tokens := request.max_new_tokens) is not None:
+                attributes["gen_ai.request.max_tokens"] = max_tokens
+            if body.temperature is not None:
+                attributes["gen_ai.request.temperature"] = body.temperature
+            if body.top_p is not None:
+                attributes["gen_ai.request.top_p"] = body.top_p
         span = ctx.state[_SPAN] = self.sink.start(f"{operation} {body.model}", parent, SpanKind.SERVER, attributes)
         return span
 
@@ -177,21 +176,20 @@ class Tracing:
     def embed(self, ctx: RequestContext, plain: Step[T], traced: Step[T]) -> Awaitable[T]:
         """An embeddings request, as `complete` (its answer's vectors are not read for the span)."""
         span = self._start_request(ctx)
-        return plain(ctx) if span is None else self._embed(ctx, span, traced)
-
-    async def _embed(self, ctx: RequestContext, span: RecordedSpan, traced: Step[T]) -> T:
-        result = await self._under_span(ctx, span, traced)
-        self._end_request(ctx, span)
-        return result
+        return plain(ctx) if span is None else self._complete(ctx, span, traced, finish_reasons=False)
 
     def stream(self, ctx: RequestContext, plain: Step[T], traced: Step[T]) -> Awaitable[T]:
         """As `complete`, but a stream's span ends when its last chunk has gone (or it broke, or the client left)."""
         span = self._start_request(ctx)
         return plain(ctx) if span is None else self._stream(ctx, span, traced)
 
-    async def _complete(self, ctx: RequestContext, span: RecordedSpan, traced: Step[T]) -> T:
+    async def _complete(self, ctx: RequestContext, span: RecordedSpan, traced: Step[T],
+                        finish_reasons: bool = True) -> T:
+        """`traced(ctx)` under the request's span, ended with the answer (its finish reasons read from the body
+        unless `finish_reasons` is off: an embeddings answer has none, only vectors)."""
         result = await self._under_span(ctx, span, traced)
-        self._end_request(ctx, span, None if isinstance(result, Reply) else getattr(result, "body", None))
+        read = finish_reasons and not isinstance(result, Reply)
+        self._end_request(ctx, span, getattr(result, "body", None) if read else None)
         return result
 
     async def _stream(self, ctx: RequestContext, span: RecordedSpan, traced: Step[T]) -> T:
