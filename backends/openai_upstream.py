@@ -313,14 +313,17 @@ class OpenAIBackend:
             await self.supervisor.ensure()
         return await self._post_object(self.upstreams[deployment], self._path(request), self._body(request), headers)
 
-    async def _post_object(self, upstream: Upstream, path: str, body: bytes,
-                           headers: dict[str, str] | None) -> bytes:
-        """POST and check that the answer is a JSON object, with our model name in it."""
+    async def _post_object(self, upstream: Upstream, path: str, body: bytes, headers: dict[str, str] | None,
+                           embeddings: bool = False) -> bytes:
+        """POST and check that the answer is a JSON object, with our model name in it (an embeddings answer's
+        renamed in place: see _renamed_embeddings)."""
         content = await upstream.post(path, body, headers)
         try:
-            answer = _check_object(content)
+            answer = (_check_named if embeddings else _check_object)(content)
             if answer.error is None:
-                return content if self._rename is None else self._rewrite(content)
+                if self._rename is None:
+                    return content
+                return self._renamed_embeddings(content, answer.model) if embeddings else self._rewrite(content)
         except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deeply to skip
             raise _invalid(upstream.shown_url + path, f"a body that is not a JSON object: {exc}") from exc
         raise UpstreamStatusError(_error_status(answer.error), content)  # a 2xx whose body is an error object
@@ -331,25 +334,18 @@ class OpenAIBackend:
         model name swapped for the upstream's, and the answer's swapped back; errors relayed as for chat."""
         if self.supervisor is not None:  # a managed engine starts (or fails fast) as for chat
             await self.supervisor.ensure()
-        upstream = self.upstreams[deployment]
-        content = await upstream.post("/embeddings", self._body(request), headers)
-        try:
-            answer = _check_named(content)
-        except (msgspec.DecodeError, RecursionError) as exc:
-            raise _invalid(upstream.shown_url + "/embeddings", f"a body that is not a JSON object: {exc}") from exc
-        if answer.error is not None:
-            raise UpstreamStatusError(_error_status(answer.error), content)
-        if self._rename is None or not isinstance(answer.model, str) or answer.model == self.model.id:
-            return content
-        return self._renamed_embeddings(content, answer.model)
+        return await self._post_object(self.upstreams[deployment], "/embeddings", self._body(request), headers,
+                                       embeddings=True)
 
-    def _renamed_embeddings(self, content: bytes, named: str) -> bytes:
+    def _renamed_embeddings(self, content: bytes, named: Any) -> bytes:
         """Our model name in place of `named`, the answer's top-level `model` (the upstream's name for the model
         may differ from the one sent: OpenAI answers text-embedding-ada-002 as ...-002-v2, TEI with its own id):
         the member is found in the answer's head or tail and only its value replaced, so a large answer (60 MB
         for 2048 float vectors of 1536) is neither searched nor decoded whole, each of which holds the event loop
         (a worker thread would still hold the GIL) for tenths of a second. Written any other way, it is decoded
         and re-encoded."""
+        if not isinstance(named, str) or named == self.model.id:  # no name, or ours already
+            return content
         value = _encode(named)
         member = re.compile(rb'"model"\s*:\s*' + re.escape(value))
         found = member.search(content, 0, _MODEL_WINDOW)
