@@ -83,6 +83,11 @@ class DeploymentPool:
         self.max_attempts = config.routing.retries + 1
         self.model_id = model.id
 
+    @property
+    def in_flight(self) -> int:
+        """Attempts waiting on any of the model's deployments now."""
+        return sum(state.in_flight for state in self.states)
+
     def lease(self, index: int) -> Lease:
         """Count an attempt in on deployment `index`; the lease books its outcome."""
         state = self.states[index]

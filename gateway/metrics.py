@@ -45,7 +45,7 @@ class GatewayCollector:
                                  "Seconds a deployment stays out of routing for its upstream's 429 (0: none)",
                                  labels=["model", "deployment"])
         for model_id, pool in list(self.gateway.pools.items()):
-            in_flight.add_metric([model_id], sum(state.in_flight for state in pool.states))
+            in_flight.add_metric([model_id], pool.in_flight)
             for state, breaker in zip(pool.states, pool.breakers, strict=True):
                 breakers.add_metric([model_id, state.key], _BREAKER.get(breaker.state, 0.0))
                 held.add_metric([model_id, state.key], breaker.held_s() or 0.0)

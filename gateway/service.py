@@ -182,7 +182,7 @@ class Gateway:
         # a model taken out (no longer in the table: no new request reaches it) keeps its backend and pool by its
         # id while requests are in flight on it: a stream waiting for its first payload then relays from them;
         # _retire lets go of them once they are idle
-        leaving = {i for i in self.pools if i not in models and _in_flight(self.pools[i])}
+        leaving = {i for i in self.pools if i not in models and self.pools[i].in_flight}
         backends = {**{i: self.backends[i] for i in leaving}, **backends}
         pools = {**{i: self.pools[i] for i in leaving}, **pools}
         # one synchronous swap: a request decides and dispatches against one consistent set
@@ -209,7 +209,7 @@ class Gateway:
     async def _retire(self, model_id: str, backend: Backend, pool: DeploymentPool, drain_s: float = 600.0) -> None:
         """Close a model taken out by a reload once its requests in flight have finished (at most `drain_s`);
         a removed one is then no longer found by its id."""
-        await drained(lambda: _in_flight(pool), drain_s, every_s=0.1)
+        await drained(lambda: pool.in_flight, drain_s, every_s=0.1)
         if self.pools.get(model_id) is pool:  # removed, and kept by its id while it drained
             self.backends = {i: b for i, b in self.backends.items() if i != model_id}
             self.pools = {i: p for i, p in self.pools.items() if i != model_id}
@@ -269,7 +269,7 @@ class Gateway:
         else:
             about = {"status": "available" if pool.available() else "unavailable", "backend": model.backend_kind,
                      "aliases": list(model.aliases), "deployments": len(pool.states),
-                     "in_flight": sum(state.in_flight for state in pool.states)}
+                     "in_flight": pool.in_flight}
         base, version = self.version_of.get(model.id, (model.id, None))
         versions = self.table.versions.get(base)
         if versions is not None:
@@ -434,10 +434,6 @@ def _build_all(models: Mapping[str, ModelConfig], engines: EnginesConfig) -> dic
             problem = " ".join(f"{type(exc).__name__}: {exc}".split())
             raise ValueError(f"model {model_id!r}: its backend cannot be built: {problem}") from exc
     return built
-
-
-def _in_flight(pool: DeploymentPool) -> int:
-    return sum(state.in_flight for state in pool.states)
 
 
 def _expand(config: Config, states: Snapshot) -> dict[str, ModelConfig]:
