@@ -18,7 +18,7 @@ from config.schema import Config, EnginesConfig, ModelConfig
 from gateway.deployments import DeploymentPool
 from gateway.lifecycle import LocalModels, ManagedBackend, drained
 from policies.context import ANONYMOUS, Principal
-from policies.model_versions import Snapshot, VersionState, configured_states
+from policies.model_versions import Snapshot, VersionState, configured_states, reloaded_states
 from protocol.errors import BadRequest, GatewayError, ModelNotFound, PermissionDenied, ServiceUnavailable
 from protocol.openai import ModelCard, ModelList, ParsedEmbeddings, ParsedRequest
 from routing.classifier import PromptAnalysis, TaskClassifier, request_text
@@ -144,12 +144,7 @@ class Gateway:
         versions keep their stages (the config's settings, and its stage for a version new to it). Only the
         sections in RELOADED are applied (see restart_required). Raises ValueError, nothing changed, when a
         model's backend cannot be built."""
-        states: Snapshot = {}
-        for model in config.models:
-            known = self.version_states.get(model.id, {})
-            mine = {v.version: VersionState(v, known[v.version].stage, known[v.version].since)
-                    if v.version in known else VersionState(v, v.stage) for v in model.versions}
-            states[model.id] = {**known, **mine}
+        states = reloaded_states(self.version_states, {m.id: m.versions for m in config.models})
         summary = self._switch(config, states)
         log.warning("config reloaded: %s", ", ".join(f"{k} {v}" for k, v in summary.items() if v) or "no change")
         return summary

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -27,6 +27,7 @@ __all__ = [
     "VersionRegistry",
     "VersionState",
     "configured_states",
+    "reloaded_states",
     "plan_rollback",
     "plan_stage",
     "semver_key",
@@ -78,6 +79,18 @@ def configured_states(configured: Mapping[str, Sequence[ModelVersion]]) -> Snaps
     """The stages the config names, before the database has a say."""
     return {model_id: {v.version: VersionState(v, v.stage) for v in versions}
             for model_id, versions in configured.items() if versions}
+
+
+def reloaded_states(known: Snapshot, configured: Mapping[str, Iterable[ModelVersion]]) -> Snapshot:
+    """The stages after a config reload, for each model `configured` names: its versions take the reloaded
+    settings, a known version keeps its stage (and since when), a new one takes the config's; versions the config
+    no longer names stay as they are known."""
+    states: Snapshot = {}
+    for model_id, versions in configured.items():
+        mine = known.get(model_id, {})
+        states[model_id] = {**mine, **{v.version: VersionState(v, mine[v.version].stage, mine[v.version].since)
+                                       if v.version in mine else VersionState(v, v.stage) for v in versions}}
+    return states
 
 
 def plan_stage(stages: Mapping[str, str], version: str, target: str, force: bool = False) -> list[Step]:
@@ -162,13 +175,7 @@ class VersionRegistry:
             await self.refresh(force=True)
             return
         async with self._lock:
-            snapshot: Snapshot = {}
-            for model_id, specs in self.configured.items():
-                known = self.snapshot.get(model_id, {})
-                mine = {v: VersionState(spec, known[v].stage, known[v].since) if v in known
-                        else VersionState(spec, spec.stage) for v, spec in specs.items()}
-                snapshot[model_id] = {**known, **mine}
-            self.snapshot = snapshot
+            self.snapshot = reloaded_states(self.snapshot, {m: specs.values() for m, specs in self.configured.items()})
 
     async def aclose(self) -> None:
         for task in self._tasks:
