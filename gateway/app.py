@@ -15,6 +15,7 @@ import msgspec
 from litestar import Litestar, MediaType, Request, Response, Router, get, post
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.params import FromPath
+from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp
 
 from backends.base import Backend
@@ -43,6 +44,7 @@ from gateway.openapi import (
     ROUTE,
     ROUTE_ERRORS,
     add_schemas,
+    document_errors,
     documented,
     openapi_config,
 )
@@ -375,7 +377,9 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     )
     add_schemas(app.openapi_schema.components)
     document(app.openapi_schema, "/v1", HOT_ROUTES)
+    document_errors(app.openapi_schema)
     route_directly(app, HOT_ROUTES)
+    _allow_every_method(app)
     app.state.gateway = gateway
     app.state.storage = storage
     app.state.auth = auth
@@ -395,6 +399,21 @@ def create_app(config: Config, backends: Mapping[str, Backend] | None = None,
     app.state.pipeline = Pipeline(gateway, PolicyChain([*policies, *own]), tracing)
     app.state.watches = Watches()
     return app
+
+
+_DEFAULT_OPTIONS = "HTTPRoute.create_options_handler.<locals>.options_handler"
+
+
+def _allow_every_method(app: Litestar) -> None:
+    """Litestar 2 answers OPTIONS on a path with several handlers (GET and POST /admin/keys) with the methods of
+    the first one registered (litestar-org/litestar#4169, fixed only in v3): its default handler reads the route
+    it was made for, which the next handler on the path replaced. Each is pointed at the route serving its path."""
+    for route in app.routes:
+        if isinstance(route, HTTPRoute):
+            for handler in route.route_handlers:
+                fn = handler.fn
+                if fn.__qualname__ == _DEFAULT_OPTIONS and fn.__closure__:
+                    fn.__closure__[fn.__code__.co_freevars.index("self")].cell_contents = route
 
 
 def _log_reload(task: asyncio.Task) -> None:

@@ -11,7 +11,7 @@ import msgspec
 from litestar import Response, Router
 from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, OpenAPIMediaType, OpenAPIResponse, Operation, RequestBody
+from litestar.openapi.spec import Components, OpenAPI, OpenAPIMediaType, OpenAPIResponse, Operation, RequestBody
 
 from protocol.openai import (
     ChatCompletion,
@@ -24,7 +24,7 @@ from protocol.openai import (
 )
 
 __all__ = ["CHAT", "CHAT_OK", "COMPLETION", "COMPLETION_OK", "EMBEDDINGS", "EMBEDDINGS_ERRORS", "EMBEDDINGS_OK",
-           "ROUTE", "add_schemas", "documented", "openapi_config"]
+           "ROUTE", "add_schemas", "document_errors", "documented", "openapi_config"]
 
 _REF = "#/components/schemas/{name}"
 CHAT = {"$ref": _REF.format(name="ChatCompletionRequest")}
@@ -49,6 +49,27 @@ _WHY = {
     503: "No model or deployment can take the request now",
     504: "The upstream timed out",
 }
+# what every other route may answer, besides what it documents itself (see document_errors)
+_ANY = {
+    400: "Invalid request (a parameter, the body, or what this gateway's config lacks, such as a database)",
+    401: "Missing or wrong API key (when auth is on)",
+    403: "The API key's role may not use this route",
+    404: "Nothing by that name or id",
+}
+# the routes that answer 409 when the change conflicts with the current state
+_CONFLICTS = {
+    ("post", "/admin/experiments"): "An experiment by that name exists, or its target is another's",
+    ("patch", "/admin/experiments/{name}"): "The change conflicts with another experiment",
+    ("post", "/admin/templates"): "That template version exists already (versions are immutable)",
+    ("post", "/admin/templates/{name}/versions/{version}/stage"): "A stage transition that is not allowed",
+    ("post", "/admin/models/{model_id}/versions"): "That version exists already",
+    ("post", "/admin/models/{model_id}/versions/{version}/stage"): "A stage transition that is not allowed",
+    ("post", "/admin/models/{model_id}/rollback"): "No earlier production version to roll back to",
+    ("post", "/admin/models/{model_id}/unload"): "Requests still in flight on the model",
+    ("post", "/admin/reload"): "Several workers: only SIGHUP reaches them all",
+    ("post", "/v1/feedback"): "The answer has that metric's score already, or its id is ambiguous",
+}
+_PROBES = ("/health", "/ready")  # answer without a key
 GENERATE_ERRORS = (400, 401, 404, 429, 500, 502, 503, 504)
 ROUTE_ERRORS = (400, 401, 404, 500, 503)
 EMBEDDINGS_ERRORS = (400, 401, 404, 429, 500, 502, 503, 504)
@@ -79,6 +100,41 @@ def add_schemas(components: Components) -> None:
     components.schemas.update(schemas)
 
 
+def document_errors(schema: OpenAPI) -> None:
+    """Give every operation the error responses it may answer, each in OpenAI's error shape (the one body every
+    error of the gateway has, but for /v1/messages, which documents its own): Litestar documents only a 400 for a
+    route with parameters, and in its own shape. 400 on every route (an invalid Host header, a route that needs a
+    database the config lacks), 401 and 403 on every route but the probes, 404 where its path names something,
+    409 where a change can conflict (`_CONFLICTS`)."""
+    for path, item in (schema.paths or {}).items():
+        for method in ("get", "post", "patch", "delete"):
+            operation: Operation | None = getattr(item, method)
+            if operation is None:
+                continue
+            responses = dict(operation.responses or {})
+            wanted = {400: _ANY[400]} if path in _PROBES else {400: _ANY[400], 401: _ANY[401], 403: _ANY[403]}
+            if "{" in path:
+                wanted[404] = _ANY[404]
+            if (conflict := _CONFLICTS.get((method, path))) is not None:
+                wanted[409] = conflict
+            for status, why in wanted.items():
+                held = responses.get(str(status))
+                if held is None or _litestars(held):
+                    responses[str(status)] = _error(why)
+            operation.responses = responses
+
+
+def _litestars(response: Any) -> bool:
+    """Whether `response` is Litestar's validation error ({status_code, detail, extra}), which no route answers."""
+    media = (getattr(response, "content", None) or {}).get("application/json")
+    properties = getattr(getattr(media, "schema", None), "properties", None) or {}
+    return "detail" in properties and "status_code" in properties
+
+
+def _error(why: str) -> OpenAPIResponse:
+    return OpenAPIResponse(description=why, content={"application/json": OpenAPIMediaType(schema=_ERROR)})  # type: ignore[arg-type]
+
+
 def documented(body: dict[str, Any], errors: tuple[int, ...], ok: dict[str, Any] | None = None,
                ) -> type[Operation]:
     """An Operation class for a route decorator's `operation_class`: the request body, the success content
@@ -97,10 +153,7 @@ def documented(body: dict[str, Any], errors: tuple[int, ...], ok: dict[str, Any]
                     content={media: OpenAPIMediaType(schema=schema) for media, schema in ok.items()},  # type: ignore[arg-type]
                 )
             for status in errors:
-                responses[str(status)] = OpenAPIResponse(
-                    description=_WHY[status],
-                    content={"application/json": OpenAPIMediaType(schema=_ERROR)},  # type: ignore[arg-type]
-                )
+                responses[str(status)] = _error(_WHY[status])
             self.responses = responses
 
     return Documented
