@@ -30,6 +30,9 @@ GROUPS: dict[str, Any] = {
 BUCKETS = ("minute", "hour", "day")
 MIN_REQUESTS = 10  # a (task, model) with fewer answered requests in the window is too little to advise on
 SAMPLE_ROWS = 50_000  # percentiles come from at most the latest this many rows of the window (memory stays bounded)
+# the live counter and the usage rows add the same costs in another order (and Redis in long double): sums that
+# differ only in their last digits are the same use
+_SAME = 1e-9
 _SQLITE_BUCKETS = {"minute": "%Y-%m-%d %H:%M:00", "hour": "%Y-%m-%d %H:00:00", "day": "%Y-%m-%d 00:00:00"}
 _MODEL = GROUPS["model"]
 
@@ -296,9 +299,12 @@ async def _budgets_now(engine: AsyncEngine | None, budgets: Sequence[BudgetConfi
                 except StoreUnavailable:
                     pass
                 else:
-                    if all(counted[kind] >= used[kind] for kind in limits):
+                    if all(counted[kind] >= used[kind] or math.isclose(counted[kind], used[kind], rel_tol=_SAME)
+                           for kind in limits):
                         source = "store"
-                    used.update({kind: max(value, used[kind]) for kind, value in counted.items()})
+                        used.update(counted)
+                    else:
+                        used.update({kind: max(value, used[kind]) for kind, value in counted.items()})
             members.append(_Member(member, {k: used[k] for k in limits}, rows.first, source))
         out.append(_BudgetNow(index, budget, start, end, limits, members))
     return out
@@ -351,11 +357,13 @@ async def forecast(engine: AsyncEngine | None, budgets: Sequence[BudgetConfig], 
                 elif rate:
                     runs_out = clock + (limit - used) / rate
                 alert = used >= limit or (projected is not None and projected > limit)
+                # a period's run-out only when it comes before the period ends (the alert); a total's whenever known
+                shown = runs_out if alert or state.end is None else None
                 result.append({
                     **_describe(state), "member": m.member, "kind": kind, "limit": limit, "used": used,
                     "remaining": max(0.0, limit - used), "rate_per_hour": None if rate is None else rate * 3600,
                     "projected": projected, "alert": alert,
-                    "runs_out_at": iso(datetime.fromtimestamp(round(runs_out), UTC)) if alert and runs_out else None,
+                    "runs_out_at": iso(datetime.fromtimestamp(round(shown), UTC)) if shown else None,
                     "source": m.source,
                 })
     return result

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -17,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from config.schema import BudgetConfig, Period, RateLimitConfig
 from policies.context import Principal, Role
 from policies.database import api_keys, checked, storable
-from protocol.errors import BadRequest, NotFound
+from protocol.errors import BadRequest, NotFound, ServiceUnavailable
 from protocol.openai import PositiveInt
 
 __all__ = ["KEY_PREFIX", "KeyBudget", "KeyRateLimit", "KeySpec", "KeyStore", "StoredKey", "digest", "principal_of_row"]
@@ -62,7 +64,7 @@ class KeySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Annotated[str, Meta(max_length=200)] | None = None
     models: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: ["*"])  # globs over model ids
-    expires_at: datetime | None = None
+    expires_at: Annotated[datetime, Meta(tz=True)] | None = None  # a time without an offset: a 400 naming it
     expires_in_s: Annotated[int, Meta(ge=1)] | None = None
     budget: KeyBudget | None = None
     rate_limit: KeyRateLimit | None = None
@@ -70,8 +72,6 @@ class KeySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.expires_at is not None and self.expires_in_s is not None:
             raise ValueError("set expires_at or expires_in_s, not both")
-        if self.expires_at is not None and self.expires_at.tzinfo is None:
-            raise ValueError("expires_at: give a timezone, e.g. 2027-01-01T00:00:00Z")
         try:  # the expiry is stored in UTC, which ends with the year 9999
             if self.expires_at is not None:
                 self.expires_at.astimezone(UTC)
@@ -126,8 +126,19 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat().replace("+00:00", "Z")
 
 
+@contextlib.asynccontextmanager
+async def _reached() -> AsyncIterator[None]:
+    """A database that cannot be reached is a 503 for the caller (a key's lookup, the admin API), never a 500."""
+    try:
+        yield
+    except (OSError, sa.exc.SQLAlchemyError) as exc:
+        raise ServiceUnavailable(f"The API key database cannot be reached: {type(exc).__name__}; try again "
+                                 "shortly.") from exc
+
+
 class KeyStore:
-    """The `api_keys` table. Lookups are by digest; the caller caches them (gateway/auth.py)."""
+    """The `api_keys` table. Lookups are by digest; the caller caches them (gateway/auth.py). A database that cannot
+    be reached is a ServiceUnavailable (503) from every method."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -148,7 +159,7 @@ class KeyStore:
             "rate_limit": None if spec.rate_limit is None else msgspec.json.encode(spec.rate_limit).decode(),
             "expires_at": expires, "created_at": now, "created_by": created_by, "revoked_at": None,
         }
-        async with self.engine.begin() as connection:
+        async with _reached(), self.engine.begin() as connection:
             await connection.execute(api_keys.insert().values(**values))
         return _describe(SimpleNamespace(**values)), secret  # described like a stored row
 
@@ -156,14 +167,14 @@ class KeyStore:
         query = sa.select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id)
         if not include_revoked:
             query = query.where(api_keys.c.revoked_at.is_(None))
-        async with self.engine.connect() as connection:
+        async with _reached(), self.engine.connect() as connection:
             rows = (await connection.execute(query)).all()
         return [_describe(row) for row in rows]
 
     async def get(self, key_id: str) -> dict[str, Any]:
         if not storable(key_id, api_keys.c.id):  # no such key can exist: 404 without asking the database
             raise NotFound(f"No API key with id {key_id!r}.", param="id")
-        async with self.engine.connect() as connection:
+        async with _reached(), self.engine.connect() as connection:
             row = (await connection.execute(sa.select(api_keys).where(api_keys.c.id == key_id))).first()
         if row is None:
             raise NotFound(f"No API key with id {key_id!r}.", param="id")
@@ -173,13 +184,13 @@ class KeyStore:
         """Mark the key revoked (kept, for the usage rows that name it); revoking twice is a no-op."""
         if not storable(key_id, api_keys.c.id):
             return await self.get(key_id)  # the 404
-        async with self.engine.begin() as connection:
+        async with _reached(), self.engine.begin() as connection:
             await connection.execute(api_keys.update().where(
                 (api_keys.c.id == key_id) & api_keys.c.revoked_at.is_(None)).values(revoked_at=datetime.now(UTC)))
         return await self.get(key_id)
 
     async def find(self, key_digest: str) -> StoredKey | None:
-        async with self.engine.connect() as connection:
+        async with _reached(), self.engine.connect() as connection:
             row = (await connection.execute(sa.select(api_keys).where(api_keys.c.digest == key_digest))).first()
         if row is None:
             return None

@@ -14,7 +14,7 @@ from config.schema import BudgetConfig, Config, Pricing
 from policies import analytics
 from policies.analytics import budget_usage, forecast, recommend, summarize, usage_page
 from policies.budget import BudgetPolicy, period_window
-from policies.database import migrate, open_engine
+from policies.database import migrate, open_engine, usage_rows
 from policies.state import LocalStore, Reservation
 from policies.usage_log import UsageLog, UsageRow
 from tests.policies.conftest import PG_URL, new_schema, pg
@@ -186,6 +186,29 @@ async def test_forecast_from_the_usage_rows(engine):
     model = report[(3, "a", "tokens")]  # a and a@1.0.0 are one model; `total`: the rate runs from its first row
     assert (model["used"], model["projected"], model["resets_at"], model["alert"]) == (450, None, "never", False)
     assert model["rate_per_hour"] == pytest.approx(450 / (121 / 60))
+
+
+async def test_a_total_budget_says_when_it_would_run_out(engine):
+    # no period end: no projection and no alert before the limit is spent, but the run-out at its rate is known:
+    # model a used 450 tokens since its first row (r6, 09:59), 9,550 left at 450 / 121 min
+    model = _rows(await forecast(engine, BUDGETS, None, NOW))[(3, "a", "tokens")]
+    assert (model["projected"], model["alert"], model["runs_out_at"]) == (None, False, "2026-01-07T06:47:53Z")
+
+
+async def test_a_live_counter_equal_to_the_rows_but_for_rounding_is_the_store(engine):
+    # Redis adds costs in long double: 0.1 + 0.2 is 0.3 there, 0.30000000000000004 summed from the rows
+    budgets = [BudgetConfig(scope="team", match="t1", period="day", max_cost_usd=1.0)]
+    async with engine.begin() as connection:
+        await connection.execute(usage_rows.delete())
+    log = UsageLog(engine)
+    for i, cost in enumerate((0.1, 0.2)):
+        log.add(UsageRow(request_id=f"c{i}", created_at=_at(11, i), status="ok", team="t1", cost_usd=cost))
+    await log.flush()
+    store = LocalStore()
+    start, _ = period_window("day", NOW.timestamp())
+    await store.reserve([Reservation(f"budget:0:t1:usd:{start}:settled", 0.3, 10)])
+    (budget,) = await budget_usage(engine, budgets, BudgetPolicy(budgets, store), NOW)
+    assert budget["members"] == [{"member": "t1", "source": "store", "used_usd": 0.3, "remaining_usd": 0.7}]
 
 
 async def test_forecast_and_budgets_read_the_live_counters(engine, dead_store):
