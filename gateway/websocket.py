@@ -93,11 +93,13 @@ def _fresh_request_id() -> str:
 
 class _Connection:
     """One accepted socket: its requests are answered one after another, in the order they arrive; a reader task
-    queues them and, when the client leaves, cancels the request being streamed (settled as `cancelled`). The key
-    is checked again before each request (from the authenticator's cache: a revocation or an expiry reaches it as
-    it reaches the HTTP routes), so a socket opened with a key that stops working ends with its error and 1008."""
+    queues them and, when the client leaves, cancels the request being streamed (settled as `cancelled`), but not
+    one whose answer is complete: its booking and settle run to their end (`settling`), as the HTTP routes stop
+    their disconnect watch before the last message. The key is checked again before each request (from the
+    authenticator's cache: a revocation or an expiry reaches it as it reaches the HTTP routes), so a socket opened
+    with a key that stops working ends with its error and 1008."""
 
-    __slots__ = ("gone", "guards", "pipeline", "policy_headers", "principal", "socket", "task", "user")
+    __slots__ = ("gone", "guards", "pipeline", "policy_headers", "principal", "settling", "socket", "task", "user")
 
     def __init__(self, socket: WebSocket, pipeline: Pipeline, guards: Sequence) -> None:
         self.socket, self.pipeline, self.guards = socket, pipeline, guards
@@ -109,7 +111,7 @@ class _Connection:
                 self.user = value.decode("latin-1")
             elif key in POLICY_HEADERS:  # as on the HTTP routes
                 self.policy_headers[key.decode("latin-1")] = value.decode("latin-1")
-        self.gone = False
+        self.gone = self.settling = False
         self.task: asyncio.Task | None = None
 
     async def run(self) -> None:
@@ -119,6 +121,7 @@ class _Connection:
         first = True
         try:
             while True:
+                self.settling = False
                 message = await inbox.get()
                 if not first and self.guards:
                     allowed = await self._still_authorized()
@@ -129,6 +132,8 @@ class _Connection:
                 rid = request_id_of(self.socket.scope) if first else _fresh_request_id()
                 first = False
                 await self._answer(message, rid)
+                if self.gone:
+                    return  # the client left while that answer was being settled
         except asyncio.CancelledError:
             if not self.gone:
                 raise
@@ -150,7 +155,7 @@ class _Connection:
         except _GONE:
             pass
         self.gone = True
-        if self.task is not None:
+        if self.task is not None and not self.settling:
             self.task.cancel()
 
     async def _still_authorized(self) -> bool | None:
@@ -204,6 +209,7 @@ class _Connection:
         if isinstance(result, Reply):  # a policy answered (a cache hit)
             for chunk in result.chunks:
                 await self._send(chunk)
+            self.settling = True
             try:
                 await self._send(msgspec.json.encode({_DONE_KEY: True, "request_id": rid}))
             finally:
@@ -229,6 +235,7 @@ class _Connection:
         except BaseException:  # cancelled: the client left, or the server is stopping
             await self._cancelled(ctx, result.rest)
             raise
+        self.settling = True
         await result.rest.aclose()  # type: ignore[attr-defined]  # books the lease
         try:
             await self._send(tail if tail is not None else msgspec.json.encode({_DONE_KEY: True, "request_id": rid}))
