@@ -39,6 +39,9 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # set to "1" by `pointsman serve --workers N` (N > 1), whose parent process runs the launch: engines once for
 # all its workers: each worker then reaches them as plain upstreams instead of launching its own
 ENGINES_IN_PARENT = "POINTSMAN_ENGINES_IN_PARENT"
+# what an engine does not inherit: the flag above, and the workers' prometheus-client directory (gateway/cli.py),
+# where an engine's own series (vLLM's, a `pointsman engine`'s) would be summed into the gateway's /metrics
+_NOT_INHERITED = frozenset({ENGINES_IN_PARENT, "PROMETHEUS_MULTIPROC_DIR"})
 
 
 class EngineUnavailable(UpstreamUnavailable):
@@ -245,7 +248,7 @@ class EngineSupervisor:
     async def _spawn(self) -> None:
         self.state = "starting"
         self._tail.clear()
-        env = {k: v for k, v in os.environ.items() if k != ENGINES_IN_PARENT}  # not the engine's concern
+        env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
         env.update(self.env)
         try:
             proc = await asyncio.create_subprocess_exec(

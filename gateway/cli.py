@@ -113,7 +113,7 @@ def serve(args: argparse.Namespace) -> int:
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     stop = threading.Event()
     threading.Thread(target=_announce_when_ready, args=(url, config, stop), daemon=True).start()
-    metrics_dir = _metrics_dir(config, workers)
+    metrics_dir = _metrics_dir(workers)
     try:
         run_server(config, host, port, workers)
     finally:
@@ -157,11 +157,13 @@ def _refuse_split_state(config: Config, workers: int) -> bool:
     return False
 
 
-def _metrics_dir(config: Config, workers: int) -> str | None:
-    """With several workers and metrics on, a fresh directory for prometheus-client's multiprocess mode (set
-    before the workers import it; removed on exit), so any worker's /metrics counts every worker's requests.
-    None when there is nothing to make, or the operator set PROMETHEUS_MULTIPROC_DIR (theirs to clean)."""
-    if workers <= 1 or not config.metrics.enabled or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+def _metrics_dir(workers: int) -> str | None:
+    """With several workers, a fresh directory for prometheus-client's multiprocess mode (set before the workers
+    import it; removed on exit), so any worker's /metrics counts every worker's requests. Made with metrics off
+    too: a SIGHUP's new workers read the file again and may turn them on (each would count only its own; an
+    unused directory stays empty). None with one worker, or when the operator set PROMETHEUS_MULTIPROC_DIR
+    (theirs to clean)."""
+    if workers <= 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return None
     path = tempfile.mkdtemp(prefix="pointsman-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
