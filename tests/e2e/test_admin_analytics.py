@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 
 import pytest
 
 from tests.conftest import POINTSMAN, ROOT, http, start_gateway
+from tests.gateway.live import wait_for
 
 ADMIN_KEY = "sk-analytics-admin"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -51,16 +51,6 @@ def _get(url: str, headers: dict | None = None) -> tuple[int, dict]:
     return status, json.loads(raw)
 
 
-def _until(check, what: str, timeout: float = 10.0):
-    """Poll `check` until it returns something truthy (the settles run just after the responses are written)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.05)
-    pytest.fail(f"not within {timeout} s: {what}")
-
-
 @pytest.fixture(scope="module")
 def served(upstream, tmp_path_factory):
     """A gateway that has served 3 auto requests (all to big), 2 to small, and 1 that failed upstream."""
@@ -78,8 +68,8 @@ def served(upstream, tmp_path_factory):
         bad = [{"role": "user", "content": "status:400"}]
         assert http("POST", server.url + "/v1/chat/completions", {"model": "big", "messages": bad},
                     headers=ADMIN)[0] == 400
-        _until(lambda: _get(server.url + "/admin/analytics?since=-1h")[1]["totals"]["requests"] == 6,
-               "six usage rows")
+        wait_for(lambda: _get(server.url + "/admin/analytics?since=-1h")[1]["totals"]["requests"] == 6,
+                 what="six usage rows")
         server.extra["task"] = tasks.pop()
         yield server
     finally:
@@ -136,7 +126,7 @@ def test_budgets_and_forecasts_read_the_live_counters(served):
         data = _get(served.url + "/admin/budgets")[1]["data"]
         return data if data[0]["members"] and data[0]["members"][0]["used_tokens"] == 25 else None
 
-    key, glob = _until(settled, "the budget counters settled")
+    key, glob = wait_for(settled, what="the budget counters settled")
     assert (key["scope"], key["period"], key["limit_tokens"]) == ("key", "day", 1_000_000)
     assert key["members"] == [{"member": "static-0", "source": "store", "used_tokens": 25,
                                "remaining_tokens": 1_000_000 - 25}]
@@ -182,7 +172,7 @@ def test_recommendations_price_a_model_as_its_production_version(upstream, tmp_p
             status, headers, _ = http("POST", server.url + "/v1/chat/completions", {"model": "auto", "messages": HELLO},
                                       headers=ADMIN)
             assert status == 200 and headers["x-pointsman-model"] == "big"
-        _until(lambda: _get(server.url + "/admin/analytics?since=-1h")[1]["totals"]["requests"] == 2, "two rows")
+        wait_for(lambda: _get(server.url + "/admin/analytics?since=-1h")[1]["totals"]["requests"] == 2, what="two rows")
         status, advice = _get(server.url + "/admin/analytics/recommendations?since=-1h&min_requests=1")
         assert status == 200 and advice["data"] == []
     finally:

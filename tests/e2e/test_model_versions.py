@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import redis_url, require_redis, start_gateway, start_upstream
+from tests.gateway.live import wait_for
 
 REDIS = redis_url(14)  # a database of this xdist worker's own
 
@@ -161,13 +162,6 @@ def test_promote_and_rollback_under_load_fail_no_request_and_survive_a_restart(u
         again.stop()
 
 
-def _until(check, within_s: float = 10.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not met"
-        time.sleep(0.02)
-
-
 def test_two_replicas_sharing_redis_and_postgresql_agree_on_the_stage(upstreams, tmp_path, pg_database):
     require_redis(REDIS)
     database = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{pg_database}"
@@ -177,10 +171,10 @@ def test_two_replicas_sharing_redis_and_postgresql_agree_on_the_stage(upstreams,
         assert _serving(first.url) == _serving(second.url) == "chat@1.0.0"
         assert _stage(first.url, "2.0.0", "production").status_code == 200
         assert _serving(first.url) == "chat@2.0.0"  # at once on the replica that made the change
-        _until(lambda: _serving(second.url) == "chat@2.0.0")
+        wait_for(lambda: _serving(second.url) == "chat@2.0.0", what="the other replica on 2.0.0")
         assert _chat(second.url).json()["x_received"]["body"]["model"] == "two"
         assert httpx.post(second.url + "/admin/models/chat/rollback").status_code == 200
-        _until(lambda: _serving(first.url) == "chat@1.0.0")
+        wait_for(lambda: _serving(first.url) == "chat@1.0.0", what="the first replica back on 1.0.0")
         second.stop()
         second = start_gateway(tmp_path, config)
         assert _serving(second.url) == "chat@1.0.0"

@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from tests.conftest import start_gateway
+from tests.gateway.live import wait_for
 from tests.spec.openai import validate
 
 ADMIN = "admin-interplay"
@@ -96,22 +97,13 @@ def _ask(client: openai.OpenAI, content: str, model: str = "remote-a", **extra):
         model=model, temperature=0, messages=[{"role": "user", "content": content}], **extra)
 
 
-def _until(check, what: str, timeout: float = 10.0):
-    """`check()` until it returns something truthy (a condition the gateway reaches after answering)."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"never: {what}"
-        time.sleep(0.02)
-    return result
-
-
 def _cached(gateway, key: str, content: str, model: str = "remote-a", **extra):
     """Ask once (a miss), then until a hit: the entry is stored right after the answer that made it was sent."""
     client = _client(gateway, key)
     first = _ask(client, content, model, **extra)
     assert first.headers["x-pointsman-cache"] == "miss"
-    return first, _until(lambda: (r := _ask(client, content, model, **extra)).headers["x-pointsman-cache"] == "hit"
-                         and r, "a cache hit")
+    return first, wait_for(lambda: (r := _ask(client, content, model, **extra)).headers["x-pointsman-cache"] == "hit"
+                         and r, what="a cache hit")
 
 
 def _used(gateway, key: str) -> float:
@@ -126,7 +118,7 @@ def _row(gateway, request_id: str) -> dict:
             conn.row_factory = sqlite3.Row
             found = conn.execute("SELECT * FROM usage_rows WHERE request_id = ?", (request_id,)).fetchall()
         return [dict(r) for r in found]
-    rows = _until(read, f"the usage row of {request_id}")
+    rows = wait_for(read, 10.0, f"the usage row of {request_id}")
     assert len(rows) == 1, rows
     return rows[0]
 
@@ -170,8 +162,8 @@ def test_experiment_arms_never_share_an_entry(gateway):
             break
     assert set(arms) == {"arms=control", "arms=treatment"}
     for tag, user in arms.items():  # each arm's own entry, its own model
-        hit = _until(lambda u=user: (r := _ask(client, prompt, "chat-default", user=u)).headers[
-            "x-pointsman-cache"] == "hit" and r, "a hit in the arm")
+        hit = wait_for(lambda u=user: (r := _ask(client, prompt, "chat-default", user=u)).headers[
+            "x-pointsman-cache"] == "hit" and r, what="a hit in the arm")
         assert hit.headers["x-pointsman-experiment"] == tag
         assert hit.headers["x-pointsman-model"] == {"arms=control": "remote-a", "arms=treatment": "remote-b"}[tag]
 
@@ -324,4 +316,4 @@ def test_a_stream_left_midway_settles_once(gateway):
     charged = (row["prompt_tokens"] or 0) + (row["completion_tokens"] or 0)
     assert 0 < charged < 500
     # the worst case reserved (prompt plus 500) is released down to what was used, once
-    _until(lambda: _used(gateway, key) == charged, "the budget settled to the usage")
+    wait_for(lambda: _used(gateway, key) == charged, what="the budget settled to the usage")
