@@ -288,7 +288,8 @@ class OpenAIBackend:
         """Our model name in place of the upstream's; raises msgspec errors for a payload that is no JSON object
         when it must be decoded (the fast path does not check: its callers have, or the relay does)."""
         for old, new in self._rename:  # type: ignore[union-attr]
-            if old in payload:
+            # find, not `in`: bytes.__contains__ tries its argument as an int first, formatting a TypeError
+            if payload.find(old) >= 0:
                 return payload.replace(old, new, 1)
         decoded = _decode(payload)
         if not isinstance(decoded, dict):
@@ -372,7 +373,7 @@ class OpenAIBackend:
         (compact, ours), _ = self._rename
 
         def rewrite(payload: bytes) -> bytes:
-            if compact in payload:  # as vLLM and OpenAI stream chunks: the fast path of _rewrite, inline
+            if payload.find(compact) >= 0:  # as vLLM and OpenAI stream chunks: the fast path of _rewrite, inline
                 return payload.replace(compact, ours, 1)
             try:
                 return self._rewrite(payload)
