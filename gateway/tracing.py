@@ -19,7 +19,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from backends.openai_upstream import OUTGOING_HEADERS
 from config.schema import TracingConfig
-from gateway.spans import RecordedSpan, SpanSink, new_span_id, new_trace_id
+from gateway.spans import RecordedSpan, SpanSink, new_span_id, unsampled_traceparent
 from policies.base import PolicyChain
 from policies.context import Outcome, Reply, RequestContext
 from protocol.errors import GatewayError, UpstreamStatusError
@@ -113,7 +113,7 @@ class Tracing:
             parent = parent if parent.is_valid else None
         if parent is None and random.random() >= self.sample_ratio:
             # an unsampled root: only ids for the traceparent sent upstream, flagged unsampled
-            OUTGOING_HEADERS.set({"traceparent": f"00-{new_trace_id():032x}-{new_span_id():016x}-00"})
+            OUTGOING_HEADERS.set({"traceparent": unsampled_traceparent()})
             return None
         if parent is not None and not parent.trace_flags.sampled:
             # the client's trace says unsampled: followed, and passed on under a span id of ours

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -15,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
 
 from config.loader import parse_config
+from gateway import spans
 from gateway.spans import MAX_LENGTH, MAX_STACKTRACE, SpanSink
 from gateway.tracing import Tracing
 
@@ -168,3 +170,12 @@ def test_a_clients_huge_strings_are_cut_so_the_export_batch_stays_small():
     assert len(exception.attributes["exception.stacktrace"]) == MAX_STACKTRACE
     assert len(note.attributes["text"]) == MAX_LENGTH
     assert len(encode_spans([recorded]).SerializeToString()) < 10_000
+
+
+def test_an_unsampled_traceparent_has_valid_new_ids(monkeypatch):
+    """W3C's shape, flagged unsampled, and never an all-zero trace or span id: such a draw is drawn again."""
+    seen = {spans.unsampled_traceparent() for _ in range(200)}
+    assert len(seen) == 200 and all(re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", t) for t in seen)
+    draws = iter([0, 1 << 128, (1 << 128) - 1, (1 << 191) | 5])  # zeros, a zero trace id, a zero span id, valid
+    monkeypatch.setattr(spans.random, "getrandbits", lambda bits: next(draws))
+    assert spans.unsampled_traceparent() == "00-05" + "0" * 30 + "-" + "0" * 14 + "80-00"
