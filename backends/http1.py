@@ -319,6 +319,7 @@ class ConnectionPool:
         check_headers(headers)
         self._fixed = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
         self._prefix = self.prefix.encode()
+        self._lines: dict[tuple[str, str], bytes] = {}  # (method, path) -> the head up to the per-request headers
         self._connect_timeout = connect_timeout
         self._pool_timeout = pool_timeout
         self._idle: list[_Connection] = []
@@ -326,11 +327,15 @@ class ConnectionPool:
         self._open: set[_Connection] = set()
 
     def _head(self, method: str, path: str, headers: Mapping[str, str] | None, length: int) -> bytes:
-        head = b"%s %s%s HTTP/1.1\r\n%s" % (method.encode(), self._prefix, path.encode(), self._fixed)
+        head = self._lines.get((method, path))
+        if head is None:  # the request line and fixed headers, made once per method and path (a handful)
+            head = b"%s %s%s HTTP/1.1\r\n%s" % (method.encode(), self._prefix, path.encode(), self._fixed)
+            if len(self._lines) < 64:
+                self._lines[method, path] = head
         if headers:
             check_headers(headers)
             for name, value in headers.items():  # usually one (the traceparent): a loop, not a generator
-                head += b"%s: %s\r\n" % (name.encode(), value.encode())
+                head += f"{name}: {value}\r\n".encode()
         return head + b"Content-Length: %d\r\n\r\n" % length
 
     async def _connect(self) -> _Connection:
