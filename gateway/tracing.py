@@ -89,8 +89,10 @@ class Tracing:
         would warn about is dropped here, silently (a client must not make us log per request): a traceparent over
         the propagator's 512 characters (the request is a root, as for a malformed one) and an invalid tracestate (the
         traceparent is still followed, as W3C allows)."""
-        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers
-                   if k == b"traceparent" or k == b"tracestate"}
+        carrier: dict[str, str] = {}
+        for k, v in headers:  # a loop, not a comprehension: most requests have neither, and this runs on each
+            if k == b"traceparent" or k == b"tracestate":
+                carrier[k.decode("latin-1")] = v.decode("latin-1")
         if not carrier or len(carrier.get("traceparent", "")) > 512:
             return
         if "tracestate" in carrier and not _valid_tracestate(carrier["tracestate"]):
