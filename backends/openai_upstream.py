@@ -280,7 +280,9 @@ class OpenAIBackend:
         return self._encoded(request.raw, self._unsent)
 
     def _encoded(self, body: dict[str, Any], unsent: frozenset[str] = GATEWAY_FIELDS) -> bytes:
-        raw: dict[str, Any] = {k: v for k, v in body.items() if k not in unsent}
+        # the usual body has none of them: copied in C, not filtered key by key in a comprehension
+        raw: dict[str, Any] = ({**body} if unsent.isdisjoint(body)
+                               else {k: v for k, v in body.items() if k not in unsent})
         raw["model"] = self.model.sent_model
         return _encode(raw)
 

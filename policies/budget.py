@@ -506,7 +506,10 @@ class BudgetPolicy:
         if not counters:
             return [], []
         tokens, usd = self._worst_case(ctx, model)
-        return counters, [tokens if c.kind == "tokens" else usd for c in counters]
+        amounts = []
+        for counter in counters:  # loops, not comprehensions, over the one or two counters of every request
+            amounts.append(tokens if counter.kind == "tokens" else usd)
+        return counters, amounts
 
     async def spent(self, ctx: RequestContext, models: Sequence[ModelConfig], now: float | None = None
                     ) -> dict[str, str]:
@@ -576,8 +579,10 @@ _COUNTER_CACHE = 10_000
 
 def _reservations(counters: Sequence[_Counter], amounts: Sequence[float], now: float) -> list[Reservation]:
     """`amounts` on `counters`, each within its limit, kept until its period has ended."""
-    return [Reservation(c.key, amount, c.limit, None if c.end is None else c.end - now + _SLACK_S)
-            for c, amount in zip(counters, amounts, strict=True)]
+    reservations = []
+    for c, amount in zip(counters, amounts, strict=True):
+        reservations.append(Reservation(c.key, amount, c.limit, None if c.end is None else c.end - now + _SLACK_S))
+    return reservations
 
 
 async def _key_budgets(engine: AsyncEngine) -> list[BudgetConfig]:
@@ -593,8 +598,11 @@ def _watched(charged: Sequence[tuple[_Counter, float]], used: Sequence[float | N
     """The counters a settle charged that may have crossed an alert threshold, with their charge and their value
     after it (None where adjust did not return one): a budget with thresholds, used at least up to the lowest.
     Checked before any alert coroutine is made: most budgets have no thresholds."""
-    return [(c, amount, value) for (c, amount), value in zip(charged, used, strict=True)
-            if amount > 0 and c.alert_from < math.inf and (value is None or value >= c.alert_from)]
+    watched = []
+    for (c, amount), value in zip(charged, used, strict=True):
+        if amount > 0 and c.alert_from < math.inf and (value is None or value >= c.alert_from):
+            watched.append((c, amount, value))
+    return watched
 
 
 def _alert_from(budget: BudgetConfig, limit: float) -> float:

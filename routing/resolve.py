@@ -43,10 +43,14 @@ class Element:
 @dataclass(frozen=True, slots=True)
 class Plan:
     chain: tuple[Element, ...]
+    # worked out once, where a known name's plan is kept: whether an element is a profile (automatic selection),
+    # and the names as the client wrote them
+    automatic: bool = field(init=False)
+    names: tuple[str, ...] = field(init=False)
 
-    @property
-    def automatic(self) -> bool:
-        return any(e.profile is not None for e in self.chain)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "automatic", any(e.profile is not None for e in self.chain))
+        object.__setattr__(self, "names", tuple(e.name for e in self.chain))
 
 
 class ModelTable:

@@ -185,7 +185,7 @@ class Router:
         # the request's needs are worked out only when something reads them: a manual request to a model with
         # no context_window (the hot path) never does
         need: Need | None = None
-        decision = Decision([], [e.name for e in plan.chain], analysis, live=self.live)
+        decision = Decision([], list(plan.names), analysis, live=self.live)
         seen: set[str] = set()
         for position, element in enumerate(plan.chain):
             label = "fallback" if position else ("manual" if element.model is not None else "auto")
