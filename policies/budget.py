@@ -254,7 +254,8 @@ class BudgetPolicy:
                     "(on_store_error: deny); try again shortly"
                 ) from exc
             return None
-        self._store_answered()
+        if self._down:
+            self._store_answered()
         return result
 
     def _covering(self, ctx: RequestContext, counters: Sequence[_Counter], amounts: Sequence[float],
@@ -335,7 +336,8 @@ class BudgetPolicy:
                 fallback = await self._charge_fallback(ctx, served, tokens, usd)
                 charged += fallback
                 used += [None] * len(fallback)
-            self._store_answered()
+            if self._down:
+                self._store_answered()
             if self.alerts is not None and (watched := _watched(charged, used)):
                 await self._alert(self.alerts, watched)
         except StoreUnavailable as exc:
@@ -569,9 +571,9 @@ class BudgetPolicy:
                         "(budgets with on_store_error: deny refuse requests): %s", exc)
 
     def _store_answered(self) -> None:
-        if self._down:
-            self._down = False
-            log.warning("budgets enforced again: the state store answers")
+        """The store answered after an outage (callers check `_down` first: a check, not a call, a request)."""
+        self._down = False
+        log.warning("budgets enforced again: the state store answers")
 
 
 _COUNTER_CACHE = 10_000

@@ -157,7 +157,8 @@ class ExactCache:
             self._store_down(exc)
             ctx.state["cache"] = CacheLookup(key, model, False, ttl_s)  # no point storing into a dead store
             return self._bypass(ctx)
-        self._store_up()
+        if self._down:
+            self._store_up()
         entry = _entry(stored) if stored is not None else None
         if entry is None or not usable(entry, ctx):
             ctx.cache = "miss"
@@ -185,7 +186,8 @@ class ExactCache:
         except Exception:
             log.exception("cache: storing the answer to request %s failed", ctx.request_id)
             return
-        self._store_up()
+        if self._down:
+            self._store_up()
 
     def _hit(self, ctx: RequestContext, model: str, entry: dict[str, Any]) -> Reply:
         return answer_from(ctx, model, entry, "hit")
@@ -202,9 +204,9 @@ class ExactCache:
             log.warning("cache: state store unavailable, bypassing the cache until it is back: %s", exc)
 
     def _store_up(self) -> None:
-        if self._down:
-            self._down = False
-            log.info("cache: state store back, caching again")
+        """The store answered after an outage (callers check `_down` first: a check, not a call, a request)."""
+        self._down = False
+        log.info("cache: state store back, caching again")
 
 
 def usable(entry: dict[str, Any], ctx: RequestContext) -> bool:

@@ -201,7 +201,8 @@ class SemanticCache:
             self._store_down(exc)
             ctx.state.pop(self.name, None)
             return None
-        self._store_up()
+        if self._down:
+            self._store_up()
         return None if entry is None or not usable(entry, ctx) else self._hit(ctx, model, entry)
 
     @no_op
@@ -227,7 +228,8 @@ class SemanticCache:
         except Exception:
             log.exception("semantic cache: storing the answer to request %s failed", ctx.request_id)
             return
-        self._store_up()
+        if self._down:
+            self._store_up()
 
     async def _lookup(self, bucket: str, vector: np.ndarray) -> dict[str, Any] | None:
         """The stored answer most similar to `vector` within `similarity`; an entry gone from the store (evicted)
@@ -276,6 +278,6 @@ class SemanticCache:
             log.warning("semantic cache: state store unavailable, bypassing until it is back: %s", exc)
 
     def _store_up(self) -> None:
-        if self._down:
-            self._down = False
-            log.info("semantic cache: state store back, caching again")
+        """The store answered after an outage (callers check `_down` first: a check, not a call, a request)."""
+        self._down = False
+        log.info("semantic cache: state store back, caching again")
