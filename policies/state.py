@@ -183,23 +183,19 @@ def gcra(
     increment, offset = cost / rate_per_s, burst / rate_per_s
     new_tat = tat + increment
     diff = now - (new_tat - offset)
-    if diff < -SLACK_S:
-        retry = math.inf if increment > offset + SLACK_S else -diff
-        remaining = _units(offset - (tat - now), rate_per_s, burst)
-        if partial and remaining > 0:  # the units left, so it fits (to the millionth of a unit)
-            drained = tat + remaining / rate_per_s
-            return drained, RateResult(False, remaining, retry, drained - now)
-        return None, RateResult(False, remaining, retry, tat - now)
-    return new_tat, RateResult(True, _units(diff, rate_per_s, burst), 0.0, new_tat - now)
-
-
-def _units(seconds: float, rate_per_s: float, burst: float) -> int:
-    """Whole units a bucket holds `seconds` before it is full: a millionth of a unit absorbs float rounding
-    (0.2 s * 20/s = 3.9999999), clamped to [0, burst]. Branches, not min/max/floor: three calls a request."""
-    units = seconds * rate_per_s + 1e-6
-    if units < 1.0:
-        return 0
-    return int(units) if units < burst else math.floor(burst)
+    allowed = diff >= -SLACK_S
+    # the whole units left (after the charge when allowed, before it when not): a millionth of a unit absorbs
+    # float rounding (0.2 s * 20/s = 3.9999999), clamped to [0, burst]; branches, not min/max/floor, and inline:
+    # three charges a request
+    units = (diff if allowed else offset - (tat - now)) * rate_per_s + 1e-6
+    remaining = 0 if units < 1.0 else int(units) if units < burst else math.floor(burst)
+    if allowed:
+        return new_tat, RateResult(True, remaining, 0.0, new_tat - now)
+    retry = math.inf if increment > offset + SLACK_S else -diff
+    if partial and remaining > 0:  # the units left, so it fits (to the millionth of a unit)
+        drained = tat + remaining / rate_per_s
+        return drained, RateResult(False, remaining, retry, drained - now)
+    return None, RateResult(False, remaining, retry, tat - now)
 
 
 class _LocalSubscription(Subscription):

@@ -100,9 +100,9 @@ class CircuitBreaker:
         now = self._clock()
         if now < self._held_until:
             return False
-        state = self._state_at(now)
-        if state == CLOSED:
+        if self._state == CLOSED:  # the usual state, and the one time never changes: no _state_at call
             return True
+        state = self._state_at(now)
         if state == OPEN:
             return False
         if self._probe_out(now):
@@ -116,6 +116,8 @@ class CircuitBreaker:
 
     def probe(self) -> int | None:
         """The id of the probe out now (to hand to `release`), None when none is."""
+        if self._state == CLOSED:
+            return None
         now = self._clock()
         return self._probes if self._state_at(now) == HALF_OPEN and self._probe_out(now) else None
 
@@ -152,7 +154,7 @@ class CircuitBreaker:
 
     def record_success(self) -> None:
         now = self._clock()
-        state = self._state_at(now)
+        state = self._state if self._state == CLOSED else self._state_at(now)
         if state == CLOSED:
             self._consecutive = 0
             self._count(now, failed=False)

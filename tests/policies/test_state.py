@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from policies.redis_state import RedisStore
-from policies.state import LocalStore, RateCharge, Reservation, StateStore, StoreUnavailable
+from policies.state import LocalStore, RateCharge, Reservation, StateStore, StoreUnavailable, gcra
 from tests.conftest import free_port
 from tests.policies.conftest import eventually
 
@@ -361,15 +361,21 @@ async def test_a_redis_restart_is_transparent_and_a_hung_redis_times_out(redis_s
         await store.aclose()
 
 
-async def test_units_match_the_clamped_floor_they_stand_for() -> None:
-    """_units branches instead of min/max/floor: the same whole units for every sign, fraction and clamp."""
-    from policies.state import _units
-
-    for seconds in (-5.0, 0.0, 1e-9, 0.0006, 0.2, 0.5, 3.3, 59.99, 60.0, 1e9):
-        for rate, burst in ((1666.6, 100000.0), (1 / 60, 1), (20.0, 5.5), (20.0, 4), (1e6, 3.0)):
-            expected = min(math.floor(burst), max(0, math.floor(seconds * rate + 1e-6)))
-            assert _units(seconds, rate, burst) == expected, (seconds, rate, burst)
-            assert type(_units(seconds, rate, burst)) is int
+async def test_remaining_units_match_the_clamped_floor_they_stand_for() -> None:
+    """gcra counts the units left with branches instead of min/max/floor: the same whole units for every fill,
+    fraction and clamp, allowed or refused."""
+    now = 1000.0
+    for rate, burst in ((1666.6, 100000.0), (1 / 60, 1), (20.0, 5.5), (20.0, 4), (1e6, 3.0)):
+        for held_s in (-5.0, 0.0, 1e-9, 0.0006, 0.2, 0.5, 3.3, 59.99, 60.0, 1e9):  # how far the TAT is past now
+            for cost in (0.0, 0.5, 1.0, 3.0, burst):
+                tat = now + held_s
+                _, result = gcra(tat, now, rate, burst, cost)
+                start = max(tat, now)
+                seconds = (now - (start + cost / rate - burst / rate) if result.allowed
+                           else burst / rate - (start - now))
+                expected = min(math.floor(burst), max(0, math.floor(seconds * rate + 1e-6)))
+                assert result.remaining == expected, (rate, burst, held_s, cost, result)
+                assert type(result.remaining) is int
 
 
 async def test_a_charge_costing_another_amount_is_that_charge_unchecked() -> None:
