@@ -115,7 +115,7 @@ def serve(args: argparse.Namespace) -> int:
     threading.Thread(target=_announce_when_ready, args=(url, config, stop), daemon=True).start()
     metrics_dir = _metrics_dir(workers)
     try:
-        run_server(config, host, port, workers)
+        run_server(config, host, port, workers, vet_reload=lambda count: _refused_reload(path, count))
     finally:
         stop.set()
         if metrics_dir is not None:
@@ -138,23 +138,40 @@ def _refuse_taken_port(host: str, port: int) -> bool:
     return False
 
 
-def _refuse_split_state(config: Config, workers: int) -> bool:
-    """Several workers without Redis would each keep their own rate limits, budgets and cache: a limit would let
-    through `workers` times what it says. Refused, with a line saying so; stored Responses (/v1/responses) would
-    only be found on the worker that stored them: warned."""
+def _split_state(config: Config, workers: int) -> str | None:
+    """Why `workers` workers cannot serve `config`: without Redis each would keep its own rate limits, budgets and
+    cache, so a limit would let through `workers` times what it says. None when they can."""
     if workers <= 1 or config.storage.redis_url:
-        return False
+        return None
     policies = config.policies
     split = [name for name, used in (("rate limits", policies.rate_limits), ("budgets", policies.budgets),
                                      ("the cache", policies.cache is not None and policies.cache.mode != "off"))
              if used]
-    if split:
-        print(f"pointsman: {workers} workers need storage.redis_url for {', '.join(split)}: without Redis each "
-              "worker would keep its own (a limit would let through that many times what it says)", file=sys.stderr)
+    if not split:
+        return None
+    return (f"{workers} workers need storage.redis_url for {', '.join(split)}: without Redis each worker would "
+            "keep its own (a limit would let through that many times what it says)")
+
+
+def _refuse_split_state(config: Config, workers: int) -> bool:
+    """Several workers that would split state (`_split_state`) are refused, with a line saying so; stored
+    Responses (/v1/responses) would only be found on the worker that stored them: warned."""
+    if (reason := _split_state(config, workers)) is not None:
+        print(f"pointsman: {reason}", file=sys.stderr)
         return True
-    print(f"pointsman: {workers} workers without storage.redis_url: stored responses (/v1/responses) are found only "
-          "on the worker that stored them", file=sys.stderr)
+    if workers > 1 and not config.storage.redis_url:
+        print(f"pointsman: {workers} workers without storage.redis_url: stored responses (/v1/responses) are found "
+              "only on the worker that stored them", file=sys.stderr)
     return False
+
+
+def _refused_reload(path: str | None, workers: int) -> str | None:
+    """Why a SIGHUP must not replace the workers (their new copies read the file again): it no longer loads, or it
+    turns on what `workers` workers cannot keep without Redis (`_split_state`). None to go ahead."""
+    try:
+        return _split_state(load_config(path), workers)
+    except ConfigError as exc:
+        return f"config error: {exc}"
 
 
 def _metrics_dir(workers: int) -> str | None:
@@ -221,9 +238,11 @@ def engine(args: argparse.Namespace) -> int:
 
 
 def run_server(config: Config, host: str, port: int, workers: int,
-               app: str | Callable[[], Any] = "gateway.asgi:make_app") -> None:
+               app: str | Callable[[], Any] = "gateway.asgi:make_app",
+               vet_reload: Callable[[int], str | None] | None = None) -> None:
     """Serve `app` (an ASGI app factory: an import string each worker imports, or with one worker a callable)
-    until SIGINT/SIGTERM, then drain."""
+    until SIGINT/SIGTERM, then drain. With several workers, `vet_reload(workers)` says why a SIGHUP must keep
+    the running workers (None: replace them)."""
     import uvicorn
 
     from gateway.server import http_protocol
@@ -264,7 +283,7 @@ def run_server(config: Config, host: str, port: int, workers: int,
     os.environ[RELOADING_ENV] = str(flags / "reloading")  # before the workers start: they inherit it
     server_config = uvicorn.Config(app, **options)
     try:
-        WorkerSupervisor(server_config, [server_config.bind_socket()], flags / "reloading").run()
+        WorkerSupervisor(server_config, [server_config.bind_socket()], flags / "reloading", vet_reload).run()
     finally:
         shutil.rmtree(flags, ignore_errors=True)
 

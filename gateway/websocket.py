@@ -188,6 +188,8 @@ class _Connection:
         ctx = RequestContext(parsed, self.principal, rid, parsed.body.user or self.user)
         if self.policy_headers and self.pipeline.has_policies:
             ctx.state["request_headers"] = dict(self.policy_headers)
+        if self.pipeline.tracing is not None:  # the upgrade's traceparent: each request's span becomes its child
+            self.pipeline.tracing.accept(ctx, self.socket.scope["headers"])
         return ctx
 
     async def _answer(self, data: bytes, rid: str) -> None:

@@ -14,6 +14,8 @@ import openai
 import pytest
 
 from tests.conftest import POINTSMAN, ROOT, free_port, http, start_gateway, start_upstream
+from tests.e2e.test_managed_engine import children
+from tests.gateway.live import wait_for
 
 
 def _remote(upstream, extra: str = "") -> str:
@@ -73,6 +75,26 @@ def test_refuses_what_it_could_not_serve_as_configured(upstream, tmp_path, extra
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert ("need storage.redis_url" if policies else "--port must be 1-65535") in result.stderr
+
+
+def test_a_sighup_that_would_split_state_over_the_workers_is_refused(upstream, tmp_path):
+    """Budgets turned on by a SIGHUP without Redis: the new workers each enforced a copy of their own (`serve`
+    refuses the same file at start). The reload is refused, said in the log, and the old workers keep serving."""
+    gateway = start_gateway(tmp_path, _remote(upstream), args=("--workers", "2"))
+    try:
+        before = set(children(gateway.proc.pid))
+        gateway.extra["config"].write_text(gateway.extra["config"].read_text() +
+                                           "policies: {budgets: [{scope: global, period: day, max_tokens: 1}]}\n")
+        gateway.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in gateway.output(), 60.0, "the refusal in the log")
+        line = next(x for x in gateway.output().splitlines() if "reload refused" in x)
+        assert "ERROR" in line and "2 workers need storage.redis_url for budgets" in line, line
+        assert set(children(gateway.proc.pid)) == before  # no worker replaced
+        body = {"model": "remote-a", "messages": [{"role": "user", "content": "hi"}]}
+        status, _, raw = http("POST", gateway.url + "/v1/chat/completions", body)
+        assert status == 200, raw  # the old config: no budget
+    finally:
+        assert gateway.stop() == 0
 
 
 def test_a_worker_that_finds_a_broken_config_says_so_in_one_line(tmp_path):

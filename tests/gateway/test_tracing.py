@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
 import httpx
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from websockets.sync.client import connect
 
 from backends.openai_upstream import OUTGOING_HEADERS
 from config.loader import parse_config
@@ -134,6 +136,31 @@ def test_tracing_off_makes_no_span_and_sends_no_traceparent(upstream, tmp_path, 
         }, headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"})
     assert response.status_code == 200
     assert response.json()["x_received"]["traceparent"] is None  # the client's is not forwarded either
+
+
+def test_each_request_on_a_websocket_follows_the_upgrades_traceparent(upstream, tmp_path):
+    """The WebSocket route took no traceparent: its requests were roots of traces of their own."""
+    app, exporter = _traced(_config(upstream.url, tmp_path, True))
+    chat = {"model": "remote-a", "messages": [{"role": "user", "content": "hello"}]}
+    with serve(app) as url:
+        with connect(url.replace("http://", "ws://") + "/v1/chat/completions/ws", open_timeout=10,
+                     additional_headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
+                                         "tracestate": "vendor=x"}) as ws:
+            for _ in range(2):  # two requests, one after the other, on the one socket
+                ws.send(json.dumps(chat))
+                while "done" not in json.loads(ws.recv(timeout=10)):
+                    pass
+        spans = wait_for(lambda: (s := exporter.get_finished_spans()) and
+                         sum(x.name == "policies.settle" for x in s) == 2 and s, what="both settle spans")
+    requests = [s for s in spans if s.name == "chat remote-a"]
+    assert len(requests) == 2 and len({s.context.span_id for s in requests}) == 2
+    for request in requests:
+        assert request.context.trace_id == int(CLIENT_TRACE, 16)
+        assert request.parent.span_id == int(CLIENT_SPAN, 16) and dict(request.parent.trace_state) == {"vendor": "x"}
+    # each attempt's span, whose id is the traceparent the upstream gets, in the client's trace under its request
+    attempts = [s for s in spans if s.name == "upstream remote-a"]
+    assert sorted(s.parent.span_id for s in attempts) == sorted(s.context.span_id for s in requests)
+    assert {s.context.trace_id for s in attempts} == {int(CLIENT_TRACE, 16)}
 
 
 def test_unsampled_requests_make_no_spans_but_pass_the_trace_on(upstream, tmp_path):
