@@ -59,9 +59,13 @@ def _window(since: str | None, until: str | None) -> tuple[datetime, datetime]:
     now = datetime.now(UTC)
     start = parse_time(since, "since", now) or now - timedelta(hours=24)
     end = parse_time(until, "until", now) or now
+    _check_window(start, end)
+    return start, end
+
+
+def _check_window(start: datetime, end: datetime) -> None:
     if start >= end:
         raise BadRequest(f"'since' ({iso(start)}) must be before 'until' ({iso(end)}).", param="since")
-    return start, end
 
 
 def _choice(value: str | None, param: str, allowed: tuple[str, ...] | dict) -> str | None:
@@ -187,6 +191,8 @@ def analytics_router(read_guard: Callable[..., Any], admin_guard: Callable[..., 
         engine = _engine(request)
         now = datetime.now(UTC)
         start, end = parse_time(since, "since", now), parse_time(until, "until", now)
+        if start is not None and end is not None:  # as /admin/analytics: an empty window is a 400, not no rows
+            _check_window(start, end)
         size = _int(limit, "limit", 1, _MAX_PAGE) or _PAGE
         after = _int(after_id, "after_id", 1, MAX_COUNT)  # a database integer: 64 bits
         u = usage_rows.c  # text no row can hold is a 400, not a query the database refuses

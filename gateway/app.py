@@ -169,15 +169,17 @@ async def recommend(request: Request) -> dict:
     }
 
 
-@get("/usage", summary="The caller's budgets: what is used and remaining in each period, and when it resets")
+@get("/usage", summary="The caller's budgets (used and remaining in each period, when it resets) and rate limits "
+                        "(requests and tokens left this minute)")
 async def usage(request: Request) -> dict:
     storage: Storage = request.app.state.storage
-    if storage.budgets is None:
-        return {"object": "usage", "budgets": []}
+    if storage.budgets is None and storage.rate_limits is None:
+        return {"object": "usage", "budgets": [], "rate_limits": []}
     parsed = ParsedRequest(CompletionRequest(prompt=""), {})
     user = request.headers.get("x-pointsman-user")
     ctx = RequestContext(parsed, principal_of(request.scope), request_id_of(request.scope), user)
-    return {"object": "usage", "budgets": await storage.budgets.remaining(ctx)}
+    return {"object": "usage", "budgets": [] if storage.budgets is None else await storage.budgets.remaining(ctx),
+            "rate_limits": [] if storage.rate_limits is None else await storage.rate_limits.remaining(ctx)}
 
 
 @post("/feedback", status_code=201, summary="Attach a score to an answer, by its completion id (experiments)")

@@ -37,6 +37,7 @@ class Storage:
         self.state: StateStore = (RedisStore(config.redis_url, timeout_s=config.redis_timeout_s) if config.redis_url
                                    else LocalStore())
         self.budgets: BudgetPolicy | None = None  # for /v1/usage, once the config has budgets
+        self.rate_limits: RateLimitPolicy | None = None  # for /v1/usage too, once it has rate limits
         self.alerts: BudgetAlerts | None = None
         self.embedder: Embedder | None = None  # loaded on first use, only when the semantic cache is on
         self.experiments: ExperimentStore | None = None  # with a database: the experiments' rows and snapshot
@@ -52,7 +53,8 @@ class Storage:
         policies: list[Policy] = []
         self.keyed = keyed
         if config.rate_limits or keyed:
-            policies.append(RateLimitPolicy(config.rate_limits, self.state, first_id or resolve))
+            self.rate_limits = RateLimitPolicy(config.rate_limits, self.state, first_id or resolve)
+            policies.append(self.rate_limits)
         if config.cache is not None and config.cache.mode != "off":
             policies.append(ExactCache(config.cache, self.state, resolve))
             if config.cache.semantic.enabled:

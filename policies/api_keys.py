@@ -70,15 +70,17 @@ class KeySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rate_limit: KeyRateLimit | None = None
 
     def __post_init__(self) -> None:
+        """BadRequest naming the field (msgspec would wrap a ValueError in a ValidationError naming none)."""
         if self.expires_at is not None and self.expires_in_s is not None:
-            raise ValueError("set expires_at or expires_in_s, not both")
+            raise BadRequest("Set expires_at or expires_in_s, not both.", param="expires_in_s")
         try:  # the expiry is stored in UTC, which ends with the year 9999
             if self.expires_at is not None:
                 self.expires_at.astimezone(UTC)
             elif self.expires_in_s is not None:
                 datetime.now(UTC) + timedelta(seconds=self.expires_in_s)
         except OverflowError:
-            raise ValueError("the key would expire after the year 9999 (UTC)") from None
+            param = "expires_at" if self.expires_at is not None else "expires_in_s"
+            raise BadRequest("The key would expire after the year 9999 (UTC).", param=param) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -203,6 +203,27 @@ class RateLimitPolicy:
         except Exception:
             log.exception("rate limit: %s %s tokens failed", doing, abs(charges[0].cost))
 
+    async def remaining(self, ctx: RequestContext) -> list[dict[str, Any]]:
+        """Each limit that applies to the caller, the key's own too (not `model` limits: they count the model asked
+        for): scope, member, its rpm and tpm, and the requests and tokens left now, read with charges of 0 (a GCRA
+        step that moves no bucket). Raises ServiceUnavailable when the store cannot be reached."""
+        buckets = [bucket for bucket in self._buckets(ctx) if bucket.limit.scope != "model"]
+        if not buckets:
+            return []
+        try:
+            results = await self.store.rate_many([bucket.charge(0) for bucket in buckets])
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+            raise ServiceUnavailable("rate limit usage is unavailable: the state store cannot be reached; "
+                                     "try again shortly") from exc
+        rows: dict[str, dict[str, Any]] = {}  # one per limit and member (its buckets' key less the kind)
+        for bucket, result in zip(buckets, results, strict=True):
+            row = rows.setdefault(bucket.key.rpartition(":")[0],
+                                  {"scope": bucket.limit.scope, "member": bucket.member})
+            row[bucket.kind] = bucket.per_minute
+            row[f"remaining_{_UNIT[bucket.kind]}"] = result.remaining
+        return list(rows.values())
+
     def _buckets(self, ctx: RequestContext) -> list[_Bucket]:
         buckets: list[_Bucket] = []
         own = ctx.principal.rate_limit  # the API key's own limit, beside the config's

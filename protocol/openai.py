@@ -261,11 +261,15 @@ def convert_struct(raw: dict[str, Any], kind: type[T]) -> T:
         if not sep:
             problem = str(exc)
         param = where.strip("`").removeprefix("$.").removeprefix("$") if sep else None
-        missing = "missing required field `"
+        missing, unknown = "missing required field `", "unknown field `"
         if missing in problem:
             field = problem.split(missing, 1)[1].rstrip("`")
             param = f"{param}.{field}" if param else field
             raise BadRequest(f"Missing required parameter: '{param}'.", param=param) from None
+        if unknown in problem:  # a Struct that forbids them: an admin body, a request's `route` or `template`
+            field = problem.split(unknown, 1)[1].rstrip("`")
+            param = f"{param}.{field}" if param else field
+            raise BadRequest(f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter") from None
         raise BadRequest(f"Invalid value for '{param}': {problem}" if sep else problem, param=param) from None
 
 

@@ -116,7 +116,8 @@ def test_usage_rows_page_newest_first(served):
     small = _get(served.url + "/admin/usage?model=small&key_id=static-0")[1]["data"]
     assert [(r["model_served"], r["prompt_tokens"], r["completion_tokens"]) for r in small] == [("small", 2, 3)] * 2
     assert _get(served.url + "/admin/usage?team=nobody")[1]["data"] == []
-    for query, param in (("limit=0", "limit"), ("limit=1001", "limit"), ("after_id=x", "after_id")):
+    for query, param in (("limit=0", "limit"), ("limit=1001", "limit"), ("after_id=x", "after_id"),
+                         ("since=-1h&until=-2h", "since")):  # it answered an empty page; analytics a 400
         status, body = _get(served.url + f"/admin/usage?{query}")
         assert status == 400 and body["error"]["param"] == param
 

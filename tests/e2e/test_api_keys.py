@@ -71,13 +71,19 @@ def test_created_key_is_shown_once_and_stored_only_as_its_digest(replicas):
 
 
 def test_bad_key_specs_are_400_naming_the_field(replicas):
+    """An unknown field, both expiries and one past the year 9999 were 400s whose `param` was null."""
     first, _, _ = replicas
-    for spec, param in (({"role": "root"}, "role"), ({"models": []}, "models"), ({"rate_limit": {}}, None),
-                        ({"expires_at": "2020-01-01T00:00:00Z"}, "expires_at"), ({"colour": "red"}, None)):
+    for spec, param in (({"role": "root"}, "role"), ({"models": []}, "models"), ({"rate_limit": {}}, "rate_limit"),
+                        ({"expires_at": "2020-01-01T00:00:00Z"}, "expires_at"),
+                        ({"role": "user", "colour": "red"}, "colour"),
+                        ({"rate_limit": {"rpm": 1, "x": 2}}, "rate_limit.x"),
+                        ({"expires_at": "2030-01-01T00:00:00Z", "expires_in_s": 60}, "expires_in_s"),
+                        ({"expires_at": "9999-12-31T23:59:59-12:00"}, "expires_at"),
+                        ({"expires_in_s": 10**12}, "expires_in_s")):
         answer = httpx.post(first.url + "/admin/keys", json=spec, headers=_auth(ADMIN))
         assert answer.status_code == 400, (spec, answer.text)
         error = answer.json()["error"]
-        assert error["type"] == "invalid_request_error" and (param is None or error["param"] == param), error
+        assert error["type"] == "invalid_request_error" and error["param"] == param, (spec, error)
 
 
 # what each role gets from each family of endpoints (200-class: allowed, 403: a role that may not)
@@ -170,11 +176,19 @@ def test_allowed_models_bind_listing_manual_auto_and_chains(replicas):
 
 def test_a_keys_own_rate_limit_and_budget(replicas):
     first, second, _ = replicas
-    limited = _create(first, role="user", rate_limit={"rpm": 2})["key"]
+    created = _create(first, role="user", rate_limit={"rpm": 2})
+    limited = created["key"]
+
+    def own_limits(gateway) -> list[dict]:  # its /v1/usage showed only budgets (README: the rate_limit shows too)
+        return httpx.get(gateway.url + "/v1/usage", headers=_auth(limited)).json()["rate_limits"]
+
+    for gateway in (first, second, first):  # read, never charged: the two requests below still pass
+        assert own_limits(gateway) == [{"scope": "key", "member": created["id"], "rpm": 2, "remaining_requests": 2}]
     body = {"model": "chat-a", **CHAT}
     statuses = [httpx.post(g.url + "/v1/chat/completions", json=body, headers=_auth(limited)).status_code
                 for g in (first, second, first)]
     assert statuses == [200, 200, 429]  # one bucket for the key, across both replicas
+    assert own_limits(second) == [{"scope": "key", "member": created["id"], "rpm": 2, "remaining_requests": 0}]
     # a budget of 20 tokens: a request that may use 64 cannot be reserved
     budgeted = _create(first, role="user", budget={"period": "day", "max_tokens": 20})
     refused = httpx.post(first.url + "/v1/chat/completions", json={**body, "max_tokens": 64},

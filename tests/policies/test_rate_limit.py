@@ -53,6 +53,25 @@ async def test_rpm_allows_its_burst_then_refuses_with_retry_after(store: StateSt
     assert "x-ratelimit-limit-tokens" not in error.headers
 
 
+async def test_remaining_reads_each_limit_of_the_caller_without_charging_it(store: StateStore) -> None:
+    """/v1/usage's rate limits: the config's that apply to the caller and the key's own, not `model` ones."""
+    policy = RateLimitPolicy([RateLimitConfig(scope="key", rpm=3, tpm=1000),
+                              RateLimitConfig(scope="model", match="m", rpm=5)], store)
+    own = Principal(key_id="k1", rate_limit=RateLimitConfig(scope="key", match="k1", rpm=2))
+    usage = RequestContext(decode_request({"prompt": ""}, CompletionRequest), principal=own)
+    for _ in range(3):  # read three times: nothing charged
+        assert await policy.remaining(usage) == [
+            {"scope": "key", "member": "k1", "rpm": 3, "remaining_requests": 3, "tpm": 1000, "remaining_tokens": 1000},
+            {"scope": "key", "member": "k1", "rpm": 2, "remaining_requests": 2}]
+    asked = ctx(max_tokens=10)
+    asked.principal = own
+    assert await policy.admit(asked) is None
+    config, key = await policy.remaining(usage)
+    assert (config["remaining_requests"], key["remaining_requests"]) == (2, 1)
+    assert config["remaining_tokens"] == 1000 - estimate_tokens(asked.request)
+    assert await RateLimitPolicy([], store).remaining(ctx()) == []
+
+
 async def test_each_member_has_its_own_bucket(store: StateStore) -> None:
     policy = RateLimitPolicy([RateLimitConfig(scope="key", rpm=2), RateLimitConfig(scope="team", rpm=3),
                               RateLimitConfig(scope="user", rpm=1)], store)

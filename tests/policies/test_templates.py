@@ -104,7 +104,7 @@ def test_empty_messages_need_a_template():
     assert info.value.param == "messages"
     with pytest.raises(BadRequest) as info:
         decode_request({"model": "m", "messages": USER, "template": {"name": "x", "vars": {}}}, ChatCompletionRequest)
-    assert info.value.param == "template"
+    assert info.value.param == "template.vars"  # the unknown field itself
 
 
 @pytest.mark.parametrize(("variables", "param", "says"), [
