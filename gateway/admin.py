@@ -14,6 +14,7 @@ from litestar.params import FromPath
 from config.schema import ModelConfig, ModelVersion
 from gateway.auth import principal_of
 from gateway.lifecycle import ManagedBackend, drained
+from gateway.openapi import takes
 from gateway.service import Gateway
 from policies.model_versions import Step, VersionRegistry
 from protocol.errors import BadRequest, GatewayError
@@ -110,7 +111,8 @@ async def list_versions(request: Request, model_id: FromPath[str]) -> dict:
     return {**_versions_of(gateway, model.id), "transitions": await registry.history(model.id)}
 
 
-@post("/models/{model_id:str}/versions", status_code=201, summary="Add a version (dev or staging)")
+@post("/models/{model_id:str}/versions", status_code=201, summary="Add a version (dev or staging)",
+      operation_class=takes(ModelVersion))
 async def add_version(request: Request, model_id: FromPath[str]) -> dict:
     gateway, registry, model = _versioned(request, model_id)
     spec: ModelVersion = decode_struct(await request.body(), ModelVersion)
@@ -123,7 +125,8 @@ async def add_version(request: Request, model_id: FromPath[str]) -> dict:
 
 
 @post("/models/{model_id:str}/versions/{version:str}/stage", status_code=200,
-      summary="Move a version to a stage: production promotes it (the current production becomes deprecated)")
+      summary="Move a version to a stage: production promotes it (the current production becomes deprecated)",
+      operation_class=takes(_StageChange))
 async def change_stage(request: Request, model_id: FromPath[str], version: FromPath[str]) -> dict:
     gateway, registry, model = _versioned(request, model_id)
     change: _StageChange = decode_struct(await request.body(), _StageChange)

@@ -11,6 +11,7 @@ from litestar import Request, Router, get, patch, post
 from litestar.params import FromPath
 
 from config.schema import ExperimentConfig
+from gateway.openapi import takes
 from policies.experiments import ExperimentStore, Live
 from protocol.errors import BadRequest, GatewayError
 from protocol.openai import decode_object
@@ -42,6 +43,17 @@ def _routable(request: Request) -> Callable[[str], bool]:
 def _describe(live: Live) -> dict:
     return {**msgspec.to_builtins(live.config), "promoted": live.promoted}
 
+# PATCH /admin/experiments/{name}: the fields a change may set, as in the config (ExperimentStore.update checks them)
+_CHANGES = {"type": "object", "additionalProperties": False, "properties": {
+    "weights": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
+    "status": {"enum": ["draft", "running", "paused", "stopped"]},
+    "traffic": {"type": "number", "minimum": 0, "maximum": 1},
+    "alpha": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 0.5},
+    "min_samples": {"type": "integer", "minimum": 2},
+    "auto_promote": {"type": "boolean"},
+    "primary_metric": {"type": "string"},
+}}
+
 
 @get("/experiments", summary="List the experiments")
 async def list_experiments(request: Request) -> dict:
@@ -49,7 +61,8 @@ async def list_experiments(request: Request) -> dict:
     return {"object": "list", "data": [_describe(live) for live in store.by_name.values()]}
 
 
-@post("/experiments", status_code=201, summary="Create an experiment (the same shape as in the config file)")
+@post("/experiments", status_code=201, summary="Create an experiment (the same shape as in the config file)",
+      operation_class=takes(ExperimentConfig))
 async def create_experiment(request: Request) -> dict:
     try:
         config = msgspec.json.decode(await request.body(), type=ExperimentConfig)
@@ -66,7 +79,8 @@ async def get_experiment(request: Request, name: FromPath[str]) -> dict:
 
 
 @patch("/experiments/{name:str}", status_code=200,
-       summary="Change weights ({variant: weight}), status, traffic, alpha, min_samples, auto_promote")
+       summary="Change weights ({variant: weight}), status, traffic, alpha, min_samples, auto_promote",
+       operation_class=takes(_CHANGES))
 async def update_experiment(request: Request, name: FromPath[str]) -> dict:
     changes = decode_object(await request.body())
     return _describe(await _store(request).update(name, changes))
@@ -83,7 +97,8 @@ async def stop_experiment(request: Request, name: FromPath[str]) -> dict:
 
 
 @post("/experiments/{name:str}/promote", status_code=200,
-      summary="Promote a variant: all the weight to it, the experiment stops, the target goes to it")
+      summary="Promote a variant: all the weight to it, the experiment stops, the target goes to it",
+      operation_class=takes({"type": "object", "required": ["variant"], "properties": {"variant": {"type": "string"}}}))
 async def promote_experiment(request: Request, name: FromPath[str]) -> dict:
     variant = decode_object(await request.body()).get("variant")
     if not isinstance(variant, str):

@@ -8,6 +8,7 @@ from litestar import Request, Router, delete, get, post
 from litestar.params import FromPath, FromQuery
 
 from gateway.auth import Authenticator, principal_of
+from gateway.openapi import takes
 from policies.api_keys import KeySpec, KeyStore
 from protocol.errors import BadRequest
 from protocol.openai import decode_struct
@@ -22,7 +23,8 @@ def _store(request: Request) -> KeyStore:
     return keys
 
 
-@post("/keys", status_code=201, summary="Create an API key; the answer holds its secret, shown only this once")
+@post("/keys", status_code=201, summary="Create an API key; the answer holds its secret, shown only this once",
+      operation_class=takes(KeySpec))
 async def create_key(request: Request) -> dict:
     spec = decode_struct(await request.body(), KeySpec)
     described, secret = await _store(request).create(spec, principal_of(request.scope).key_id)

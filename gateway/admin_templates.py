@@ -10,6 +10,7 @@ from litestar.params import FromPath
 
 from config.schema import TemplateName, TemplateStage, TemplateVersionConfig
 from gateway.auth import principal_of
+from gateway.openapi import takes
 from policies.templates import TemplatePolicy
 from protocol.errors import BadRequest
 from protocol.openai import decode_struct
@@ -47,7 +48,8 @@ def templates_router(guard: Callable, middleware: list) -> Router:
     async def list_templates(request: Request) -> dict:
         return {"object": "list", "data": _policy(request).describe()}
 
-    @post("/", status_code=201, summary="Add a template version (and the template with its first one)")
+    @post("/", status_code=201, summary="Add a template version (and the template with its first one)",
+          operation_class=takes(NewVersion))
     async def create_version(request: Request) -> dict:
         policy = _policy(request)
         new = decode_struct(await request.body(), NewVersion)
@@ -56,7 +58,8 @@ def templates_router(guard: Callable, middleware: list) -> Router:
         return await policy.create(new.name, spec, caller(request), force=new.force)
 
     @post("/{name:str}/versions/{version:str}/stage", status_code=200,
-          summary="Move a template version to another stage (validated; promoting deprecates the old production)")
+          summary="Move a template version to another stage (validated; promoting deprecates the old production)",
+          operation_class=takes(StageChange))
     async def move_version(request: Request, name: FromPath[str], version: FromPath[str]) -> dict:
         change = decode_struct(await request.body(), StageChange)
         return await _policy(request).move(name, version, change.stage, caller(request), force=change.force)

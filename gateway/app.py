@@ -47,6 +47,7 @@ from gateway.openapi import (
     document_errors,
     documented,
     openapi_config,
+    takes,
 )
 from gateway.pipeline import Pipeline
 from gateway.request_id import request_id_of, request_ids
@@ -58,7 +59,7 @@ from gateway.websocket import websocket_router
 from policies.api_keys import KeyStore
 from policies.base import Policy, PolicyChain
 from policies.context import Outcome, RequestContext
-from policies.experiments import add_feedback, decode_feedback
+from policies.experiments import Feedback, add_feedback, decode_feedback
 from policies.model_versions import VersionRegistry
 from protocol.errors import INTERNAL_ERROR_BODY, BadRequest, GatewayError, http_error_body
 from protocol.openai import (
@@ -182,7 +183,8 @@ async def usage(request: Request) -> dict:
             "rate_limits": [] if storage.rate_limits is None else await storage.rate_limits.remaining(ctx)}
 
 
-@post("/feedback", status_code=201, summary="Attach a score to an answer, by its completion id (experiments)")
+@post("/feedback", status_code=201, summary="Attach a score to an answer, by its completion id (experiments)",
+      operation_class=takes(Feedback))
 async def feedback(request: Request) -> dict:
     storage: Storage = request.app.state.storage
     if storage.engine is None:

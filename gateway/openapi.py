@@ -24,7 +24,7 @@ from protocol.openai import (
 )
 
 __all__ = ["CHAT", "CHAT_OK", "COMPLETION", "COMPLETION_OK", "EMBEDDINGS", "EMBEDDINGS_ERRORS", "EMBEDDINGS_OK",
-           "ROUTE", "add_schemas", "document_errors", "documented", "openapi_config"]
+           "ROUTE", "add_schemas", "document_errors", "documented", "openapi_config", "takes"]
 
 _REF = "#/components/schemas/{name}"
 CHAT = {"$ref": _REF.format(name="ChatCompletionRequest")}
@@ -90,14 +90,37 @@ async def _no_html_404(response: Response) -> Response:
     return response
 
 
+_BODIES: list[type] = []  # the request Structs of routes that read their body themselves (see `takes`)
+
+
 def add_schemas(components: Components) -> None:
     """Add the JSON Schemas of the request and response Structs and of the error body, as msgspec makes them,
     to the document Litestar built (which replaces the config's components with its own while building)."""
     _, schemas = msgspec.json.schema_components(
         [ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ChatCompletion, Completion,
-         CreateEmbeddingResponse, ErrorResponse], ref_template=_REF
+         CreateEmbeddingResponse, ErrorResponse, *_BODIES], ref_template=_REF
     )
     components.schemas.update(schemas)
+
+
+def takes(body: type | dict[str, Any]) -> type[Operation]:
+    """An Operation class for a route decorator's `operation_class`, for a route that reads its JSON body itself
+    (Litestar then documents none): `body`, a msgspec Struct whose schema joins the components, or a JSON
+    Schema."""
+    if isinstance(body, type):
+        _BODIES.append(body)
+        schema: dict[str, Any] = {"$ref": _REF.format(name=body.__name__)}
+    else:
+        schema = body
+
+    @dataclass
+    class Takes(Operation):
+        def __post_init__(self) -> None:
+            self.request_body = RequestBody(
+                content={"application/json": OpenAPIMediaType(schema=schema)}, required=True  # type: ignore[arg-type]
+            )
+
+    return Takes
 
 
 def document_errors(schema: OpenAPI) -> None:
