@@ -605,10 +605,11 @@ def policy_table(cells: Cells, policy_gateways: list[Gateway], reference: str | 
         of_bare, of_direct = share(cells, name, BARE, MISS, MISS_CONC), statistics.median(direct_rounds)
         gw = policy.get(name)
         rounds = ""
-        if gw is not None and gw.observed is not None:  # held to the foundation's c16 target and to issue 7's
+        if gw is not None and gw.observed is not None:
+            # held to the foundation's c16 target (issue 3), as issue 11 asks; issue 7's share of the bare proxy is
+            # for the empty chain (pointsman (1 worker) above): here it is shown, not held to
             goal = (f"at least {TARGET_OBSERVED_OF_DIRECT:.0%} of direct: "
-                    f"{verdict(of_direct >= TARGET_OBSERVED_OF_DIRECT)}; at least {TARGET_SHARE_OF_BARE:.0%} of "
-                    f"the bare proxy: {verdict(of_bare >= TARGET_SHARE_OF_BARE)}")
+                    f"{verdict(of_direct >= TARGET_OBSERVED_OF_DIRECT)}")
             rounds = " (rounds: " + ", ".join(f"{x:.0%}" for x in direct_rounds) + ")"
         elif gw is not None and gw.state:
             goal = f"at least {TARGET_MISS_SHARE[gw.state]:.0%}: {verdict(of_bare >= TARGET_MISS_SHARE[gw.state])}"
@@ -830,9 +831,10 @@ def policy_section(cells: Cells, policy_gateways: list[Gateway], reference: str 
              "answered from the cache. x-pointsman-cache: the header's values wrk counted in the timed runs."
              + (" `+ metrics + traces R`: the in-process chain with `metrics: {enabled: true}` and `tracing: "
                 "{enabled: true, exporter: none, sample_ratio: R}` (spans made and sampled, sent nowhere), held to "
-                f"the foundation's targets: at c16 {TARGET_OBSERVED_OF_DIRECT:.0%} of the direct upstream's RPS "
-                f"(issue 3) and {TARGET_SHARE_OF_BARE:.0%} of the bare proxy's (issue 7), at c1 an added p50 of at "
-                f"most {TARGET_ADDED_P50_MS:g} ms."
+                f"the foundation's targets (issue 3), as issue 11 asks: at c16 {TARGET_OBSERVED_OF_DIRECT:.0%} of "
+                f"the direct upstream's RPS, at c1 an added p50 of at most {TARGET_ADDED_P50_MS:g} ms (issue 7's "
+                f"{TARGET_SHARE_OF_BARE:.0%} of the bare proxy's RPS is the empty chain's target, above; the "
+                "chain's share of the bare proxy is shown beside)."
                 if any(gw.observed is not None for gw in policy_gateways) else ""),
              "", *policy_table(cells, policy_gateways, reference)]
     if redis_note:
