@@ -118,7 +118,7 @@ async def create_message(request: Request) -> ASGIApp:
     body, raw = decode_messages(await request.body())
     parsed = decode_request(to_chat(body, raw), ChatCompletionRequest)
     dialect = MessagesDialect(body.model, body.stop_sequences, lambda: estimate_prompt_tokens(parsed))
-    return await generate(request, parsed, dialect, {"request-id": request_id_of(request.scope)})
+    return await generate(request.scope, request.receive, parsed, dialect, {"request-id": request_id_of(request.scope)})
 
 
 @post("/messages/count_tokens", status_code=200,

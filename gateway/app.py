@@ -16,7 +16,7 @@ from litestar import Litestar, MediaType, Request, Response, Router, get, post
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.params import FromPath
 from litestar.routes import HTTPRoute
-from litestar.types import ASGIApp
+from litestar.types import ASGIApp, Receive, Scope
 
 from backends.base import Backend
 from config.schema import Config
@@ -85,20 +85,21 @@ def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-async def _chat(request: Request, body: bytes) -> ASGIApp:
-    return await generate(request, decode_request(body, ChatCompletionRequest))
+async def _chat(scope: Scope, receive: Receive, body: bytes) -> ASGIApp:
+    return await generate(scope, receive, decode_request(body, ChatCompletionRequest))
 
 
-async def _completion(request: Request, body: bytes) -> ASGIApp:
-    return await generate(request, decode_request(body, CompletionRequest))
+async def _completion(scope: Scope, receive: Receive, body: bytes) -> ASGIApp:
+    return await generate(scope, receive, decode_request(body, CompletionRequest))
 
 
-async def _embeddings(request: Request, body: bytes) -> ASGIApp:
+async def _embeddings(scope: Scope, receive: Receive, body: bytes) -> ASGIApp:
     parsed = decode_embedding_request(body)
-    scope = request.scope
-    user = parsed.body.user or request.headers.get("x-pointsman-user")
+    user = parsed.body.user
+    if user is None:
+        user = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-pointsman-user"), None)
     ctx = RequestContext(parsed, principal_of(scope), request_id_of(scope), user)  # type: ignore[arg-type]
-    pipeline: Pipeline = request.app.state.pipeline
+    pipeline: Pipeline = scope["litestar_app"].state["pipeline"]  # type: ignore[typeddict-item]
     if pipeline.tracing is not None:  # the client's traceparent: the request span becomes its child
         pipeline.tracing.accept(ctx, scope["headers"])
     served = await pipeline.embed(ctx)
@@ -135,7 +136,7 @@ async def _explain(request: Request) -> dict:
     decision = await _gateway(request).decide(parsed, True, principal_of(request.scope))
     budgets = request.app.state.storage.budgets
     if budgets is not None:  # models whose budgets this request would overrun are not tried: say so
-        spent = await budgets.spent(request_context(request, parsed, True), [a.model for a in decision.attempts])
+        spent = await budgets.spent(request_context(request.scope, parsed, True), [a.model for a in decision.attempts])
         decision.exclude(spent)
     return _gateway(request).explain(decision)
 

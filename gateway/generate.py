@@ -7,8 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from litestar import Request
-from litestar.types import ASGIApp
+from litestar.types import ASGIApp, Receive, Scope
 
 from gateway.auth import principal_of
 from gateway.pipeline import Pipeline, StreamStart
@@ -43,10 +42,9 @@ class Dialect(Protocol):
         ...
 
 
-def request_context(request: Request, parsed: ParsedRequest, policies: bool) -> RequestContext:
+def request_context(scope: Scope, parsed: ParsedRequest, policies: bool) -> RequestContext:
     """The context a request carries: its caller, id and user (`user`, else `x-pointsman-user`), and the cache
     control headers when policies run."""
-    scope = request.scope
     user = parsed.body.user
     wanted: dict[str, str] = {}
     for key, value in scope["headers"]:
@@ -69,19 +67,20 @@ def _stream_outcome(result: StreamStart | Reply, answered: bool, outcome: Outcom
     return Outcome("ok", body=result.assembled)  # type: ignore[union-attr]  # put together only if read
 
 
-async def generate(request: Request, parsed: ParsedRequest, dialect: Dialect | None = None,
+async def generate(scope: Scope, receive: Receive, parsed: ParsedRequest, dialect: Dialect | None = None,
                    headers: dict[str, str] | None = None) -> ASGIApp:
     """Run `parsed` through the pipeline and answer it: JSON or SSE, in `dialect`'s format when one is given.
-    Policies settle once the answer is out (or however it ended); a client that leaves cancels it."""
+    Policies settle once the answer is out (or however it ended); a client that leaves cancels it. Takes the ASGI
+    scope and receive, not a Litestar Request: the generation routes make none (see gateway/hot_routes.py)."""
     # by item: Litestar's State answers an attribute through __getattr__, after a failed lookup has formatted an
     # AttributeError (~0.2 us each, three a request)
-    state = request.app.state
+    state = scope["litestar_app"].state  # type: ignore[typeddict-item]
     pipeline: Pipeline = state["pipeline"]
-    ctx = request_context(request, parsed, pipeline.has_policies)
+    ctx = request_context(scope, parsed, pipeline.has_policies)
     if pipeline.tracing is not None:  # the client's traceparent: the request span becomes its child
-        pipeline.tracing.accept(ctx, request.scope["headers"])
+        pipeline.tracing.accept(ctx, scope["headers"])
     stream = ctx.request.body.stream
-    watch = state["watches"].watch(request.receive)
+    watch = state["watches"].watch(receive)
     try:
         result = await (pipeline.stream(ctx) if stream else pipeline.complete(ctx))
     except BaseException as exc:

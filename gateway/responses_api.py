@@ -179,7 +179,7 @@ async def _translated(request: Request, body: ResponsesRequest, raw: dict[str, A
 
     dialect = ResponsesDialect(ResponseShape(body), model or "", conversation, save if body.stored else None)
     try:
-        app = await generate(request, parsed, dialect)
+        app = await generate(request.scope, request.receive, parsed, dialect)
     except GatewayError as exc:
         if exc.param == "messages":  # the conversation was made of `input` (after any stored history): its field
             exc.param = "input"
@@ -364,7 +364,8 @@ async def _relayed(request: Request, body: ResponsesRequest, raw: dict[str, Any]
     state = request.app.state
     pipeline: Pipeline = state.pipeline
     policies = pipeline.embedding_policies
-    ctx = request_context(request, decode_request(routing_request(body, raw), ChatCompletionRequest), bool(policies))
+    parsed = decode_request(routing_request(body, raw), ChatCompletionRequest)
+    ctx = request_context(request.scope, parsed, bool(policies))
     tracing = pipeline.tracing
     if tracing is not None:
         tracing.accept(ctx, request.scope["headers"])
