@@ -16,9 +16,10 @@ __all__ = ["Sample", "idle_levels", "measure", "run"]
 SECTION = "soak"
 RSS_GROWTH_MAX = 0.10  # from after warm-up to the end of the soak
 IDLE_TIMEOUT_S = 30.0  # for tasks and fds to come back once the load stops
-# Idle keep-alive connections the pools (upstreams, Redis, PostgreSQL) may hold beyond the warm-up's: bounded by
-# the pools' sizes however long the soak runs, where a leak grows with the number of requests.
-FD_SLACK = 4
+# Idle keep-alive connections the pools (two upstream deployments, Redis, PostgreSQL) may hold beyond the warm-up's:
+# a couple each, by how the soak's requests happened to overlap (+5 seen in CI, beside the other tests' load), bounded
+# by the pools' sizes however long the soak runs, where a leak grows with the number of requests (thousands here).
+FD_SLACK = 8
 
 
 @dataclass(frozen=True)
