@@ -95,9 +95,9 @@ async def _completion(scope: Scope, receive: Receive, body: bytes) -> ASGIApp:
 
 async def _embeddings(scope: Scope, receive: Receive, body: bytes) -> ASGIApp:
     parsed = decode_embedding_request(body)
-    user = parsed.body.user
-    if user is None:
-        user = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-pointsman-user"), None)
+    # `or`, as Litestar's request.headers.get did here before: an empty `user` takes the header's
+    user = parsed.body.user or next(
+        (v.decode("latin-1") for k, v in scope["headers"] if k == b"x-pointsman-user"), None)
     ctx = RequestContext(parsed, principal_of(scope), request_id_of(scope), user)  # type: ignore[arg-type]
     pipeline: Pipeline = scope["litestar_app"].state["pipeline"]  # type: ignore[typeddict-item]
     if pipeline.tracing is not None:  # the client's traceparent: the request span becomes its child

@@ -21,7 +21,7 @@ from config.loader import parse_config
 from gateway.app import HOT_ROUTES, create_app
 from gateway.hot_routes import read_body
 from tests.conftest import free_port
-from tests.gateway.live import serve, wait_for
+from tests.gateway.live import Capture, serve, wait_for
 
 
 def _receiver(*messages: dict[str, Any]):
@@ -107,6 +107,31 @@ def test_a_chat_request_is_served_and_an_oversized_one_refused(app_url):
     assert small.status_code == 200 and small.json()["object"] == "chat.completion"
     large = httpx.post(url, json={"model": "remote-a", "messages": [{"role": "user", "content": "x" * 2000}]})
     assert large.status_code == 413 and large.json()["error"]["type"] == "invalid_request_error"
+
+
+class _Users(Capture):
+    """Capture on embeddings too: the user each request's context carries."""
+
+    endpoints = frozenset({"chat", "completion", "embeddings"})
+
+
+def test_an_embeddings_request_takes_its_user_from_the_body_else_the_header(upstream):
+    """As the route did with Litestar's Request: the body's `user`, and the x-pointsman-user header when that is
+    missing or empty."""
+    capture = _Users()
+    app = create_app(parse_config(f"""
+models:
+  - {{id: emb, backend: openai, base_url: "{upstream.url}", upstream_model: mock-model}}
+routing: {{health_check_s: 0}}
+storage: {{database_url: ''}}
+"""), policies=[capture])
+    with serve(app) as url:
+        for rid, body_user, expected in (("e1", "body", "body"), ("e2", "", "header"), ("e3", None, "header")):
+            body = {"model": "emb", "input": "hi", **({} if body_user is None else {"user": body_user})}
+            answer = httpx.post(url + "/v1/embeddings", json=body,
+                                headers={"x-request-id": rid, "x-pointsman-user": "header"})
+            assert answer.status_code == 200, answer.text
+            assert wait_for(lambda r=rid: capture.settled.get(r), what="settle").user == expected, rid
 
 
 def test_the_openapi_document_keeps_each_operation(app_url):
