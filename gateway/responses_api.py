@@ -361,15 +361,15 @@ async def _relayed(request: Request, body: ResponsesRequest, raw: dict[str, Any]
     Policies that read only the caller, the model and the usage run (rate limits, budgets, usage rows, metrics:
     those that also run on embeddings); the cache, templates and experiments do not. Nothing is stored here: the
     upstream keeps its own responses (previous_response_id goes to it)."""
-    state = request.app.state
-    pipeline: Pipeline = state.pipeline
+    state = request.app.state  # read by item, as in gateway/generate.py: an attribute formats an AttributeError
+    pipeline: Pipeline = state["pipeline"]
     policies = pipeline.embedding_policies
     parsed = decode_request(routing_request(body, raw), ChatCompletionRequest)
     ctx = request_context(request.scope, parsed, bool(policies))
     tracing = pipeline.tracing
     if tracing is not None:
         tracing.accept(ctx, request.scope["headers"])
-    watch = state.watches.watch(request.receive)
+    watch = state["watches"].watch(request.receive)
 
     def run(ctx: RequestContext, on: Pipeline = pipeline) -> Awaitable[Served | StreamStart]:
         return _relay(on, policies, ctx, raw, body.stream)
@@ -385,7 +385,7 @@ async def _relayed(request: Request, body: ResponsesRequest, raw: dict[str, Any]
         if watch.absorb(exc):
             return nothing
         raise
-    deprecated = state.gateway.deprecations  # a deprecated version answers with Deprecation (and Sunset)
+    deprecated = state["gateway"].deprecations  # a deprecated version answers with Deprecation (and Sunset)
     if deprecated and (extra := deprecated.get(result.headers.get("x-pointsman-model", ""))):
         result.headers.update(extra)
     settle = None if not policies else policies.settle
