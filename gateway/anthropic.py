@@ -10,11 +10,12 @@ from typing import Any
 import msgspec
 from litestar import MediaType, Request, Response, Router, post
 from litestar.exceptions import HTTPException
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, RequestBody
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation
 from litestar.types import ASGIApp
 
 from gateway.auth import principal_of
 from gateway.generate import generate
+from gateway.openapi import takes
 from gateway.request_id import request_id_of
 from gateway.service import Gateway
 from policies.budget import estimate_prompt_tokens
@@ -92,10 +93,9 @@ def _documented(kind: type, ok: dict[str, Any]) -> type[Operation]:
     body, errors = _inlined(kind), (400, 401, 403, 404, 429, 500, 502, 503, 504)
 
     @dataclass
-    class Documented(Operation):
+    class Documented(takes(body)):  # type: ignore[misc]
         def __post_init__(self) -> None:
-            self.request_body = RequestBody(content={"application/json": OpenAPIMediaType(schema=body)},  # type: ignore[arg-type]
-                                            required=True)
+            super().__post_init__()
             responses = dict(self.responses or {})
             responses["200"] = OpenAPIResponse(description="Success", content={
                 media: OpenAPIMediaType(schema=schema) for media, schema in ok.items()})  # type: ignore[arg-type]

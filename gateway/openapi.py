@@ -164,11 +164,9 @@ def documented(body: dict[str, Any], errors: tuple[int, ...], ok: dict[str, Any]
     (when `ok` maps media types to schemas) and the error responses."""
 
     @dataclass
-    class Documented(Operation):
+    class Documented(takes(body)):  # type: ignore[misc]
         def __post_init__(self) -> None:
-            self.request_body = RequestBody(
-                content={"application/json": OpenAPIMediaType(schema=body)}, required=True  # type: ignore[arg-type]
-            )
+            super().__post_init__()
             responses = dict(self.responses or {})
             if ok is not None:
                 responses["200"] = OpenAPIResponse(
