@@ -24,7 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import policy_chain  # noqa: E402
 from app_drive import BASE, CONFIGS, drive, lifespan  # noqa: E402
-from report import stamp, write_section  # noqa: E402
+from report import added_table, stamp, write_section  # noqa: E402
 
 from config.loader import parse_config  # noqa: E402
 from gateway import responses  # noqa: E402
@@ -106,10 +106,7 @@ def main() -> None:
             print(f"{label:50} {totals[label]:8.0f} instructions a request", flush=True)
     finally:
         upstream.stop()
-    base = totals[policy_chain.NONE]
-    table = ["| chat request through the app to the mock upstream | instructions a request | added |",
-             "|---|---:|---:|",
-             *(f"| {label} | {total:,.0f} | {total - base:+,.0f} |" for label, total in totals.items())]
+    table = added_table("chat request through the app to the mock upstream", "instructions a request", totals)
     modules: Counter[str] = Counter()
     for code, c in last.items():
         modules[where(code)] += c

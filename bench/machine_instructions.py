@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from app_drive import BASE, CONFIGS, drive, lifespan  # noqa: E402
-from report import stamp, write_section  # noqa: E402
+from report import added_table, stamp, write_section  # noqa: E402
 
 SECTION = "## Machine instructions a request"
 VARIANTS = {
@@ -103,10 +103,7 @@ def main() -> None:
             print(f"{label:50} {totals[label]:10,.0f} machine instructions a request", flush=True)
     finally:
         upstream.stop()
-    base = totals["no policies"]
-    lines = ["| chat request through the app to the mock upstream | machine instructions a request | added |",
-             "|---|---:|---:|",
-             *(f"| {label} | {total:,.0f} | {total - base:+,.0f} |" for label, total in totals.items())]
+    lines = added_table("chat request through the app to the mock upstream", "machine instructions a request", totals)
     print("\n".join(lines))
     if args.write:
         note = f"{args.n} requests counted per variant, 16 at a time, after a warm-up of 400."

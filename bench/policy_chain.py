@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from app_drive import BASE, CONFIGS, cpu_us, drive, lifespan  # noqa: E402
-from report import stamp, write_section  # noqa: E402
+from report import added_table, stamp, write_section  # noqa: E402
 
 from config.loader import parse_config  # noqa: E402
 from gateway.app import create_app  # noqa: E402
@@ -70,10 +70,7 @@ def main() -> None:
                 print(f"round {round_ + 1}  {label:50} {cpu:7.1f} us CPU per request", flush=True)
     finally:
         upstream.stop()
-    base = best[NONE]
-    table = ["| chat request through the app to the mock upstream, c16 | CPU us per request | added |",
-             "|---|---:|---:|",
-             *(f"| {label} | {cpu:.1f} | {cpu - base:+.1f} |" for label, cpu in best.items())]
+    table = added_table("chat request through the app to the mock upstream, c16", "CPU us per request", best, ".1f")
     print("\n".join(table))
     if args.write:
         note = f"Each figure is the best of {args.rounds} interleaved rounds of {args.n} requests."

@@ -10,7 +10,8 @@ import shlex
 import sys
 from pathlib import Path
 
-__all__ = ["RESULTS", "ROOT", "command", "interpreter", "machine", "read_section", "stamp", "write_section"]
+__all__ = ["RESULTS", "ROOT", "added_table", "command", "interpreter", "machine", "read_section", "stamp",
+           "write_section"]
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -37,6 +38,13 @@ def command() -> str:
         package = ".".join(script.resolve().parent.relative_to(ROOT).parts)
         return shlex.join([python, "-m", package, *sys.argv[1:]])
     return shlex.join([python, *sys.argv])
+
+
+def added_table(what: str, unit: str, figures: dict[str, float], fmt: str = ",.0f") -> list[str]:
+    """A Markdown table of each variant's figure (`unit`) and what it adds to the first variant's."""
+    base = next(iter(figures.values()))
+    return [f"| {what} | {unit} | added |", "|---|---:|---:|",
+            *(f"| {label} | {value:{fmt}} | {value - base:+{fmt}} |" for label, value in figures.items())]
 
 
 def stamp() -> str:
